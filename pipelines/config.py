@@ -1,0 +1,101 @@
+"""`params.yaml` sections validated into typed objects, with `dvc exp run -S`-style overrides."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+Section = TypeVar("Section", bound=BaseModel)
+
+
+class ConfigError(ValueError):
+    """A params file or override that cannot be used; the message is one readable line."""
+
+
+class StageConfig(BaseModel):
+    """Base of every stage section: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def parse_override(pair: str) -> tuple[list[str], Any]:
+    """Split `a.b.c=value` into its key path and a YAML-typed value (`1` -> int, `true` -> bool)."""
+    key, sep, raw = pair.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {pair!r} is not of the form key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {pair!r}: value is not valid YAML ({err.problem})") from None
+    return key.strip().split("."), value
+
+
+def apply_overrides(params: dict, overrides: Iterable[str], section: str | None = None) -> dict:
+    """Return a copy of `params` with overrides applied.
+
+    A key names a path from the top of params.yaml (`align.output_size=128`, as `dvc exp run -S`
+    takes it); with `section` given, a key that does not start with a top-level section name is
+    taken inside that section (`output_size=128`).
+    """
+    merged = _deep_copy(params)
+    for pair in overrides:
+        path, value = parse_override(pair)
+        if section is not None and path[0] not in merged:
+            path = [section, *path]
+        node = merged
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {pair!r}: {part!r} is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return merged
+
+
+def read_params(path: str | Path = DEFAULT_PARAMS) -> dict:
+    """Read a params YAML file into a dict (a missing or malformed file is a ConfigError)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"params file {path} not found (run from the repository root or pass --params)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of stage sections")
+    return data
+
+
+def load_section(
+    section: str,
+    schema: type[Section],
+    overrides: Iterable[str] = (),
+    path: str | Path = DEFAULT_PARAMS,
+) -> Section:
+    """Read `section` of the params file, apply overrides and validate it into `schema`."""
+    params = apply_overrides(read_params(path), overrides, section)
+    return validate_section(section, schema, params.get(section, {}))
+
+
+def validate_section(section: str, schema: type[Section], values: Any) -> Section:
+    """Validate a plain mapping into `schema`; errors name the key as `section.key`."""
+    try:
+        return schema.model_validate(values if values is not None else {})
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in (section, *first["loc"]))
+        got = f" (got {first['input']!r})" if "input" in first and first["type"] != "missing" else ""
+        more = f"; and {err.error_count() - 1} more" if err.error_count() > 1 else ""
+        raise ConfigError(f"{where}: {first['msg']}{got}{more}") from None
+
+
+def _deep_copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _deep_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_deep_copy(v) for v in value]
+    return value

@@ -1,0 +1,221 @@
+"""Reading and writing the public checkpoint formats, strictly and without unpickling code.
+
+- StyleGAN2 generator: `{'g_ema': state_dict, 'latent_avg': [512] (optional), ...}`
+- ArcFace IR-SE50: a bare state dict (`model_ir_se50.pth`)
+- pSp: `{'state_dict': encoder.* + decoder.*, 'opts': dict, 'latent_avg': [512] or [n_styles, 512]}`
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from psp_core.irse import IRSEBackbone
+from psp_core.psp import PSP, PSPArchitecture
+from psp_core.stylegan2 import Generator
+
+log = logging.getLogger(__name__)
+
+MEAN_LATENT_SAMPLES = 100_000
+MEAN_LATENT_SEED = 0
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used: unreadable, unsafe, or of the wrong architecture."""
+
+
+def read_checkpoint(path: str | Path) -> Any:
+    """`torch.load(path, weights_only=True)` on CPU, with one-line errors for the usual failures."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0]
+        raise CheckpointError(f"{path}: refused to unpickle non-tensor objects (weights_only=True): {first}") from None
+    except Exception as err:  # torch.load surfaces a corrupt file as many exception types
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: truncated or not a PyTorch checkpoint ({first})") from None
+
+
+def check_state_dict(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], what: str) -> None:
+    """Raise one CheckpointError naming the first missing, unexpected and mis-shaped keys, if any."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
+                  if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    problems = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+        if items:
+            more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
+            problems.append(f"{len(items)} {label}: {', '.join(items[:3])}{more}")
+    if problems:
+        raise CheckpointError(f"{what} does not match the architecture: " + "; ".join(problems))
+
+
+def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
+    """Load every tensor of `state` into `module`, all keys and shapes matching."""
+    check_state_dict(module.state_dict(), state, what)
+    module.load_state_dict(state, strict=True)
+
+
+def sub_state(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries under `prefix.` with the prefix removed (e.g. `encoder.` of a pSp state dict)."""
+    return {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
+
+
+def _require(ckpt: Any, key: str, path: str | Path) -> Any:
+    if not isinstance(ckpt, dict) or key not in ckpt:
+        keys = sorted(ckpt)[:5] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(f"{path}: no {key!r} entry (found {keys}); is this the right kind of checkpoint?")
+    return ckpt[key]
+
+
+def generator_architecture(state: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """Size, style_dim, n_mlp and channel multiplier of a `g_ema` state dict, read from its tensors."""
+    n_rgbs = sum(1 for k in state if re.fullmatch(r"to_rgbs\.\d+\.bias", k))
+    size = 2 ** (n_rgbs + 2)
+    n_mlp = sum(1 for k in state if re.fullmatch(r"style\.\d+\.weight", k))
+    style_dim = state["conv1.conv.modulation.weight"].shape[1] if "conv1.conv.modulation.weight" in state else 512
+    multiplier = 2
+    if size >= 64 and "convs.6.conv.weight" in state:
+        multiplier = max(1, state["convs.6.conv.weight"].shape[1] // 256)
+    return {"size": size, "style_dim": style_dim, "n_mlp": n_mlp, "channel_multiplier": multiplier}
+
+
+@dataclass
+class GeneratorCheckpoint:
+    """A generator and the average latent stored beside it (None when the file has none)."""
+
+    generator: Generator
+    latent_avg: torch.Tensor | None
+
+
+def read_generator_checkpoint(path: str | Path) -> GeneratorCheckpoint:
+    """Load a rosinality-layout generator checkpoint; the architecture is read from the tensors."""
+    ckpt = read_checkpoint(path)
+    state = _require(ckpt, "g_ema", path)
+    generator = Generator(**generator_architecture(state))
+    load_strict(generator, state, f"{path} g_ema")
+    latent_avg = ckpt.get("latent_avg")
+    return GeneratorCheckpoint(generator.eval(), None if latent_avg is None else latent_avg.float())
+
+
+def load_generator(path: str | Path) -> Generator:
+    """StyleGAN2 generator (`g_ema`) from a public checkpoint, in eval mode."""
+    return read_generator_checkpoint(path).generator
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """Eval mode and no gradients: for networks used only as fixed functions."""
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+def load_irse50(path: str | Path) -> IRSEBackbone:
+    """Frozen ArcFace IR-SE50 identity network from `model_ir_se50.pth`: [N,3,112,112] -> [N,512], unit norm."""
+    state = read_checkpoint(path)
+    if not isinstance(state, dict) or "input_layer.0.weight" not in state:
+        raise CheckpointError(f"{path}: not an IR-SE50 state dict (no 'input_layer.0.weight')")
+    net = IRSEBackbone(112, 50, "ir_se")
+    load_strict(net, state, str(path))
+    return freeze(net)
+
+
+def load_psp(path: str | Path, device: str | torch.device = "cpu") -> PSP:
+    """A pSp checkpoint (released or ours) -> model in eval mode, architecture read from its `opts`."""
+    ckpt = read_checkpoint(path)
+    state = _require(ckpt, "state_dict", path)
+    opts = ckpt.get("opts") or {}
+    latent_avg = ckpt.get("latent_avg")
+    try:
+        arch = PSPArchitecture.from_opts(opts, has_latent_avg=latent_avg is not None)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: unusable opts: {err}") from None
+    net = PSP(arch)
+    load_strict(net.encoder, sub_state(state, "encoder"), f"{path} encoder")
+    load_strict(net.decoder, sub_state(state, "decoder"), f"{path} decoder")
+    extra = [k for k in state if not k.startswith(("encoder.", "decoder."))]
+    if extra:
+        raise CheckpointError(f"{path}: state_dict has keys outside encoder/decoder: {extra[:3]}")
+    try:
+        net.set_latent_avg(latent_avg)
+    except ValueError as err:
+        raise CheckpointError(f"{path}: {err}") from None
+    return net.to(device).eval()
+
+
+def psp_checkpoint(net: PSP, **extra: Any) -> dict[str, Any]:
+    """The reference layout of a pSp checkpoint (plus any `extra` entries, e.g. training state)."""
+    ckpt: dict[str, Any] = {"state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+                            "opts": net.opts}
+    if net.latent_avg is not None:
+        ckpt["latent_avg"] = net.latent_avg.detach().cpu()
+    ckpt.update(extra)
+    return ckpt
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> Path:
+    """torch.save to a temporary file in the same folder, then rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_psp(net: PSP, path: str | Path, extra: Mapping[str, Any] | None = None) -> Path:
+    """Write `net` in the layout `load_psp` (and the reference code) reads, atomically."""
+    return atomic_torch_save(psp_checkpoint(net, **dict(extra or {})), path)
+
+
+def build_psp(arch: PSPArchitecture, generator_path: str | Path | None = None,
+              irse50_path: str | Path | None = None, mean_latent_samples: int = MEAN_LATENT_SAMPLES) -> PSP:
+    """A fresh pSp for training: encoder body from IR-SE50 (its stem only for 3-channel input),
+    generator and latent_avg from the generator checkpoint (latent_avg from `mean_latent` with a
+    fixed seed when the file has none). A None path leaves that network at random init."""
+    net = PSP(arch)
+    if irse50_path is not None:
+        init_encoder_from_irse50(net.encoder, read_checkpoint(irse50_path), irse50_path, arch.input_nc == 3)
+    latent_avg = None
+    if generator_path is not None:
+        ckpt = read_generator_checkpoint(generator_path)
+        if ckpt.generator.size != arch.output_size:
+            raise CheckpointError(f"{generator_path}: generator outputs {ckpt.generator.size}px, "
+                                  f"the model wants output_size={arch.output_size}")
+        load_strict(net.decoder, ckpt.generator.state_dict(), f"{generator_path} g_ema")
+        latent_avg = ckpt.latent_avg
+    if latent_avg is None and arch.start_from_latent_avg:
+        rng = torch.Generator().manual_seed(MEAN_LATENT_SEED)
+        latent_avg = net.decoder.mean_latent(mean_latent_samples, generator=rng)
+    net.set_latent_avg(latent_avg)
+    return net
+
+
+def init_encoder_from_irse50(encoder: nn.Module, state: Any, path: str | Path, with_stem: bool) -> None:
+    """Copy the IR-SE50 body (and the 3-channel stem when `with_stem`) into an encoder; the
+    encoder's own heads stay at their initialisation."""
+    if not isinstance(state, dict) or "input_layer.0.weight" not in state:
+        raise CheckpointError(f"{path}: not an IR-SE50 state dict (no 'input_layer.0.weight')")
+    prefixes = ("body.", "input_layer.") if with_stem else ("body.",)
+    wanted = {k: v for k, v in encoder.state_dict().items() if k.startswith(prefixes)}
+    source = {k: v for k, v in state.items() if k.startswith(prefixes)}
+    check_state_dict(wanted, source, f"{path} (as encoder body)")
+    encoder.load_state_dict(source, strict=False)

@@ -1,0 +1,42 @@
+"""The parity fixtures' weight rule: every tensor of a state dict filled from its key alone."""
+from __future__ import annotations
+
+import json
+import math
+import re
+import zlib
+from pathlib import Path
+
+import torch
+
+FIXTURES = Path(__file__).parent / "fixtures"
+_DTYPES = {"float32": torch.float32, "int64": torch.int64}
+
+
+def rule_tensor(key: str, shape: list[int], dtype: str = "float32") -> torch.Tensor:
+    """The tensor the parity rule assigns to `key` (seeded by crc32 of the key)."""
+    g = torch.Generator().manual_seed(zlib.crc32(key.encode()))
+    if key.endswith("num_batches_tracked"):
+        return torch.zeros(shape, dtype=_DTYPES[dtype])
+    if key.endswith("running_var"):
+        return 0.5 + torch.rand(shape, generator=g)
+    t = torch.randn(shape, generator=g)
+    if re.search(r"(^|\.)style\.\d+\.weight$", key):
+        return t * 100.0
+    if t.ndim < 2 and key.endswith("weight"):
+        return 1.0 + 0.1 * t
+    if key.endswith("bias") or t.ndim < 2:
+        return 0.1 * t
+    if t.ndim == 5 or key.endswith("modulation.weight") or ".noises." in key or key.endswith("input.input"):
+        return t
+    return t / math.sqrt(t.numel() / shape[0])
+
+
+def fixture_keys(name: str) -> list[tuple[str, list[int], str]]:
+    """`[name, shape, dtype]` of a fixture's checkpoint, in the checkpoint's order."""
+    return [tuple(k) for k in json.loads((FIXTURES / f"{name}.json").read_text())["keys"]]
+
+
+def rule_state_dict(name: str) -> dict[str, torch.Tensor]:
+    """The full state dict of fixture `name` (e.g. 'ref_gradual64') built by the rule."""
+    return {key: rule_tensor(key, shape, dtype) for key, shape, dtype in fixture_keys(name)}

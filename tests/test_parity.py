@@ -1,0 +1,109 @@
+"""The public checkpoint layouts load strictly and compute the reference functions (shared/parity)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from parity_rule import FIXTURES, rule_state_dict
+from psp_core import load_generator, load_irse50, load_psp
+
+torch.set_grad_enabled(False)
+
+
+def assert_parity(ours: torch.Tensor, ref: np.ndarray, name: str) -> None:
+    """The fixtures' tolerance: max|ours - ref| <= 1e-4 * max(1, max|ref|)."""
+    ours = ours.detach().float().numpy()
+    assert ours.shape == ref.shape, f"{name}: shape {ours.shape} != {ref.shape}"
+    err = float(np.abs(ours - ref).max())
+    tol = 1e-4 * max(1.0, float(np.abs(ref).max()))
+    assert err <= tol, f"{name}: max abs error {err:.3g} > tolerance {tol:.3g}"
+
+
+def fixture(name: str) -> dict[str, np.ndarray]:
+    return dict(np.load(FIXTURES / f"{name}.npz"))
+
+
+@pytest.fixture(scope="module")
+def generator_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("g") / "stylegan2-64.pt"
+    torch.save({"g_ema": rule_state_dict("ref_stylegan2_64"), "latent_avg": torch.zeros(512)}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def psp_file(tmp_path_factory):
+    ref = fixture("ref_gradual64")
+    path = tmp_path_factory.mktemp("psp") / "psp_gradual64.pt"
+    opts = {"encoder_type": "GradualStyleEncoder", "input_nc": 3, "output_size": 64,
+            "start_from_latent_avg": True, "learn_in_w": False, "exp_dir": "x", "lpips_lambda": 0.8}
+    torch.save({"state_dict": rule_state_dict("ref_gradual64"), "opts": opts,
+                "latent_avg": torch.from_numpy(ref["latent_avg"])}, path)
+    return path
+
+
+def test_generator_mapping_and_synthesis(generator_file):
+    ref = fixture("ref_stylegan2_64")
+    g = load_generator(generator_file)
+    z, z2 = torch.from_numpy(ref["z"]), torch.from_numpy(ref["z2"])
+    assert_parity(g.get_latent(z), ref["w"], "w")
+    image, latent = g([z], randomize_noise=False, return_latents=True)
+    assert_parity(image, ref["image"], "image")
+    assert_parity(latent, ref["latent"], "latent")
+    truncated, _ = g([z], truncation=0.7, truncation_latent=torch.from_numpy(ref["truncation_latent"]),
+                     randomize_noise=False)
+    assert_parity(truncated, ref["image_truncated"], "image_truncated")
+    mixed, _ = g([z, z2], inject_index=3, randomize_noise=False)
+    assert_parity(mixed, ref["image_mixed_inject3"], "image_mixed_inject3")
+
+
+@pytest.fixture(scope="module")
+def irse50_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("id") / "model_ir_se50.pth"
+    torch.save(rule_state_dict("ref_id_irse50"), path)
+    return path
+
+
+def test_identity_features(irse50_file):
+    ref = fixture("ref_id_irse50")
+    net = load_irse50(irse50_file)
+    x = torch.from_numpy(ref["input"])
+    face = F.adaptive_avg_pool2d(x[:, :, 35:223, 32:220], (112, 112))
+    features = net(face)
+    assert_parity(features, ref["features"], "features")
+    assert torch.allclose(features.norm(dim=1), torch.ones(2), atol=1e-5)
+
+
+def test_psp_encode_and_generate(psp_file):
+    ref = fixture("ref_gradual64")
+    net = load_psp(psp_file)
+    x = torch.from_numpy(ref["input"])
+    assert_parity(net.encoder(x), ref["encoder_out"], "encoder_out")
+    image, latent = net(x, resize=False, randomize_noise=False, return_latents=True)
+    assert_parity(latent, ref["latent"], "latent")
+    assert_parity(image, ref["image"], "image")
+    assert_parity(net(x, resize=True, randomize_noise=False), ref["image_resized"], "image_resized")
+
+
+def test_psp_style_mixing(psp_file):
+    ref = fixture("ref_gradual64")
+    net = load_psp(psp_file)
+    x, inject = torch.from_numpy(ref["input"]), torch.from_numpy(ref["inject_latent"])
+    mask = [5, 6, 7, 8, 9]
+    mixed = net(x, resize=False, randomize_noise=False, latent_mask=mask, inject_latent=inject, alpha=0.5)
+    assert_parity(mixed, ref["mixed_image"], "mixed_image")
+    replaced = net(x, resize=False, randomize_noise=False, latent_mask=mask, inject_latent=inject)
+    assert_parity(replaced, ref["mixed_image_noalpha"], "mixed_image_noalpha")
+
+
+def test_psp_latent_avg_per_style_layout(psp_file, tmp_path):
+    """Released checkpoints store latent_avg as [n_styles, 512]: same function."""
+    ref = fixture("ref_gradual64")
+    ckpt = torch.load(psp_file, weights_only=True)
+    ckpt["latent_avg"] = ckpt["latent_avg"].reshape(1, 512).repeat(10, 1)
+    path = tmp_path / "psp_per_style.pt"
+    torch.save(ckpt, path)
+    net = load_psp(path)
+    _, latent = net(torch.from_numpy(ref["input"]), resize=False, randomize_noise=False, return_latents=True)
+    assert_parity(latent, ref["latent"], "latent")
