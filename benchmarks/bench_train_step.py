@@ -1,0 +1,132 @@
+"""Training throughput of the encode preset (images/s, fp32 vs bf16) and where a step's time goes.
+
+Runs the real engine step (`Trainer.train_step`: forward, the four-term loss, backward, Ranger) on
+random weights (speed does not depend on their values), and, taking turns with it, each network
+alone (forward plus backward at the same shapes) to give the share of the step spent in the
+encoder, the generator, LPIPS and the identity network (the rest is the optimiser and glue).
+
+    python benchmarks/bench_train_step.py --configs tiny full --precisions fp32 bf16 --steps 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import command_line, hardware  # noqa: E402
+
+from psp_core import IRSEBackbone, PSPArchitecture, build_psp  # noqa: E402
+from psp_core.devices import autocast  # noqa: E402
+from psp_core.engine import Trainer, TrainingConfig  # noqa: E402
+from psp_core.losses import IdentityLoss, PSPLoss  # noqa: E402
+from psp_core.presets import PresetTransform, get_preset  # noqa: E402
+
+CONFIGS = {
+    "full": PSPArchitecture(output_size=256, encoder_input_size=256),
+    "tiny": PSPArchitecture(output_size=16, encoder_input_size=64),
+}
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work so wall-clock timings are real."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_round_robin(fns: dict[str, Callable[[], object]], device: torch.device, steps: int) -> dict[str, float]:
+    """Median seconds of each function over `steps` rounds (after one warm-up round); the functions
+    take turns within a round, so a change in machine load hits all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for round_index in range(steps + 1):
+        for name, fn in fns.items():
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            if round_index:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def bench(name: str, precision: str, batch: int, steps: int, device: torch.device) -> dict[str, float]:
+    """Images/s of the engine step and the per-network forward+backward seconds for one configuration."""
+    torch.manual_seed(0)
+    arch = CONFIGS[name]
+    net = build_psp(arch, mean_latent_samples=1000).to(device)
+    preset = get_preset("encode")
+    identity = IdentityLoss(IRSEBackbone().to(device))
+    loss = PSPLoss(preset.loss, lpips_backbone="random", identity=identity).to(device)
+    trainer = Trainer(net, loss, TrainingConfig(precision=precision))
+    photos = torch.rand(batch, 3, 256, 256)
+    source, target = PresetTransform(preset, arch.encoder_input_size)(photos, photos, torch.Generator())
+    source, target = source.to(device), target.to(device)
+    with torch.no_grad():
+        codes = net.encode(source)
+        image = net(source)
+
+    def encoder_pass():
+        with autocast(device, precision):
+            out = net.encoder(source)
+        out.float().sum().backward()
+
+    def generator_pass():
+        latent = codes.clone().requires_grad_(True)
+        with autocast(device, precision):
+            out, _ = net.decoder([latent], input_is_latent=True)
+            out = torch.nn.functional.adaptive_avg_pool2d(out, (256, 256))
+        out.float().sum().backward()
+
+    def lpips_pass():
+        out = image.clone().requires_grad_(True)
+        with autocast(device, precision):
+            value = loss.lpips(out, target)
+        value.float().backward()
+
+    def identity_pass():
+        out = image.clone().requires_grad_(True)
+        with autocast(device, precision):
+            value, _ = identity(out, target, source)
+        value.float().backward()
+
+    times = timed_round_robin({"step_s": lambda: trainer.train_step(source, target), "encoder": encoder_pass,
+                               "generator": generator_pass, "lpips": lpips_pass, "identity": identity_pass},
+                              device, steps)
+    return {"images_per_s": batch / times["step_s"], **times}
+
+
+def main() -> None:
+    """Parse options, run every configuration and precision, print a table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", nargs="+", default=["tiny", "full"], choices=sorted(CONFIGS))
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    print("command:", command_line())
+    load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"hardware: {hardware()}; device {device}; load average {load}")
+    print("weights: random (LPIPS AlexNet, IR-SE50, encoder, generator); timing does not depend on them")
+    header = f"{'config':<6} {'enc in':>6} {'out':>4} {'prec':<5} {'batch':>5} {'img/s':>8} {'step s':>8} {'load':>5}  share of step: encoder / generator / lpips / identity / rest (optimiser, glue)"
+    print(header)
+    for name in args.configs:
+        for precision in args.precisions:
+            r = bench(name, precision, args.batch_size, args.steps, device)
+            arch = CONFIGS[name]
+            parts = [r[p] for p in ("encoder", "generator", "lpips", "identity")]
+            shares = " / ".join(f"{100 * t / r['step_s']:.0f}%" for t in [*parts, max(0.0, r["step_s"] - sum(parts))])
+            print(f"{name:<6} {arch.encoder_input_size:>6} {arch.output_size:>4} {precision:<5} {args.batch_size:>5} "
+                  f"{r['images_per_s']:>8.2f} {r['step_s']:>8.3f} {os.getloadavg()[0]:>5.1f}  {shares}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

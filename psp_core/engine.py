@@ -1,0 +1,372 @@
+"""The pSp training engine: steps, validation, best-model selection, image grids and exactly resumable checkpoints."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torch import Tensor, nn
+from torchvision.utils import make_grid
+
+from psp_core.checkpoints import load_strict, read_checkpoint, save_psp
+from psp_core.devices import Precision, autocast
+from psp_core.losses import PSPLoss
+from psp_core.optim import OptimizerName, build_optimizer
+from psp_core.psp import PSP
+from psp_core.transforms import to_display
+
+logger = logging.getLogger(__name__)
+
+Batch = tuple[Tensor, Tensor]
+"""A training batch: (source [N, C, H, W] for the encoder, target [N, 3, 256, 256] in [-1, 1])."""
+
+BatchSource = Iterable[Batch] | Callable[[int], Iterable[Batch]]
+"""Training data: a re-iterable of batches, or `epoch -> batches` (the caller seeds the epoch's order from it)."""
+
+BatchTransform = Callable[[Tensor, Tensor, torch.Generator], Batch]
+"""Per-batch augmentation `(source, target, generator) -> (source, target)`, drawing only from `generator`."""
+
+LAST_CHECKPOINT = "last.pt"
+BEST_CHECKPOINT = "best_model.pt"
+
+
+class TrainingCallback(Protocol):
+    """What the engine reports; the pipeline plugs a tracker (MLflow) in here, psp_core stays free of it."""
+
+    def on_step(self, step: int, metrics: dict[str, float]) -> None:
+        """Training losses of one step (every `log_interval` steps)."""
+
+    def on_validation(self, step: int, metrics: dict[str, float]) -> None:
+        """Mean validation losses over the test split."""
+
+    def on_images(self, step: int, name: str, grid: Tensor) -> None:
+        """An input | target | output grid [3, H, W] in [0, 1]."""
+
+    def on_checkpoint(self, step: int, path: Path, is_best: bool) -> None:
+        """A checkpoint was written (is_best: the new best validation loss)."""
+
+
+class NullCallback:
+    """Reports nothing."""
+
+    def on_step(self, step: int, metrics: dict[str, float]) -> None:
+        """Ignore."""
+
+    def on_validation(self, step: int, metrics: dict[str, float]) -> None:
+        """Ignore."""
+
+    def on_images(self, step: int, name: str, grid: Tensor) -> None:
+        """Ignore."""
+
+    def on_checkpoint(self, step: int, path: Path, is_best: bool) -> None:
+        """Ignore."""
+
+
+class StdoutCallback(NullCallback):
+    """Prints losses and checkpoints as one line each."""
+
+    def on_step(self, step: int, metrics: dict[str, float]) -> None:
+        """Print the training losses."""
+        print(f"step {step} train " + format_metrics(metrics), flush=True)
+
+    def on_validation(self, step: int, metrics: dict[str, float]) -> None:
+        """Print the validation losses."""
+        print(f"step {step} val " + format_metrics(metrics), flush=True)
+
+    def on_checkpoint(self, step: int, path: Path, is_best: bool) -> None:
+        """Print where the checkpoint went."""
+        print(f"step {step} checkpoint {path}{' (best)' if is_best else ''}", flush=True)
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    """`name=value` pairs, sorted, 4 significant digits."""
+    return " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Optimisation and bookkeeping options of a pSp training run (reference defaults where it has them)."""
+
+    max_steps: int = 500_000
+    optimizer: OptimizerName = "ranger"
+    learning_rate: float = 1e-4
+    train_decoder: bool = False
+    precision: Precision = "fp32"
+    log_interval: int = 50
+    image_interval: int = 100
+    val_interval: int = 1000
+    save_interval: int = 1000
+    max_val_batches: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        """Reject non-positive step counts and intervals."""
+        for name in ("max_steps", "log_interval", "image_interval", "val_interval", "save_interval"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def prepare_for_training(model: PSP, train_decoder: bool) -> list[nn.Parameter]:
+    """Freeze the decoder unless it trains (call before wrapping in DDP); return the trainable parameters.
+
+    The mapping network stays frozen either way: pSp feeds W+ codes straight to the synthesis
+    network, so it gets no gradient (and DDP would stall waiting for one).
+    """
+    model.encoder.requires_grad_(True)
+    model.decoder.requires_grad_(train_decoder)
+    model.decoder.style.requires_grad_(False)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def comparison_grid(source: Tensor, target: Tensor, output: Tensor, similarities: Tensor | None = None) -> Tensor:
+    """Rows of input | target | output in [0, 1] (3 x N tiles at the target size), output tiles captioned with identity similarity."""
+    size = target.shape[-2:]
+    display_source = nn.functional.interpolate(to_display(source.detach().float().cpu()), size=size, mode="nearest")
+    outputs = ((output.detach().float().cpu() + 1) / 2).clamp(0, 1)
+    if similarities is not None:
+        outputs = torch.stack([caption(img, f"id {float(s):.2f}") for img, s in zip(outputs, similarities)])
+    targets = ((target.detach().float().cpu() + 1) / 2).clamp(0, 1)
+    tiles = torch.stack([display_source, targets, outputs], dim=1).flatten(0, 1)
+    return make_grid(tiles, nrow=3, padding=2)
+
+
+def caption(image: Tensor, text: str) -> Tensor:
+    """Write `text` in the top-left corner of an image [3, H, W] in [0, 1]."""
+    array = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    picture = Image.fromarray(array)
+    ImageDraw.Draw(picture).text((2, 2), text, fill=(255, 255, 0))
+    return torch.from_numpy(np.asarray(picture).copy()).permute(2, 0, 1).float() / 255
+
+
+def mean_metrics(batches: list[dict[str, float]]) -> dict[str, float]:
+    """Average each metric over the batches that report it."""
+    keys = {k for metrics in batches for k in metrics}
+    return {k: float(np.mean([m[k] for m in batches if k in m])) for k in sorted(keys)}
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """The torch (CPU and CUDA), numpy and Python random states, in a weights_only-loadable form."""
+    numpy_state = np.random.get_state(legacy=False)
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy_key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
+        "numpy_pos": int(numpy_state["state"]["pos"]),
+        "numpy_has_gauss": int(numpy_state["has_gauss"]),
+        "numpy_gauss": float(numpy_state["gauss"]),
+        "python": random.getstate(),
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (all devices), numpy and Python random, so a run is reproducible from its seed."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    """Restore what `rng_state` captured."""
+    torch.set_rng_state(state["torch"])
+    np.random.set_state({
+        "bit_generator": "MT19937",
+        "state": {"key": state["numpy_key"].numpy().astype(np.uint32), "pos": state["numpy_pos"]},
+        "has_gauss": state["numpy_has_gauss"], "gauss": state["numpy_gauss"],
+    })
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+class Trainer:
+    """Trains a pSp encoder with the pSp objective; the model may arrive wrapped (DDP), `module` is always the PSP.
+
+    Construction seeds the global RNGs from `config.seed` (noise draws use them); `resume` restores them instead.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: PSPLoss,
+        config: TrainingConfig,
+        *,
+        checkpoint_dir: str | Path | None = None,
+        batch_transform: BatchTransform | None = None,
+        val_transform: BatchTransform | None = None,
+        callback: TrainingCallback | None = None,
+        is_main_process: bool = True,
+    ) -> None:
+        self.model = model
+        self.module: PSP = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        self.device = self.module.decoder.input.input.device
+        self.loss = loss.to(self.device)
+        self.config = config
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.batch_transform = batch_transform
+        self.val_transform = val_transform
+        self.callback = callback or NullCallback()
+        self.is_main_process = is_main_process
+        if config.precision == "fp16" and self.device.type != "cuda":
+            raise ValueError("fp16 training needs a CUDA device (it uses a GradScaler); use bf16 or fp32 on CPU")
+        self.optimizer = build_optimizer(
+            config.optimizer, prepare_for_training(self.module, config.train_decoder), config.learning_rate
+        )
+        self.scaler = torch.amp.GradScaler("cuda", enabled=config.precision == "fp16")
+        self.augment_rng = torch.Generator().manual_seed(config.seed)
+        seed_everything(config.seed)
+        self.step = 0
+        self.epoch = 0
+        self.batches_done = 0
+        self.best_val_loss = math.inf
+
+    def autocast(self):
+        """Mixed-precision context for the configured precision (a no-op for fp32)."""
+        return autocast(self.device, self.config.precision)
+
+    def set_train_mode(self) -> None:
+        """Encoder in train mode; decoder too only when it trains; loss networks always eval."""
+        self.module.train()
+        self.module.decoder.train(self.config.train_decoder)
+        self.loss.eval()
+
+    def prepare_batch(self, batch: Batch) -> Batch:
+        """Move to the device, then apply the batch transform with the engine's resumable generator."""
+        source, target = (t.to(self.device, non_blocking=True) for t in batch)
+        if self.batch_transform is not None:
+            source, target = self.batch_transform(source, target, self.augment_rng)
+        return source, target
+
+    def train_step(self, source: Tensor, target: Tensor) -> tuple[dict[str, float], Tensor]:
+        """One optimisation step; returns the loss terms and the (detached) output images."""
+        self.set_train_mode()
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.autocast():
+            output, latent = self.model(source, return_latents=True)
+            total, metrics = self.loss(output.float(), target, source, latent.float(), self.module.latent_avg)
+        self.scaler.scale(total).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.step += 1
+        return metrics, output.detach()
+
+    def validate(self, batches: Iterable[Batch]) -> dict[str, float]:
+        """Mean loss terms over the test batches, with fixed random draws that leave the training RNG untouched."""
+        self.module.eval()
+        collected: list[dict[str, float]] = []
+        transform_rng = torch.Generator().manual_seed(self.config.seed)
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), self.autocast():
+            torch.manual_seed(self.config.seed)
+            for index, (source, target) in enumerate(batches):
+                if self.config.max_val_batches is not None and index >= self.config.max_val_batches:
+                    break
+                source, target = source.to(self.device), target.to(self.device)
+                if self.val_transform is not None:
+                    source, target = self.val_transform(source, target, transform_rng)
+                output, latent = self.model(source, return_latents=True)
+                _, metrics = self.loss(output.float(), target, source, latent.float(), self.module.latent_avg)
+                collected.append(metrics)
+                if index == 0 and self.is_main_process:
+                    self.callback.on_images(self.step, "test", self.grid(source, target, output))
+        if not collected:
+            raise ValueError("validation data yielded no batches")
+        return mean_metrics(collected)
+
+    def grid(self, source: Tensor, target: Tensor, output: Tensor) -> Tensor:
+        """The comparison grid, with per-image identity similarity when the loss has an identity network."""
+        similarities = None
+        if self.loss.identity is not None:
+            with torch.no_grad():
+                similarities = self.loss.identity.similarities(output.float(), target).cpu()
+        return comparison_grid(source, target, output, similarities)
+
+    def epoch_batches(self, data: BatchSource) -> Iterable[Batch]:
+        """The current epoch's batches, resuming after the ones already consumed."""
+        batches = data(self.epoch) if callable(data) else data
+        seen = 0
+        for seen, batch in enumerate(batches, start=1):
+            if seen > self.batches_done:
+                self.batches_done = seen
+                yield batch
+        if seen == 0:
+            raise ValueError(f"training data yielded no batches in epoch {self.epoch}")
+
+    def fit(self, train_data: BatchSource, val_data: Iterable[Batch] | None = None) -> dict[str, float]:
+        """Train until `max_steps`, validating, logging, and checkpointing on the configured intervals."""
+        cfg = self.config
+        last_val: dict[str, float] = {}
+        while self.step < cfg.max_steps:
+            for batch in self.epoch_batches(train_data):
+                source, target = self.prepare_batch(batch)
+                metrics, output = self.train_step(source, target)
+                final = self.step == cfg.max_steps
+                if self.is_main_process and (self.step % cfg.log_interval == 0 or final):
+                    self.callback.on_step(self.step, metrics)
+                if self.is_main_process and (self.step % cfg.image_interval == 0 or final):
+                    self.callback.on_images(self.step, "train", self.grid(source, target, output))
+                if val_data is not None and (self.step % cfg.val_interval == 0 or final):
+                    last_val = self.validate(val_data)
+                    if self.is_main_process:
+                        self.callback.on_validation(self.step, last_val)
+                    if last_val["loss"] < self.best_val_loss:
+                        self.best_val_loss = last_val["loss"]
+                        self.save(BEST_CHECKPOINT, is_best=True)
+                if self.step % cfg.save_interval == 0 or final:
+                    self.save(LAST_CHECKPOINT, is_best=False)
+                if final:
+                    break
+            else:
+                self.epoch += 1
+                self.batches_done = 0
+        return last_val
+
+    def training_state(self) -> dict[str, Any]:
+        """Everything besides the weights that a resumed run needs to continue identically."""
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "batches_done": self.batches_done,
+            "best_val_loss": self.best_val_loss,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "augment_rng": self.augment_rng.get_state(),
+            "rng": rng_state(self.device),
+        }
+
+    def save(self, name: str, is_best: bool) -> Path | None:
+        """Write a pSp-layout checkpoint into checkpoint_dir (main process only); the best model
+        carries only weights and step, the others also the `training_state` needed to resume."""
+        if self.checkpoint_dir is None or not self.is_main_process:
+            return None
+        extra: dict[str, Any] = {"step": self.step, "best_val_loss": self.best_val_loss}
+        if not is_best:
+            extra["training_state"] = self.training_state()
+        path = save_psp(self.module, self.checkpoint_dir / name, extra=extra)
+        self.callback.on_checkpoint(self.step, path, is_best)
+        return path
+
+    def resume(self, path: str | Path) -> None:
+        """Load weights and training state from a checkpoint written by `save`, to continue where it stopped."""
+        ckpt = read_checkpoint(path)
+        if "training_state" not in ckpt:
+            raise ValueError(f"{path}: no training_state; it is a model checkpoint, not a resumable one")
+        load_strict(self.module, ckpt["state_dict"], str(path))
+        self.module.set_latent_avg(ckpt.get("latent_avg"))
+        state = ckpt["training_state"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.augment_rng.set_state(state["augment_rng"])
+        set_rng_state(state["rng"], self.device)
+        self.step, self.epoch, self.batches_done = state["step"], state["epoch"], state["batches_done"]
+        self.best_val_loss = state["best_val_loss"]

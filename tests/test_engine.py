@@ -1,0 +1,186 @@
+"""The training engine on a tiny pSp (16 px generator, 64 px encoder input) on CPU: overfit, exact resume, checkpoints."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from psp_core import PSPArchitecture, build_psp, load_psp
+from psp_core.engine import (
+    BEST_CHECKPOINT,
+    LAST_CHECKPOINT,
+    NullCallback,
+    Trainer,
+    TrainingConfig,
+    comparison_grid,
+    prepare_for_training,
+)
+from psp_core.losses import LossWeights, PSPLoss
+from psp_core.presets import PresetTransform, get_preset
+
+TINY = PSPArchitecture(output_size=16, encoder_input_size=64)
+
+
+class Recorder(NullCallback):
+    """Keeps everything the engine reports."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[int, dict[str, float]]] = []
+        self.validations: list[tuple[int, dict[str, float]]] = []
+        self.images: list[tuple[int, str, torch.Tensor]] = []
+        self.checkpoints: list[tuple[int, Path, bool]] = []
+
+    def on_step(self, step, metrics):
+        self.steps.append((step, metrics))
+
+    def on_validation(self, step, metrics):
+        self.validations.append((step, metrics))
+
+    def on_images(self, step, name, grid):
+        self.images.append((step, name, grid))
+
+    def on_checkpoint(self, step, path, is_best):
+        self.checkpoints.append((step, path, is_best))
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    """A random tiny pSp whose noise strengths are non-zero, so the global RNG matters to every step."""
+    torch.manual_seed(0)
+    net = build_psp(TINY, mean_latent_samples=1000)
+    for name, p in net.decoder.named_parameters():
+        if name.endswith("noise.weight"):
+            p.data.fill_(0.05)
+    return net
+
+
+def smooth_images(n: int, seed: int) -> torch.Tensor:
+    """Low-frequency images in [0, 1] that a 16 px generator can approach."""
+    g = torch.Generator().manual_seed(seed)
+    return F.interpolate(torch.rand(n, 3, 4, 4, generator=g), size=256, mode="bicubic").clamp(0, 1)
+
+
+def shuffled_epochs(batches: list[tuple[torch.Tensor, torch.Tensor]]):
+    """`epoch -> batches` in an order drawn from the epoch number, like a sampler's set_epoch."""
+
+    def epoch_batches(epoch: int):
+        order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(epoch))
+        return [batches[i] for i in order]
+
+    return epoch_batches
+
+
+def test_overfits_a_fixed_batch(tiny_model):
+    """20 Ranger steps on one batch (L2 + LPIPS on a random backbone + W-norm) halve the total loss."""
+    images = smooth_images(2, seed=1)
+    transform = PresetTransform(get_preset("encode"), encoder_size=64, train=False)
+    recorder = Recorder()
+    loss = PSPLoss(LossWeights(l2_lambda=1.0, lpips_lambda=0.8, w_norm_lambda=0.005), lpips_backbone="random")
+    config = TrainingConfig(max_steps=20, learning_rate=1e-3, log_interval=1, image_interval=100)
+    trainer = Trainer(copy.deepcopy(tiny_model), loss, config, batch_transform=transform, callback=recorder)
+    trainer.fit(lambda epoch: [(images, images)])
+    losses = [metrics["loss"] for _, metrics in recorder.steps]
+    assert len(losses) == 20
+    assert losses[-1] <= 0.5 * losses[0], losses
+
+
+def run(model, max_steps: int, data, val, checkpoint_dir: Path | None = None, resume_from: Path | None = None) -> Trainer:
+    """A small resumable run: joint flips from the engine's generator, validation every 3 steps."""
+    config = TrainingConfig(max_steps=max_steps, learning_rate=1e-3, val_interval=3, save_interval=max_steps,
+                            image_interval=100, log_interval=100, seed=3)
+    loss = PSPLoss(LossWeights(l2_lambda=1.0, lpips_lambda=0.0, w_norm_lambda=0.005))
+    transform = PresetTransform(get_preset("encode"), encoder_size=64)
+    trainer = Trainer(copy.deepcopy(model), loss, config, checkpoint_dir=checkpoint_dir, batch_transform=transform,
+                      val_transform=PresetTransform(get_preset("encode"), encoder_size=64, train=False))
+    if resume_from is not None:
+        trainer.resume(resume_from)
+    trainer.fit(data, val)
+    return trainer
+
+
+def test_resume_equals_uninterrupted_run(tiny_model, tmp_path):
+    """3 steps, stop mid-epoch, resume to 6 (an epoch end, a Lookahead sync at 6) == 6 straight steps, bit for bit."""
+    batches = [(smooth_images(2, seed=s), smooth_images(2, seed=s)) for s in range(2)]
+    data, val = shuffled_epochs(batches), [batches[0]]
+    straight = run(tiny_model, 6, data, val)
+    first = run(tiny_model, 3, data, val, checkpoint_dir=tmp_path)
+    resumed = run(tiny_model, 6, data, val, resume_from=tmp_path / LAST_CHECKPOINT)
+    assert first.step == 3 and resumed.step == straight.step == 6
+    assert (resumed.epoch, resumed.batches_done) == (straight.epoch, straight.batches_done)
+    a, b = straight.module.state_dict(), resumed.module.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], first.module.state_dict()[k]) for k in a)
+    assert resumed.best_val_loss == straight.best_val_loss
+    assert torch.equal(resumed.augment_rng.get_state(), straight.augment_rng.get_state())
+
+
+def test_checkpoints_and_reports(tiny_model, tmp_path):
+    """last.pt / best_model.pt load with load_psp; the decoder stays frozen; reports arrive on their intervals."""
+    images = smooth_images(2, seed=4)
+    recorder = Recorder()
+    loss = PSPLoss(LossWeights(l2_lambda=1.0, lpips_lambda=0.0))
+    config = TrainingConfig(max_steps=3, val_interval=3, save_interval=3, image_interval=2, log_interval=2)
+    model = copy.deepcopy(tiny_model)
+    decoder_before = copy.deepcopy(model.decoder.state_dict())
+    trainer = Trainer(model, loss, config, checkpoint_dir=tmp_path, callback=recorder,
+                      batch_transform=PresetTransform(get_preset("encode"), encoder_size=64))
+    trainer.fit([(images, images)], [(F.interpolate(images, size=64) * 2 - 1, images * 2 - 1)])
+    assert [s for s, _ in recorder.steps] == [2, 3]
+    assert [s for s, _ in recorder.validations] == [3]
+    assert [(s, name) for s, name, _ in recorder.images] == [(2, "train"), (3, "train"), (3, "test")]
+    assert sorted((s, p.name, best) for s, p, best in recorder.checkpoints) == [
+        (3, BEST_CHECKPOINT, True), (3, LAST_CHECKPOINT, False)]
+    assert all(not p.requires_grad for p in model.decoder.parameters())
+    assert all(torch.equal(v, model.decoder.state_dict()[k]) for k, v in decoder_before.items())
+    trainer.set_train_mode()
+    assert not model.decoder.training and model.encoder.training and not trainer.loss.training
+    for name in (LAST_CHECKPOINT, BEST_CHECKPOINT):
+        reloaded = load_psp(tmp_path / name)
+        assert reloaded.n_styles == model.n_styles
+    last = torch.load(tmp_path / LAST_CHECKPOINT, weights_only=True)
+    assert last["training_state"]["step"] == 3 and "training_state" not in torch.load(
+        tmp_path / BEST_CHECKPOINT, weights_only=True)
+    grid = recorder.images[0][2]
+    assert grid.shape == (3, 2 + 2 * 258, 2 + 3 * 258) and 0 <= float(grid.min()) and float(grid.max()) <= 1
+
+
+def test_bf16_step_and_fp16_refused_on_cpu(tiny_model):
+    """bf16 autocast trains on CPU; fp16 (GradScaler) is a CUDA-only option."""
+    images = smooth_images(2, seed=5)
+    loss = PSPLoss(LossWeights(l2_lambda=1.0, lpips_lambda=0.0))
+    trainer = Trainer(copy.deepcopy(tiny_model), loss, TrainingConfig(max_steps=1, precision="bf16"))
+    metrics, output = trainer.train_step(F.interpolate(images, size=64) * 2 - 1, images * 2 - 1)
+    assert torch.isfinite(torch.tensor(metrics["loss"])) and output.shape == (2, 3, 256, 256)
+    with pytest.raises(ValueError, match="fp16"):
+        Trainer(copy.deepcopy(tiny_model), loss, TrainingConfig(precision="fp16"))
+
+
+def test_comparison_grid_shows_any_input_kind():
+    """Sketch (1 channel) and one-hot (19 channel) inputs are drawn as RGB tiles beside target and output."""
+    target = output = torch.zeros(2, 3, 32, 32)
+    for source in (torch.rand(2, 1, 16, 16), F.one_hot(torch.randint(19, (2, 16, 16)), 19).permute(0, 3, 1, 2).float()):
+        grid = comparison_grid(source, target, output, torch.tensor([0.5, 0.9]))
+        assert grid.shape == (3, 2 + 2 * 34, 2 + 3 * 34)
+
+
+def test_accepts_a_ddp_wrapped_model(tiny_model, tmp_path):
+    """Under DistributedDataParallel (one gloo process) the engine steps through the wrapper and saves the bare PSP."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = copy.deepcopy(tiny_model)
+        prepare_for_training(model, train_decoder=False)
+        wrapped = torch.nn.parallel.DistributedDataParallel(model)
+        loss = PSPLoss(LossWeights(l2_lambda=1.0, lpips_lambda=0.0))
+        trainer = Trainer(wrapped, loss, TrainingConfig(max_steps=1), checkpoint_dir=tmp_path)
+        assert trainer.module is model
+        images = smooth_images(2, seed=6)
+        trainer.fit([(F.interpolate(images, size=64) * 2 - 1, images * 2 - 1)])
+    finally:
+        dist.destroy_process_group()
+    assert load_psp(tmp_path / LAST_CHECKPOINT).n_styles == model.n_styles
