@@ -20,6 +20,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("pipelines.sample", "build the embedded sample photo folder (data/raw) from installed packages' photos"),
     "align": ("pipelines.align", "FFHQ-align the faces of a photo folder (dlib landmarks), with a rejects table"),
     "shard": ("pipelines.shard", "pack aligned images into Parquet shards with a train/test split and a manifest"),
+    "train": ("pipelines.train", "train a pSp encoder on Ray Train (DDP), tracked in MLflow, registered at the end"),
+    "invert": ("pipelines.invert", "batch-invert images or shards into W+ with Ray Data and a registered encoder"),
+    "submit": ("pipelines.submit", "run `psp train` as a job on a Ray cluster (ray job submit, code uploaded without data)"),
+    "evaluate": ("pipelines.evaluate", "score an encoder on the test split: L2, LPIPS, MS-SSIM, identity, time per image"),
+    "import-checkpoint": ("pipelines.import_checkpoint", "register a released pSp checkpoint (.pt) as a new psp-encoder version"),
+    "promote": ("pipelines.promote", "point an alias (champion) at an encoder version, optionally only if it evaluates better"),
 }
 
 

@@ -24,7 +24,7 @@ from psp_core.stylegan2 import Generator
 
 log = logging.getLogger(__name__)
 
-MEAN_LATENT_SAMPLES = 100_000
+MEAN_LATENT_SAMPLES = 10_000   # w samples averaged for latent_avg when the generator file has none
 MEAN_LATENT_SEED = 0
 
 

@@ -62,10 +62,18 @@ class GradualStyleEncoder(nn.Module):
             if i in self.taps:
                 features.append(x)
         c1, c2, c3 = features
-        p2 = upsample_add(c3, self.latlayer1(c2))
-        p1 = upsample_add(p2, self.latlayer2(c1))
-        levels = [c3] * COARSE_STYLES + [p2] * (MIDDLE_STYLES - COARSE_STYLES) + [p1] * len(self.styles)
-        return torch.stack([style(level) for style, level in zip(self.styles, levels)], dim=1)
+        styles = [style(c3) for style in self.styles[:COARSE_STYLES]]
+        if len(self.styles) > COARSE_STYLES:
+            p2 = upsample_add(c3, self.latlayer1(c2))
+            styles += [style(p2) for style in self.styles[COARSE_STYLES:MIDDLE_STYLES]]
+        if len(self.styles) > MIDDLE_STYLES:
+            p1 = upsample_add(p2, self.latlayer2(c1))
+            styles += [style(p1) for style in self.styles[MIDDLE_STYLES:]]
+        return torch.stack(styles, dim=1)
+
+    def unused_parameters(self) -> bool:
+        """True when small generators leave pyramid levels unused (DDP must then look for unused parameters)."""
+        return len(self.styles) <= MIDDLE_STYLES
 
 
 class BackboneEncoderUsingLastLayerIntoW(nn.Module):

@@ -1,0 +1,65 @@
+"""Connecting to Ray: the cluster when there is one, else a local instance sized so that Ray
+Data's read tasks are never starved by the training workers; and the shared-storage check."""
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from pathlib import Path
+
+import ray
+
+log = logging.getLogger(__name__)
+
+# Logical CPUs kept free beside the training workers for Ray Data tasks and the trainer controller.
+SPARE_CPUS = 2
+
+
+def connect(worker_cpus: float) -> None:
+    """Join the cluster named by RAY_ADDRESS (set by `ray job submit`), or start a local Ray with
+    enough logical CPUs for the workers plus `SPARE_CPUS`."""
+    if ray.is_initialized():
+        return
+    env = {"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(runtime_env=env, log_to_driver=True)
+        log.info("connected to the Ray cluster at %s", os.environ["RAY_ADDRESS"])
+        return
+    cpus = max(os.cpu_count() or 1, int(worker_cpus + 0.999) + SPARE_CPUS)
+    ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=env)
+    log.info("started a local Ray instance with %d logical CPUs", cpus)
+
+
+def alive_nodes() -> list[dict]:
+    """The cluster's live nodes."""
+    return [n for n in ray.nodes() if n.get("Alive")]
+
+
+@ray.remote(num_cpus=0)
+def _sees_file(path: str) -> bool:
+    return Path(path).is_file()
+
+
+def check_shared_storage(storage_path: str) -> None:
+    """On a multi-node cluster a local `storage_path` must be a mount every node sees (NFS and
+    alike): write a marker here and ask a task on every node to find it. URIs (s3://, gs://, ...)
+    are shared by definition."""
+    if "://" in storage_path:
+        return
+    nodes = alive_nodes()
+    if len(nodes) < 2:
+        return
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    marker = Path(storage_path) / f".shared-check-{uuid.uuid4().hex}"
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text("psp")
+    try:
+        checks = [_sees_file.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                  .remote(str(marker)) for n in nodes]
+        blind = [n["NodeManagerAddress"] for n, seen in zip(nodes, ray.get(checks)) if not seen]
+    finally:
+        marker.unlink(missing_ok=True)
+    if blind:
+        raise ValueError(f"train.storage_path {storage_path} is a local path that nodes {blind} cannot see; "
+                         "on a multi-node cluster use shared storage (s3://..., gs://..., or an NFS mount on every node)")

@@ -1,0 +1,68 @@
+"""`psp submit`: run `psp train` as a Ray job on a cluster (`ray job submit`), uploading the code only.
+
+The job's working directory is this repository without data, MLflow store, DVC cache, results and
+git history; paths in the train section are made absolute (they must be on storage every node sees),
+and MLFLOW_TRACKING_URI is passed on so the job tracks into the same store.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from pipelines.config import load_section
+from pipelines.tracking import tracking_uri
+from pipelines.train import TrainConfig
+
+log = logging.getLogger(__name__)
+
+UPLOAD_EXCLUDES = [".git", ".venv", ".dvc/cache", ".dvc/tmp", "data", "mlflow", "ray_results", "reports",
+                   "pretrained_models", "benchmarks/results", "**/__pycache__", "*.pt", "*.pth"]
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS", DEFAULT_ADDRESS),
+                        help="Ray job server (dashboard) address (default: $RAY_API_SERVER_ADDRESS or %(default)s)")
+    parser.add_argument("--no-wait", action="store_true", help="submit and return instead of streaming the job's logs")
+    parser.add_argument("--dry-run", action="store_true", help="print the `ray job submit` command instead of running it")
+    parser.epilog = ("`ray start --head` turns token authentication on; this command sets RAY_AUTH_MODE=token "
+                     "unless it is already set. Overrides apply to the train section, as for `psp train`.")
+
+
+def submit_command(args: argparse.Namespace) -> list[str]:
+    """The `ray job submit` command line for `psp train` with these params and overrides."""
+    cfg = load_section("train", TrainConfig, args.overrides, args.params)
+    pinned = [f"train.{key}={value}" for key, value in absolute_paths(cfg).items()]
+    uri = tracking_uri()
+    if uri.startswith("sqlite:"):
+        log.warning("MLflow store is the local SQLite file %s: only a cluster on this machine can write it; "
+                    "set MLFLOW_TRACKING_URI to an MLflow server for a real cluster", uri)
+    runtime_env = {"excludes": UPLOAD_EXCLUDES, "env_vars": {"MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1"}}
+    entrypoint = ["python", "-m", "pipelines.cli", "train", "--params", Path(args.params).name, *args.overrides, *pinned]
+    ray = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
+    return [ray, "job", "submit", "--address", args.address, "--working-dir", ".",
+            "--runtime-env-json", json.dumps(runtime_env), *(["--no-wait"] if args.no_wait else []), "--", *entrypoint]
+
+
+def absolute_paths(cfg: TrainConfig) -> dict[str, str]:
+    """The train section's file paths, absolute (URIs unchanged), as the job must see them."""
+    paths = {"shards": cfg.shards, "generator": cfg.generator, "irse50": cfg.irse50, "report": cfg.report}
+    pinned = {key: str(Path(value).resolve()) for key, value in paths.items()}
+    pinned["storage_path"] = cfg.storage_path if "://" in cfg.storage_path else str(Path(cfg.storage_path).resolve())
+    return pinned
+
+
+def run(args: argparse.Namespace) -> int:
+    command = submit_command(args)
+    if args.dry_run:
+        print(shlex.join(command))
+        return 0
+    env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")}
+    return subprocess.run(command, env=env).returncode

@@ -1,0 +1,469 @@
+"""`psp train`: distributed pSp training on Ray Train, tracked in MLflow, encoder registered at the end.
+
+The driver validates params, opens the Parquet shards as Ray datasets, creates (or resumes) the
+MLflow run and launches a TorchTrainer. Each worker runs `psp_core.engine.Trainer` under DDP; rank 0
+alone writes to MLflow, into the driver's run. Checkpoints go through `ray.train.report`, so a
+restarted worker, or the same command run again, resumes from the latest one.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from pipelines.config import StageConfig, load_section
+from pipelines.io import write_json_atomic
+from psp_core import PSPArchitecture, build_psp
+from psp_core.engine import BEST_CHECKPOINT, LAST_CHECKPOINT, Trainer, TrainingConfig, prepare_for_training
+from psp_core.losses import PSPLoss
+from psp_core.presets import PresetTransform, get_preset
+from psp_core.shards import decode_images, read_manifest, shard_paths
+
+log = logging.getLogger(__name__)
+
+RUN_NAME_TAG = "psp.ray_run_name"
+VERSION_TAG = "psp.registered_version"
+
+
+class TrainConfig(StageConfig):
+    """The `train` section of params.yaml."""
+
+    preset: str = "encode"
+    loss: dict[str, float] = Field(default_factory=dict, description="loss weights replacing the preset's")
+    shards: Path = Path("data/shards")
+    generator: Path = Path("pretrained_models/stylegan2-ffhq-config-f.pt")
+    irse50: Path = Path("pretrained_models/model_ir_se50.pth")
+    lpips_backbone: Literal["pretrained", "random"] = "pretrained"
+    encoder_type: str = "GradualStyleEncoder"
+    output_size: int = 1024
+    encoder_input_size: int = 256
+    start_from_latent_avg: bool = True
+    train_decoder: bool = False
+    batch_size: int = Field(8, ge=1, description="per worker")
+    max_steps: int = Field(500_000, ge=1)
+    optimizer: Literal["ranger", "adam"] = "ranger"
+    learning_rate: float = Field(1e-4, gt=0)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    log_interval: int = Field(50, ge=1)
+    image_interval: int = Field(100, ge=1)
+    val_interval: int = Field(1000, ge=1)
+    save_interval: int = Field(1000, ge=1)
+    max_val_batches: int | None = None
+    seed: int = 0
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    storage_path: str = "ray_results"
+    run_name: str = Field("auto", description="'auto': derived from the params and data, so an unchanged rerun resumes")
+    max_failures: int = Field(2, ge=0)
+    num_to_keep: int = Field(2, ge=1)
+    experiment: str = "psp"
+    registered_model: str = "psp-encoder"
+    alias: str = "candidate"
+    report: Path = Path("reports/train.json")
+
+    def architecture(self) -> PSPArchitecture:
+        """The pSp architecture these params describe (input channels from the preset)."""
+        learn_in_w = self.encoder_type == "BackboneEncoderUsingLastLayerIntoW"
+        return PSPArchitecture(encoder_type=self.encoder_type, input_nc=get_preset(self.preset).input_nc,
+                               output_size=self.output_size, start_from_latent_avg=self.start_from_latent_avg,
+                               learn_in_w=learn_in_w, encoder_input_size=self.encoder_input_size)
+
+    def training(self) -> TrainingConfig:
+        """The engine's options."""
+        return TrainingConfig(
+            max_steps=self.max_steps, optimizer=self.optimizer, learning_rate=self.learning_rate,
+            train_decoder=self.train_decoder, precision=self.precision, log_interval=self.log_interval,
+            image_interval=self.image_interval, val_interval=self.val_interval, save_interval=self.save_interval,
+            max_val_batches=self.max_val_batches, seed=self.seed)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = ("Starts a local Ray instance unless RAY_ADDRESS is set (as under `ray job submit`). "
+                     "MLflow store: MLFLOW_TRACKING_URI, else sqlite:///mlflow/mlflow.db.")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = resolve_paths(load_section("train", TrainConfig, args.overrides, args.params))
+    summary = train(cfg)
+    print(f"trained {summary['steps']} steps; MLflow run {summary['mlflow_run_id']}; "
+          f"registered {cfg.registered_model} version {summary['model_version']} as @{cfg.alias}")
+    return 0
+
+
+def resolve_paths(cfg: TrainConfig) -> TrainConfig:
+    """Absolute paths, so workers whose working directory differs read the same files."""
+    storage = cfg.storage_path if "://" in cfg.storage_path else str(Path(cfg.storage_path).resolve())
+    return cfg.model_copy(update={"shards": cfg.shards.resolve(), "generator": cfg.generator.resolve(),
+                                  "irse50": cfg.irse50.resolve(), "storage_path": storage})
+
+
+def random_weight_networks(cfg: TrainConfig) -> list[str]:
+    """The networks that will run on random weights because their files are absent (or by request)."""
+    missing = []
+    if not cfg.generator.is_file():
+        missing.append("generator")
+    if not cfg.irse50.is_file():
+        missing.append("encoder_backbone_irse50")
+    if cfg.lpips_backbone == "random":
+        missing.append("lpips_alexnet")
+    return missing
+
+
+def run_name_for(cfg: TrainConfig, manifest_hash: str) -> str:
+    """`cfg.run_name`, or for 'auto' a name from a hash of the params and the data, so an unchanged
+    rerun resumes its run and any change starts a new one."""
+    if cfg.run_name != "auto":
+        return cfg.run_name
+    identity = cfg.model_dump(mode="json", exclude={"run_name", "report", "alias", "num_to_keep", "max_failures"})
+    digest = hashlib.sha256(json.dumps([identity, manifest_hash], sort_keys=True).encode()).hexdigest()[:10]
+    return f"{cfg.preset}-{digest}"
+
+
+def git_commit() -> str:
+    """The current git commit of the working directory, or 'unknown'."""
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def flat_params(cfg: TrainConfig) -> dict[str, str]:
+    """Every resolved parameter, plus the preset's effective loss weights, as MLflow params."""
+    preset = get_preset(cfg.preset).with_loss(**cfg.loss)
+    params = {k: v for k, v in cfg.model_dump(mode="json").items() if k != "loss"}
+    params.update({f"loss.{k}": v for k, v in asdict(preset.loss).items()})
+    return {k: str(v) for k, v in params.items()}
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run (or resume) the training described by `cfg` to the end; return the summary written to the report."""
+    import mlflow
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipelines import raycluster, tracking
+
+    cfg.architecture()  # fail on a bad architecture before anything starts
+    preset = get_preset(cfg.preset).with_loss(**cfg.loss)
+    if preset.loss.id_lambda > 0 and not cfg.irse50.is_file():
+        raise FileNotFoundError(f"id_lambda={preset.loss.id_lambda} needs the ArcFace IR-SE50 weights at {cfg.irse50} "
+                                "(model_ir_se50.pth); set train.loss.id_lambda=0 to train without the identity loss")
+    manifest = read_manifest(cfg.shards)
+    paths = [str(p) for p in shard_paths(cfg.shards)]
+    counts = manifest["rows"]
+    if counts.get("train", 0) < cfg.batch_size * cfg.num_workers:
+        raise ValueError(f"{counts.get('train', 0)} training rows cannot fill one batch of {cfg.batch_size} "
+                         f"on each of {cfg.num_workers} workers")
+    manifest_hash = hashlib.sha256((cfg.shards / "manifest.json").read_bytes()).hexdigest()
+    run_name = run_name_for(cfg, manifest_hash)
+    random_nets = random_weight_networks(cfg)
+    for net in random_nets:
+        log.warning("RANDOM WEIGHTS: %s runs on random weights (its file is absent or random was requested)", net)
+
+    uri = tracking.use_tracking_store()
+    experiment_id = tracking.ensure_experiment(cfg.experiment)
+    client = mlflow.MlflowClient()
+    run_id, finished_version = find_or_create_run(client, experiment_id, run_name, cfg, manifest_hash, random_nets)
+    if finished_version is not None:
+        log.info("run %s already finished and registered as version %s", run_name, finished_version)
+        return write_report(cfg, run_id, run_name, finished_version, client)
+
+    raycluster.connect(cfg.num_workers * cfg.cpus_per_worker)
+    raycluster.check_shared_storage(cfg.storage_path)
+    columns = ["id", "image", "split"] + (["source_image"] if preset.input_kind == "segmentation" else [])
+    shards = ray.data.read_parquet(paths, columns=columns)
+    datasets = {split: shards.filter(expr=f"split == '{split}'").materialize() for split in ("train", "test")}
+    has_test = datasets["test"].count() >= cfg.num_workers
+    if not has_test:
+        log.warning("the test split has fewer rows than workers: no validation, the last checkpoint is registered")
+        del datasets["test"]
+
+    resources = {"CPU": cfg.cpus_per_worker} | ({"GPU": 1} if cfg.use_gpu else {})
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"train": cfg.model_dump(mode="json"), "run_id": run_id, "tracking_uri": uri},
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker=resources, placement_strategy=cfg.placement_strategy),
+        run_config=RunConfig(name=run_name, storage_path=cfg.storage_path,
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_to_keep)),
+        datasets=datasets,
+    )
+    try:
+        result = trainer.fit()
+    except Exception:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    with result.checkpoint.as_directory() as folder:
+        best = Path(folder) / BEST_CHECKPOINT
+        chosen = best if best.is_file() else Path(folder) / LAST_CHECKPOINT
+        with mlflow.start_run(run_id=run_id):
+            version = tracking.log_encoder(chosen, cfg.registered_model, cfg.alias)
+            mlflow.set_tag(VERSION_TAG, version.version)
+            mlflow.set_tag("psp.registered_checkpoint", chosen.name)
+    return write_report(cfg, run_id, run_name, version.version, client)
+
+
+def find_or_create_run(client: Any, experiment_id: str, run_name: str, cfg: TrainConfig, manifest_hash: str,
+                       random_nets: list[str]) -> tuple[str, str | None]:
+    """The MLflow run of this Ray run name (to resume into), or a new one with params and tags.
+    Returns (run_id, registered version if that run already finished)."""
+    found = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
+                               max_results=1, order_by=["attributes.start_time DESC"])
+    if found:
+        run = found[0]
+        version = run.data.tags.get(VERSION_TAG)
+        if version is None:
+            client.update_run(run.info.run_id, status="RUNNING")
+            log.info("resuming MLflow run %s (%s)", run.info.run_id, run_name)
+        return run.info.run_id, version
+    tags = {
+        RUN_NAME_TAG: run_name,
+        "mlflow.runName": run_name,
+        "psp.preset": cfg.preset,
+        "psp.git_commit": git_commit(),
+        "psp.shard_manifest_sha256": manifest_hash,
+        "psp.random_weights": ",".join(random_nets) or "none",
+    }
+    run = client.create_run(experiment_id, tags=tags, run_name=run_name)
+    from mlflow.entities import Param
+    params = [Param(k, v[:6000]) for k, v in flat_params(cfg).items()]
+    for start in range(0, len(params), 100):
+        client.log_batch(run.info.run_id, params=params[start:start + 100])
+    return run.info.run_id, None
+
+
+def write_report(cfg: TrainConfig, run_id: str, run_name: str, version: str, client: Any) -> dict[str, Any]:
+    """reports/train.json (DVC metrics): the final metrics of the run and what was registered."""
+    run = client.get_run(run_id)
+    metrics = {k: v for k, v in run.data.metrics.items() if k.startswith(("val_", "loss"))}
+    summary = {"mlflow_run_id": run_id, "run_name": run_name, "registered_model": cfg.registered_model,
+               "model_version": str(version), "alias": cfg.alias, "steps": int(run.data.metrics.get("step", 0)),
+               "metrics": metrics}
+    write_json_atomic(cfg.report, summary)
+    client.set_terminated(run_id, "FINISHED")
+    return summary
+
+
+# ----------------------------------------------------------------------------- worker side
+
+def train_worker(config: dict[str, Any]) -> None:
+    """The per-worker loop: build the model and loss, resume from Ray's checkpoint, train."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = TrainConfig.model_validate(config["train"])
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    device = ray.train.torch.get_device()
+    preset = get_preset(cfg.preset).with_loss(**cfg.loss)
+
+    torch.manual_seed(cfg.seed)                           # the same initial weights on every rank
+    net = build_psp(cfg.architecture(),
+                    cfg.generator if cfg.generator.is_file() else None,
+                    cfg.irse50 if cfg.irse50.is_file() else None)
+    prepare_for_training(net, cfg.train_decoder)           # freeze before DDP sees the parameters
+    unused = getattr(net.encoder, "unused_parameters", lambda: False)()
+    model = ray.train.torch.prepare_model(net, parallel_strategy_kwargs={"find_unused_parameters": unused})
+    loss = PSPLoss(preset.loss, lpips_backbone=cfg.lpips_backbone,
+                   irse50_path=cfg.irse50 if cfg.irse50.is_file() else None).to(device)
+    callback = MLflowCallback(config["tracking_uri"], config["run_id"]) if rank == 0 else None
+    nodes = worker_nodes()
+    if callback is not None:
+        callback.client.set_tag(callback.run_id, "psp.nodes", str(len(set(nodes))))
+    local_dir = Path(tempfile.mkdtemp(prefix="psp-train-"))
+    trainer = RayTrainer(model, loss, cfg.training(), checkpoint_dir=local_dir,
+                         batch_transform=PresetTransform(preset, cfg.encoder_input_size, train=True),
+                         val_transform=PresetTransform(preset, cfg.encoder_input_size, train=False),
+                         callback=callback, is_main_process=rank == 0,
+                         global_batch=cfg.batch_size * context.get_world_size())
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            for name in (BEST_CHECKPOINT, LAST_CHECKPOINT):
+                if (Path(folder) / name).is_file():
+                    shutil.copy2(Path(folder) / name, local_dir / name)
+        trainer.resume(local_dir / LAST_CHECKPOINT)
+        if rank == 0:
+            logging.getLogger(__name__).info("resumed at step %d", trainer.step)
+
+    feeder = ShardFeeder(cfg.batch_size, cfg.seed, rank, preset.input_kind == "segmentation")
+    val = ShardFeeder(cfg.batch_size, cfg.seed, rank, preset.input_kind == "segmentation", split="test")
+    try:
+        trainer.fit(feeder.epoch, val if _has_dataset("test") else None)
+    finally:
+        if callback is not None:
+            callback.close()
+        shutil.rmtree(local_dir, ignore_errors=True)
+
+
+def worker_nodes() -> list[str]:
+    """The Ray node id of every worker, gathered over the process group (rank order)."""
+    import ray
+    import torch.distributed as dist
+
+    node = ray.get_runtime_context().get_node_id()
+    if not (dist.is_available() and dist.is_initialized()):
+        return [node]
+    nodes: list[str] = [""] * dist.get_world_size()
+    dist.all_gather_object(nodes, node)
+    return nodes
+
+
+def _has_dataset(name: str) -> bool:
+    import ray.train
+
+    try:
+        return ray.train.get_dataset_shard(name) is not None
+    except (KeyError, ValueError, RuntimeError):
+        return False
+
+
+class ShardFeeder:
+    """Batches (source, target) uint8 tensors [N, C, H, W] from this worker's share of a split,
+    decoded in batch; the training split is shuffled per epoch with a seeded local buffer."""
+
+    def __init__(self, batch_size: int, seed: int, rank: int, labels: bool, split: str = "train"):
+        self.batch_size, self.seed, self.rank, self.labels, self.split = batch_size, seed, rank, labels, split
+
+    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        import ray.train
+
+        shard = ray.train.get_dataset_shard(self.split)
+        shuffle = {"local_shuffle_buffer_size": 4 * self.batch_size,
+                   "local_shuffle_seed": self.seed + 7919 * epoch + self.rank} if self.split == "train" else {}
+        for batch in shard.iter_batches(batch_size=self.batch_size, batch_format="numpy",
+                                        drop_last=self.split == "train", **shuffle):
+            target = torch.from_numpy(decode_images(list(batch["image"]))).permute(0, 3, 1, 2)
+            source = decode_label_maps(batch["source_image"]) if self.labels else target
+            yield source, target
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.epoch(0)
+
+
+def decode_label_maps(encoded: np.ndarray) -> torch.Tensor:
+    """Segmentation label maps (single-channel PNG, one class id per pixel) -> int64 [N, 1, H, W]."""
+    import io
+
+    from PIL import Image
+
+    maps = []
+    for data in encoded:
+        with Image.open(io.BytesIO(data)) as image:
+            maps.append(np.asarray(image.convert("L") if image.mode not in ("L", "P", "I") else image))
+    return torch.from_numpy(np.stack(maps).astype(np.int64))[:, None]
+
+
+class RayTrainer(Trainer):
+    """The engine plus what distribution needs: validation metrics averaged over workers, every
+    `last` checkpoint reported to Ray Train by all workers, learning rate and throughput logged."""
+
+    def __init__(self, *args: Any, global_batch: int, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.global_batch = global_batch
+        self.clock = (time.perf_counter(), 0)
+        self.last_metrics: dict[str, float] = {}
+
+    def train_step(self, source: torch.Tensor, target: torch.Tensor):
+        metrics, output = super().train_step(source, target)
+        start, start_step = self.clock
+        if self.step % self.config.log_interval == 0:
+            now = time.perf_counter()
+            metrics["images_per_s"] = self.global_batch * (self.step - start_step) / max(now - start, 1e-9)
+            self.clock = (now, self.step)
+        metrics["lr"] = float(self.optimizer.param_groups[0]["lr"])
+        self.last_metrics = metrics
+        return metrics, output
+
+    def validate(self, batches):
+        import torch.distributed as dist
+
+        metrics = super().validate(batches)
+        if dist.is_available() and dist.is_initialized():
+            names = sorted(metrics)
+            values = torch.tensor([metrics[n] for n in names], dtype=torch.float64)
+            dist.all_reduce(values)
+            metrics = dict(zip(names, (values / dist.get_world_size()).tolist()))
+        self.last_metrics = {**self.last_metrics, **{f"val_{k}": v for k, v in metrics.items()}}
+        return metrics
+
+    def save(self, name: str, is_best: bool):
+        path = super().save(name, is_best)
+        if name == LAST_CHECKPOINT:
+            self.report()
+        return path
+
+    def report(self) -> None:
+        """Hand the latest (and best) checkpoint to Ray Train; every worker calls this at the same step."""
+        import ray.train
+
+        metrics = {"step": self.step, **self.last_metrics}
+        if not self.is_main_process:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory(prefix="psp-report-") as folder:
+            for name in (LAST_CHECKPOINT, BEST_CHECKPOINT):
+                if (self.checkpoint_dir / name).is_file():
+                    shutil.copy2(self.checkpoint_dir / name, Path(folder) / name)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+class MLflowCallback:
+    """Rank 0's link to the driver's MLflow run: step and validation metrics, image grids, system metrics."""
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        import mlflow
+
+        self.client = mlflow.MlflowClient(tracking_uri)
+        self.run_id = run_id
+        self.monitor = None
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self.monitor = SystemMetricsMonitor(run_id, sampling_interval=10, resume_logging=True,
+                                                tracking_uri=tracking_uri)
+            self.monitor.start()
+        except Exception as err:  # system metrics are a nicety; never fail training over them
+            log.warning("system metrics disabled: %s", err)
+
+    def _log(self, step: int, metrics: dict[str, float], prefix: str = "") -> None:
+        from mlflow.entities import Metric
+
+        stamp = int(time.time() * 1000)
+        rows = [Metric(prefix + k, float(v), stamp, step) for k, v in metrics.items()]
+        rows.append(Metric("step", float(step), stamp, step))
+        self.client.log_batch(self.run_id, metrics=rows)
+
+    def on_step(self, step: int, metrics: dict[str, float]) -> None:
+        self._log(step, metrics)
+
+    def on_validation(self, step: int, metrics: dict[str, float]) -> None:
+        self._log(step, metrics, prefix="val_")
+
+    def on_images(self, step: int, name: str, grid: torch.Tensor) -> None:
+        image = (grid.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        self.client.log_image(self.run_id, image, key=f"grid_{name}", step=step)
+
+    def on_checkpoint(self, step: int, path: Path, is_best: bool) -> None:
+        if is_best:
+            self.client.set_tag(self.run_id, "psp.best_step", str(step))
+
+    def close(self) -> None:
+        if self.monitor is not None:
+            self.monitor.finish()

@@ -1,0 +1,54 @@
+"""params.yaml sections: typed validation, dvc-style overrides and one-line errors."""
+from __future__ import annotations
+
+from typing import Literal
+
+import pytest
+
+from pipelines.cli import main
+from pipelines.config import ConfigError, StageConfig, apply_overrides, load_section, parse_override
+
+
+class Demo(StageConfig):
+    size: int = 256
+    faces: Literal["largest", "all"] = "largest"
+    ratio: float = 0.1
+
+
+def test_override_values_are_yaml_typed():
+    assert parse_override("a.b=128") == (["a", "b"], 128)
+    assert parse_override("flag=true") == (["flag"], True)
+    assert parse_override("name=x=y") == (["name"], "x=y")
+    with pytest.raises(ConfigError, match="not of the form key=value"):
+        parse_override("novalue")
+
+
+def test_overrides_take_full_or_section_relative_keys():
+    params = {"align": {"size": 1}, "shard": {"rows": 2}}
+    merged = apply_overrides(params, ["align.size=5", "rows=7"], section="shard")
+    assert merged == {"align": {"size": 5}, "shard": {"rows": 7}}
+    assert params == {"align": {"size": 1}, "shard": {"rows": 2}}
+
+
+def test_load_section_validates_and_names_the_key(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("demo:\n  size: 128\n")
+    assert load_section("demo", Demo, ["faces=all"], path) == Demo(size=128, faces="all")
+    with pytest.raises(ConfigError, match=r"^demo\.size: Input should be a valid integer.*'big'"):
+        load_section("demo", Demo, ["size=big"], path)
+    with pytest.raises(ConfigError, match=r"demo\.faces: Input should be 'largest' or 'all'"):
+        load_section("demo", Demo, ["faces=some"], path)
+    with pytest.raises(ConfigError, match=r"demo\.colour: Extra inputs are not permitted"):
+        load_section("demo", Demo, ["colour=red"], path)
+    with pytest.raises(ConfigError, match="not found"):
+        load_section("demo", Demo, [], tmp_path / "missing.yaml")
+
+
+def test_cli_lists_commands_and_fails_cleanly(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    assert "psp" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        main(["no-such-command"])
+    assert exc.value.code == 2
