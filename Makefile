@@ -7,8 +7,9 @@ STAMP := $(VENV)/.installed
 export DVC_NO_ANALYTICS := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONUNBUFFERED := 1
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup test clean
+.PHONY: setup test demo clean
 
 setup: $(STAMP)
 
@@ -20,6 +21,15 @@ $(STAMP): requirements.txt pyproject.toml
 
 test: setup
 	$(PY) -m pytest
+
+demo: setup
+	dvc repro
+	@echo
+	@echo "Reconstruction grid: reports/eval_grid.png   (inputs over outputs)"
+	@echo "Metrics:             reports/eval.json, reports/train.json, reports/invert.json"
+	@cat reports/eval.json
+	@echo "W+ latents:          data/latents/*.parquet"
+	@echo "MLflow UI:           $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow/mlflow.db  (then open http://127.0.0.1:5000)"
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,28 @@
+"""`psp import-checkpoint`: register a released pSp checkpoint (e.g. psp_ffhq_encode.pt) as a new encoder version."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from pipelines.registry import IMPORT_EXPERIMENT, import_checkpoint
+from pipelines.tracking import DEFAULT_REGISTERED_MODEL
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", type=Path, metavar="FILE",
+                        help="pSp checkpoint {'state_dict', 'opts', 'latent_avg'}; loaded strictly, weights only")
+    parser.add_argument("--name", default=DEFAULT_REGISTERED_MODEL,
+                        help="registered model to add the version to (default: %(default)s)")
+    parser.add_argument("--alias", default=None, help="alias to point at the new version (default: none)")
+    parser.epilog = (f"The version's MLflow run (experiment {IMPORT_EXPERIMENT}) holds the checkpoint's opts as "
+                     "params and its file name and sha256 as tag psp.source_checkpoint. "
+                     "MLflow store: MLFLOW_TRACKING_URI, else sqlite:///mlflow/mlflow.db.")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.overrides:
+        raise ValueError(f"import-checkpoint takes one FILE and no key=value overrides (got {args.overrides})")
+    version = import_checkpoint(args.checkpoint, args.name, args.alias)
+    alias = f" as @{args.alias}" if args.alias else ""
+    print(f"registered {args.checkpoint.name} as {args.name} version {version.version}{alias}")
+    return 0

@@ -1,0 +1,224 @@
+"""The encoder registry's operations: resolving `models:/` references, importing a released pSp
+checkpoint as a new version, recording an evaluation on a version, and moving an alias (optionally
+only when the evaluation is better). The `psp import-checkpoint` and `psp promote` commands and
+`psp evaluate` are thin wrappers around these functions."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import mlflow
+import torch
+from mlflow.entities import Metric, Param
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+
+from pipelines import tracking
+from psp_core import load_psp
+
+log = logging.getLogger(__name__)
+
+IMPORT_EXPERIMENT = "psp-imports"
+SOURCE_TAG = "psp.source_checkpoint"
+EVAL_PREFIX = "eval_"
+EVAL_ARTIFACT_FOLDER = "eval"
+DEFAULT_CHAMPION = "champion"
+
+EVAL_CONDITION_TAGS: dict[str, tuple[str, ...]] = {
+    "lpips": ("eval_dataset", "eval_lpips_backbone"),
+    "id_similarity": ("eval_dataset", "eval_id_backend"),
+}
+"""Version tags that must agree before two versions' values of a metric are comparable
+(metrics not listed depend only on the data)."""
+
+COMPARABLE_METRICS = ("l2", "lpips", "ms_ssim", "id_similarity", "seconds_per_image")
+"""The evaluation metrics `promote --if-better` can decide on."""
+
+HIGHER_IS_BETTER = ("ms_ssim", "id_similarity")
+"""Metrics where a larger value is a better reconstruction; the rest (l2, lpips, seconds) are errors or costs."""
+
+MLFLOW_PARAM_KEY_LIMIT = 250
+MLFLOW_PARAM_VALUE_LIMIT = 6000
+MLFLOW_BATCH_LIMIT = 100
+
+_REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
+
+
+@dataclass(frozen=True)
+class VersionRef:
+    """A registered model and one of its versions, named by number or by alias."""
+
+    name: str
+    ref: str
+
+    @property
+    def is_alias(self) -> bool:
+        return not self.ref.isdigit()
+
+    def __str__(self) -> str:
+        return f"models:/{self.name}@{self.ref}" if self.is_alias else f"models:/{self.name}/{self.ref}"
+
+
+def parse_registry_uri(uri: str) -> VersionRef | None:
+    """`models:/name@alias` or `models:/name/3` as a VersionRef; None for anything else (e.g. a file path)."""
+    match = _REGISTRY_URI.match(uri.strip())
+    if match is None:
+        return None
+    return VersionRef(match["name"], match["alias"] or match["version"])
+
+
+def resolve_version(ref: VersionRef) -> ModelVersion:
+    """The registered version a reference points at; a missing alias, version or model is one-line ValueError."""
+    tracking.use_tracking_store()
+    client = mlflow.MlflowClient()
+    try:
+        if ref.is_alias:
+            return client.get_model_version_by_alias(ref.name, ref.ref)
+        return client.get_model_version(ref.name, ref.ref)
+    except MlflowException:
+        if ref.is_alias:
+            raise ValueError(f"no version of {ref.name} has alias {ref.ref}") from None
+        raise ValueError(f"{ref.name} has no version {ref.ref}") from None
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, read in chunks (checkpoints are gigabytes)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def opts_params(opts: Mapping[str, Any]) -> list[Param]:
+    """A checkpoint's `opts` as MLflow params: values stringified, keys and values cut to MLflow's limits."""
+    return [Param(str(key)[:MLFLOW_PARAM_KEY_LIMIT], str(value)[:MLFLOW_PARAM_VALUE_LIMIT])
+            for key, value in sorted(opts.items(), key=lambda item: str(item[0]))]
+
+
+def checkpoint_opts(path: Path) -> Mapping[str, Any]:
+    """The `opts` entry of a pSp checkpoint, read memory-mapped (weights only) so its tensors are not loaded."""
+    opts = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("opts")
+    return opts if isinstance(opts, Mapping) else {}
+
+
+def import_checkpoint(path: str | Path, name: str = tracking.DEFAULT_REGISTERED_MODEL,
+                      alias: str | None = None) -> ModelVersion:
+    """Validate a released pSp checkpoint strictly, then register it as a new version of `name` from a
+    run in experiment `psp-imports` that records its opts and its file hash."""
+    path = Path(path)
+    load_psp(path)  # strict: a wrong architecture raises CheckpointError before anything is logged
+    opts = checkpoint_opts(path)
+    source = f"{path.name} sha256:{file_sha256(path)}"
+    experiment_id = tracking.ensure_experiment(IMPORT_EXPERIMENT)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"import-{path.stem}") as run:
+        mlflow.set_tag(SOURCE_TAG, source)
+        params = opts_params(opts)
+        client = mlflow.MlflowClient()
+        for start in range(0, len(params), MLFLOW_BATCH_LIMIT):
+            client.log_batch(run.info.run_id, params=params[start:start + MLFLOW_BATCH_LIMIT])
+        version = tracking.log_encoder(path, name, alias)
+    return version
+
+
+def eval_key(metric: str) -> str:
+    """The version tag / run metric name of an evaluation metric (`lpips` -> `eval_lpips`)."""
+    return metric if metric.startswith(EVAL_PREFIX) else EVAL_PREFIX + metric
+
+
+def higher_is_better(metric: str) -> bool:
+    """Whether a larger value of this evaluation metric means a better encoder."""
+    return eval_key(metric)[len(EVAL_PREFIX):] in HIGHER_IS_BETTER
+
+
+def record_evaluation(version: ModelVersion, metrics: Mapping[str, float | None],
+                      conditions: Mapping[str, str], files: list[Path]) -> None:
+    """Log an evaluation onto a registered version: metrics and report files on the version's run,
+    and every metric and condition as `eval_*` version tags for `psp promote` to compare."""
+    client = mlflow.MlflowClient()
+    present = {eval_key(k): float(v) for k, v in metrics.items() if v is not None and math.isfinite(v)}
+    if version.run_id:
+        stamp = int(time.time() * 1000)
+        client.log_batch(version.run_id, metrics=[Metric(k, v, stamp, 0) for k, v in present.items()])
+        for path in files:
+            client.log_artifact(version.run_id, str(path), artifact_path=EVAL_ARTIFACT_FOLDER)
+    else:
+        log.warning("%s version %s has no run: evaluation kept as version tags only", version.name, version.version)
+    for key, value in {**{k: repr(v) for k, v in present.items()},
+                       **{eval_key(k): v for k, v in conditions.items()}}.items():
+        client.set_model_version_tag(version.name, version.version, key, value)
+
+
+def version_eval(version: ModelVersion, metric: str) -> float | None:
+    """The recorded evaluation value of `metric` on a version (None when it was never evaluated)."""
+    raw = (version.tags or {}).get(eval_key(metric))
+    return None if raw is None else float(raw)
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """The outcome of `promote`: whether the alias moved, to which version, and why."""
+
+    moved: bool
+    version: str
+    reason: str
+
+
+def promote(ref: VersionRef, to: str = DEFAULT_CHAMPION, if_better: str | None = None) -> Promotion:
+    """Point alias `to` at the version `ref` names; with `if_better`, only when that version's
+    evaluation of the metric beats the version currently holding `to` (or nothing holds it)."""
+    if if_better is not None and eval_key(if_better)[len(EVAL_PREFIX):] not in COMPARABLE_METRICS:
+        raise ValueError(f"--if-better {if_better}: not an evaluation metric; one of "
+                         f"{', '.join(EVAL_PREFIX + m for m in COMPARABLE_METRICS)}")
+    candidate = resolve_version(ref)
+    client = mlflow.MlflowClient()
+    try:
+        current: ModelVersion | None = client.get_model_version_by_alias(ref.name, to)
+    except MlflowException:
+        current = None
+    if current is not None and current.version == candidate.version:
+        return Promotion(False, str(candidate.version), f"version {candidate.version} already holds @{to}")
+    if if_better is not None and current is not None:
+        better, reason = compare_evaluations(candidate, current, if_better)
+        if not better:
+            return Promotion(False, str(candidate.version), reason)
+    elif if_better is not None:
+        require_eval(candidate, if_better)
+        reason = f"no version held @{to}"
+    else:
+        reason = "promoted unconditionally"
+    client.set_registered_model_alias(ref.name, to, str(candidate.version))
+    return Promotion(True, str(candidate.version), reason)
+
+
+def require_eval(version: ModelVersion, metric: str) -> float:
+    """A version's evaluation value of `metric`, or a ValueError telling to run `psp evaluate` on it."""
+    value = version_eval(version, metric)
+    if value is None:
+        raise ValueError(f"{version.name} version {version.version} has no {eval_key(metric)} tag: run "
+                         f"`psp evaluate model=models:/{version.name}/{version.version}` first")
+    return value
+
+
+def compare_evaluations(candidate: ModelVersion, current: ModelVersion, metric: str) -> tuple[bool, str]:
+    """(whether `candidate` strictly beats `current` on `metric`, a one-line reason); refuses values
+    measured under different conditions (data, LPIPS backbone, identity network)."""
+    key = eval_key(metric)
+    new, old = require_eval(candidate, metric), require_eval(current, metric)
+    for tag in EVAL_CONDITION_TAGS.get(key[len(EVAL_PREFIX):], ("eval_dataset",)):
+        a, b = (candidate.tags or {}).get(tag), (current.tags or {}).get(tag)
+        if a != b:
+            raise ValueError(f"cannot compare {key}: version {candidate.version} has {tag}={a}, version "
+                             f"{current.version} has {tag}={b}; evaluate both under the same conditions")
+    higher = higher_is_better(key)
+    better = new > old if higher else new < old
+    relation = "beats" if better else "does not beat"
+    direction = "higher" if higher else "lower"
+    return better, (f"version {candidate.version} {key}={new:.6g} {relation} version {current.version}'s "
+                    f"{old:.6g} ({direction} is better)")

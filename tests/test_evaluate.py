@@ -1,0 +1,129 @@
+"""`psp evaluate` on real shards, a real tiny pSp and a real SQLite MLflow registry."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from pipeline_helpers import make_shards
+from pipelines import tracking
+from pipelines.cli import main
+from pipelines.registry import import_checkpoint
+from psp_core import PSP, PSPArchitecture, load_psp, save_psp
+from psp_core.presets import PresetTransform, get_preset
+from psp_core.shards import iter_shard_batches, read_manifest, shard_paths
+
+NAME = tracking.DEFAULT_REGISTERED_MODEL
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """Shards, a tiny pSp checkpoint registered as version 1 @candidate, and a params file, in one store."""
+    root = tmp_path_factory.mktemp("evaluate")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow/mlflow.db")
+        shards = make_shards(root)
+        torch.manual_seed(0)
+        net = PSP(PSPArchitecture(output_size=16, encoder_input_size=32))
+        net.set_latent_avg(torch.zeros(512))
+        checkpoint = save_psp(net, root / "tiny.pt")
+        import_checkpoint(checkpoint, NAME, "candidate")
+        params = root / "params.yaml"
+        params.write_text(yaml.safe_dump({"evaluate": {
+            "shards": str(shards), "batch_size": 2, "lpips_backbone": "random", "device": "cpu",
+            "irse50": str(root / "absent_model_ir_se50.pth"),
+            "report": str(root / "reports/eval.json"), "per_image": str(root / "reports/eval_images.csv"),
+            "grid": str(root / "reports/eval_grid.png")}}))
+        yield root
+
+
+def evaluate(root: Path, *overrides: str) -> int:
+    return main(["evaluate", "--params", str(root / "params.yaml"), *overrides])
+
+
+def direct_l2(checkpoint: Path, shards: Path) -> dict[str, float]:
+    """Per-image L2 recomputed by hand: the reference inference forward on the test images."""
+    net = load_psp(checkpoint)
+    transform = PresetTransform(get_preset("encode"), 32, train=False)
+    values = {}
+    with torch.no_grad():
+        for batch in iter_shard_batches(shard_paths(shards), 4, split="test"):
+            images = torch.from_numpy(batch.images).permute(0, 3, 1, 2)
+            source, target = transform(images, images, torch.Generator())
+            output = net(source, resize=True, randomize_noise=False).clamp(-1, 1)
+            values.update(zip(batch.ids, (output - target).pow(2).flatten(1).mean(1).tolist()))
+    return values
+
+
+def test_evaluate_registered_version(workspace):
+    assert evaluate(workspace) == 0
+    report = json.loads((workspace / "reports/eval.json").read_text())
+    n_test = read_manifest(workspace / "shards")["rows"]["test"]
+    assert report["n_images"] == n_test > 0
+    assert report["model_version"] == "1" and report["registered_model"] == NAME
+    assert report["lpips_backbone"] == "random" and "lpips_alexnet" in report["random_weights"]
+    for key in ("l2", "lpips", "ms_ssim", "seconds_per_image"):
+        assert math.isfinite(report[key]), key
+    # synthetic images have no faces: dlib finds none, so identity is null with every image counted missing
+    assert report["id_backend"] == "dlib_resnet_v1"
+    assert report["id_similarity"] is None and report["id_similarity_missing"] == n_test
+
+    expected = direct_l2(workspace / "tiny.pt", workspace / "shards")
+    with (workspace / "reports/eval_images.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["id"] for r in rows] == list(expected) and len(rows) == n_test
+    for row in rows:
+        assert float(row["l2"]) == pytest.approx(expected[row["id"]], rel=1e-4)
+        assert row["id_similarity"] == ""
+    assert report["l2"] == pytest.approx(sum(expected.values()) / n_test, rel=1e-4)
+
+    shown = min(8, n_test)
+    with Image.open(workspace / "reports/eval_grid.png") as grid:
+        assert grid.size == (shown * 256 + (shown + 1) * 2, 2 * 256 + 3 * 2)
+
+    tracking.use_tracking_store()
+    client = mlflow.MlflowClient()
+    version = client.get_model_version(NAME, "1")
+    run = client.get_run(version.run_id)
+    assert run.data.metrics["eval_l2"] == pytest.approx(report["l2"])
+    assert run.data.metrics["eval_lpips"] == pytest.approx(report["lpips"])
+    assert "eval_id_similarity" not in run.data.metrics
+    assert float(version.tags["eval_l2"]) == pytest.approx(report["l2"])
+    assert float(version.tags["eval_ms_ssim"]) == pytest.approx(report["ms_ssim"])
+    assert version.tags["eval_id_backend"] == "dlib_resnet_v1"
+    assert version.tags["eval_lpips_backbone"] == "random"
+    logged = {Path(a.path).name for a in client.list_artifacts(version.run_id, "eval")}
+    assert logged == {"eval.json", "eval_images.csv", "eval_grid.png"}
+
+
+def test_evaluate_checkpoint_file_limits_images_and_logs_nothing(workspace):
+    tracking.use_tracking_store()
+    before = mlflow.MlflowClient().get_model_version(NAME, "1").tags
+    report_path = workspace / "file_eval.json"
+    assert evaluate(workspace, f"model={workspace / 'tiny.pt'}", "max_images=1",
+                    f"report={report_path}") == 0
+    report = json.loads(report_path.read_text())
+    assert report["n_images"] == 1 and report["model_version"] is None
+    assert mlflow.MlflowClient().get_model_version(NAME, "1").tags == before
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model=models:/psp-encoder@champion"], "no version of psp-encoder has alias champion"),
+    (["shards=/nonexistent/shards"], "manifest.json not found: run `psp shard` first"),
+    (["split=train", "shards={empty}"], "the train split is empty"),
+])
+def test_evaluate_errors_are_one_line(workspace, capsys, overrides, message):
+    empty = workspace / "all_test"
+    if not (empty / "shards").is_dir():
+        make_shards(empty, images=2, test_fraction=1.0)
+    overrides = [o.format(empty=empty / "shards") for o in overrides]
+    assert evaluate(workspace, *overrides) == 2
+    error = capsys.readouterr().err.strip()
+    assert message in error and len(error.splitlines()) == 1, error

@@ -1,0 +1,105 @@
+"""`psp invert`: Ray Data batch inversion, its outputs, and resuming after a kill."""
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from pipeline_helpers import PSP, make_shards
+from pipelines.shard import ShardConfig, write_shards
+from psp_core import PSP as PSPNet
+from psp_core import PSPArchitecture, load_psp, save_psp
+from psp_core.presets import PresetTransform, get_preset
+from psp_core.shards import decode_image
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    net = PSPNet(PSPArchitecture(output_size=16, encoder_input_size=32))
+    net.set_latent_avg(torch.randn(512) * 0.1)
+    return save_psp(net, tmp_path_factory.mktemp("model") / "tiny.pt")
+
+
+def write_invert_params(root: Path, model: Path, **values) -> None:
+    section = {"model": str(model), "input": "shards", "output_dir": "latents", "report": "reports/invert.json",
+               "batch_size": 3, "lpips_backbone": "random", "cpus_per_actor": 1, **values}
+    (root / "params.yaml").write_text(yaml.safe_dump({"invert": section}))
+
+
+def read_outputs(folder: Path):
+    return pq.read_table(sorted(folder.glob("*.parquet"))).to_pylist()
+
+
+def test_latents_decode_to_the_reconstruction_and_variants_mix(tmp_path, model_file):
+    make_shards(tmp_path, images=10)
+    write_invert_params(tmp_path, model_file, n_outputs=2, mix_alpha=0.5)
+    done = subprocess.run([PSP, "invert"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = read_outputs(tmp_path / "latents")
+    assert len(rows) == 10 * 3 and all(r["error"] is None for r in rows)
+    net = load_psp(model_file)
+    transform = PresetTransform(get_preset("encode"), 32, train=False)
+    shard = pq.read_table(sorted((tmp_path / "shards").glob("*.parquet"))).to_pylist()
+    images = {r["id"]: r["image"] for r in shard}
+    for row in [r for r in rows if r["variant"] == 0][:4]:
+        latent = torch.tensor(row["latent"])
+        assert latent.shape == (net.n_styles, 512)
+        with torch.no_grad():
+            decoded, _ = net.decoder([latent[None]], input_is_latent=True, randomize_noise=False)
+            pixels = torch.from_numpy(decode_image(images[row["id"]], 256).copy()).permute(2, 0, 1)[None]
+            source, _ = transform(pixels, pixels, torch.Generator())
+            encoded = net.encode(source)[0]
+        stored = np.asarray(Image.open(io.BytesIO(row["reconstruction"])), dtype=np.int16)
+        ours = ((decoded[0].clamp(-1, 1) + 1) * 127.5).round().permute(1, 2, 0).numpy().astype(np.int16)
+        assert np.abs(stored - ours).max() <= 1
+        torch.testing.assert_close(latent, encoded, rtol=1e-4, atol=1e-4)
+        assert np.isfinite(row["l2"]) and np.isfinite(row["lpips"])
+    by_id = {}
+    for r in rows:
+        by_id.setdefault(r["id"], {})[r["variant"]] = np.asarray(r["latent"])
+    base, mixed = by_id[rows[0]["id"]][0], by_id[rows[0]["id"]][1]
+    assert np.array_equal(base[:3], mixed[:3]), "coarse layers stay"
+    assert not np.allclose(base[3:], mixed[3:]), "the mask layers (upper half of 6 styles) are mixed"
+
+
+def test_killed_inversion_resumes_without_duplicates(tmp_path, model_file):
+    folder = tmp_path / "aligned"
+    make_shards(tmp_path, images=30)
+    write_shards(ShardConfig(input_dir=str(folder), output_dir=str(tmp_path / "shards"),
+                             report=str(tmp_path / "shard.json"), rows_per_shard=3, test_fraction=0.2))
+    write_invert_params(tmp_path, model_file, batch_size=1)
+    proc = subprocess.Popen([PSP, "invert"], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    out = tmp_path / "latents"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not list(out.glob("*.parquet")):
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = sorted(p.name for p in out.glob("*.parquet"))
+    assert 1 <= len(partial) < 10
+    for path in out.glob("*.parquet"):
+        pq.read_table(path)        # every file under its final name is complete
+    done = subprocess.run([PSP, "invert"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "files already done" in done.stdout and f"{len(partial)} files already done" in done.stdout
+    rows = read_outputs(out)
+    ids = [r["id"] for r in rows]
+    shard_ids = {r["id"] for r in pq.read_table(sorted((tmp_path / "shards").glob("*.parquet"))).to_pylist()}
+    assert len(ids) == len(set(ids)) == len(shard_ids) == 30
+    assert set(ids) == shard_ids
+    assert not list(out.glob(".*.tmp"))
