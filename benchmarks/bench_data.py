@@ -95,7 +95,7 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=32, help="reader batch size")
     args = parser.parse_args()
     python = os.path.relpath(sys.executable) if sys.executable.startswith(os.getcwd()) else sys.executable
-    print("command:", shlex.join([python, *sys.argv]), f"(in {os.getcwd()})")
+    print("command:", shlex.join([python, *sys.argv]), "(from the repository root)")
     print("hardware:", hardware())
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -66,10 +66,17 @@ def write_params(root: Path, **train: object) -> Path:
     return path
 
 
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without MLflow settings (`mlflow.set_tracking_uri` in an earlier
+    test exports MLFLOW_TRACKING_URI), plus `extra`: a `psp` process uses the store it is given."""
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    return {**inherited, "PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0", **extra}
+
+
 def run_psp(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: int = 420) -> subprocess.CompletedProcess:
     """Run the `psp` console script; the output is kept for assertion messages."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
-    return subprocess.run([PSP, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([PSP, *args], cwd=cwd, env=clean_env(**(env or {})), capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def free_port() -> int:

@@ -45,7 +45,7 @@ def repo(tmp_path) -> tuple[Path, dict]:
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     bin_dir = Path(sys.executable).parent
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")},
         "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
         "PYTHONPATH": str(tmp_path),  # the stages run the copied code
         "DVC_NO_ANALYTICS": "1",
@@ -109,7 +109,9 @@ def check_training_evaluation_and_inversion(root: Path, manifest: dict) -> None:
     assert len(rows) == 2 * manifest["rows"]["total"] and len({r["id"] for r in originals}) == len(originals)
     assert {r["model"] for r in rows} == {"models:/psp-encoder/1"}
 
-    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow' / 'mlflow.db'}")
+    store = f"sqlite:///{root / 'mlflow' / 'mlflow.db'}"
+    mlflow.set_tracking_uri(store)
+    mlflow.set_registry_uri(store)
     checkpoint = next(Path(mlflow.artifacts.download_artifacts("models:/psp-encoder/1")).rglob("*.pt"))
     net = load_psp(checkpoint)
     latent = torch.tensor(originals[0]["latent"])[None]

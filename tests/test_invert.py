@@ -15,7 +15,7 @@ import torch
 import yaml
 from PIL import Image
 
-from pipeline_helpers import PSP, make_shards
+from pipeline_helpers import PSP, clean_env, make_shards
 from pipelines.shard import ShardConfig, write_shards
 from psp_core import PSP as PSPNet
 from psp_core import PSPArchitecture, load_psp, save_psp
@@ -46,7 +46,7 @@ def read_outputs(folder: Path):
 def test_latents_decode_to_the_reconstruction_and_variants_mix(tmp_path, model_file):
     make_shards(tmp_path, images=10)
     write_invert_params(tmp_path, model_file, n_outputs=2, mix_alpha=0.5)
-    done = subprocess.run([PSP, "invert"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([PSP, "invert"], cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = read_outputs(tmp_path / "latents")
     assert len(rows) == 10 * 3 and all(r["error"] is None for r in rows)
@@ -81,7 +81,7 @@ def test_killed_inversion_resumes_without_duplicates(tmp_path, model_file):
     write_shards(ShardConfig(input_dir=str(folder), output_dir=str(tmp_path / "shards"),
                              report=str(tmp_path / "shard.json"), rows_per_shard=3, test_fraction=0.2))
     write_invert_params(tmp_path, model_file, batch_size=1)
-    proc = subprocess.Popen([PSP, "invert"], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    proc = subprocess.Popen([PSP, "invert"], cwd=tmp_path, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     out = tmp_path / "latents"
     deadline = time.time() + 240
@@ -94,7 +94,7 @@ def test_killed_inversion_resumes_without_duplicates(tmp_path, model_file):
     assert 1 <= len(partial) < 10
     for path in out.glob("*.parquet"):
         pq.read_table(path)        # every file under its final name is complete
-    done = subprocess.run([PSP, "invert"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([PSP, "invert"], cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "files already done" in done.stdout and f"{len(partial)} files already done" in done.stdout
     rows = read_outputs(out)

@@ -9,7 +9,13 @@ import torch.nn.functional as F
 from parity_rule import FIXTURES, rule_state_dict
 from psp_core import load_generator, load_irse50, load_psp
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def no_grad():
+    """Inference only (a module-level switch would leak into every other test module)."""
+    with torch.no_grad():
+        yield
 
 
 def assert_parity(ours: torch.Tensor, ref: np.ndarray, name: str) -> None:

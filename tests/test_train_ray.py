@@ -16,14 +16,14 @@ import psutil
 import pytest
 import torch
 
-from pipeline_helpers import PSP, free_port, make_shards, run_psp, write_params
+from pipeline_helpers import PSP, clean_env, free_port, make_shards, run_psp, write_params
 from psp_core import load_psp
 
 pytestmark = pytest.mark.slow
 
 
 def finished_runs(uri: str, experiment: str = "psp") -> list:
-    client = mlflow.MlflowClient(uri)
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
     exp = client.get_experiment_by_name(experiment)
     return client.search_runs([exp.experiment_id])
 
@@ -33,8 +33,7 @@ def test_two_workers_survive_a_killed_worker_and_register(tmp_path):
     in one MLflow run, registered as @candidate, and the registered model reproduces the checkpoint."""
     make_shards(tmp_path)
     write_params(tmp_path, max_steps=8)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([PSP, "train"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([PSP, "train"], cwd=tmp_path, env=clean_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     killed = None
     deadline = time.time() + 300
@@ -59,7 +58,7 @@ def test_two_workers_survive_a_killed_worker_and_register(tmp_path):
     assert len(runs) == 1, "a restarted worker must not fork a second MLflow run"
     run = runs[0]
     assert run.info.status == "FINISHED"
-    client = mlflow.MlflowClient(uri)
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
     assert max(steps) == 8 and set(range(1, 9)) <= set(steps)
     assert "val_loss" in run.data.metrics and "images_per_s" in run.data.metrics
@@ -75,6 +74,7 @@ def test_two_workers_survive_a_killed_worker_and_register(tmp_path):
     assert version.run_id == run.info.run_id and str(version.version) == report["model_version"]
 
     mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
     model = mlflow.pyfunc.load_model("models:/psp-encoder@candidate")
     x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
     chosen = run.data.tags["psp.registered_checkpoint"]
@@ -134,7 +134,7 @@ def test_two_node_cluster_with_mlflow_server(tmp_path, mlflow_server):
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert runs[0].data.tags["psp.nodes"] == "2"
     assert not (tmp_path / "mlflow").exists(), "with MLFLOW_TRACKING_URI set nothing goes to the local store"
-    client = mlflow.MlflowClient(mlflow_server)
+    client = mlflow.MlflowClient(mlflow_server, registry_uri=mlflow_server)
     assert client.get_model_version_by_alias("psp-encoder", "candidate").run_id == runs[0].info.run_id
 
 
@@ -149,7 +149,7 @@ def test_psp_submit_runs_as_a_ray_job_on_a_local_head(tmp_path):
     make_shards(tmp_path)
     write_params(tmp_path, max_steps=2, num_workers=1)
     bin_dir = str(Path(PSP).parent)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0"}
+    env = clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}")
     env.pop("RAY_ADDRESS", None)
     dashboard = free_port()
     ray_tmp = Path("/tmp") / f"psp-ray-{os.getpid()}"
