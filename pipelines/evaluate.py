@@ -15,7 +15,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Literal
+from typing import Any, Iterator, Literal
 
 import torch
 from pydantic import Field
@@ -24,15 +24,13 @@ from tqdm import tqdm
 
 from pipelines.config import StageConfig, load_section
 from pipelines.io import atomic_path, write_json_atomic
+from pipelines.registry import resolve_model
 from psp_core import PSP, load_psp
 from psp_core.metrics import (
     ArcFaceIdentity, MetricSuite, MetricTable, identity_backend, lpips_network, reconstruction_grid,
 )
 from psp_core.presets import PresetTransform, TaskPreset, get_preset
 from psp_core.shards import MANIFEST_FILE, ShardBatch, iter_shard_batches, read_manifest, shard_paths
-
-if TYPE_CHECKING:
-    from mlflow.entities.model_registry import ModelVersion
 
 log = logging.getLogger(__name__)
 
@@ -83,31 +81,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _format(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4g}"
-
-
-@dataclass
-class ModelUnderTest:
-    """The checkpoint being evaluated and, for a registry reference, the version it came from."""
-
-    reference: str
-    checkpoint: Path
-    version: ModelVersion | None
-
-
-def resolve_model(reference: str) -> ModelUnderTest:
-    """A `models:/` reference (pinned to the version it resolves to now) or a checkpoint file path."""
-    from pipelines import registry, tracking
-
-    ref = registry.parse_registry_uri(reference)
-    if ref is not None:
-        version = registry.resolve_version(ref)
-        return ModelUnderTest(reference, tracking.model_checkpoint(f"models:/{ref.name}/{version.version}"), version)
-    if "://" in reference or reference.startswith(("models:", "runs:")):
-        raise ValueError(f"model {reference!r}: use models:/NAME@ALIAS, models:/NAME/VERSION or a .pt file path")
-    path = Path(reference)
-    if not path.is_file():
-        raise FileNotFoundError(f"model checkpoint {path} not found")
-    return ModelUnderTest(reference, path, None)
 
 
 def pick_device(choice: str) -> torch.device:

@@ -26,6 +26,7 @@ from pydantic import Field
 
 from pipelines.config import StageConfig, load_section
 from pipelines.io import atomic_path, write_json_atomic
+from pipelines.registry import resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -79,20 +80,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"inverted {report['images_written']} images ({report['units_skipped']} files already done) "
           f"into {cfg.output_dir} at {report['images_per_s']:.2f} images/s")
     return 0
-
-
-def resolve_model(reference: str) -> tuple[Path, str]:
-    """(local checkpoint path, exact model reference): an alias is pinned to its version number."""
-    if not reference.startswith(("models:/", "runs:/")):
-        path = Path(reference)
-        if not path.is_file():
-            raise FileNotFoundError(f"invert.model {reference}: no such checkpoint file")
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-        return path.resolve(), f"file:{path.name}@sha256:{digest}"
-    from pipelines import tracking
-
-    exact = tracking.pinned_model_uri(reference)
-    return tracking.model_checkpoint(exact), exact
 
 
 def input_units(cfg: InvertConfig) -> list[Unit]:
@@ -151,7 +138,8 @@ def invert(cfg: InvertConfig) -> dict[str, Any]:
 
     if cfg.input.is_dir() and not (cfg.input / "manifest.json").is_file() and not cfg.aligned:
         cfg = aligned_copy(cfg)
-    checkpoint, model_ref = resolve_model(cfg.model)
+    model = resolve_model(cfg.model)
+    checkpoint, model_ref = model.checkpoint, model.pinned
     units = input_units(cfg)
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
     for stale in cfg.output_dir.glob(".*.tmp"):   # left by a run that was killed mid-write

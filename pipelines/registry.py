@@ -222,3 +222,36 @@ def compare_evaluations(candidate: ModelVersion, current: ModelVersion, metric: 
     direction = "higher" if higher else "lower"
     return better, (f"version {candidate.version} {key}={new:.6g} {relation} version {current.version}'s "
                     f"{old:.6g} ({direction} is better)")
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """An encoder reference made concrete: the local checkpoint file and, for a registry
+    reference, the version it points at now."""
+
+    reference: str
+    checkpoint: Path
+    version: ModelVersion | None
+
+    @property
+    def pinned(self) -> str:
+        """The exact reference: `models:/name/<version>` for registry models (an alias can move),
+        `file:<name>@sha256:<prefix>` for checkpoint files."""
+        if self.version is not None:
+            return f"models:/{self.version.name}/{self.version.version}"
+        return f"file:{self.checkpoint.name}@sha256:{file_sha256(self.checkpoint)[:16]}"
+
+
+def resolve_model(reference: str) -> ResolvedModel:
+    """A `models:/NAME@ALIAS` or `models:/NAME/VERSION` reference (downloaded, pinned to the version
+    it resolves to now) or a pSp checkpoint file path."""
+    ref = parse_registry_uri(reference)
+    if ref is not None:
+        version = resolve_version(ref)
+        return ResolvedModel(reference, tracking.model_checkpoint(f"models:/{ref.name}/{version.version}"), version)
+    if "://" in reference or reference.startswith(("models:", "runs:")):
+        raise ValueError(f"model {reference!r}: use models:/NAME@ALIAS, models:/NAME/VERSION or a .pt file path")
+    path = Path(reference)
+    if not path.is_file():
+        raise FileNotFoundError(f"model checkpoint {path} not found")
+    return ResolvedModel(reference, path.resolve(), None)

@@ -94,19 +94,6 @@ def _version(package: str) -> str:
     return version(package)
 
 
-def pinned_model_uri(model_uri: str) -> str:
-    """`models:/name@alias` -> `models:/name/<version>` (what the alias points at now); others unchanged."""
-    if not (model_uri.startswith("models:/") and "@" in model_uri):
-        return model_uri
-    use_tracking_store()
-    name, alias = model_uri[len("models:/"):].split("@", 1)
-    try:
-        version = mlflow.MlflowClient().get_model_version_by_alias(name, alias)
-    except MlflowException:
-        raise ValueError(f"no version of {name} has alias {alias!r} (register one, or `psp promote`)") from None
-    return f"models:/{name}/{version.version}"
-
-
 def model_checkpoint(model_uri: str) -> Path:
     """Download a registered encoder (`models:/name@alias`, `models:/name/3`, `runs:/...`) and
     return the path of its pSp checkpoint file."""
