@@ -1,8 +1,11 @@
 """Ray Data inversion throughput against a plain in-process loop over the same rows, model and batch size.
 
 Both paths run the stage's own `Inverter` (decode, encode, generate, L2/LPIPS, PNG encode) on the
-same shard rows; "warm" throughput leaves out the first batch of each (actor start, model load).
-Run: python benchmarks/bench_invert.py [--images 96] [--batch-size 8] [--output-size 64] [--encoder-size 64]
+same shard rows. Warm throughput is marginal: each path runs on a small and a large set of rows,
+and (large - small) rows / (large - small) seconds cancels the one-off costs (Ray Data start-up,
+actor start, model load), which the cold end-to-end figures include. The loop's process is warmed
+once first (the Ray actor is a new process on every run, so both of its runs pay the same warm-up).
+Run: python benchmarks/bench_invert.py [--small 16] [--large 80] [--batch-size 8] [--output-size 64] [--encoder-size 64]
 """
 from __future__ import annotations
 
@@ -27,67 +30,77 @@ from pipelines.shard import ShardConfig, write_shards  # noqa: E402
 from psp_core import PSP, PSPArchitecture, save_psp  # noqa: E402
 
 
-def make_inputs(root: Path, images: int) -> Path:
-    folder = root / "aligned"
+def make_inputs(root: Path, images: int, rows_per_shard: int) -> Path:
+    """`images` random 256x256 PNGs in shards of `rows_per_shard` rows."""
+    folder = root / f"aligned-{images}"
     folder.mkdir()
     rng = np.random.default_rng(0)
     for i in range(images):
-        pixels = (rng.random((256, 256, 3)) * 255).astype(np.uint8)
         buffer = io.BytesIO()
-        Image.fromarray(pixels).save(buffer, format="PNG")
+        Image.fromarray((rng.random((256, 256, 3)) * 255).astype(np.uint8)).save(buffer, format="PNG")
         (folder / f"{i:04d}.png").write_bytes(buffer.getvalue())
-    write_shards(ShardConfig(input_dir=str(folder), output_dir=str(root / "shards"),
-                             report=str(root / "shard.json"), rows_per_shard=images, test_fraction=0.0))
-    return root / "shards"
+    shards = root / f"shards-{images}"
+    write_shards(ShardConfig(input_dir=str(folder), output_dir=str(shards), report=str(root / "shard.json"),
+                             rows_per_shard=rows_per_shard, test_fraction=0.0))
+    return shards
 
 
-def warm_rate(batches, rows_of) -> tuple[float, int]:
-    """Images/s after the first batch, and the rows counted."""
-    start, rows = None, 0
-    for batch in batches:
-        if start is None:
-            start = time.perf_counter()
-            continue
-        rows += rows_of(batch)
-    return rows / (time.perf_counter() - start), rows
+def loop_seconds(cfg: InvertConfig, checkpoint: Path) -> float:
+    """Load the model and invert every row in a plain loop over batches, in this process."""
+    start = time.perf_counter()
+    inverter = Inverter(str(checkpoint), cfg.model_dump(mode="json"), "bench")
+    for path in sorted(cfg.input.glob("*.parquet")):
+        table = pq.read_table(path)
+        table = tag_shard_unit(table.append_column("path", pa.array([str(path)] * table.num_rows)))
+        for offset in range(0, table.num_rows, cfg.batch_size):
+            inverter(table.slice(offset, cfg.batch_size))
+    return time.perf_counter() - start
+
+
+def ray_seconds(cfg: InvertConfig, checkpoint: Path) -> float:
+    """The stage's Ray Data pipeline over every row (actor pool of one), consumed to the end."""
+    start = time.perf_counter()
+    dataset = inverted(cfg, rows_dataset(cfg, input_units(cfg)), checkpoint, "bench")
+    for _ in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+        pass
+    return time.perf_counter() - start
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--images", type=int, default=96)
+    parser.add_argument("--small", type=int, default=16)
+    parser.add_argument("--large", type=int, default=80)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--output-size", type=int, default=64)
     parser.add_argument("--encoder-size", type=int, default=64)
     parser.add_argument("--cpus", type=int, default=2, help="torch threads of the loop and of the one Ray actor")
     args = parser.parse_args()
     print(f"# {hardware()}\n# {command_line()}")
+    import ray
+
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        shards = make_inputs(root, args.images)
         torch.manual_seed(0)
         net = PSP(PSPArchitecture(output_size=args.output_size, encoder_input_size=args.encoder_size))
         net.set_latent_avg(torch.randn(512) * 0.1)
         checkpoint = save_psp(net, root / "model.pt")
-        cfg = InvertConfig(model=str(checkpoint), input=shards, output_dir=root / "out", batch_size=args.batch_size,
-                           cpus_per_actor=args.cpus, lpips_backbone="random", reconstructions=True)
-
         torch.set_num_threads(args.cpus)
-        inverter = Inverter(str(checkpoint), cfg.model_dump(mode="json"), "bench")
-        table = tag_shard_unit(pq.read_table(sorted(shards.glob("*.parquet")))
-                               .append_column("path", pa.array([str(shards / "shard-00000.parquet")] * args.images)))
-        loop_batches = (inverter(table.slice(i, args.batch_size)) for i in range(0, table.num_rows, args.batch_size))
-        loop_rate, loop_rows = warm_rate(loop_batches, lambda t: t.num_rows)
-        print(f"plain loop (Inverter in-process, {args.cpus} threads): {loop_rate:.2f} images/s over {loop_rows} warm rows")
-
-        import ray
-
         ray.init(num_cpus=args.cpus + 2, include_dashboard=False, log_to_driver=False)
-        dataset = inverted(cfg, rows_dataset(cfg, input_units(cfg)), checkpoint, "bench")
-        ray_rate, ray_rows = warm_rate(dataset.iter_batches(batch_size=args.batch_size, batch_format="pyarrow"),
-                                       lambda t: t.num_rows)
+        seconds = {}
+        warmup = InvertConfig(model=str(checkpoint), input=make_inputs(root, args.batch_size, 100),
+                              output_dir=root / "out", batch_size=args.batch_size, lpips_backbone="random")
+        loop_seconds(warmup, checkpoint)   # oneDNN primitives are cached per process: warm the loop's first
+        for n in (args.small, args.large):
+            cfg = InvertConfig(model=str(checkpoint), input=make_inputs(root, n, 100), output_dir=root / "out",
+                               batch_size=args.batch_size, cpus_per_actor=args.cpus, lpips_backbone="random")
+            seconds[n] = {"loop": loop_seconds(cfg, checkpoint), "ray": ray_seconds(cfg, checkpoint)}
+            print(f"{n:4d} images: loop {seconds[n]['loop']:.1f} s ({n / seconds[n]['loop']:.2f} images/s cold), "
+                  f"Ray Data {seconds[n]['ray']:.1f} s ({n / seconds[n]['ray']:.2f} images/s cold)", flush=True)
         ray.shutdown()
-        print(f"Ray Data (1 actor, {args.cpus} CPUs, ActorPoolStrategy): {ray_rate:.2f} images/s over {ray_rows} warm rows")
-        print(f"ratio Ray / loop: {ray_rate / loop_rate:.2f}")
+        extra = args.large - args.small
+        warm = {k: extra / (seconds[args.large][k] - seconds[args.small][k]) for k in ("loop", "ray")}
+        print(f"warm (marginal {extra} images): plain loop {warm['loop']:.2f} images/s, "
+              f"Ray Data {warm['ray']:.2f} images/s, ratio Ray / loop {warm['ray'] / warm['loop']:.2f}")
 
 
 if __name__ == "__main__":

@@ -168,14 +168,16 @@ def rows_dataset(cfg: InvertConfig, todo: list[Unit]):
     """A Ray dataset of {unit, id, image (encoded bytes), source_path} rows for the pending units."""
     import ray
 
+    blocks = max(1, sum(u.rows for u in todo) // cfg.batch_size)   # one batch a block: results stream
     if (cfg.input / "manifest.json").is_file():
         paths = [u.paths[0] for u in todo]
-        ds = ray.data.read_parquet(paths, columns=["id", "image", "source_path", "split"], include_paths=True)
+        ds = ray.data.read_parquet(paths, columns=["id", "image", "source_path", "split"], include_paths=True,
+                                   override_num_blocks=blocks)
         if cfg.split is not None:
             ds = ds.filter(expr=f"split == '{cfg.split}'")
         return ds.map_batches(tag_shard_unit, batch_format="pyarrow")
     items = [{"unit": u.name, "path": p} for u in todo for p in u.paths]
-    return ray.data.from_items(items).map_batches(read_image_files, batch_format="pyarrow")
+    return ray.data.from_items(items, override_num_blocks=blocks).map_batches(read_image_files, batch_format="pyarrow")
 
 
 def tag_shard_unit(table: pa.Table) -> pa.Table:

@@ -33,7 +33,7 @@ def model_file(tmp_path_factory) -> Path:
     return save_psp(net, tmp_path_factory.mktemp("model") / "tiny.pt")
 
 
-def write_invert_params(root: Path, model: Path, **values) -> None:
+def write_invert_params(root: Path, model: Path | str, **values) -> None:
     section = {"model": str(model), "input": "shards", "output_dir": "latents", "report": "reports/invert.json",
                "batch_size": 3, "lpips_backbone": "random", "cpus_per_actor": 1, **values}
     (root / "params.yaml").write_text(yaml.safe_dump({"invert": section}))
@@ -126,7 +126,7 @@ def test_imported_parity_checkpoint_inverts_through_ray_data(tmp_path):
     assert imported.returncode == 0, imported.stderr[-3000:]
 
     make_shards(tmp_path, images=3)
-    write_invert_params(tmp_path, Path("unused"), model="models:/psp-encoder/1", reconstructions=False)
+    write_invert_params(tmp_path, "models:/psp-encoder/1", reconstructions=False)
     done = subprocess.run([PSP, "invert"], cwd=tmp_path, env=clean_env(**store), capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
