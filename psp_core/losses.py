@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import logging
 import warnings
 from dataclasses import asdict, dataclass
@@ -102,8 +103,10 @@ def w_norm_loss(latent: Tensor, latent_avg: Tensor | None) -> Tensor:
     return offset.norm(p=2, dim=(1, 2)).mean()
 
 
-class FeatureSimilarityLoss(nn.Module):
-    """1 - cosine similarity of frozen, normalised features of output and target, plus the reference `id_improve`."""
+class FeatureSimilarityLoss(nn.Module, abc.ABC):
+    """1 - cosine similarity of frozen, normalised features of output and target, plus the reference `id_improve`.
+
+    Subclasses say how images become features (`embed`)."""
 
     def __init__(self, features: nn.Module) -> None:
         super().__init__()
@@ -113,9 +116,9 @@ class FeatureSimilarityLoss(nn.Module):
         """Stay in eval mode: the feature network is frozen."""
         return super().train(False)
 
+    @abc.abstractmethod
     def embed(self, images: Tensor) -> Tensor:
         """Unit-length feature vectors [N, D] of images in [-1, 1]."""
-        raise NotImplementedError
 
     def similarities(self, output: Tensor, target: Tensor) -> Tensor:
         """Per-image cosine similarity between output and target features, shape [N], without gradients."""

@@ -40,3 +40,18 @@ def fixture_keys(name: str) -> list[tuple[str, list[int], str]]:
 def rule_state_dict(name: str) -> dict[str, torch.Tensor]:
     """The full state dict of fixture `name` (e.g. 'ref_gradual64') built by the rule."""
     return {key: rule_tensor(key, shape, dtype) for key, shape, dtype in fixture_keys(name)}
+
+
+GRADUAL64_OPTS = {"encoder_type": "GradualStyleEncoder", "input_nc": 3, "output_size": 64,
+                  "start_from_latent_avg": True, "learn_in_w": False}
+
+
+def write_released_psp(path: Path) -> Path:
+    """The `ref_gradual64` pSp network saved in the released checkpoint layout
+    (`{'state_dict', 'opts', 'latent_avg' [512]}`), weights by the rule."""
+    import numpy as np
+
+    latent_avg = torch.from_numpy(np.load(FIXTURES / "ref_gradual64.npz")["latent_avg"])
+    torch.save({"state_dict": rule_state_dict("ref_gradual64"), "opts": dict(GRADUAL64_OPTS),
+                "latent_avg": latent_avg}, path)
+    return path

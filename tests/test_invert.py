@@ -112,14 +112,10 @@ def test_imported_parity_checkpoint_inverts_through_ray_data(tmp_path):
     The fixture's own input is not an image (values in [-5, 4.6]), so it cannot pass through
     image files; the registered model's match with the fixture is `test_registry`'s job, and
     here the Ray path must give, for real images, what that same network gives in-process."""
-    from parity_rule import FIXTURES, rule_state_dict
+    from parity_rule import FIXTURES, write_released_psp
 
     ref = np.load(FIXTURES / "ref_gradual64.npz")
-    opts = {"encoder_type": "GradualStyleEncoder", "input_nc": 3, "output_size": 64,
-            "start_from_latent_avg": True, "learn_in_w": False}
-    released = tmp_path / "psp_gradual64.pt"
-    torch.save({"state_dict": rule_state_dict("ref_gradual64"), "opts": opts,
-                "latent_avg": torch.from_numpy(ref["latent_avg"])}, released)
+    released = write_released_psp(tmp_path / "psp_gradual64.pt")
     store = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"}
     imported = subprocess.run([PSP, "import-checkpoint", str(released)], cwd=tmp_path, env=clean_env(**store),
                               capture_output=True, text=True, timeout=300)

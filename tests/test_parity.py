@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from parity_rule import FIXTURES, rule_state_dict
+from parity_rule import FIXTURES, rule_state_dict, write_released_psp
 from psp_core import load_generator, load_irse50, load_psp
 
 
@@ -40,13 +40,7 @@ def generator_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def psp_file(tmp_path_factory):
-    ref = fixture("ref_gradual64")
-    path = tmp_path_factory.mktemp("psp") / "psp_gradual64.pt"
-    opts = {"encoder_type": "GradualStyleEncoder", "input_nc": 3, "output_size": 64,
-            "start_from_latent_avg": True, "learn_in_w": False, "exp_dir": "x", "lpips_lambda": 0.8}
-    torch.save({"state_dict": rule_state_dict("ref_gradual64"), "opts": opts,
-                "latent_avg": torch.from_numpy(ref["latent_avg"])}, path)
-    return path
+    return write_released_psp(tmp_path_factory.mktemp("psp") / "psp_gradual64.pt")
 
 
 def test_generator_mapping_and_synthesis(generator_file):

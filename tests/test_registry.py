@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from parity_rule import FIXTURES, rule_state_dict
+from parity_rule import FIXTURES, write_released_psp
 from pipelines import tracking
 from pipelines.cli import main
 from pipelines.registry import SOURCE_TAG, file_sha256
@@ -29,13 +29,7 @@ def store(tmp_path_factory):
 @pytest.fixture(scope="module")
 def parity_checkpoint(store) -> Path:
     """A released-layout pSp checkpoint whose weights follow the parity rule (64px GradualStyleEncoder)."""
-    ref = np.load(FIXTURES / "ref_gradual64.npz")
-    opts = {"encoder_type": "GradualStyleEncoder", "input_nc": 3, "output_size": 64,
-            "start_from_latent_avg": True, "learn_in_w": False}
-    path = store / "psp_gradual64.pt"
-    torch.save({"state_dict": rule_state_dict("ref_gradual64"), "opts": opts,
-                "latent_avg": torch.from_numpy(ref["latent_avg"])}, path)
-    return path
+    return write_released_psp(store / "psp_gradual64.pt")
 
 
 @pytest.fixture(scope="module")
