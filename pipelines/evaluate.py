@@ -36,8 +36,6 @@ log = logging.getLogger(__name__)
 
 METRICS = ("l2", "lpips", "ms_ssim", "id_similarity")
 GRID_IMAGES = 8
-LPIPS_RANDOM_SEED = 0
-"""Seed of the random LPIPS backbone, so that 'random' LPIPS values are at least comparable between runs."""
 
 
 class EvaluateConfig(StageConfig):
@@ -90,13 +88,6 @@ def pick_device(choice: str) -> torch.device:
     if choice == "cuda" and not torch.cuda.is_available():
         raise ValueError("evaluate.device=cuda but no CUDA device is available")
     return torch.device(choice)
-
-
-def seeded_lpips(backbone: Literal["pretrained", "random"]) -> torch.nn.Module:
-    """The LPIPS network; a random backbone is drawn from a fixed seed without touching the global RNG."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(LPIPS_RANDOM_SEED)
-        return lpips_network(backbone)
 
 
 def batch_pair(batch: ShardBatch, preset: TaskPreset) -> tuple[Tensor, Tensor]:
@@ -217,7 +208,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     identity = identity_backend(cfg.irse50)
     if isinstance(identity, ArcFaceIdentity):
         identity.loss.to(device)
-    suite = MetricSuite(seeded_lpips(cfg.lpips_backbone).to(device), identity)
+    suite = MetricSuite(lpips_network(cfg.lpips_backbone).to(device), identity)
     transform = PresetTransform(preset, net.arch.encoder_input_size, train=False)
     batches = limited(iter_shard_batches(paths, cfg.batch_size, split=cfg.split), cfg.max_images)
     scores = score_split(net, batches, transform, suite, device, math.ceil(n_expected / cfg.batch_size))

@@ -234,6 +234,7 @@ class Inverter:
 
     def __call__(self, table: pa.Table) -> pa.Table:
         from psp_core.devices import autocast
+        from psp_core.metrics import l2_per_image
         from psp_core.shards import decode_image
 
         ids, datas = table.column("id").to_pylist(), table.column("image").to_pylist()
@@ -254,7 +255,7 @@ class Inverter:
             with torch.inference_mode(), autocast(self.device, self.cfg.precision):
                 output, latents = self.net(source, resize=False, randomize_noise=False, return_latents=True)
                 pooled = torch.nn.functional.adaptive_avg_pool2d(output.float(), (256, 256))
-                l2 = ((pooled - target) ** 2).flatten(1).mean(1)
+                l2 = l2_per_image(pooled, target)
                 lpips = self.lpips(pooled, target).flatten()
                 variants = self.variants(latents, [ids[i] for i in good])
             for k, i in enumerate(good):

@@ -113,7 +113,7 @@ def import_checkpoint(path: str | Path, name: str = tracking.DEFAULT_REGISTERED_
     """Validate a released pSp checkpoint strictly, then register it as a new version of `name` from a
     run in experiment `psp-imports` that records its opts and its file hash."""
     path = Path(path)
-    load_psp(path)  # strict: a wrong architecture raises CheckpointError before anything is logged
+    net = load_psp(path)  # strict: a wrong architecture raises CheckpointError before anything is logged
     opts = checkpoint_opts(path)
     source = f"{path.name} sha256:{file_sha256(path)}"
     experiment_id = tracking.ensure_experiment(IMPORT_EXPERIMENT)
@@ -123,7 +123,7 @@ def import_checkpoint(path: str | Path, name: str = tracking.DEFAULT_REGISTERED_
         client = mlflow.MlflowClient()
         for start in range(0, len(params), MLFLOW_BATCH_LIMIT):
             client.log_batch(run.info.run_id, params=params[start:start + MLFLOW_BATCH_LIMIT])
-        version = tracking.log_encoder(path, name, alias)
+        version = tracking.log_encoder(path, name, alias, net=net)
     return version
 
 

@@ -65,10 +65,11 @@ def encoder_signature(net: PSP) -> ModelSignature:
 
 
 def log_encoder(checkpoint: Path, registered_model: str | None = DEFAULT_REGISTERED_MODEL,
-                alias: str | None = "candidate") -> ModelVersion | None:
+                alias: str | None = "candidate", net: PSP | None = None) -> ModelVersion | None:
     """Log a pSp checkpoint in the active run as pyfunc model `encoder`; register it as a new
-    version of `registered_model` and point `alias` at it. Returns the version (None if not registered)."""
-    net = load_psp(checkpoint)
+    version of `registered_model` and point `alias` at it. Returns the version (None if not registered).
+    `net`: the checkpoint already loaded, when the caller has it (saves reading the file again)."""
+    net = net if net is not None else load_psp(checkpoint)
     size, channels = net.arch.encoder_input_size, net.arch.input_nc
     example = np.zeros((1, channels, size, size), dtype=np.float32)
     info = mlflow.pyfunc.log_model(

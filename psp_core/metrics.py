@@ -62,9 +62,16 @@ def ms_ssim_per_image(outputs: Tensor, targets: Tensor) -> Tensor:
     return ms_ssim(x, y, data_range=1.0, size_average=False)
 
 
+LPIPS_RANDOM_SEED = 0
+"""Seed of the random LPIPS backbone, so that 'random' LPIPS values agree between stages and runs."""
+
+
 def lpips_network(backbone: LpipsBackbone = "pretrained", alexnet_path: str | Path | None = None) -> nn.Module:
-    """The frozen `lpips.LPIPS` (AlexNet, v0.1 heads) built offline by `psp_core.losses.LPIPSLoss`."""
-    return LPIPSLoss(backbone, alexnet_path).lpips
+    """The frozen `lpips.LPIPS` (AlexNet, v0.1 heads) built offline by `psp_core.losses.LPIPSLoss`;
+    a random backbone is drawn from a fixed seed without touching the global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(LPIPS_RANDOM_SEED)
+        return LPIPSLoss(backbone, alexnet_path).lpips
 
 
 class IdentitySimilarity(Protocol):
