@@ -3,57 +3,107 @@
 Every stage subcommand takes `--params FILE` and `key=value` overrides, the same keys
 `dvc exp run -S` takes (`psp align align.output_size=128` or `psp align output_size=128`).
 Stage modules are imported only when their command runs, so `psp --help` stays fast.
+
+A user mistake (a bad setting, a missing or unusable file) is one line on stderr and exit 2;
+Ctrl-C or SIGTERM is one line and exit 130 / 143; anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import logging
+import signal
 import sys
+from dataclasses import dataclass
 from typing import Sequence
 
-from pipelines.config import ConfigError
+from psp_core.errors import InputError
 
-# name -> (module, one-line help). A module provides `add_arguments(parser)` (optional) and
-# `run(args) -> int`; `args.params` and `args.overrides` are always there.
-COMMANDS: dict[str, tuple[str, str]] = {
-    "sample": ("pipelines.sample", "build the embedded sample photo folder (data/raw) from installed packages' photos"),
-    "align": ("pipelines.align", "FFHQ-align the faces of a photo folder (dlib landmarks), with a rejects table"),
-    "shard": ("pipelines.shard", "pack aligned images into Parquet shards with a train/test split and a manifest"),
-    "train": ("pipelines.train", "train a pSp encoder on Ray Train (DDP), tracked in MLflow, registered at the end"),
-    "invert": ("pipelines.invert", "batch-invert images or shards into W+ with Ray Data and a registered encoder"),
-    "submit": ("pipelines.submit", "run `psp train` as a job on a Ray cluster (ray job submit, code uploaded without data)"),
-    "evaluate": ("pipelines.evaluate", "score an encoder on the test split: L2, LPIPS, MS-SSIM, identity, time per image"),
-    "import-checkpoint": ("pipelines.import_checkpoint", "register a released pSp checkpoint (.pt) as a new psp-encoder version"),
-    "promote": ("pipelines.promote", "point an alias (champion) at an encoder version, optionally only if it evaluates better"),
+USER_ERRORS = (InputError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: its module (with `run(args) -> int`, optionally `add_arguments(parser)`),
+    one line of help, its params section (None: it takes no key=value overrides) and an example."""
+
+    module: str
+    help: str
+    section: str | None
+    example: str
+
+
+COMMANDS: dict[str, Command] = {
+    "sample": Command("pipelines.sample", "build the embedded sample photo folder (data/raw) from installed packages' photos",
+                      "sample", "psp sample sample.augmented_copies=4"),
+    "align": Command("pipelines.align", "FFHQ-align the faces of a photo folder (dlib landmarks), with a rejects table",
+                     "align", "psp align align.input_dir=~/photos align.output_size=1024 align.supersample=4"),
+    "shard": Command("pipelines.shard", "pack aligned images into Parquet shards with a train/test split and a manifest",
+                     "shard", "psp shard shard.split_by=folder shard.test_fraction=0.1"),
+    "train": Command("pipelines.train", "train a pSp encoder on Ray Train (DDP), tracked in MLflow, registered at the end",
+                     "train", "psp train train.num_workers=2 train.max_steps=1000 train.precision=bf16"),
+    "invert": Command("pipelines.invert", "batch-invert images or shards into W+ with Ray Data and a registered encoder",
+                      "invert", "psp invert invert.model=models:/psp-encoder@champion invert.input=~/faces invert.aligned=false"),
+    "submit": Command("pipelines.submit", "run `psp train` as a job on a Ray cluster (ray job submit, code uploaded without data)",
+                      "train", "RAY_ADDRESS=http://head:8265 psp submit train.num_workers=8 train.use_gpu=true"),
+    "evaluate": Command("pipelines.evaluate", "score an encoder on the test split: L2, LPIPS, MS-SSIM, identity, time per image",
+                        "evaluate", "psp evaluate evaluate.model=models:/psp-encoder/3 evaluate.max_images=500"),
+    "import-checkpoint": Command("pipelines.import_checkpoint",
+                                "register a released pSp checkpoint (.pt) as a new psp-encoder version",
+                                None, "psp import-checkpoint pretrained_models/psp_ffhq_encode.pt --alias champion"),
+    "promote": Command("pipelines.promote",
+                       "point an alias (champion) at an encoder version, optionally only if it evaluates better",
+                       None, "psp promote candidate --if-better lpips"),
 }
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that a stage stops like on Ctrl-C."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def _help_epilog(name: str, command: Command, notes: str | None) -> str:
+    """The notes a module gives, every key of its params section (from the schema), and an example."""
+    parts = [notes] if notes else []
+    if command.section is not None:
+        from pipelines.sections import SECTIONS, describe
+
+        parts.append(f"keys of the {command.section} section (params.yaml, or key=value here):\n"
+                     + "\n".join(describe(SECTIONS[command.section], command.section)))
+    parts.append(f"example:\n  {command.example}")
+    return "\n\n".join(parts)
 
 
 def _parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="psp",
         description="pSp (pixel2style2pixel) pipeline: align, shard, train, invert, evaluate.",
-        epilog="Run `psp COMMAND --help` for a command's options.",
+        epilog="Run `psp COMMAND --help` for a command's keys and an example.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     chosen = next((a for a in argv if a in COMMANDS), None)
-    for name, (module, help) in COMMANDS.items():
-        p = sub.add_parser(name, help=help, description=help)
-        p.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
-        p.add_argument(
-            "overrides", nargs="*", metavar="key=value",
-            help="override a params value, e.g. align.output_size=128 (as `dvc exp run -S`)",
-        )
+    for name, command in COMMANDS.items():
+        p = sub.add_parser(name, help=command.help, description=command.help,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
         if name == chosen:
-            mod = importlib.import_module(module)
+            mod = importlib.import_module(command.module)
             if hasattr(mod, "add_arguments"):
                 mod.add_arguments(p)
+            p.epilog = _help_epilog(name, command, p.epilog)
+        if command.section is not None:
+            p.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+            p.add_argument("overrides", nargs="*", metavar="key=value",
+                           help=f"override a params value, e.g. {command.section}.KEY=VALUE (as `dvc exp run -S`)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse the command line, run the chosen stage, and turn expected errors into one line."""
+    """Parse the command line, run the chosen stage, and turn user errors and interrupts into one line."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser(argv).parse_args(argv)
     logging.basicConfig(
@@ -61,12 +111,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    module = importlib.import_module(COMMANDS[args.command][0])
+    logging.captureWarnings(True)
+    signal.signal(signal.SIGTERM, _terminate)
     try:
+        module = importlib.import_module(COMMANDS[args.command].module)
         return int(module.run(args) or 0)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+    except USER_ERRORS as err:
         print(f"psp {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"psp {args.command}: interrupted; finished work is kept and a rerun resumes", file=sys.stderr)
+        return 130
+    except Terminated:
+        print(f"psp {args.command}: terminated; finished work is kept and a rerun resumes", file=sys.stderr)
+        return 143
 
 
 if __name__ == "__main__":

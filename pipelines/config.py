@@ -5,21 +5,20 @@ from pathlib import Path
 from typing import Any, Iterable, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ValidationError
+
+from pipelines.sections import SECTIONS, StageConfig
+from psp_core.errors import InputError
 
 DEFAULT_PARAMS = Path("params.yaml")
 
 Section = TypeVar("Section", bound=BaseModel)
 
+__all__ = ["ConfigError", "StageConfig", "apply_overrides", "load_section", "parse_override", "read_params"]
 
-class ConfigError(ValueError):
+
+class ConfigError(InputError):
     """A params file or override that cannot be used; the message is one readable line."""
-
-
-class StageConfig(BaseModel):
-    """Base of every stage section: unknown keys are errors, not silently ignored."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 def parse_override(pair: str) -> tuple[list[str], Any]:
@@ -44,7 +43,7 @@ def apply_overrides(params: dict, overrides: Iterable[str], section: str | None 
     merged = _deep_copy(params)
     for pair in overrides:
         path, value = parse_override(pair)
-        if section is not None and path[0] not in merged:
+        if section is not None and path[0] not in SECTIONS:
             path = [section, *path]
         node = merged
         for part in path[:-1]:
@@ -76,8 +75,18 @@ def load_section(
     overrides: Iterable[str] = (),
     path: str | Path = DEFAULT_PARAMS,
 ) -> Section:
-    """Read `section` of the params file, apply overrides and validate it into `schema`."""
+    """Read the params file, apply overrides, validate EVERY section, and return `section` as `schema`.
+
+    Sections other than the command's own are checked too (a typo in `shard:` fails `psp align`
+    as well), and a top-level key that is no section is an error.
+    """
     params = apply_overrides(read_params(path), overrides, section)
+    unknown = sorted(set(params) - set(SECTIONS) - {section})
+    if unknown:
+        raise ConfigError(f"{path}: unknown section {unknown[0]!r}; the sections are {', '.join(SECTIONS)}")
+    for name, other in SECTIONS.items():
+        if name != section and name in params:
+            validate_section(name, other, params[name])
     return validate_section(section, schema, params.get(section, {}))
 
 
@@ -88,9 +97,11 @@ def validate_section(section: str, schema: type[Section], values: Any) -> Sectio
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(p) for p in (section, *first["loc"]))
-        got = f" (got {first['input']!r})" if "input" in first and first["type"] != "missing" else ""
+        message = first["msg"].removeprefix("Value error, ")
+        shown = first["type"] not in ("missing", "value_error") and "input" in first
+        got = f" (got {first['input']!r})" if shown else ""
         more = f"; and {err.error_count() - 1} more" if err.error_count() > 1 else ""
-        raise ConfigError(f"{where}: {first['msg']}{got}{more}") from None
+        raise ConfigError(f"{where}: {message}{got}{more}") from None
 
 
 def _deep_copy(value: Any) -> Any:

@@ -15,14 +15,14 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Iterator
 
 import torch
-from pydantic import Field
 from torch import Tensor
 from tqdm import tqdm
 
-from pipelines.config import StageConfig, load_section
+from pipelines.config import load_section
+from pipelines.sections import EvaluateConfig
 from pipelines.io import atomic_path, write_json_atomic
 from pipelines.registry import resolve_model
 from psp_core import PSP, load_psp
@@ -36,25 +36,6 @@ log = logging.getLogger(__name__)
 
 METRICS = ("l2", "lpips", "ms_ssim", "id_similarity")
 GRID_IMAGES = 8
-
-
-class EvaluateConfig(StageConfig):
-    """The `evaluate` section of params.yaml."""
-
-    model: str = Field("models:/psp-encoder@candidate",
-                       description="models:/NAME@ALIAS, models:/NAME/VERSION, or a pSp .pt checkpoint file")
-    shards: Path = Path("data/shards")
-    split: Literal["train", "test"] = "test"
-    batch_size: int = Field(8, ge=1)
-    max_images: int | None = Field(None, ge=1)
-    preset: str = Field("encode", description="task preset: how the encoder input is made from the shard images")
-    irse50: Path = Path("pretrained_models/model_ir_se50.pth")
-    lpips_backbone: Literal["pretrained", "random"] = "pretrained"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    report: Path = Path("reports/eval.json")
-    per_image: Path = Path("reports/eval_images.csv")
-    grid: Path = Path("reports/eval_grid.png")
-    log_to_mlflow: bool = True
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

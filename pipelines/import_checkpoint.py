@@ -20,8 +20,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.overrides:
-        raise ValueError(f"import-checkpoint takes one FILE and no key=value overrides (got {args.overrides})")
     version = import_checkpoint(args.checkpoint, args.name, args.alias)
     alias = f" as @{args.alias}" if args.alias else ""
     print(f"registered {args.checkpoint.name} as {args.name} version {version.version}{alias}")

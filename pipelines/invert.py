@@ -11,20 +11,19 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
-import json
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from pydantic import Field
 
-from pipelines.config import StageConfig, load_section
+from pipelines.config import load_section
+from pipelines.sections import InvertConfig
 from pipelines.io import atomic_path, write_json_atomic
 from pipelines.registry import resolve_model
 
@@ -33,30 +32,6 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 MODEL_METADATA_KEY = b"psp.model"
 FINE_LAYERS_FROM = 8     # the reference's multi-modal synthesis mixes layers 8 and up
-
-
-class InvertConfig(StageConfig):
-    """The `invert` section of params.yaml."""
-
-    model: str = Field("models:/psp-encoder@champion", description="MLflow model URI or a pSp .pt file")
-    input: Path = Path("data/shards")
-    aligned: bool = Field(True, description="for an image folder: already aligned (else aligned first)")
-    split: Literal["train", "test"] | None = None
-    output_dir: Path = Path("data/latents")
-    report: Path = Path("reports/invert.json")
-    batch_size: int = Field(8, ge=1)
-    images_per_file: int = Field(256, ge=1, description="image-folder input: rows per output file")
-    num_actors: int = Field(1, ge=1)
-    cpus_per_actor: float = Field(2.0, gt=0)
-    use_gpu: bool = False
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    reconstructions: bool = True
-    n_outputs: int = Field(0, ge=0, description="style-mixed variants per image (multi-modal synthesis)")
-    latent_mask: list[int] | None = Field(None, description="layers to mix; default: layers 8 and up (upper half if fewer)")
-    mix_alpha: float | None = Field(None, ge=0, le=1)
-    seed: int = 0
-    preset: str = "encode"
-    lpips_backbone: Literal["pretrained", "random"] = "pretrained"
 
 
 @dataclass(frozen=True)
@@ -132,8 +107,6 @@ def done_units(units: list[Unit], output_dir: Path, model_ref: str) -> set[str]:
 
 def invert(cfg: InvertConfig) -> dict[str, Any]:
     """Run the stage; returns (and writes) the report."""
-    import ray
-
     from pipelines import raycluster
 
     if cfg.input.is_dir() and not (cfg.input / "manifest.json").is_file() and not cfg.aligned:

@@ -21,8 +21,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.overrides:
-        raise ValueError(f"promote takes one VERSION|ALIAS and no key=value overrides (got {args.overrides})")
     outcome = promote(VersionRef(args.name, args.version), args.to, args.if_better)
     if outcome.moved:
         print(f"{args.name} @{args.to} -> version {outcome.version} ({outcome.reason})")

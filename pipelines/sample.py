@@ -5,8 +5,10 @@ and matplotlib's `grace_hopper.jpg` (expanded by seeded augmentations: rotation,
 mirror, colour, resolution, JPEG quality), real faces of different people from scikit-image's
 `lfw_subset()`, and the awkward files a real folder holds: photos without faces, a photo with two
 faces, grayscale, alpha, palette, CMYK and 16-bit images, an EXIF-rotated JPEG, a tiny face, a
-truncated JPEG and a non-image with an image extension. `sample.json` lists every file with how it
-was made and what alignment is expected to make of it. See data/README.md.
+truncated JPEG and a non-image with an image extension. One folder per identity (`astronaut/`,
+`grace_hopper/`, `lfw/lfw_NNN/`: every variant of a photo beside it), so `shard.split_by: folder`
+keeps each person in one split. `sample.json` lists every file with how it was made and what
+alignment is expected to make of it. See data/README.md.
 """
 from __future__ import annotations
 
@@ -18,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
-from pydantic import Field
 
-from pipelines.config import StageConfig, load_section
+from pipelines.config import load_section
+from pipelines.sections import SampleConfig
 from pipelines.io import atomic_dir, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -34,15 +36,6 @@ LFW_FACES = (
     41, 42, 44, 45, 46, 48, 49, 51, 52, 53, 55, 58, 60, 61, 62, 63, 64, 65, 66, 72, 73, 74, 75, 77,
 )
 LFW_SIZE = 128
-
-
-class SampleConfig(StageConfig):
-    """`sample` section of params.yaml."""
-
-    output_dir: str = "data/raw"
-    seed: int = 0
-    augmented_copies: int = Field(10, ge=0, le=200)
-    lfw_faces: int = Field(20, ge=0, le=len(LFW_FACES))
 
 
 @dataclass(frozen=True)
@@ -142,37 +135,38 @@ def write_sample(folder: Path, cfg: SampleConfig) -> list[dict]:
     entries: list[dict] = []
 
     def add(name: str, data: bytes, made: str, expect: str, **extra) -> None:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_bytes(data)
         entries.append({"file": name, "made": made, "expect": expect, **extra})
 
     for name, photo in photos.items():
-        add(f"{name}.jpg", encode(photo, "JPEG", quality=95), f"{name} photo", "face")
+        add(f"{name}/{name}.jpg", encode(photo, "JPEG", quality=95), f"{name} photo", "face")
         for copy in range(cfg.augmented_copies):
             augmentation = Augmentation.draw(rng)
-            add(f"{name}_aug{copy:02d}.jpg", encode(augmentation.apply(photo), "JPEG", quality=augmentation.quality),
+            add(f"{name}/{name}_aug{copy:02d}.jpg", encode(augmentation.apply(photo), "JPEG", quality=augmentation.quality),
                 f"{name} augmented", "face", augmentation=asdict(augmentation))
 
     faces = skimage.data.lfw_subset()
     for index in LFW_FACES[: cfg.lfw_faces]:
         gray = Image.fromarray(np.rint(faces[index] * 255).astype(np.uint8))
-        add(f"lfw_{index:03d}.jpg", encode(gray.resize((LFW_SIZE, LFW_SIZE), Image.Resampling.BICUBIC), "JPEG", quality=92),
+        add(f"lfw/lfw_{index:03d}/lfw_{index:03d}.jpg", encode(gray.resize((LFW_SIZE, LFW_SIZE), Image.Resampling.BICUBIC), "JPEG", quality=92),
             f"lfw_subset()[{index}] upscaled to {LFW_SIZE} px, grayscale", "face")
 
     add("coffee.jpg", encode(Image.fromarray(skimage.data.coffee()), "JPEG", quality=90), "scikit-image coffee", "no_face")
     add("chelsea.png", encode(Image.fromarray(skimage.data.chelsea()), "PNG"), "scikit-image chelsea (a cat)", "no_face")
-    add("two_faces.jpg", encode(side_by_side(astronaut, grace), "JPEG", quality=92),
+    add("astronaut/two_faces.jpg", encode(side_by_side(astronaut, grace), "JPEG", quality=92),
         "astronaut and grace_hopper side by side", "face", faces=2)
-    add("grayscale_grace_hopper.jpg", encode(grace.convert("L"), "JPEG", quality=90), "grayscale JPEG", "face")
-    add("alpha_astronaut.png", encode(with_alpha(astronaut), "PNG"), "RGBA PNG, transparent corners", "face")
-    add("palette_grace_hopper.png", encode(grace.quantize(256), "PNG"), "palette (P mode) PNG", "face")
-    add("cmyk_astronaut.jpg", encode(astronaut.convert("CMYK"), "JPEG", quality=92), "CMYK JPEG", "face")
-    add("gray16_astronaut.png", encode(gray16(astronaut), "PNG"), "16-bit grayscale PNG", "face")
-    add("exif_rotated_grace_hopper.jpg", exif_rotated_jpeg(grace),
+    add("grace_hopper/grayscale_grace_hopper.jpg", encode(grace.convert("L"), "JPEG", quality=90), "grayscale JPEG", "face")
+    add("astronaut/alpha_astronaut.png", encode(with_alpha(astronaut), "PNG"), "RGBA PNG, transparent corners", "face")
+    add("grace_hopper/palette_grace_hopper.png", encode(grace.quantize(256), "PNG"), "palette (P mode) PNG", "face")
+    add("astronaut/cmyk_astronaut.jpg", encode(astronaut.convert("CMYK"), "JPEG", quality=92), "CMYK JPEG", "face")
+    add("astronaut/gray16_astronaut.png", encode(gray16(astronaut), "PNG"), "16-bit grayscale PNG", "face")
+    add("grace_hopper/exif_rotated_grace_hopper.jpg", exif_rotated_jpeg(grace),
         "stored turned 90 degrees with EXIF Orientation 6", "face")
     small = astronaut.resize((230, 230), Image.Resampling.LANCZOS)
-    add("tiny_face_astronaut.jpg", encode(small, "JPEG", quality=92), "astronaut at 230 px (face ~44 px)", "too_small")
+    add("astronaut/tiny_face_astronaut.jpg", encode(small, "JPEG", quality=92), "astronaut at 230 px (face ~44 px)", "too_small")
     whole = encode(grace, "JPEG", quality=90)
-    add("truncated_grace_hopper.jpg", whole[: len(whole) // 2], "first half of a JPEG", "unreadable")
+    add("grace_hopper/truncated_grace_hopper.jpg", whole[: len(whole) // 2], "first half of a JPEG", "unreadable")
     add("notes.jpg", b"shopping list: film, batteries\n" * 4, "a text file named .jpg", "not_image")
     return entries
 

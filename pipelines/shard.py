@@ -2,8 +2,10 @@
 
 Reads `index.parquet` written by `psp align` when the input folder has one (source paths and
 landmarks), otherwise every image file in the folder. Image bytes already in the configured
-format are stored unchanged; exact duplicates (same bytes) are dropped and counted; the split comes
-from a hash of each image's id. The shard folder is written under a temporary name and swapped in.
+format are stored unchanged; exact duplicates (same bytes) are dropped and listed with their source
+photos; the split comes from a hash of each row's group (`split_by`: its source photo, or its
+folder), so near-copies of one photo never straddle train and test. The shard folder is written
+under a temporary name and swapped in.
 """
 from __future__ import annotations
 
@@ -13,37 +15,25 @@ import io
 import json
 import logging
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
-from pydantic import Field
 
-from pipelines.config import StageConfig, load_section
-from pipelines.io import atomic_dir, write_json_atomic
-from psp_core.shards import MANIFEST_FILE, SCHEMA_VERSION, SHARD_SCHEMA, assign_split, content_id
+from pipelines.config import load_section
+from pipelines.sections import ShardConfig
+from pipelines.io import atomic_dir, list_folder, read_regular_file, write_json_atomic
+from psp_core.shards import (
+    IMAGE_EXTENSIONS, MANIFEST_FILE, SCHEMA_VERSION, SHARD_SCHEMA, assign_split, content_id, printable_path,
+    split_group,
+)
 
 log = logging.getLogger(__name__)
 
 INDEX_FILE = "index.parquet"
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 FORMAT_SIGNATURES = {"png": b"\x89PNG\r\n\x1a\n", "jpeg": b"\xff\xd8\xff"}
 UNCOMPRESSED_COLUMNS = ("image", "source_image")
-
-
-class ShardConfig(StageConfig):
-    """`shard` section of params.yaml."""
-
-    input_dir: str = "data/aligned"
-    source_dir: str | None = None
-    output_dir: str = "data/shards"
-    report: str = "reports/shard.json"
-    image_format: Literal["png", "jpeg"] = "png"
-    jpeg_quality: int = Field(95, ge=50, le=100)
-    rows_per_shard: int = Field(1000, ge=1)
-    row_group_size: int = Field(100, ge=1)
-    test_fraction: float = Field(0.1, ge=0.0, le=1.0)
 
 
 class RowRejected(Exception):
@@ -66,10 +56,11 @@ def write_shards(cfg: ShardConfig) -> dict[str, Any]:
     input_dir = Path(cfg.input_dir)
     if not input_dir.is_dir():
         raise FileNotFoundError(f"shard.input_dir {input_dir} is not a folder")
-    seen: set[str] = set()
-    duplicates: list[str] = []
+    seen: dict[str, str] = {}
+    duplicates: list[dict[str, str]] = []
     rejects: list[dict[str, str]] = []
     counts = {"train": 0, "test": 0}
+    groups: dict[str, set[str]] = {"train": set(), "test": set()}
     shards: list[dict[str, Any]] = []
     with atomic_dir(cfg.output_dir, MANIFEST_FILE) as folder:
         buffer: list[dict] = []
@@ -77,13 +68,15 @@ def write_shards(cfg: ShardConfig) -> dict[str, Any]:
             try:
                 row = shard_row(entry, input_dir, cfg)
             except RowRejected as err:
-                rejects.append({"path": entry["file"], "reason": str(err)})
+                rejects.append({"file": printable_path(entry["file"]), "source_path": entry["source_path"], "reason": str(err)})
                 continue
             if row["id"] in seen:
-                duplicates.append(entry["file"])
+                duplicates.append({"file": printable_path(entry["file"]), "source_path": entry["source_path"],
+                                   "same_as": seen[row["id"]]})
                 continue
-            seen.add(row["id"])
+            seen[row["id"]] = entry["source_path"]
             counts[row["split"]] += 1
+            groups[row["split"]].add(split_group(entry["source_path"], cfg.split_by))
             buffer.append(row)
             if len(buffer) == cfg.rows_per_shard:
                 shards.append(write_shard(folder, len(shards), buffer, cfg.row_group_size))
@@ -94,7 +87,9 @@ def write_shards(cfg: ShardConfig) -> dict[str, Any]:
             "schema_version": SCHEMA_VERSION,
             "image_format": cfg.image_format,
             "test_fraction": cfg.test_fraction,
+            "split_by": cfg.split_by,
             "rows": {**counts, "total": counts["train"] + counts["test"]},
+            "groups": {split: len(members) for split, members in groups.items()},
             "duplicates_dropped": len(duplicates),
             "rejected": len(rejects),
             "shards": shards,
@@ -103,9 +98,13 @@ def write_shards(cfg: ShardConfig) -> dict[str, Any]:
         }
         write_json_atomic(folder / MANIFEST_FILE, manifest)
     if rejects:
-        log.warning("shard: %d inputs rejected, e.g. %s: %s", len(rejects), rejects[0]["path"], rejects[0]["reason"])
+        log.warning("shard: %d inputs rejected, e.g. %s: %s", len(rejects), rejects[0]["file"], rejects[0]["reason"])
+    if cfg.test_fraction > 0 and counts["train"] and not counts["test"]:
+        log.warning("shard: the test split is empty: %d %s group(s), test_fraction %s", len(groups["train"]),
+                    cfg.split_by, cfg.test_fraction)
     report = {
         "rows": manifest["rows"],
+        "groups": manifest["groups"],
         "duplicates_dropped": len(duplicates),
         "rejected": len(rejects),
         "shards": len(shards),
@@ -122,17 +121,15 @@ def input_entries(input_dir: Path) -> Iterator[dict]:
         rows = pq.read_table(index, columns=["file", "source_path", "landmarks"]).to_pylist()
         yield from sorted(rows, key=lambda r: (r["source_path"], r["file"]))
         return
-    for path in sorted(input_dir.rglob("*")):
-        rel = path.relative_to(input_dir)
-        if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not rel.parts[0].startswith("."):
-            yield {"file": rel.as_posix(), "source_path": rel.as_posix(), "landmarks": None}
+    for rel in list_folder(input_dir).images:
+        yield {"file": rel, "source_path": printable_path(rel), "landmarks": None}
 
 
 def shard_row(entry: dict, input_dir: Path, cfg: ShardConfig) -> dict:
     """One shard row from one input image (and its pair): bytes kept when already in `image_format`."""
     path = input_dir / entry["file"]
     try:
-        data = path.read_bytes()
+        data = read_regular_file(path)
     except OSError as err:
         raise RowRejected(f"unreadable: {err}") from None
     width, height, data = encoded_in_format(data, cfg.image_format, cfg.jpeg_quality)
@@ -144,7 +141,7 @@ def shard_row(entry: dict, input_dir: Path, cfg: ShardConfig) -> dict:
         "height": height,
         "source_path": entry["source_path"],
         "landmarks": entry["landmarks"],
-        "split": assign_split(image_id, cfg.test_fraction),
+        "split": assign_split(split_group(entry["source_path"], cfg.split_by), cfg.test_fraction),
         "source_image": paired_source(entry["source_path"], Path(cfg.source_dir)) if cfg.source_dir else None,
     }
 
@@ -172,7 +169,7 @@ def encoded_in_format(data: bytes, image_format: str, jpeg_quality: int) -> tupl
 def paired_source(source_path: str, source_dir: Path) -> bytes:
     """The paired input (segmentation map, sketch ...) with the same file name, stem first then any extension."""
     exact = source_dir / source_path
-    candidates = [exact] + [exact.with_suffix(ext) for ext in IMAGE_EXTENSIONS]
+    candidates = [exact] + [exact.with_suffix(ext) for ext in sorted(IMAGE_EXTENSIONS)]
     for candidate in candidates:
         if candidate.is_file():
             data = candidate.read_bytes()

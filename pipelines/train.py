@@ -17,16 +17,16 @@ import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Iterator
 
 import numpy as np
 import torch
-from pydantic import Field
 
-from pipelines.config import StageConfig, load_section
+from pipelines.config import load_section
+from pipelines.sections import TrainConfig
 from pipelines.io import write_json_atomic
-from psp_core import PSPArchitecture, build_psp
-from psp_core.engine import BEST_CHECKPOINT, LAST_CHECKPOINT, Trainer, TrainingConfig, prepare_for_training
+from psp_core import build_psp
+from psp_core.engine import BEST_CHECKPOINT, LAST_CHECKPOINT, Trainer, prepare_for_training
 from psp_core.losses import PSPLoss
 from psp_core.presets import PresetTransform, get_preset
 from psp_core.shards import decode_images, read_manifest, shard_paths
@@ -35,60 +35,6 @@ log = logging.getLogger(__name__)
 
 RUN_NAME_TAG = "psp.ray_run_name"
 VERSION_TAG = "psp.registered_version"
-
-
-class TrainConfig(StageConfig):
-    """The `train` section of params.yaml."""
-
-    preset: str = "encode"
-    loss: dict[str, float] = Field(default_factory=dict, description="loss weights replacing the preset's")
-    shards: Path = Path("data/shards")
-    generator: Path = Path("pretrained_models/stylegan2-ffhq-config-f.pt")
-    irse50: Path = Path("pretrained_models/model_ir_se50.pth")
-    lpips_backbone: Literal["pretrained", "random"] = "pretrained"
-    encoder_type: str = "GradualStyleEncoder"
-    output_size: int = 1024
-    encoder_input_size: int = 256
-    start_from_latent_avg: bool = True
-    train_decoder: bool = False
-    batch_size: int = Field(8, ge=1, description="per worker")
-    max_steps: int = Field(500_000, ge=1)
-    optimizer: Literal["ranger", "adam"] = "ranger"
-    learning_rate: float = Field(1e-4, gt=0)
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    log_interval: int = Field(50, ge=1)
-    image_interval: int = Field(100, ge=1)
-    val_interval: int = Field(1000, ge=1)
-    save_interval: int = Field(1000, ge=1)
-    max_val_batches: int | None = None
-    seed: int = 0
-    num_workers: int = Field(1, ge=1)
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(1.0, gt=0)
-    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
-    storage_path: str = "ray_results"
-    run_name: str = Field("auto", description="'auto': derived from the params and data, so an unchanged rerun resumes")
-    max_failures: int = Field(2, ge=0)
-    num_to_keep: int = Field(2, ge=1)
-    experiment: str = "psp"
-    registered_model: str = "psp-encoder"
-    alias: str = "candidate"
-    report: Path = Path("reports/train.json")
-
-    def architecture(self) -> PSPArchitecture:
-        """The pSp architecture these params describe (input channels from the preset)."""
-        learn_in_w = self.encoder_type == "BackboneEncoderUsingLastLayerIntoW"
-        return PSPArchitecture(encoder_type=self.encoder_type, input_nc=get_preset(self.preset).input_nc,
-                               output_size=self.output_size, start_from_latent_avg=self.start_from_latent_avg,
-                               learn_in_w=learn_in_w, encoder_input_size=self.encoder_input_size)
-
-    def training(self) -> TrainingConfig:
-        """The engine's options."""
-        return TrainingConfig(
-            max_steps=self.max_steps, optimizer=self.optimizer, learning_rate=self.learning_rate,
-            train_decoder=self.train_decoder, precision=self.precision, log_interval=self.log_interval,
-            image_interval=self.image_interval, val_interval=self.val_interval, save_interval=self.save_interval,
-            max_val_batches=self.max_val_batches, seed=self.seed)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -18,8 +18,9 @@ _EXPORTS = {
     "save_psp": "psp_core.checkpoints",
     "IRSEBackbone": "psp_core.irse",
     "PSP": "psp_core.psp",
-    "PSPArchitecture": "psp_core.psp",
-    "n_styles_for": "psp_core.psp",
+    "PSPArchitecture": "psp_core.options",
+    "n_styles_for": "psp_core.options",
+    "InputError": "psp_core.errors",
     "Generator": "psp_core.stylegan2",
     "LossWeights": "psp_core.losses",
     "PSPLoss": "psp_core.losses",
@@ -32,7 +33,7 @@ _EXPORTS = {
     "StdoutCallback": "psp_core.engine",
     "Trainer": "psp_core.engine",
     "TrainingCallback": "psp_core.engine",
-    "TrainingConfig": "psp_core.engine",
+    "TrainingConfig": "psp_core.options",
     "prepare_for_training": "psp_core.engine",
 }
 

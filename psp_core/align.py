@@ -8,14 +8,18 @@ photo (the padding blended toward a blur and the median colour), then resampled 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from scipy.ndimage import gaussian_filter
+
+log = logging.getLogger(__name__)
 
 PREDICTOR_PACKAGE = "face_recognition_models"
 PREDICTOR_FILE = "shape_predictor_68_face_landmarks.dat"
@@ -68,24 +72,33 @@ def shape_predictor_path() -> Path:
     raise FileNotFoundError(f"{PREDICTOR_FILE} not found in the {PREDICTOR_PACKAGE!r} package")
 
 
-def load_photo(path: str | Path, max_pixels: int) -> Image.Image:
-    """Open any image file as an upright 8-bit RGB photo, or raise PhotoRejected saying why not.
+def load_photo(source: str | Path | BinaryIO, max_pixels: int) -> Image.Image:
+    """Open any image (a path or a binary file object) as an upright 8-bit RGB photo, or raise
+    PhotoRejected saying why not.
 
     Reasons: `not_image` (no image format recognised), `too_large` (over `max_pixels`, checked from
     the header before decoding: decompression bombs), `unreadable` (truncated or corrupt data).
+    Pillow's own pixel limit follows `max_pixels`; its warnings (corrupt EXIF, ...) are logged with
+    the file's name instead of printed.
     """
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    name = getattr(source, "name", source)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                width, height = image.size
-                if width * height > max_pixels:
-                    raise PhotoRejected(
-                        "too_large", f"{width}x{height} = {width * height} pixels, limit is {max_pixels}"
-                    )
-                image.load()
-                upright = ImageOps.exif_transpose(image)
-                return to_rgb(upright)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                with Image.open(source) as image:
+                    width, height = image.size
+                    if width * height > max_pixels:
+                        raise PhotoRejected(
+                            "too_large", f"{width}x{height} = {width * height} pixels, limit is {max_pixels}"
+                        )
+                    image.load()
+                    upright = ImageOps.exif_transpose(image)
+                    return to_rgb(upright)
+            finally:
+                for warning in caught:
+                    log.warning("%s: %s", name, warning.message)
     except PhotoRejected:
         raise
     except Image.DecompressionBombError as err:
@@ -97,14 +110,22 @@ def load_photo(path: str | Path, max_pixels: int) -> Image.Image:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any Pillow mode to 8-bit RGB: 16-bit/float scaled down, alpha composited on white."""
+    """Convert any Pillow mode to 8-bit RGB: 16-bit/32-bit/float scaled down, alpha composited on white.
+
+    16-bit images (`I;16*`, or `I` within 0..65535) are divided by 257; 32-bit integer images whose
+    values leave that range are scaled from their own minimum..maximum; float images in 0..1 are
+    multiplied by 255.
+    """
     mode = image.mode
     if mode.startswith("I;16") or mode in ("I", "F"):
         values = np.asarray(image, dtype=np.float64)
-        if mode.startswith("I;16") or (mode == "I" and values.max(initial=0) > 255):
-            values = values / 257.0
-        elif mode == "F" and values.max(initial=0) <= 1.0:
+        low, high = (values.min(), values.max()) if values.size else (0.0, 0.0)
+        if mode == "F" and high <= 1.0:
             values = values * 255.0
+        elif mode.startswith("I;16") or (mode == "I" and low >= 0 and 255 < high <= 65535):
+            values = values / 257.0
+        elif mode == "I" and (low < 0 or high > 65535):
+            values = (values - low) * (255.0 / max(high - low, 1.0))
         gray = np.clip(np.rint(values), 0, 255).astype(np.uint8)
         return Image.fromarray(gray).convert("RGB")
     if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in image.info):

@@ -18,6 +18,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from psp_core.errors import InputError
 from psp_core.irse import IRSEBackbone
 from psp_core.psp import PSP, PSPArchitecture
 from psp_core.stylegan2 import Generator
@@ -28,7 +29,7 @@ MEAN_LATENT_SAMPLES = 10_000   # w samples averaged for latent_avg when the gene
 MEAN_LATENT_SEED = 0
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint file that cannot be used: unreadable, unsafe, or of the wrong architecture."""
 
 

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import contextlib
-from typing import ContextManager, Literal
+from typing import ContextManager
 
 import torch
 from torch import nn
 
-Precision = Literal["fp32", "bf16", "fp16"]
+from psp_core.options import Precision
 
 
 def to_channels_last(module: nn.Module) -> nn.Module:

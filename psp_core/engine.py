@@ -6,7 +6,6 @@ import logging
 import math
 import random
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -17,9 +16,10 @@ from torch import Tensor, nn
 from torchvision.utils import make_grid
 
 from psp_core.checkpoints import load_strict, read_checkpoint, save_psp
-from psp_core.devices import Precision, autocast
+from psp_core.devices import autocast
 from psp_core.losses import PSPLoss
-from psp_core.optim import OptimizerName, build_optimizer
+from psp_core.optim import build_optimizer
+from psp_core.options import TrainingConfig
 from psp_core.psp import PSP
 from psp_core.transforms import to_display
 
@@ -89,29 +89,6 @@ class StdoutCallback(NullCallback):
 def format_metrics(metrics: dict[str, float]) -> str:
     """`name=value` pairs, sorted, 4 significant digits."""
     return " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
-
-
-@dataclass(frozen=True)
-class TrainingConfig:
-    """Optimisation and bookkeeping options of a pSp training run (reference defaults where it has them)."""
-
-    max_steps: int = 500_000
-    optimizer: OptimizerName = "ranger"
-    learning_rate: float = 1e-4
-    train_decoder: bool = False
-    precision: Precision = "fp32"
-    log_interval: int = 50
-    image_interval: int = 100
-    val_interval: int = 1000
-    save_interval: int = 1000
-    max_val_batches: int | None = None
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        """Reject non-positive step counts and intervals."""
-        for name in ("max_steps", "log_interval", "image_interval", "val_interval", "save_interval"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 def prepare_for_training(model: PSP, train_decoder: bool) -> list[nn.Parameter]:

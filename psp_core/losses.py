@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
+from psp_core.errors import InputError
 from psp_core.checkpoints import CheckpointError, load_irse50, load_strict, read_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -54,9 +55,9 @@ class LossWeights:
         """Reject negative weights and the identity/MoCo combination, which the reference also forbids."""
         for name, value in asdict(self).items():
             if value < 0:
-                raise ValueError(f"loss weight {name} must be >= 0, got {value}")
+                raise InputError(f"loss weight {name} must be >= 0, got {value}")
         if self.id_lambda > 0 and self.moco_lambda > 0:
-            raise ValueError("id_lambda and moco_lambda are mutually exclusive: set one of them to 0")
+            raise InputError("id_lambda and moco_lambda are mutually exclusive: set one of them to 0")
 
 
 class LPIPSLoss(nn.Module):

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-OptimizerName = Literal["ranger", "adam"]
+from psp_core.options import OptimizerName
 
 
 def centralize_gradient(grad: Tensor) -> None:

@@ -9,6 +9,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from psp_core.errors import InputError
 from psp_core.losses import LossWeights
 from psp_core.transforms import (
     degrade_resolution,
@@ -52,7 +53,7 @@ class TaskPreset:
         """The preset with some loss weights replaced (e.g. from params.yaml)."""
         unknown = set(overrides) - {f.name for f in dataclasses.fields(LossWeights)}
         if unknown:
-            raise ValueError(f"unknown loss weights {sorted(unknown)}")
+            raise InputError(f"unknown loss weights {sorted(unknown)}")
         return dataclasses.replace(self, loss=dataclasses.replace(self.loss, **overrides))
 
 
@@ -81,7 +82,7 @@ PRESETS: dict[str, TaskPreset] = {
 def get_preset(name: str) -> TaskPreset:
     """The preset of this name, or a ValueError listing the known ones."""
     if name not in PRESETS:
-        raise ValueError(f"unknown task preset {name!r}; one of {sorted(PRESETS)}")
+        raise InputError(f"unknown task preset {name!r}; one of {sorted(PRESETS)}")
     return PRESETS[name]
 
 

@@ -1,64 +1,18 @@
 """The pSp model: an encoder into W+ of a StyleGAN2 generator, codes relative to the average latent."""
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Mapping, Sequence
+from dataclasses import asdict
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from psp_core.encoders import ENCODERS
+from psp_core.options import PSPArchitecture, n_styles_for
 from psp_core.stylegan2 import Generator
 
 POOLED_SIZE = 256   # `resize=True` pools outputs to the 256x256 the losses and the reference use
-
-
-def n_styles_for(output_size: int) -> int:
-    """Number of W+ styles of a generator of this output size (18 at 1024)."""
-    return 2 * int(math.log2(output_size)) - 2
-
-
-@dataclass(frozen=True)
-class PSPArchitecture:
-    """Everything that fixes the tensors of a pSp checkpoint; stored in the checkpoint's `opts`.
-
-    The first five fields are the reference pSp options; the rest are ours, with the reference
-    values as defaults, so a released checkpoint without them reads correctly.
-    """
-
-    encoder_type: str = "GradualStyleEncoder"
-    input_nc: int = 3
-    output_size: int = 1024
-    start_from_latent_avg: bool = True
-    learn_in_w: bool = False
-    encoder_input_size: int = 256
-    encoder_num_layers: int = 50
-    encoder_mode: str = "ir_se"
-    stylegan_channel_multiplier: int = 2
-    style_dim: int = 512
-    n_mlp: int = 8
-
-    def __post_init__(self) -> None:
-        if self.encoder_type not in ENCODERS:
-            raise ValueError(f"unknown encoder_type {self.encoder_type!r}; one of {sorted(ENCODERS)}")
-        if self.learn_in_w != (self.encoder_type == "BackboneEncoderUsingLastLayerIntoW"):
-            raise ValueError("learn_in_w goes with encoder_type BackboneEncoderUsingLastLayerIntoW and only with it")
-
-    @classmethod
-    def from_opts(cls, opts: Mapping[str, Any], has_latent_avg: bool = True) -> "PSPArchitecture":
-        """Read the architecture from a (reference or our) `opts` dict; absent keys take the
-        reference defaults, and `start_from_latent_avg` defaults to whether a latent_avg is stored."""
-        known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in opts.items() if k in known and v is not None}
-        values.setdefault("start_from_latent_avg", has_latent_avg)
-        values.setdefault("learn_in_w", values.get("encoder_type") == "BackboneEncoderUsingLastLayerIntoW")
-        return cls(**values)
-
-    @property
-    def n_styles(self) -> int:
-        return n_styles_for(self.output_size)
 
 
 class PSP(nn.Module):

@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import posixpath
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
@@ -18,10 +20,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from psp_core.errors import InputError
+
 if TYPE_CHECKING:
     import torch
 
 SCHEMA_VERSION = 1
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm"}
+)
+"""File name extensions (lower case) every stage treats as images."""
 MANIFEST_FILE = "manifest.json"
 NUM_LANDMARKS = 68
 # 68 (x, y) pairs. The outer list is variable-size because pyarrow cannot read back null
@@ -40,8 +48,18 @@ SHARD_SCHEMA = pa.schema([
 ], metadata={"psp.schema_version": str(SCHEMA_VERSION)})
 
 
-class ShardError(ValueError):
+class ShardError(InputError):
     """A shard file or row that cannot be read; the message names the shard and the row."""
+
+
+def printable_path(path: str) -> str:
+    """A relative path as stored in tables (UTF-8 text): itself, or with the bytes of a name that is
+    not valid UTF-8 written as `\\xNN` escapes, so such a file is a row like any other."""
+    raw = os.fsencode(path)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", "backslashreplace")
 
 
 def content_id(data: bytes) -> str:
@@ -49,9 +67,20 @@ def content_id(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def assign_split(image_id: str, test_fraction: float) -> str:
-    """'test' or 'train' from a hash of the id alone, so a row keeps its split when rows are added."""
-    bucket = int(hashlib.sha256(f"split:{image_id}".encode()).hexdigest()[:8], 16) / 2**32
+def split_group(source_path: str, split_by: str) -> str:
+    """The group a row is split with: its source photo (`photo`: all faces of one photo) or the
+    photo's folder (`folder`: one identity per folder, as CelebA/LFW-style layouts keep them)."""
+    if split_by == "photo":
+        return source_path
+    if split_by == "folder":
+        return posixpath.dirname(source_path) or "."
+    raise ValueError(f"split_by must be 'photo' or 'folder', got {split_by!r}")
+
+
+def assign_split(group: str, test_fraction: float) -> str:
+    """'test' or 'train' from a hash of the group alone: every row of a group lands in one split,
+    and keeps it when rows are added."""
+    bucket = int(hashlib.sha256(f"split:{group}".encode()).hexdigest()[:8], 16) / 2**32
     return "test" if bucket < test_fraction else "train"
 
 

@@ -24,8 +24,8 @@ def sample(tmp_path_factory) -> Path:
 def test_sample_is_deterministic_and_listed(sample, tmp_path):
     again = tmp_path / "raw"
     build_sample(SampleConfig(output_dir=str(again), augmented_copies=2, lfw_faces=3))
-    names = sorted(p.name for p in sample.iterdir())
-    assert names == sorted(p.name for p in again.iterdir())
+    names = sorted(p.relative_to(sample).as_posix() for p in sample.rglob("*") if p.is_file())
+    assert names == sorted(p.relative_to(again).as_posix() for p in again.rglob("*") if p.is_file())
     assert all((sample / n).read_bytes() == (again / n).read_bytes() for n in names)
     manifest = json.loads((sample / MANIFEST_FILE).read_text())
     assert sorted(e["file"] for e in manifest["files"]) == sorted(n for n in names if n != MANIFEST_FILE)
@@ -33,15 +33,28 @@ def test_sample_is_deterministic_and_listed(sample, tmp_path):
 
 
 def test_awkward_cases_are_what_they_claim(sample):
-    assert Image.open(sample / "alpha_astronaut.png").mode == "RGBA"
-    assert Image.open(sample / "palette_grace_hopper.png").mode == "P"
-    assert Image.open(sample / "cmyk_astronaut.jpg").mode == "CMYK"
-    assert Image.open(sample / "gray16_astronaut.png").mode.startswith("I")
-    assert Image.open(sample / "grayscale_grace_hopper.jpg").mode == "L"
-    assert Image.open(sample / "exif_rotated_grace_hopper.jpg").getexif()[0x0112] == 6
+    assert Image.open(sample / "astronaut" / "alpha_astronaut.png").mode == "RGBA"
+    assert Image.open(sample / "grace_hopper" / "palette_grace_hopper.png").mode == "P"
+    assert Image.open(sample / "astronaut" / "cmyk_astronaut.jpg").mode == "CMYK"
+    assert Image.open(sample / "astronaut" / "gray16_astronaut.png").mode.startswith("I")
+    assert Image.open(sample / "grace_hopper" / "grayscale_grace_hopper.jpg").mode == "L"
+    assert Image.open(sample / "grace_hopper" / "exif_rotated_grace_hopper.jpg").getexif()[0x0112] == 6
     with pytest.raises(OSError):
-        Image.open(sample / "truncated_grace_hopper.jpg").load()
-    assert Image.open(sample / "two_faces.jpg").size == (1024, 600)
+        Image.open(sample / "grace_hopper" / "truncated_grace_hopper.jpg").load()
+    assert Image.open(sample / "astronaut" / "two_faces.jpg").size == (1024, 600)
+
+
+def test_one_folder_per_identity(sample):
+    """Every variant of a base photo sits in that photo's folder, each LFW person in a folder of their own."""
+    manifest = json.loads((sample / MANIFEST_FILE).read_text())["files"]
+    for entry in manifest:
+        folder = entry["file"].rpartition("/")[0]
+        if entry["made"].startswith(("astronaut", "grace_hopper")):
+            assert folder == entry["made"].split()[0], entry
+        elif entry["made"].startswith("lfw_subset"):
+            assert folder.startswith("lfw/lfw_") and sum(e["file"].startswith(folder + "/") for e in manifest) == 1
+        elif entry["expect"] == "face":
+            assert folder in ("astronaut", "grace_hopper"), entry
 
 
 def test_default_sample_size_is_small():

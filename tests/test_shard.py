@@ -80,7 +80,7 @@ def test_round_trip_is_lossless_and_bytes_are_stored_as_is(tmp_path):
     for name, data in files.items():
         image, split, source_path, landmarks = rows[content_id(data)]
         np.testing.assert_array_equal(image, pixels_of(data))
-        assert source_path == name and split == assign_split(content_id(data), 0.3) and landmarks is None
+        assert source_path == name and split == assign_split(name, 0.3) and landmarks is None
 
 
 def test_split_filter_and_stability_when_rows_are_added(tmp_path):
@@ -104,8 +104,9 @@ def test_duplicates_dropped_and_bad_files_reported(tmp_path):
     report = write_shards(config(tmp_path, tmp_path / "aligned"))
     manifest = read_manifest(tmp_path / "shards")
     assert report["rows"]["total"] == 5
-    assert report["duplicates_dropped"] == 1 and manifest["duplicates"] == ["img001.png"]
-    assert report["rejected"] == 1 and manifest["rejects"][0]["path"] == "broken.png"
+    assert report["duplicates_dropped"] == 1 and manifest["duplicates"] == [
+        {"file": "img001.png", "source_path": "img001.png", "same_as": "copy_of_img001.png"}]
+    assert report["rejected"] == 1 and manifest["rejects"][0]["file"] == "broken.png"
 
 
 def test_jpeg_setting_reencodes_and_keeps_jpegs(tmp_path):
@@ -180,9 +181,26 @@ def test_manifest_checks_catch_a_changed_shard(tmp_path):
         read_manifest(tmp_path / "nowhere")
 
 
+def ramp_png(size: int) -> bytes:
+    """A smooth image: red rises left to right, green top to bottom, blue constant."""
+    y, x = np.mgrid[0:size, 0:size] / size
+    pixels = np.stack([x * 240, y * 240, np.full_like(x, 90)], -1).round().astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def test_decode_images_and_tensor_range():
     batch = decode_images([noise_png(1, 32), noise_png(2, 48)], size=16)
     assert batch.shape == (2, 16, 16, 3) and batch.dtype == np.uint8
+    # the resize scales the whole picture: a 48 px ramp becomes the ramp sampled at the 16 px pixel centres
+    ramp = decode_images([ramp_png(48), ramp_png(16)], size=16)
+    centres = (np.arange(16) + 0.5) * 3 - 0.5          # 16 px pixel centres in 48 px coordinates
+    expected_red = np.broadcast_to(centres / 48 * 240, (16, 16))
+    assert np.abs(ramp[0, ..., 0] - expected_red).max() <= 1.5
+    assert np.abs(ramp[0, ..., 1] - expected_red.T).max() <= 1.5
+    assert np.all(ramp[0, ..., 2] == 90)
+    np.testing.assert_array_equal(ramp[1], pixels_of(ramp_png(16)))   # already at size: untouched
     with pytest.raises(ShardError, match="different sizes"):
         decode_images([noise_png(1, 32), noise_png(2, 48)])
     with pytest.raises(ShardError, match="image 1 of the batch"):
