@@ -35,9 +35,9 @@ def single_process(cfg: TrainConfig, threads: int) -> float:
     """Images/s of the engine in this process, steps 2..N."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    net = build_psp(cfg.architecture())
-    prepare_for_training(net, cfg.train_decoder)
     preset = get_preset(cfg.preset).with_loss(**cfg.loss)
+    net = build_psp(cfg.architecture(preset.input_nc))
+    prepare_for_training(net, cfg.train_decoder)
     trainer = Trainer(net, PSPLoss(preset.loss, lpips_backbone="random"), cfg.training(),
                       batch_transform=PresetTransform(preset, cfg.encoder_input_size))
     batches = [torch.from_numpy(b.images).permute(0, 3, 1, 2)

@@ -25,7 +25,8 @@ from common import command_line, hardware  # noqa: E402
 
 from psp_core import IRSEBackbone, PSPArchitecture, build_psp  # noqa: E402
 from psp_core.devices import autocast  # noqa: E402
-from psp_core.engine import Trainer, TrainingConfig  # noqa: E402
+from psp_core.engine import Trainer  # noqa: E402
+from psp_core.options import TrainingConfig  # noqa: E402
 from psp_core.losses import IdentityLoss, PSPLoss  # noqa: E402
 from psp_core.presets import PresetTransform, get_preset  # noqa: E402
 

@@ -26,6 +26,7 @@ from pipelines.sections import EvaluateConfig
 from pipelines.io import atomic_path, write_json_atomic
 from pipelines.registry import resolve_model
 from psp_core import PSP, load_psp
+from psp_core.errors import InputError
 from psp_core.metrics import (
     ArcFaceIdentity, MetricSuite, MetricTable, identity_backend, lpips_network, reconstruction_grid,
 )
@@ -67,7 +68,7 @@ def pick_device(choice: str) -> torch.device:
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if choice == "cuda" and not torch.cuda.is_available():
-        raise ValueError("evaluate.device=cuda but no CUDA device is available")
+        raise InputError("evaluate.device=cuda but no CUDA device is available")
     return torch.device(choice)
 
 
@@ -173,18 +174,18 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     registry reference with log_to_mlflow) record the results on the model version. Returns the report."""
     preset = get_preset(cfg.preset)
     if preset.input_kind == "segmentation":
-        raise ValueError(f"evaluate does not support preset {cfg.preset}: label-map sources are not decoded here")
+        raise InputError(f"evaluate does not support preset {cfg.preset}: label-map sources are not decoded here")
     available = read_manifest(cfg.shards)["rows"].get(cfg.split, 0)
     if available == 0:
-        raise ValueError(f"{cfg.shards}: the {cfg.split} split is empty; nothing to evaluate")
-    paths = shard_paths(cfg.shards)
+        raise InputError(f"{cfg.shards}: the {cfg.split} split is empty; nothing to evaluate")
+    paths = shard_paths(cfg.shards, verify=True)
     n_expected = min(available, cfg.max_images or available)
 
     model = resolve_model(cfg.model)
     device = pick_device(cfg.device)
     net = load_psp(model.checkpoint, device)
     if net.arch.input_nc != preset.input_nc:
-        raise ValueError(f"{cfg.model} takes {net.arch.input_nc}-channel input; preset {cfg.preset} "
+        raise InputError(f"{cfg.model} takes {net.arch.input_nc}-channel input; preset {cfg.preset} "
                          f"gives {preset.input_nc} channels")
     identity = identity_backend(cfg.irse50)
     if isinstance(identity, ArcFaceIdentity):

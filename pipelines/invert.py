@@ -24,12 +24,12 @@ import torch
 
 from pipelines.config import load_section
 from pipelines.sections import InvertConfig
-from pipelines.io import atomic_path, write_json_atomic
+from pipelines.io import atomic_path, list_folder, output_folder, write_json_atomic
 from pipelines.registry import resolve_model
+from psp_core.errors import InputError
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 MODEL_METADATA_KEY = b"psp.model"
 FINE_LAYERS_FROM = 8     # the reference's multi-modal synthesis mixes layers 8 and up
 
@@ -58,13 +58,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def input_units(cfg: InvertConfig) -> list[Unit]:
-    """The input split into output units: one per shard, or sorted image files in chunks."""
-    from psp_core.shards import shard_paths
+    """The input split into output units: one per shard, or sorted image files in chunks. Every shard
+    is checked first (bytes against the manifest's sha256, footer and columns), so a damaged file
+    is one error naming it before any work starts."""
+    from psp_core.shards import open_shard, shard_paths
 
     if (cfg.input / "manifest.json").is_file():
         units = []
-        for path in shard_paths(cfg.input):
-            rows = pq.ParquetFile(path).metadata.num_rows
+        for path in shard_paths(cfg.input, verify=True):
+            rows = open_shard(path).metadata.num_rows
             if cfg.split is not None:
                 splits = pq.read_table(path, columns=["split"]).column("split").to_pylist()
                 rows = sum(s == cfg.split for s in splits)
@@ -72,9 +74,9 @@ def input_units(cfg: InvertConfig) -> list[Unit]:
         return units
     if not cfg.input.is_dir():
         raise FileNotFoundError(f"invert.input {cfg.input}: neither a shard folder (manifest.json) nor an image folder")
-    files = sorted(str(p) for p in cfg.input.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    files = [str(cfg.input / rel) for rel in list_folder(cfg.input).images]
     if not files:
-        raise ValueError(f"invert.input {cfg.input}: no image files")
+        raise InputError(f"invert.input {cfg.input}: no image files")
     size = cfg.images_per_file
     return [Unit(f"images-{i // size:05d}", tuple(files[i:i + size]), len(files[i:i + size]))
             for i in range(0, len(files), size)]
@@ -106,16 +108,22 @@ def done_units(units: list[Unit], output_dir: Path, model_ref: str) -> set[str]:
 
 
 def invert(cfg: InvertConfig) -> dict[str, Any]:
-    """Run the stage; returns (and writes) the report."""
+    """Run the stage; returns (and writes) the report. The model and every input are checked before
+    any work; the output folder is one this stage owns (a failed first run leaves none behind)."""
+    model = resolve_model(cfg.model)
+    units = input_units(cfg)
+    with output_folder(cfg.output_dir, "invert"):
+        if not (cfg.input / "manifest.json").is_file() and not cfg.aligned:
+            cfg = aligned_copy(cfg)
+            units = input_units(cfg)
+        return invert_units(cfg, units, model.checkpoint, model.pinned)
+
+
+def invert_units(cfg: InvertConfig, units: list[Unit], checkpoint: Path, model_ref: str) -> dict[str, Any]:
+    """Invert every unit not yet written for this model into the output folder."""
     from pipelines import raycluster
 
-    if cfg.input.is_dir() and not (cfg.input / "manifest.json").is_file() and not cfg.aligned:
-        cfg = aligned_copy(cfg)
-    model = resolve_model(cfg.model)
-    checkpoint, model_ref = model.checkpoint, model.pinned
-    units = input_units(cfg)
-    cfg.output_dir.mkdir(parents=True, exist_ok=True)
-    for stale in cfg.output_dir.glob(".*.tmp"):   # left by a run that was killed mid-write
+    for stale in cfg.output_dir.glob(".*.parquet.*.tmp"):   # left by a run that was killed mid-write
         stale.unlink()
     skip = done_units(units, cfg.output_dir, model_ref)
     todo = [u for u in units if u.name not in skip and u.rows > 0]

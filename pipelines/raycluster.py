@@ -9,6 +9,8 @@ from pathlib import Path
 
 import ray
 
+from psp_core.errors import InputError
+
 log = logging.getLogger(__name__)
 
 # Logical CPUs kept free beside the training workers for Ray Data tasks and the trainer controller.
@@ -61,5 +63,5 @@ def check_shared_storage(storage_path: str) -> None:
     finally:
         marker.unlink(missing_ok=True)
     if blind:
-        raise ValueError(f"train.storage_path {storage_path} is a local path that nodes {blind} cannot see; "
+        raise InputError(f"train.storage_path {storage_path} is a local path that nodes {blind} cannot see; "
                          "on a multi-node cluster use shared storage (s3://..., gs://..., or an NFS mount on every node)")

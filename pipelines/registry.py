@@ -5,6 +5,7 @@ only when the evaluation is better). The `psp import-checkpoint` and `psp promot
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import re
@@ -21,6 +22,7 @@ from mlflow.exceptions import MlflowException
 
 from pipelines import tracking
 from psp_core import load_psp
+from psp_core.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +76,7 @@ def parse_registry_uri(uri: str) -> VersionRef | None:
 
 
 def resolve_version(ref: VersionRef) -> ModelVersion:
-    """The registered version a reference points at; a missing alias, version or model is one-line ValueError."""
+    """The registered version a reference points at; a missing alias, version or model is a one-line InputError."""
     tracking.use_tracking_store()
     client = mlflow.MlflowClient()
     try:
@@ -83,8 +85,8 @@ def resolve_version(ref: VersionRef) -> ModelVersion:
         return client.get_model_version(ref.name, ref.ref)
     except MlflowException:
         if ref.is_alias:
-            raise ValueError(f"no version of {ref.name} has alias {ref.ref}") from None
-        raise ValueError(f"{ref.name} has no version {ref.ref}") from None
+            raise InputError(f"no version of {ref.name} has alias {ref.ref}") from None
+        raise InputError(f"{ref.name} has no version {ref.ref}") from None
 
 
 def file_sha256(path: Path) -> str:
@@ -174,7 +176,7 @@ def promote(ref: VersionRef, to: str = DEFAULT_CHAMPION, if_better: str | None =
     """Point alias `to` at the version `ref` names; with `if_better`, only when that version's
     evaluation of the metric beats the version currently holding `to` (or nothing holds it)."""
     if if_better is not None and eval_key(if_better)[len(EVAL_PREFIX):] not in COMPARABLE_METRICS:
-        raise ValueError(f"--if-better {if_better}: not an evaluation metric; one of "
+        raise InputError(f"--if-better {if_better}: not an evaluation metric; one of "
                          f"{', '.join(EVAL_PREFIX + m for m in COMPARABLE_METRICS)}")
     candidate = resolve_version(ref)
     client = mlflow.MlflowClient()
@@ -201,7 +203,7 @@ def require_eval(version: ModelVersion, metric: str) -> float:
     """A version's evaluation value of `metric`, or a ValueError telling to run `psp evaluate` on it."""
     value = version_eval(version, metric)
     if value is None:
-        raise ValueError(f"{version.name} version {version.version} has no {eval_key(metric)} tag: run "
+        raise InputError(f"{version.name} version {version.version} has no {eval_key(metric)} tag: run "
                          f"`psp evaluate model=models:/{version.name}/{version.version}` first")
     return value
 
@@ -214,7 +216,7 @@ def compare_evaluations(candidate: ModelVersion, current: ModelVersion, metric: 
     for tag in EVAL_CONDITION_TAGS.get(key[len(EVAL_PREFIX):], ("eval_dataset",)):
         a, b = (candidate.tags or {}).get(tag), (current.tags or {}).get(tag)
         if a != b:
-            raise ValueError(f"cannot compare {key}: version {candidate.version} has {tag}={a}, version "
+            raise InputError(f"cannot compare {key}: version {candidate.version} has {tag}={a}, version "
                              f"{current.version} has {tag}={b}; evaluate both under the same conditions")
     higher = higher_is_better(key)
     better = new > old if higher else new < old
@@ -244,14 +246,29 @@ class ResolvedModel:
 
 def resolve_model(reference: str) -> ResolvedModel:
     """A `models:/NAME@ALIAS` or `models:/NAME/VERSION` reference (downloaded, pinned to the version
-    it resolves to now) or a pSp checkpoint file path."""
+    it resolves to now), a train report (`reports/train.json`: the exact version that run
+    registered) or a pSp checkpoint file path."""
+    if reference.endswith(".json"):
+        reference = registered_by(Path(reference))
     ref = parse_registry_uri(reference)
     if ref is not None:
         version = resolve_version(ref)
         return ResolvedModel(reference, tracking.model_checkpoint(f"models:/{ref.name}/{version.version}"), version)
     if "://" in reference or reference.startswith(("models:", "runs:")):
-        raise ValueError(f"model {reference!r}: use models:/NAME@ALIAS, models:/NAME/VERSION or a .pt file path")
+        raise InputError(f"model {reference!r}: use models:/NAME@ALIAS, models:/NAME/VERSION, a train report "
+                         "(.json) or a .pt file path")
     path = Path(reference)
     if not path.is_file():
         raise FileNotFoundError(f"model checkpoint {path} not found")
     return ResolvedModel(reference, path.resolve(), None)
+
+
+def registered_by(report: Path) -> str:
+    """The `models:/NAME/VERSION` a `psp train` report names (so a pipeline uses exactly what it trained)."""
+    try:
+        summary = json.loads(report.read_text())
+        return f"models:/{summary['registered_model']}/{summary['model_version']}"
+    except FileNotFoundError:
+        raise FileNotFoundError(f"train report {report} not found: run `psp train` first, or name a model") from None
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise InputError(f"{report}: not a `psp train` report naming a registered version ({err!r})") from None

@@ -128,11 +128,9 @@ class TrainSection(StageConfig):
         values = {name: getattr(self, name) for name in ARCHITECTURE_KEYS}
         return values | {"learn_in_w": values["encoder_type"] == "BackboneEncoderUsingLastLayerIntoW"}
 
-    def architecture(self) -> PSPArchitecture:
-        """The pSp architecture these params describe (input channels from the preset)."""
-        from psp_core.presets import get_preset
-
-        return PSPArchitecture(input_nc=get_preset(self.preset).input_nc, **self._architecture_values())
+    def architecture(self, input_nc: int) -> PSPArchitecture:
+        """The pSp architecture these params describe, for the preset's `input_nc` input channels."""
+        return PSPArchitecture(input_nc=input_nc, **self._architecture_values())
 
     def training(self) -> TrainingConfig:
         """The engine's options."""

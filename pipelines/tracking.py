@@ -14,6 +14,7 @@ from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 
 from psp_core import PSP, load_psp
+from psp_core.errors import InputError
 from pipelines import encoder_model
 
 log = logging.getLogger(__name__)
@@ -102,10 +103,10 @@ def model_checkpoint(model_uri: str) -> Path:
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
     except MlflowException as err:
-        raise ValueError(f"cannot resolve {model_uri}: {err.message.splitlines()[0]}") from None
+        raise InputError(f"cannot resolve {model_uri}: {err.message.splitlines()[0]}") from None
     found = sorted((local / "artifacts").glob("*.pt")) + sorted((local / "artifacts").glob("*/*.pt"))
     if not found:
-        raise ValueError(f"{model_uri} holds no pSp checkpoint (is it a psp-encoder model?)")
+        raise InputError(f"{model_uri} holds no pSp checkpoint (is it a psp-encoder model?)")
     return found[0]
 
 

@@ -26,6 +26,7 @@ from pipelines.config import load_section
 from pipelines.sections import TrainConfig
 from pipelines.io import write_json_atomic
 from psp_core import build_psp
+from psp_core.errors import InputError
 from psp_core.engine import BEST_CHECKPOINT, LAST_CHECKPOINT, Trainer, prepare_for_training
 from psp_core.losses import PSPLoss
 from psp_core.presets import PresetTransform, get_preset
@@ -104,7 +105,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     from pipelines import raycluster, tracking
 
-    cfg.architecture()  # fail on a bad architecture before anything starts
     preset = get_preset(cfg.preset).with_loss(**cfg.loss)
     if preset.loss.id_lambda > 0 and not cfg.irse50.is_file():
         raise FileNotFoundError(f"id_lambda={preset.loss.id_lambda} needs the ArcFace IR-SE50 weights at {cfg.irse50} "
@@ -113,7 +113,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     paths = [str(p) for p in shard_paths(cfg.shards)]
     counts = manifest["rows"]
     if counts.get("train", 0) < cfg.batch_size * cfg.num_workers:
-        raise ValueError(f"{counts.get('train', 0)} training rows cannot fill one batch of {cfg.batch_size} "
+        raise InputError(f"{counts.get('train', 0)} training rows cannot fill one batch of {cfg.batch_size} "
                          f"on each of {cfg.num_workers} workers")
     manifest_hash = hashlib.sha256((cfg.shards / "manifest.json").read_bytes()).hexdigest()
     run_name = run_name_for(cfg, manifest_hash)
@@ -199,7 +199,7 @@ def write_report(cfg: TrainConfig, run_id: str, run_name: str, version: str, cli
     run = client.get_run(run_id)
     metrics = {k: v for k, v in run.data.metrics.items() if k.startswith(("val_", "loss"))}
     summary = {"mlflow_run_id": run_id, "run_name": run_name, "registered_model": cfg.registered_model,
-               "model_version": str(version), "alias": cfg.alias, "steps": int(run.data.metrics.get("step", 0)),
+               "model_version": str(version), "model_uri": f"models:/{cfg.registered_model}/{version}", "alias": cfg.alias, "steps": int(run.data.metrics.get("step", 0)),
                "metrics": metrics}
     write_json_atomic(cfg.report, summary)
     client.set_terminated(run_id, "FINISHED")
@@ -220,7 +220,7 @@ def train_worker(config: dict[str, Any]) -> None:
     preset = get_preset(cfg.preset).with_loss(**cfg.loss)
 
     torch.manual_seed(cfg.seed)                           # the same initial weights on every rank
-    net = build_psp(cfg.architecture(),
+    net = build_psp(cfg.architecture(preset.input_nc),
                     cfg.generator if cfg.generator.is_file() else None,
                     cfg.irse50 if cfg.irse50.is_file() else None)
     prepare_for_training(net, cfg.train_decoder)           # freeze before DDP sees the parameters

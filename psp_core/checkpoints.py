@@ -9,8 +9,11 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import pickletools
 import re
 import tempfile
+import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -39,13 +42,44 @@ def read_checkpoint(path: str | Path) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0]
-        raise CheckpointError(f"{path}: refused to unpickle non-tensor objects (weights_only=True): {first}") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on pickle protocols: the verdict below says it all
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        imported = pickled_imports(path)
+        if imported:
+            raise CheckpointError(f"{path}: refused (weights_only=True): it would import {imported[0]} when loaded: "
+                                  "Python objects, possibly code, not only tensors") from None
+        raise CheckpointError(f"{path}: truncated or not a PyTorch checkpoint (corrupt data or another format)") from None
     except Exception as err:  # torch.load surfaces a corrupt file as many exception types
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{path}: truncated or not a PyTorch checkpoint ({first})") from None
+
+
+SAFE_PICKLE_MODULES = ("torch", "collections", "_codecs")
+
+
+def pickled_imports(path: Path) -> list[str]:
+    """The `module.name` globals outside torch and plain containers that a (torch zip or raw)
+    pickle would import, read from its opcodes without running them; [] for data that is not a pickle."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                data = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
+        else:
+            data = path.read_bytes()
+        strings: list[str] = []
+        found = []
+        for opcode, arg, _ in pickletools.genops(data):
+            if isinstance(arg, str):
+                strings.append(arg)
+            if opcode.name == "GLOBAL":
+                found.append(str(arg).replace(" ", "."))
+            elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                found.append(f"{strings[-2]}.{strings[-1]}")
+    except Exception:  # not a pickle at all (random bytes, a truncated archive): nothing it would import
+        return []
+    return [name for name in found if name.split(".")[0] not in SAFE_PICKLE_MODULES]
 
 
 def check_state_dict(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], what: str) -> None:
@@ -138,12 +172,16 @@ def load_psp(path: str | Path, device: str | torch.device = "cpu") -> PSP:
     """A pSp checkpoint (released or ours) -> model in eval mode, architecture read from its `opts`."""
     ckpt = read_checkpoint(path)
     state = _require(ckpt, "state_dict", path)
-    opts = ckpt.get("opts") or {}
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: 'state_dict' must be a dict of tensors, got {type(state).__name__}")
+    opts = ckpt.get("opts", {})
     latent_avg = ckpt.get("latent_avg")
+    if latent_avg is not None and not isinstance(latent_avg, torch.Tensor):
+        raise CheckpointError(f"{path}: 'latent_avg' must be a tensor, got {type(latent_avg).__name__}")
     try:
         arch = PSPArchitecture.from_opts(opts, has_latent_avg=latent_avg is not None)
     except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{path}: unusable opts: {err}") from None
+        raise CheckpointError(f"{path}: unusable 'opts': {err}") from None
     net = PSP(arch)
     load_strict(net.encoder, sub_state(state, "encoder"), f"{path} encoder")
     load_strict(net.decoder, sub_state(state, "decoder"), f"{path} decoder")
