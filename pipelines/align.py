@@ -193,10 +193,11 @@ def align_photos(todo: list[tuple[str, str]], cfg: AlignConfig, key: str, foreig
 
 def stop_pool(pool: ProcessPoolExecutor) -> None:
     """Cancel queued photos and kill the workers now, not after the queue drains."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())   # shutdown() forgets them
     pool.shutdown(wait=False, cancel_futures=True)
-    for process in list((getattr(pool, "_processes", None) or {}).values()):
+    for process in processes:
         process.kill()
-    for process in list((getattr(pool, "_processes", None) or {}).values()):
+    for process in processes:
         process.join(timeout=5)
 
 

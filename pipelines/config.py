@@ -80,6 +80,12 @@ def load_section(
     Sections other than the command's own are checked too (a typo in `shard:` fails `psp align`
     as well), and a top-level key that is no section is an error.
     """
+    overrides = list(overrides)
+    for pair in overrides:
+        head = parse_override(pair)[0][0]
+        if head in SECTIONS and head != section:
+            raise ConfigError(f"override {pair!r}: this command reads the {section} section only "
+                              f"(set {head} keys in the params file or on `psp {head}`)")
     params = apply_overrides(read_params(path), overrides, section)
     unknown = sorted(set(params) - set(SECTIONS) - {section})
     if unknown:
