@@ -57,12 +57,13 @@ COMMANDS: dict[str, Command] = {
 }
 
 
-class Terminated(BaseException):
-    """SIGTERM, raised in the main thread so that a stage stops like on Ctrl-C."""
+_TERMINATED: list[bool] = []
 
 
 def _terminate(signum: int, frame: object) -> None:
-    raise Terminated()
+    """SIGTERM stops a stage exactly as Ctrl-C does (Ray's C++ frames only pass KeyboardInterrupt through)."""
+    _TERMINATED.append(True)
+    raise KeyboardInterrupt
 
 
 def _help_epilog(name: str, command: Command, notes: str | None) -> str:
@@ -120,11 +121,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"psp {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"psp {args.command}: interrupted; finished work is kept and a rerun resumes", file=sys.stderr)
-        return 130
-    except Terminated:
-        print(f"psp {args.command}: terminated; finished work is kept and a rerun resumes", file=sys.stderr)
-        return 143
+        how, code = ("terminated", 143) if _TERMINATED else ("interrupted", 130)
+        print(f"psp {args.command}: {how}; finished work is kept and a rerun resumes", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

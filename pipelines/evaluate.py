@@ -27,6 +27,7 @@ from pipelines.io import atomic_path, write_json_atomic
 from pipelines.registry import resolve_model
 from psp_core import PSP, load_psp
 from psp_core.errors import InputError
+from psp_core.losses import require_alexnet
 from psp_core.metrics import (
     ArcFaceIdentity, MetricSuite, MetricTable, identity_backend, lpips_network, reconstruction_grid,
 )
@@ -182,6 +183,8 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     n_expected = min(available, cfg.max_images or available)
 
     model = resolve_model(cfg.model)
+    if cfg.lpips_backbone == "pretrained":
+        require_alexnet()
     device = pick_device(cfg.device)
     net = load_psp(model.checkpoint, device)
     if net.arch.input_nc != preset.input_nc:

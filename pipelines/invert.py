@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
@@ -26,7 +27,9 @@ from pipelines.config import load_section
 from pipelines.sections import InvertConfig
 from pipelines.io import atomic_path, list_folder, output_folder, write_json_atomic
 from pipelines.registry import resolve_model
+from psp_core import load_psp
 from psp_core.errors import InputError
+from psp_core.losses import require_alexnet
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +114,9 @@ def invert(cfg: InvertConfig) -> dict[str, Any]:
     """Run the stage; returns (and writes) the report. The model and every input are checked before
     any work; the output folder is one this stage owns (a failed first run leaves none behind)."""
     model = resolve_model(cfg.model)
+    load_psp(model.checkpoint)   # strict, here: a wrong or damaged checkpoint fails before Ray starts
+    if cfg.lpips_backbone == "pretrained":
+        require_alexnet()
     units = input_units(cfg)
     with output_folder(cfg.output_dir, "invert"):
         if not (cfg.input / "manifest.json").is_file() and not cfg.aligned:
@@ -146,39 +152,36 @@ def invert_units(cfg: InvertConfig, units: list[Unit], checkpoint: Path, model_r
 
 
 def rows_dataset(cfg: InvertConfig, todo: list[Unit]):
-    """A Ray dataset of {unit, id, image (encoded bytes), source_path} rows for the pending units."""
+    """A Ray dataset of {unit, id, image (encoded bytes), source_path} rows for the pending units, one
+    block per unit: each unit's results reach the driver (and its file is written) as soon as that
+    unit is done, so a stopped run keeps every finished unit."""
     import ray
 
-    blocks = max(1, sum(u.rows for u in todo) // cfg.batch_size)   # one batch a block: results stream
-    if (cfg.input / "manifest.json").is_file():
-        paths = [u.paths[0] for u in todo]
-        ds = ray.data.read_parquet(paths, columns=["id", "image", "source_path", "split"], include_paths=True,
-                                   override_num_blocks=blocks)
-        if cfg.split is not None:
-            ds = ds.filter(expr=f"split == '{cfg.split}'")
-        return ds.map_batches(tag_shard_unit, batch_format="pyarrow")
-    items = [{"unit": u.name, "path": p} for u in todo for p in u.paths]
-    return ray.data.from_items(items, override_num_blocks=blocks).map_batches(read_image_files, batch_format="pyarrow")
+    items = [{"unit": u.name, "paths": list(u.paths)} for u in todo]
+    shards = (cfg.input / "manifest.json").is_file()
+    return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        read_unit, batch_size=1, batch_format="pyarrow", fn_kwargs={"shards": shards, "split": cfg.split})
 
 
-def tag_shard_unit(table: pa.Table) -> pa.Table:
-    """Shard rows: the unit is the shard file's stem."""
-    units = [Path(p).stem for p in table.column("path").to_pylist()]
-    return pa.table({"unit": units, "id": table.column("id"), "image": table.column("image"),
-                     "source_path": table.column("source_path")})
-
-
-def read_image_files(table: pa.Table) -> pa.Table:
-    """Image-folder rows: the file bytes (decoded later, in the actor) and their content hash as id."""
-    datas = []
-    for path in table.column("path").to_pylist():
-        try:
-            datas.append(Path(path).read_bytes())
-        except OSError:
-            datas.append(b"")
-    ids = [hashlib.sha256(d).hexdigest() for d in datas]
-    return pa.table({"unit": table.column("unit"), "id": ids, "image": pa.array(datas, pa.binary()),
-                     "source_path": table.column("path")})
+def read_unit(item: pa.Table, shards: bool, split: str | None) -> pa.Table:
+    """One unit's rows: a shard file's (of `split`, if given), or an image chunk's file bytes (decoded
+    later, in the actor) with their content hash as id."""
+    unit, paths = item.column("unit")[0].as_py(), item.column("paths")[0].as_py()
+    if shards:
+        table = pq.read_table(paths[0], columns=["id", "image", "source_path", "split"])
+        if split is not None:
+            table = table.filter(pc.equal(table.column("split"), split))
+        table = table.drop(["split"])
+    else:
+        datas = []
+        for path in paths:
+            try:
+                datas.append(Path(path).read_bytes())
+            except OSError:
+                datas.append(b"")
+        table = pa.table({"id": [hashlib.sha256(d).hexdigest() for d in datas], "image": pa.array(datas, pa.binary()),
+                          "source_path": paths})
+    return table.add_column(0, "unit", pa.array([unit] * table.num_rows, pa.string()))
 
 
 def inverted(cfg: InvertConfig, dataset, checkpoint: Path, model_ref: str):
@@ -311,7 +314,7 @@ def write_outputs(cfg: InvertConfig, dataset, todo: list[Unit], model_ref: str) 
     with tqdm(total=sum(u.rows for u in todo), unit="img", desc="invert") as bar:
         for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
             for unit in set(batch.column("unit").to_pylist()):
-                part = batch.filter(pa.compute.equal(batch.column("unit"), unit))
+                part = batch.filter(pc.equal(batch.column("unit"), unit))
                 pending[unit].append(part)
                 counts[unit] += part.num_rows
                 bar.update(sum(v == 0 for v in part.column("variant").to_pylist()))

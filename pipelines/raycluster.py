@@ -1,14 +1,20 @@
 """Connecting to Ray: the cluster when there is one, else a local instance sized so that Ray
-Data's read tasks are never starved by the training workers; and the shared-storage check."""
+Data's read tasks are never starved by the training workers (and reaped with the stage, however
+the stage ends); and the shared-storage check."""
 from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import ray
 
+from pipelines import reaper
 from psp_core.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -24,12 +30,31 @@ def connect(worker_cpus: float) -> None:
         return
     env = {"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env=env, log_to_driver=True)
+        with stage_signal_handlers():
+            ray.init(runtime_env=env, log_to_driver=True)
         log.info("connected to the Ray cluster at %s", os.environ["RAY_ADDRESS"])
         return
     cpus = max(os.cpu_count() or 1, int(worker_cpus + 0.999) + SPARE_CPUS)
-    ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=env)
+    reaper.start()   # Ray's processes would outlive a driver killed with SIGKILL
+    with stage_signal_handlers():
+        ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=env)
     log.info("started a local Ray instance with %d logical CPUs", cpus)
+
+
+@contextmanager
+def stage_signal_handlers() -> Iterator[None]:
+    """Keep the stage's SIGINT/SIGTERM handlers across `ray.init`, which installs its own (an exit, and a
+    C++ crash reporter that aborts the process): Ctrl-C and SIGTERM then stop a stage the same way
+    with or without Ray."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, handler in saved.items():
+            signal.signal(number, handler)
 
 
 def alive_nodes() -> list[dict]:

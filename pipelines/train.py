@@ -28,7 +28,7 @@ from pipelines.io import write_json_atomic
 from psp_core import build_psp
 from psp_core.errors import InputError
 from psp_core.engine import BEST_CHECKPOINT, LAST_CHECKPOINT, Trainer, prepare_for_training
-from psp_core.losses import PSPLoss
+from psp_core.losses import PSPLoss, require_alexnet
 from psp_core.presets import PresetTransform, get_preset
 from psp_core.shards import decode_images, read_manifest, shard_paths
 
@@ -106,6 +106,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     from pipelines import raycluster, tracking
 
     preset = get_preset(cfg.preset).with_loss(**cfg.loss)
+    if cfg.lpips_backbone == "pretrained":
+        require_alexnet()
     if preset.loss.id_lambda > 0 and not cfg.irse50.is_file():
         raise FileNotFoundError(f"id_lambda={preset.loss.id_lambda} needs the ArcFace IR-SE50 weights at {cfg.irse50} "
                                 "(model_ir_se50.pth); set train.loss.id_lambda=0 to train without the identity loss")

@@ -178,6 +178,8 @@ def load_psp(path: str | Path, device: str | torch.device = "cpu") -> PSP:
     latent_avg = ckpt.get("latent_avg")
     if latent_avg is not None and not isinstance(latent_avg, torch.Tensor):
         raise CheckpointError(f"{path}: 'latent_avg' must be a tensor, got {type(latent_avg).__name__}")
+    if latent_avg is None and isinstance(opts, dict) and opts.get("start_from_latent_avg"):
+        raise CheckpointError(f"{path}: opts say start_from_latent_avg but the file has no 'latent_avg'")
     try:
         arch = PSPArchitecture.from_opts(opts, has_latent_avg=latent_avg is not None)
     except (TypeError, ValueError) as err:

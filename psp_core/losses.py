@@ -39,6 +39,19 @@ def alexnet_cache_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / ALEXNET_CACHE_FILE
 
 
+def require_alexnet(path: Path | None = None) -> Path:
+    """The AlexNet weights file a pretrained LPIPS needs (the cache's unless `path`); a one-line
+    FileNotFoundError saying where to put it when it is absent. Stages call it before any work."""
+    path = path if path is not None else alexnet_cache_path()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"LPIPS needs the torchvision AlexNet weights at {path} (file {ALEXNET_CACHE_FILE}, "
+            f"from https://download.pytorch.org/models/{ALEXNET_CACHE_FILE}); copy it there, "
+            "set TORCH_HOME, or set the LPIPS backbone to 'random' for an offline demo"
+        )
+    return path
+
+
 @dataclass(frozen=True)
 class LossWeights:
     """The lambdas of the pSp objective, named as in the reference training options."""
@@ -79,13 +92,7 @@ class LPIPSLoss(nn.Module):
 
     def _load_alexnet(self, path: Path) -> None:
         """Copy torchvision's AlexNet `features.*` weights into the LPIPS trunk slices."""
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"LPIPS needs the torchvision AlexNet weights at {path} (file {ALEXNET_CACHE_FILE}, "
-                f"from https://download.pytorch.org/models/{ALEXNET_CACHE_FILE}); copy it there, "
-                "set TORCH_HOME, or set the LPIPS backbone to 'random' for an offline demo"
-            )
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(require_alexnet(path), map_location="cpu", weights_only=True)
         trunk = self.lpips.net
         trunk.load_state_dict({key: state[f"features.{key.split('.', 1)[1]}"] for key in trunk.state_dict()})
 

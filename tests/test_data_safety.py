@@ -27,7 +27,7 @@ from pipelines.cli import COMMANDS, main
 from pipelines.config import ConfigError, load_section
 from pipelines.sections import SECTIONS, AlignConfig, ShardConfig, TrainConfig
 from pipelines.shard import write_shards
-from psp_core import PSPArchitecture, TrainingConfig, save_psp
+from psp_core import PSPArchitecture, TrainingConfig, build_psp, save_psp
 from psp_core.align import load_photo, to_rgb
 from psp_core.psp import PSP
 from psp_core.shards import printable_path, read_manifest
@@ -367,7 +367,8 @@ def test_random_bytes_and_a_pickle_with_code_get_different_messages_without_torc
 
 def tiny_checkpoint(folder: Path) -> Path:
     torch.manual_seed(0)
-    return save_psp(PSP(PSPArchitecture(output_size=16, encoder_input_size=32)), folder / "tiny.pt")
+    net = build_psp(PSPArchitecture(output_size=16, encoder_input_size=32), mean_latent_samples=64)
+    return save_psp(net, folder / "tiny.pt")
 
 
 @pytest.mark.parametrize("damage", ["footer", "data"])
@@ -379,7 +380,7 @@ def test_invert_on_a_garbled_shard_is_one_line_before_any_work(tmp_path, monkeyp
     data[where:where + 16] = b"\xff" * 16
     shard.write_bytes(bytes(data))
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "params.yaml").write_text("invert: {}\n")
+    (tmp_path / "params.yaml").write_text("invert:\n  lpips_backbone: random\n")
     started = time.monotonic()
     code = main(["invert", f"invert.model={tiny_checkpoint(tmp_path)}", f"invert.input={shards}",
                  f"invert.output_dir={tmp_path / 'latents'}", f"invert.report={tmp_path / 'invert.json'}"])
@@ -389,13 +390,25 @@ def test_invert_on_a_garbled_shard_is_one_line_before_any_work(tmp_path, monkeyp
     assert not (tmp_path / "latents").exists()
 
 
+def test_invert_without_the_lpips_weights_is_one_line_before_ray(tmp_path, monkeypatch, capsys):
+    shards = make_shards(tmp_path, images=4)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("invert:\n  lpips_backbone: pretrained\n")
+    code = main(["invert", f"invert.model={tiny_checkpoint(tmp_path)}", f"invert.input={shards}",
+                 f"invert.output_dir={tmp_path / 'latents'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "alexnet-owt-7be5be79.pth" in err
+    assert not (tmp_path / "latents").exists()
+
+
 def test_invert_resolves_the_model_before_aligning_and_leaves_no_folder(tmp_path, monkeypatch, capsys):
     photos = tmp_path / "photos"
     photos.mkdir()
     (photos / "a.jpg").write_bytes(jpeg(ASTRONAUT))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "params.yaml").write_text("invert: {}\n")
+    (tmp_path / "params.yaml").write_text("invert:\n  lpips_backbone: random\n")
     code = main(["invert", "invert.model=models:/psp-encoder@nobody", f"invert.input={photos}", "invert.aligned=false",
                  f"invert.output_dir={tmp_path / 'latents'}"])
     assert code == 2 and "psp-encoder" in capsys.readouterr().err
@@ -408,7 +421,7 @@ def test_invert_refuses_an_output_folder_of_someone_elses_files(tmp_path, monkey
     theirs.mkdir()
     (theirs / "manifest.json").write_text("their manifest")
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "params.yaml").write_text("invert: {}\n")
+    (tmp_path / "params.yaml").write_text("invert:\n  lpips_backbone: random\n")
     code = main(["invert", f"invert.model={tiny_checkpoint(tmp_path)}", f"invert.input={shards}",
                  f"invert.output_dir={theirs}"])
     assert code == 2 and "not an output folder of `psp invert`" in capsys.readouterr().err
@@ -499,3 +512,62 @@ def test_train_options_have_one_definition_in_psp_core():
     with pytest.raises(Exception, match="output_size must be a power of two"):
         TrainConfig(output_size=100)
     assert math.isclose(TrainConfig().learning_rate, TrainingConfig().learning_rate)
+
+
+# ----------------------------------------------------------------------------- clean stops of a Ray stage
+
+def stop_invert_midway(folder: Path, how: signal.Signals, at_least: int) -> str:
+    """Start `psp invert` in `folder`, stop it with `how` once `at_least` output files exist, check that
+    no process it started survives; returns its stderr."""
+    process = subprocess.Popen([PSP_CLI, "invert"], cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    deadline = time.monotonic() + 240
+    while len(list((folder / "latents").glob("shard-*.parquet"))) < at_least:
+        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()[-3000:]
+        time.sleep(0.05)
+    descendants = psutil.Process(process.pid).children(recursive=True)
+    assert any("raylet" in p.name() for p in descendants)
+    process.send_signal(how)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == {signal.SIGTERM: 143, signal.SIGKILL: -9}[how], stderr[-4000:]
+    gone, alive = psutil.wait_procs(descendants, timeout=15)
+    assert not alive, f"left behind: {[(p.pid, p.name()) for p in alive]}"
+    return stderr
+
+
+@pytest.mark.slow
+def test_a_stopped_invert_leaves_no_ray_process_and_reruns_write_only_the_rest(tmp_path):
+    from tests.pipeline_helpers import face_like_png
+
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    for seed in range(48):
+        (faces / f"face{seed:02d}.png").write_bytes(face_like_png(seed))
+    write_shards(ShardConfig(input_dir=str(faces), output_dir=str(tmp_path / "shards"),
+                             report=str(tmp_path / "shard.json"), rows_per_shard=3, test_fraction=0.0))
+    torch.manual_seed(0)
+    # a 128 px generator and two style-mixed variants: ~0.1 s an image, so each stop lands mid-way
+    save_psp(build_psp(PSPArchitecture(output_size=128, encoder_input_size=64), mean_latent_samples=64),
+             tmp_path / "model.pt")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"invert": {
+        "model": "model.pt", "input": "shards", "output_dir": "latents", "report": "invert.json",
+        "lpips_backbone": "random", "batch_size": 1, "cpus_per_actor": 1, "n_outputs": 2}}))
+    files = lambda: {p.name: (p.read_bytes(), p.stat().st_mtime_ns)  # noqa: E731
+                     for p in (tmp_path / "latents").glob("shard-*.parquet")}
+
+    stderr = stop_invert_midway(tmp_path, signal.SIGTERM, at_least=2)
+    assert stderr.rstrip().splitlines()[-1] == "psp invert: terminated; finished work is kept and a rerun resumes"
+    after_term = files()
+    assert 2 <= len(after_term) < 16
+
+    stop_invert_midway(tmp_path, signal.SIGKILL, at_least=len(after_term) + 2)   # the reaper's case
+    after_kill = files()
+    assert len(after_term) < len(after_kill) < 16
+    assert all(after_kill[name] == value for name, value in after_term.items())
+
+    result = subprocess.run([PSP_CLI, "invert"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "invert.json").read_text())
+    assert report["units_skipped"] == len(after_kill) and report["images_written"] == 48 - 3 * len(after_kill)
+    final = files()
+    assert len(final) == 16 and all(final[name] == value for name, value in after_kill.items())
