@@ -154,7 +154,7 @@ def write_sample(folder: Path, cfg: SampleConfig) -> list[dict]:
 
     add("coffee.jpg", encode(Image.fromarray(skimage.data.coffee()), "JPEG", quality=90), "scikit-image coffee", "no_face")
     add("chelsea.png", encode(Image.fromarray(skimage.data.chelsea()), "PNG"), "scikit-image chelsea (a cat)", "no_face")
-    add("astronaut/two_faces.jpg", encode(side_by_side(astronaut, grace), "JPEG", quality=92),
+    add("grace_hopper/two_faces.jpg", encode(side_by_side(astronaut, grace), "JPEG", quality=92),
         "astronaut and grace_hopper side by side", "face", faces=2)
     add("grace_hopper/grayscale_grace_hopper.jpg", encode(grace.convert("L"), "JPEG", quality=90), "grayscale JPEG", "face")
     add("astronaut/alpha_astronaut.png", encode(with_alpha(astronaut), "PNG"), "RGBA PNG, transparent corners", "face")
