@@ -202,7 +202,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     n_images = int(summary["n_images"])
     random_weights = ["lpips_alexnet"] if cfg.lpips_backbone == "random" else []
     report: dict[str, Any] = {
-        "model": cfg.model,
+        "model": model.pinned,
         "registered_model": model.version.name if model.version else None,
         "model_version": str(model.version.version) if model.version else None,
         "preset": cfg.preset,
@@ -226,11 +226,14 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     if model.version is not None and cfg.log_to_mlflow:
         from pipelines.registry import record_evaluation
 
-        metrics = {k: report[k] for k in (*METRICS, "seconds_per_image", "n_images",
-                                          *(f"{m}_missing" for m in METRICS))}
+        from pipelines.lineage import shard_datasets
+
+        metrics = {k: report[k] for k in (*METRICS, "seconds_per_image")}
+        counts = {k: report[k] for k in ("n_images", *(f"{m}_missing" for m in METRICS))}
         conditions = {"dataset": report["dataset"], "id_backend": identity.name,
                       "lpips_backbone": cfg.lpips_backbone, "preset": cfg.preset}
-        record_evaluation(model.version, metrics, conditions, [cfg.report, cfg.per_image, cfg.grid])
+        dataset = shard_datasets(cfg.shards, read_manifest(cfg.shards))[cfg.split]
+        record_evaluation(model.version, metrics, counts, conditions, [cfg.report, cfg.per_image, cfg.grid], dataset)
         log.info("logged the evaluation to %s version %s (run %s)", model.version.name, model.version.version,
                  model.version.run_id)
     return report

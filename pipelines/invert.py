@@ -34,6 +34,7 @@ from psp_core.losses import require_alexnet
 log = logging.getLogger(__name__)
 
 MODEL_METADATA_KEY = b"psp.model"
+INVERT_EXPERIMENT = "psp-inversions"
 FINE_LAYERS_FROM = 8     # the reference's multi-modal synthesis mixes layers 8 and up
 
 
@@ -148,7 +149,30 @@ def invert_units(cfg: InvertConfig, units: list[Unit], checkpoint: Path, model_r
               "rows_written": written * (1 + cfg.n_outputs), "seconds": round(seconds, 3),
               "images_per_s": written / seconds if seconds else 0.0}
     write_json_atomic(cfg.report, report)
+    if model_ref.startswith("models:/"):
+        log_inversion(cfg, report)
     return report
+
+
+def log_inversion(cfg: InvertConfig, report: dict[str, Any]) -> None:
+    """An MLflow run (experiment `psp-inversions`) for an inversion by a registered encoder: its settings,
+    the shards it read (an MLflow dataset, context `inference`), speed and counts, the report."""
+    import mlflow
+
+    from pipelines import lineage, tracking
+    from psp_core.shards import read_manifest
+
+    experiment_id = tracking.ensure_experiment(INVERT_EXPERIMENT)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"invert-{cfg.input.name}") as run:
+        mlflow.log_params({k: str(v) for k, v in cfg.model_dump(mode="json").items() if k != "model"}
+                          | {"model": report["model"]})
+        mlflow.set_tags({"psp.model_version": report["model"], "psp.units_skipped": str(report["units_skipped"]),
+                         "psp.images_written": str(report["images_written"])})
+        mlflow.log_metric("images_per_s", report["images_per_s"])
+        if (cfg.input / "manifest.json").is_file():
+            dataset = lineage.shard_datasets(cfg.input, read_manifest(cfg.input))[cfg.split or "total"]
+            lineage.log_datasets(run.info.run_id, {"input": (dataset, "inference")})
+        mlflow.log_artifact(str(cfg.report))
 
 
 def rows_dataset(cfg: InvertConfig, todo: list[Unit]):

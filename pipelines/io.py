@@ -6,6 +6,7 @@ writes into (or deletes from) a folder of someone else's files.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -196,6 +197,15 @@ def read_regular_file(path: str | Path) -> bytes:
             return handle.read()
     finally:
         os.close(fd)
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file, read in chunks (checkpoints are gigabytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _umask() -> int:

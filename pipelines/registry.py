@@ -4,7 +4,6 @@ only when the evaluation is better). The `psp import-checkpoint` and `psp promot
 `psp evaluate` are thin wrappers around these functions."""
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -16,11 +15,12 @@ from typing import Any, Mapping
 
 import mlflow
 import torch
-from mlflow.entities import Metric, Param
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from pipelines import tracking
+from pipelines.io import file_sha256
 from psp_core import load_psp
 from psp_core.errors import InputError
 
@@ -89,15 +89,6 @@ def resolve_version(ref: VersionRef) -> ModelVersion:
         raise InputError(f"{ref.name} has no version {ref.ref}") from None
 
 
-def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a file, read in chunks (checkpoints are gigabytes)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def opts_params(opts: Mapping[str, Any]) -> list[Param]:
     """A checkpoint's `opts` as MLflow params: values stringified, keys and values cut to MLflow's limits."""
     return [Param(str(key)[:MLFLOW_PARAM_KEY_LIMIT], str(value)[:MLFLOW_PARAM_VALUE_LIMIT])
@@ -126,6 +117,9 @@ def import_checkpoint(path: str | Path, name: str = tracking.DEFAULT_REGISTERED_
         for start in range(0, len(params), MLFLOW_BATCH_LIMIT):
             client.log_batch(run.info.run_id, params=params[start:start + MLFLOW_BATCH_LIMIT])
         version = tracking.log_encoder(path, name, alias, net=net)
+    tracking.describe_version(version, f"pSp encoder ({net.arch.encoder_type}) imported by `psp import-checkpoint` "
+                                       f"from {source}: {net.arch.encoder_input_size} px input, "
+                                       f"{net.arch.output_size} px generator; its training data is not recorded.")
     return version
 
 
@@ -139,22 +133,31 @@ def higher_is_better(metric: str) -> bool:
     return eval_key(metric)[len(EVAL_PREFIX):] in HIGHER_IS_BETTER
 
 
-def record_evaluation(version: ModelVersion, metrics: Mapping[str, float | None],
-                      conditions: Mapping[str, str], files: list[Path]) -> None:
-    """Log an evaluation onto a registered version: metrics and report files on the version's run,
-    and every metric and condition as `eval_*` version tags for `psp promote` to compare."""
+def record_evaluation(version: ModelVersion, metrics: Mapping[str, float | None], counts: Mapping[str, int],
+                      conditions: Mapping[str, str], files: list[Path], dataset: Any = None) -> None:
+    """Log an evaluation onto a registered version: metrics (what a person plots), the data it read
+    (an MLflow dataset, context `evaluation`) and the report files on the version's run; counts and
+    conditions as tags (bookkeeping, not charts); every metric and condition as `eval_*` version tags
+    for `psp promote`; and a summary in the version's description."""
     client = mlflow.MlflowClient()
     present = {eval_key(k): float(v) for k, v in metrics.items() if v is not None and math.isfinite(v)}
+    bookkeeping = {eval_key(k): str(v) for k, v in {**counts, **conditions}.items()}
     if version.run_id:
         stamp = int(time.time() * 1000)
-        client.log_batch(version.run_id, metrics=[Metric(k, v, stamp, 0) for k, v in present.items()])
+        client.log_batch(version.run_id, metrics=[Metric(k, v, stamp, 0) for k, v in present.items()],
+                         tags=[RunTag(k, v) for k, v in bookkeeping.items()])
+        if dataset is not None:
+            from pipelines.lineage import log_datasets
+
+            log_datasets(version.run_id, {"evaluated": (dataset, "evaluation")})
         for path in files:
             client.log_artifact(version.run_id, str(path), artifact_path=EVAL_ARTIFACT_FOLDER)
     else:
         log.warning("%s version %s has no run: evaluation kept as version tags only", version.name, version.version)
-    for key, value in {**{k: repr(v) for k, v in present.items()},
-                       **{eval_key(k): v for k, v in conditions.items()}}.items():
+    for key, value in {**{k: repr(v) for k, v in present.items()}, **bookkeeping}.items():
         client.set_model_version_tag(version.name, version.version, key, value)
+    summary = ", ".join(f"{k[len(EVAL_PREFIX):]}={v:.4g}" for k, v in present.items())
+    tracking.describe_evaluation(version, f"{summary} ({', '.join(f'{k}={v}' for k, v in {**counts, **conditions}.items())}).")
 
 
 def version_eval(version: ModelVersion, metric: str) -> float | None:

@@ -91,6 +91,36 @@ def log_encoder(checkpoint: Path, registered_model: str | None = DEFAULT_REGISTE
     return mlflow.MlflowClient().get_model_version(registered_model, str(version))
 
 
+REGISTERED_MODEL_DESCRIPTION = (
+    "pSp-family image encoders (pixel2style2pixel): each version maps face images to W+ codes of its StyleGAN2 "
+    "generator. Input: images float32 [N, C, H, W] in [-1, 1] (C = 3 for photos; H = W = the version's encoder "
+    "input size). Output: W+ codes float32 [N, n_styles, 512]. Call: "
+    "mlflow.pyfunc.load_model('models:/NAME@champion').predict(images); `psp invert` and `psp evaluate` take "
+    "the same URI. Versions come from `psp train` (their run holds params, datasets, weights fingerprints) or "
+    "`psp import-checkpoint`; `psp evaluate` adds eval_* tags, `psp lineage URI` traces a version to its data."
+)
+EVALUATION_HEADING = "\n\nEvaluation: "
+
+
+def describe_version(version: ModelVersion, text: str) -> None:
+    """Set a version's description (what it is); an evaluation paragraph already there is kept. The
+    registered model gets its general description on first use."""
+    client = mlflow.MlflowClient()
+    if not client.get_registered_model(version.name).description:
+        client.update_registered_model(version.name, description=REGISTERED_MODEL_DESCRIPTION)
+    current = client.get_model_version(version.name, str(version.version)).description or ""
+    evaluation = current[current.index(EVALUATION_HEADING):] if EVALUATION_HEADING in current else ""
+    client.update_model_version(version.name, str(version.version), description=text + evaluation)
+
+
+def describe_evaluation(version: ModelVersion, summary: str) -> None:
+    """Replace the evaluation paragraph of a version's description with `summary`."""
+    client = mlflow.MlflowClient()
+    current = client.get_model_version(version.name, str(version.version)).description or ""
+    base = current.split(EVALUATION_HEADING)[0]
+    client.update_model_version(version.name, str(version.version), description=base + EVALUATION_HEADING + summary)
+
+
 def _version(package: str) -> str:
     from importlib.metadata import version
     return version(package)

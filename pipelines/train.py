@@ -24,13 +24,13 @@ import torch
 
 from pipelines.config import load_section
 from pipelines.sections import TrainConfig
-from pipelines.io import write_json_atomic
+from pipelines.io import file_sha256, write_json_atomic
 from psp_core import build_psp
 from psp_core.errors import InputError
 from psp_core.engine import BEST_CHECKPOINT, LAST_CHECKPOINT, Trainer, prepare_for_training
 from psp_core.losses import PSPLoss, require_alexnet
 from psp_core.presets import PresetTransform, get_preset
-from psp_core.shards import decode_images, read_manifest, shard_paths
+from psp_core.shards import MANIFEST_FILE, decode_images, read_manifest, shard_paths
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +117,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if counts.get("train", 0) < cfg.batch_size * cfg.num_workers:
         raise InputError(f"{counts.get('train', 0)} training rows cannot fill one batch of {cfg.batch_size} "
                          f"on each of {cfg.num_workers} workers")
-    manifest_hash = hashlib.sha256((cfg.shards / "manifest.json").read_bytes()).hexdigest()
-    run_name = run_name_for(cfg, manifest_hash)
+    run_name = run_name_for(cfg, file_sha256(cfg.shards / MANIFEST_FILE))
     random_nets = random_weight_networks(cfg)
     for net in random_nets:
         log.warning("RANDOM WEIGHTS: %s runs on random weights (its file is absent or random was requested)", net)
@@ -126,7 +125,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     uri = tracking.use_tracking_store()
     experiment_id = tracking.ensure_experiment(cfg.experiment)
     client = mlflow.MlflowClient()
-    run_id, finished_version = find_or_create_run(client, experiment_id, run_name, cfg, manifest_hash, random_nets)
+    run_id, finished_version = find_or_create_run(client, experiment_id, run_name, cfg, manifest, random_nets)
     if finished_version is not None:
         log.info("run %s already finished and registered as version %s", run_name, finished_version)
         return write_report(cfg, run_id, run_name, finished_version, client)
@@ -164,13 +163,29 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             version = tracking.log_encoder(chosen, cfg.registered_model, cfg.alias)
             mlflow.set_tag(VERSION_TAG, version.version)
             mlflow.set_tag("psp.registered_checkpoint", chosen.name)
-    return write_report(cfg, run_id, run_name, version.version, client)
+    summary = write_report(cfg, run_id, run_name, version.version, client)
+    tracking.describe_version(version, version_description(cfg, summary["steps"], manifest, random_nets))
+    return summary
 
 
-def find_or_create_run(client: Any, experiment_id: str, run_name: str, cfg: TrainConfig, manifest_hash: str,
+def version_description(cfg: TrainConfig, steps: int, manifest: dict, random_nets: list[str]) -> str:
+    """What a trained version is, for the registry page: family, preset, sizes, steps, data, weights."""
+    rows = manifest["rows"]
+    weights = ("RANDOM WEIGHTS: " + ", ".join(random_nets).upper() + " (not comparable with published numbers)"
+               if random_nets else "all networks from pretrained weights")
+    return (f"pSp encoder ({cfg.encoder_type}), preset {cfg.preset}: {cfg.encoder_input_size} px input, "
+            f"{cfg.output_size} px generator, trained {steps} steps by `psp train` on shards "
+            f"{file_sha256(cfg.shards / MANIFEST_FILE)[:16]} ({rows.get('train', 0)} train / "
+            f"{rows.get('test', 0)} test rows). {weights}.")
+
+
+def find_or_create_run(client: Any, experiment_id: str, run_name: str, cfg: TrainConfig, manifest: dict,
                        random_nets: list[str]) -> tuple[str, str | None]:
-    """The MLflow run of this Ray run name (to resume into), or a new one with params and tags.
+    """The MLflow run of this Ray run name (to resume into), or a new one with params, tags (the weights'
+    fingerprints among them) and its training and test shards as MLflow datasets.
     Returns (run_id, registered version if that run already finished)."""
+    from pipelines import lineage
+
     found = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
                                max_results=1, order_by=["attributes.start_time DESC"])
     if found:
@@ -185,15 +200,28 @@ def find_or_create_run(client: Any, experiment_id: str, run_name: str, cfg: Trai
         "mlflow.runName": run_name,
         "psp.preset": cfg.preset,
         "psp.git_commit": git_commit(),
-        "psp.shard_manifest_sha256": manifest_hash,
+        "psp.shard_manifest_sha256": file_sha256(cfg.shards / MANIFEST_FILE),
         "psp.random_weights": ",".join(random_nets) or "none",
+        **{lineage.WEIGHTS_TAG_PREFIX + name: fingerprint for name, fingerprint in weights_used(cfg).items()},
     }
     run = client.create_run(experiment_id, tags=tags, run_name=run_name)
     from mlflow.entities import Param
     params = [Param(k, v[:6000]) for k, v in flat_params(cfg).items()]
     for start in range(0, len(params), 100):
         client.log_batch(run.info.run_id, params=params[start:start + 100])
+    datasets = lineage.shard_datasets(cfg.shards, manifest)
+    lineage.log_datasets(run.info.run_id, {"train": (datasets["train"], "training"),
+                                           "test": (datasets["test"], "evaluation")})
     return run.info.run_id, None
+
+
+def weights_used(cfg: TrainConfig) -> dict[str, str]:
+    """The fingerprint (`sha256:...` or `random`) of each network's starting weights."""
+    from pipelines.lineage import RANDOM, weights_fingerprint
+    from psp_core.losses import alexnet_cache_path
+
+    return {"generator": weights_fingerprint(cfg.generator), "irse50": weights_fingerprint(cfg.irse50),
+            "lpips_alexnet": RANDOM if cfg.lpips_backbone == "random" else weights_fingerprint(alexnet_cache_path())}
 
 
 def write_report(cfg: TrainConfig, run_id: str, run_name: str, version: str, client: Any) -> dict[str, Any]:

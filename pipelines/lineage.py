@@ -1,0 +1,280 @@
+"""`psp lineage MODEL_URI`: where an encoder came from, every link checked against the files.
+
+The chain: registered version -> training run (params, git commit, start/end) -> the datasets it
+read (MLflow datasets: digest = the shard manifest's sha256, rows, source) -> the DVC stages that
+produced those shards (their `dvc.lock` hashes at the run's commit) -> the weights files the run
+started from (sha256, or RANDOM) -> the version's evaluation. Each link that can be recomputed
+from files on this machine is: the manifest hash, every shard file's sha256, the weights files.
+
+This module also owns how a run records that chain: the shard datasets it logs as MLflow inputs
+and the weights fingerprints it tags.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipelines.io import file_sha256
+from psp_core.errors import InputError
+
+WEIGHTS_TAG_PREFIX = "psp.weights."
+DIGEST_CHARS = 32   # MLflow keeps dataset digests of at most 36 characters: the manifest's sha256, first 128 bits
+RANDOM = "random"
+
+
+def weights_fingerprint(path: Path | None) -> str:
+    """`sha256:<hex>` of a weights file, or `random` when the network runs on random weights."""
+    return f"sha256:{file_sha256(path)}" if path is not None and path.is_file() else RANDOM
+
+
+# ----------------------------------------------------------------------------- recording
+
+def shard_datasets(shards: Path, manifest: dict) -> dict[str, Any]:
+    """One MLflow dataset per split of a shard folder (and `total` for all rows): name `shards/<split>`,
+    digest = the manifest's sha256 (first 32 hex digits), source = the folder, the shard schema, and the split's row count."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.types import ColSpec, DataType, Schema
+
+    class ShardDataset(MetaDataset):
+        """Shards by reference: metadata and counts, not the image bytes."""
+
+        def __init__(self, rows: int, **kwargs: Any) -> None:
+            self._rows = rows
+            super().__init__(**kwargs)
+
+        @property
+        def profile(self) -> dict[str, int]:
+            return {"num_rows": self._rows}
+
+        def to_dict(self) -> dict[str, str]:
+            return super().to_dict() | {"profile": json.dumps(self.profile)}
+
+    digest = file_sha256(shards / "manifest.json")[:DIGEST_CHARS]
+    schema = Schema([ColSpec(DataType.string, "id"), ColSpec(DataType.binary, "image"),
+                     ColSpec(DataType.integer, "width"), ColSpec(DataType.integer, "height"),
+                     ColSpec(DataType.string, "source_path"), ColSpec(DataType.string, "split")])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)   # "can be interpreted in multiple ways": a local folder
+        source = resolve_dataset_source(str(shards.resolve()))
+    return {split: ShardDataset(rows=int(manifest["rows"].get(split, 0)), source=source,
+                                name=f"shards/{split}", digest=digest, schema=schema)
+            for split in ("train", "test", "total")}
+
+
+def log_datasets(run_id: str, datasets: dict[str, tuple[Any, str]]) -> None:
+    """Log datasets as inputs of a run, each with its context (`training`, `evaluation`, `inference`)."""
+    import mlflow
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    inputs = [DatasetInput(dataset._to_mlflow_entity(), [InputTag(MLFLOW_DATASET_CONTEXT, context)])
+              for dataset, context in datasets.values()]
+    mlflow.MlflowClient().log_inputs(run_id, datasets=inputs)
+
+
+# ----------------------------------------------------------------------------- reading it back
+
+@dataclass(frozen=True)
+class Check:
+    """One link recomputed from files: what, the recorded value, what the files say now, and the verdict."""
+
+    what: str
+    recorded: str
+    found: str
+
+    @property
+    def verdict(self) -> str:
+        if self.found in ("absent", "unknown"):
+            return "not checked (" + self.found + ")"
+        return "matches" if self.found == self.recorded else "DOES NOT MATCH"
+
+
+def lineage(model_uri: str, repo: Path = Path(".")) -> dict[str, Any]:
+    """The chain behind a registered version, as a JSON-ready dict, with every recomputable link checked."""
+    import mlflow
+
+    from pipelines import registry, tracking
+
+    tracking.use_tracking_store()
+    ref = registry.parse_registry_uri(model_uri)
+    if ref is None:
+        raise InputError(f"{model_uri!r}: give a registered version, models:/NAME/VERSION or models:/NAME@ALIAS")
+    version = registry.resolve_version(ref)
+    client = mlflow.MlflowClient()
+    if not version.run_id:
+        raise InputError(f"{model_uri}: version {version.version} has no MLflow run to trace")
+    run = client.get_run(version.run_id)
+    tags, params = run.data.tags, run.data.params
+    commit = tags.get("psp.git_commit", "unknown")
+    datasets = [dataset_link(item) for item in run.inputs.dataset_inputs]
+    sources = sorted({d["source"] for d in datasets})
+    return {
+        "version": {"name": version.name, "version": str(version.version), "aliases": list(version.aliases or []),
+                    "description": version.description or "", "source": tags.get(registry.SOURCE_TAG)},
+        "run": {"id": run.info.run_id, "name": run.info.run_name, "status": run.info.status,
+                "start": _time(run.info.start_time), "end": _time(run.info.end_time), "git_commit": commit,
+                "params": dict(sorted(params.items()))},
+        "datasets": datasets,
+        "dvc_stages": dvc_stages(repo, commit, sources),
+        "weights": weights_links(tags, params),
+        "evaluation": {k: v for k, v in sorted((version.tags or {}).items()) if k.startswith(registry.EVAL_PREFIX)},
+    }
+
+
+def dataset_link(item: Any) -> dict[str, Any]:
+    """A logged dataset input, checked against the shard folder it names (manifest hash, each shard's sha256)."""
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    dataset = item.dataset
+    source = json.loads(dataset.source).get("uri", dataset.source)
+    context = next((t.value for t in item.tags if t.key == MLFLOW_DATASET_CONTEXT), "")
+    rows = json.loads(dataset.profile).get("num_rows") if dataset.profile else None
+    checks = [asdict_check(c) for c in shard_checks(Path(source), dataset.digest)]
+    return {"name": dataset.name, "context": context, "digest": dataset.digest, "rows": rows, "source": source,
+            "checks": checks}
+
+
+def shard_checks(folder: Path, digest: str) -> list[Check]:
+    """The manifest's sha256 against the recorded digest, and each shard file against the manifest."""
+    manifest_path = folder / "manifest.json"
+    if not manifest_path.is_file():
+        return [Check(f"{manifest_path}", digest, "absent")]
+    checks = [Check(f"{manifest_path} sha256", digest, file_sha256(manifest_path)[:len(digest)])]
+    try:
+        entries = json.loads(manifest_path.read_text())["shards"]
+    except (ValueError, KeyError):
+        return checks
+    for entry in entries:
+        path = folder / entry["file"]
+        checks.append(Check(f"{path} sha256", entry["sha256"], file_sha256(path) if path.is_file() else "absent"))
+    return checks
+
+
+def weights_links(tags: dict[str, str], params: dict[str, str]) -> list[dict[str, str]]:
+    """The weights the run started from (recorded fingerprints) and whether the files at the recorded
+    paths are still those."""
+    links = []
+    for key in sorted(k for k in tags if k.startswith(WEIGHTS_TAG_PREFIX)):
+        network, recorded = key[len(WEIGHTS_TAG_PREFIX):], tags[key]
+        path = params.get(network) if network in ("generator", "irse50") else None
+        found = "unknown"
+        if recorded == RANDOM:
+            found = RANDOM
+        elif path and Path(path).is_file():
+            found = f"sha256:{file_sha256(Path(path))}"
+        elif path:
+            found = "absent"
+        links.append({"network": network, "path": path or "", **asdict_check(Check(network, recorded, found))})
+    return links
+
+
+def dvc_stages(repo: Path, commit: str, sources: list[str]) -> dict[str, Any]:
+    """The `dvc.lock` entries of the stages whose outputs are the given shard folders, and of the stages
+    upstream of them (align, sample), from the lock file at `commit` when git has it, else the working tree's."""
+    lock, where = None, "absent"
+    if commit != "unknown":
+        shown = subprocess.run(["git", "show", f"{commit}:dvc.lock"], cwd=repo, capture_output=True, text=True)
+        if shown.returncode == 0:
+            lock, where = yaml.safe_load(shown.stdout), f"dvc.lock at commit {commit[:12]}"
+    if lock is None and (repo / "dvc.lock").is_file():
+        lock, where = yaml.safe_load((repo / "dvc.lock").read_text()), "dvc.lock of the working tree"
+    if not lock:
+        return {"from": where, "stages": {}}
+    stages = lock.get("stages", {})
+    root = repo.resolve()
+    wanted = {_relative(Path(s), root) for s in sources}
+    chosen: dict[str, Any] = {}
+    while wanted:
+        path = wanted.pop()
+        for name, stage in stages.items():
+            outs = {o["path"]: o.get("md5") for o in stage.get("outs", [])}
+            if path in outs and name not in chosen:
+                chosen[name] = {"cmd": stage.get("cmd"), "outs": outs,
+                                "deps": {d["path"]: d.get("md5") for d in stage.get("deps", [])}}
+                wanted |= {d["path"] for d in stage.get("deps", []) if not d["path"].endswith(".py")}
+    return {"from": where, "stages": chosen}
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return path.resolve().relative_to(root).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
+def asdict_check(check: Check) -> dict[str, str]:
+    return {"what": check.what, "recorded": check.recorded, "found": check.found, "verdict": check.verdict}
+
+
+def _time(millis: int | None) -> str | None:
+    from datetime import datetime, timezone
+
+    return None if millis is None else datetime.fromtimestamp(millis / 1000, timezone.utc).isoformat(timespec="seconds")
+
+
+# ----------------------------------------------------------------------------- the command
+
+EVAL_SHOWN = ("eval_l2", "eval_lpips", "eval_ms_ssim", "eval_id_similarity", "eval_seconds_per_image")
+KEY_PARAMS = ("preset", "encoder_type", "output_size", "encoder_input_size", "max_steps", "batch_size",
+              "num_workers", "learning_rate", "shards")
+
+
+def render(chain: dict[str, Any]) -> str:
+    """One screen of text: the chain top to bottom, every check with its verdict."""
+    v, run = chain["version"], chain["run"]
+    aliases = " ".join(f"@{a}" for a in v["aliases"])
+    lines = [f"{v['name']} version {v['version']} {aliases}".rstrip()]
+    if v["source"]:
+        lines.append(f"  imported from {v['source']}")
+    lines.append(f"  run {run['id']} ({run['name']}, {run['status']}) {run['start']} -> {run['end']}")
+    lines.append(f"  git commit {run['git_commit']}")
+    shown = [f"{k}={run['params'][k]}" for k in KEY_PARAMS if k in run["params"]]
+    if shown:
+        lines.append("  params " + " ".join(shown))
+    for dataset in chain["datasets"]:
+        lines.append(f"  dataset {dataset['name']} ({dataset['context']}): {dataset['rows']} rows, "
+                     f"digest {dataset['digest'][:16]}, source {dataset['source']}")
+        bad = [c for c in dataset["checks"] if c["verdict"] != "matches"]
+        ok = len(dataset["checks"]) - len(bad)
+        lines.append(f"    {ok} of {len(dataset['checks'])} files match the recorded hashes")
+        lines.extend(f"    {c['verdict']}: {c['what']} (recorded {c['recorded'][:16]}, now {c['found'][:16]})"
+                     for c in bad)
+    dvc = chain["dvc_stages"]
+    lines.append(f"  produced by ({dvc['from']}):")
+    for name, stage in dvc["stages"].items():
+        outs = ", ".join(f"{p} {str(m)[:12]}" for p, m in stage["outs"].items())
+        lines.append(f"    {name}: `{stage['cmd']}` -> {outs}")
+    if not dvc["stages"]:
+        lines.append("    no dvc.lock stage lists these datasets")
+    for weights in chain["weights"]:
+        recorded = "RANDOM weights" if weights["recorded"] == RANDOM else weights["recorded"][:23]
+        lines.append(f"  weights {weights['network']}: {recorded} ({weights['verdict']})")
+    evaluation = chain["evaluation"]
+    if evaluation:
+        values = [f"{k[5:]}={float(evaluation[k]):.4g}" for k in EVAL_SHOWN if k in evaluation]
+        lines.append(f"  evaluation on {evaluation.get('eval_dataset', '?')}: " + " ".join(values))
+    else:
+        lines.append("  evaluation: none (run `psp evaluate`)")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL_URI", help="models:/NAME/VERSION or models:/NAME@ALIAS")
+    parser.add_argument("--json", action="store_true", help="print the chain as JSON (for machines)")
+    parser.epilog = ("Reads the MLflow store (MLFLOW_TRACKING_URI, else sqlite:///mlflow/mlflow.db) and, when run "
+                     "in the repository, git and dvc.lock. Exit status 1 when a recomputed hash does not match.")
+
+
+def run(args: argparse.Namespace) -> int:
+    chain = lineage(args.model)
+    print(json.dumps(chain, indent=2) if args.json else render(chain))
+    verdicts = [c["verdict"] for d in chain["datasets"] for c in d["checks"]] + [w["verdict"] for w in chain["weights"]]
+    return 1 if "DOES NOT MATCH" in verdicts else 0
