@@ -111,6 +111,8 @@ def describe_version(version: ModelVersion, text: str) -> None:
     current = client.get_model_version(version.name, str(version.version)).description or ""
     evaluation = current[current.index(EVALUATION_HEADING):] if EVALUATION_HEADING in current else ""
     client.update_model_version(version.name, str(version.version), description=text + evaluation)
+    if version.run_id:
+        client.set_tag(version.run_id, "mlflow.note.content", text)   # the run page's Description
 
 
 def describe_evaluation(version: ModelVersion, summary: str) -> None:
