@@ -242,6 +242,7 @@ class Inverter:
 
     def __call__(self, table: pa.Table) -> pa.Table:
         from psp_core.devices import autocast
+        from psp_core.psp import POOLED_SIZE
         from psp_core.metrics import l2_per_image
         from psp_core.shards import decode_image
 
@@ -262,7 +263,8 @@ class Inverter:
             source, target = source.to(self.device), target.to(self.device)
             with torch.inference_mode(), autocast(self.device, self.cfg.precision):
                 output, latents = self.net(source, resize=False, randomize_noise=False, return_latents=True)
-                pooled = torch.nn.functional.adaptive_avg_pool2d(output.float(), (256, 256))
+                # scored as evaluate scores: the 256 px output clamped to the image range it is saved in
+                pooled = torch.nn.functional.adaptive_avg_pool2d(output.float(), (POOLED_SIZE, POOLED_SIZE)).clamp(-1, 1)
                 l2 = l2_per_image(pooled, target)
                 lpips = self.lpips(pooled, target).flatten()
                 variants = self.variants(latents, [ids[i] for i in good])

@@ -1,5 +1,6 @@
 """psp_core: the pSp (pixel2style2pixel) library in pure PyTorch: StyleGAN2 generator, IR-SE
-encoders, the pSp model and the public checkpoint formats. No Ray, MLflow or DVC in here.
+encoders, the pSp model (and its ReStyle and e4e families), ReStyle's refinement and the public
+checkpoint formats. No Ray, MLflow or DVC in here.
 
 Names are imported on first use, so `psp_core.align` or `psp_core.shards` alone never pay for torch.
 """
@@ -17,6 +18,7 @@ _EXPORTS = {
     "read_generator_checkpoint": "psp_core.checkpoints",
     "save_psp": "psp_core.checkpoints",
     "IRSEBackbone": "psp_core.irse",
+    "refine": "psp_core.inference",
     "PSP": "psp_core.psp",
     "PSPArchitecture": "psp_core.options",
     "n_styles_for": "psp_core.options",

@@ -2,7 +2,9 @@
 
 - StyleGAN2 generator: `{'g_ema': state_dict, 'latent_avg': [512] (optional), ...}`
 - ArcFace IR-SE50: a bare state dict (`model_ir_se50.pth`)
-- pSp: `{'state_dict': encoder.* + decoder.*, 'opts': dict, 'latent_avg': [512] or [n_styles, 512]}`
+- pSp: `{'state_dict': encoder.* + decoder.*, 'opts': dict, 'latent_avg': [512] or [n_styles, 512]}`,
+  and the same layout for ReStyle-pSp, ReStyle-e4e and e4e (family read from `opts`; entries beside
+  these three, such as `optimizer` or e4e's `discriminator_state_dict`, are not part of the model)
 """
 from __future__ import annotations
 
@@ -169,7 +171,8 @@ def load_irse50(path: str | Path) -> IRSEBackbone:
 
 
 def load_psp(path: str | Path, device: str | torch.device = "cpu") -> PSP:
-    """A pSp checkpoint (released or ours) -> model in eval mode, architecture read from its `opts`."""
+    """A pSp, ReStyle or e4e checkpoint (released or ours) -> model in eval mode, architecture and
+    family read from its `opts`; only `state_dict`, `opts` and `latent_avg` are read."""
     ckpt = read_checkpoint(path)
     state = _require(ckpt, "state_dict", path)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -178,12 +181,13 @@ def load_psp(path: str | Path, device: str | torch.device = "cpu") -> PSP:
     latent_avg = ckpt.get("latent_avg")
     if latent_avg is not None and not isinstance(latent_avg, torch.Tensor):
         raise CheckpointError(f"{path}: 'latent_avg' must be a tensor, got {type(latent_avg).__name__}")
-    if latent_avg is None and isinstance(opts, dict) and opts.get("start_from_latent_avg"):
-        raise CheckpointError(f"{path}: opts say start_from_latent_avg but the file has no 'latent_avg'")
     try:
         arch = PSPArchitecture.from_opts(opts, has_latent_avg=latent_avg is not None)
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{path}: unusable 'opts': {err}") from None
+    if latent_avg is None and arch.start_from_latent_avg:
+        raise CheckpointError(f"{path}: a {arch.family} model that starts from latent_avg, but the file has no "
+                              "'latent_avg'")
     net = PSP(arch)
     load_strict(net.encoder, sub_state(state, "encoder"), f"{path} encoder")
     load_strict(net.decoder, sub_state(state, "decoder"), f"{path} decoder")

@@ -12,15 +12,28 @@ from typing import Any, Literal, Mapping
 
 from psp_core.errors import InputError
 
+Family = Literal["psp", "restyle_psp", "restyle_e4e", "e4e"]
 Precision = Literal["fp32", "bf16", "fp16"]
 PresetName = Literal["encode", "frontalize", "sketch_to_face", "seg_to_face", "super_resolution", "toonify"]
 OptimizerName = Literal["ranger", "adam"]
 
-ENCODER_TYPES = (
-    "GradualStyleEncoder",                       # pSp: feature pyramid, one map2style per style
-    "BackboneEncoderUsingLastLayerIntoW",        # one W code for every style
-    "BackboneEncoderUsingLastLayerIntoWPlus",    # W+ from the last backbone layer
-)
+FAMILY_ENCODERS = {
+    # pSp: one pass, image -> W+ (Richardson et al.)
+    "psp": ("GradualStyleEncoder",                      # feature pyramid, one map2style per style
+            "BackboneEncoderUsingLastLayerIntoW",       # one W code for every style
+            "BackboneEncoderUsingLastLayerIntoWPlus"),  # W+ from the last backbone layer
+    # ReStyle-pSp: iterative refinement, the encoder sees target + last output and adds a residual
+    "restyle_psp": ("GradualStyleEncoder", "BackboneEncoder",          # IR-SE body (faces)
+                    "ResNetGradualStyleEncoder", "ResNetBackboneEncoder"),  # ResNet-34 body (other domains)
+    # ReStyle-e4e: as ReStyle-pSp, with e4e's W + per-style deltas
+    "restyle_e4e": ("ProgressiveBackboneEncoder", "ResNetProgressiveBackboneEncoder"),
+    # e4e: one pass, W plus per-style deltas from a feature pyramid (the editable one)
+    "e4e": ("Encoder4Editing",),
+}
+"""Encoder families and the encoder types each builds; the family decides how the model is run."""
+ENCODER_TYPES = tuple(dict.fromkeys(t for types in FAMILY_ENCODERS.values() for t in types))
+RESTYLE_FAMILIES = ("restyle_psp", "restyle_e4e")
+REFINED_CHANNELS = 3   # ReStyle's extra input channels: the previous output (RGB)
 W_ENCODER = "BackboneEncoderUsingLastLayerIntoW"
 
 
@@ -52,6 +65,7 @@ class PSPArchitecture:
     stylegan_channel_multiplier: int = _doc(2, "StyleGAN2 channel multiplier (2 for config-f)")
     style_dim: int = _doc(512, "width of W")
     n_mlp: int = _doc(8, "layers of the generator's mapping network")
+    family: Family = _doc("psp", f"encoder family, how the model is run: one of {', '.join(FAMILY_ENCODERS)}")
 
     def __post_init__(self) -> None:
         """Refuse values no network can be built from, naming the option."""
@@ -62,6 +76,15 @@ class PSPArchitecture:
                 raise InputError(f"{name} must be a positive integer, got {value!r}")
         if self.encoder_type not in ENCODER_TYPES:
             raise InputError(f"unknown encoder_type {self.encoder_type!r}; one of {', '.join(ENCODER_TYPES)}")
+        if self.family not in FAMILY_ENCODERS:
+            raise InputError(f"unknown family {self.family!r}; one of {', '.join(FAMILY_ENCODERS)}")
+        if self.encoder_type not in FAMILY_ENCODERS[self.family]:
+            raise InputError(f"encoder_type {self.encoder_type} is not a {self.family} encoder; "
+                             f"one of {', '.join(FAMILY_ENCODERS[self.family])}")
+        if self.family in RESTYLE_FAMILIES and not (self.start_from_latent_avg and self.input_nc > REFINED_CHANNELS):
+            raise InputError(f"a {self.family} encoder starts from latent_avg and sees the target plus the last "
+                             f"output (input_nc > {REFINED_CHANNELS}), got start_from_latent_avg="
+                             f"{self.start_from_latent_avg}, input_nc={self.input_nc}")
         if self.learn_in_w != (self.encoder_type == W_ENCODER):
             raise InputError(f"learn_in_w goes with encoder_type {W_ENCODER} and only with it")
         if not 16 <= self.output_size <= 1024 or self.output_size & (self.output_size - 1):
@@ -72,11 +95,18 @@ class PSPArchitecture:
     @classmethod
     def from_opts(cls, opts: Mapping[str, Any], has_latent_avg: bool = True) -> "PSPArchitecture":
         """Read the architecture from a (reference or our) `opts` dict; absent keys take the
-        reference defaults, and `start_from_latent_avg` defaults to whether a latent_avg is stored."""
+        reference defaults, and `start_from_latent_avg` defaults to whether a latent_avg is stored.
+        e4e's `stylegan_size` is the output size; the family is read with `family_of`; ReStyle
+        always starts from latent_avg (its reference ignores the option)."""
         if not isinstance(opts, Mapping):
             raise InputError(f"'opts' must be a dict of options, got {type(opts).__name__}")
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in opts.items() if k in known and v is not None}
+        if "output_size" not in values and opts.get("stylegan_size") is not None:
+            values["output_size"] = opts["stylegan_size"]
+        values["family"] = family_of(opts)
+        if values["family"] in RESTYLE_FAMILIES:
+            values["start_from_latent_avg"] = True
         values.setdefault("start_from_latent_avg", has_latent_avg)
         values.setdefault("learn_in_w", values.get("encoder_type") == W_ENCODER)
         return cls(**values)
@@ -84,6 +114,18 @@ class PSPArchitecture:
     @property
     def n_styles(self) -> int:
         return n_styles_for(self.output_size)
+
+
+def family_of(opts: Mapping[str, Any]) -> str:
+    """The encoder family of an `opts` dict: its `family` (ours), else what its encoder type builds;
+    a GradualStyleEncoder is ReStyle's when the opts carry ReStyle's `n_iters_per_batch`."""
+    if opts.get("family") is not None:
+        return opts["family"]
+    encoder_type = opts.get("encoder_type") or PSPArchitecture.encoder_type
+    if encoder_type in FAMILY_ENCODERS["psp"] and "n_iters_per_batch" not in opts:
+        return "psp"
+    return next((family for family, types in FAMILY_ENCODERS.items() if family != "psp" and encoder_type in types),
+                "psp")   # an unknown encoder type: PSPArchitecture names it
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,8 @@
-"""The pSp model: an encoder into W+ of a StyleGAN2 generator, codes relative to the average latent."""
+"""The pSp model: an encoder into W+ of a StyleGAN2 generator, codes relative to the average latent.
+
+The same model holds the ReStyle and e4e families (`arch.family`): e4e runs through `forward` like
+pSp; ReStyle's refinement loop (`psp_core.inference.refine`) uses `encode(x, previous=...)`.
+"""
 from __future__ import annotations
 
 from dataclasses import asdict
@@ -9,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from psp_core.encoders import ENCODERS
-from psp_core.options import PSPArchitecture, n_styles_for
+from psp_core.options import PSPArchitecture
 from psp_core.stylegan2 import Generator
 
 POOLED_SIZE = 256   # `resize=True` pools outputs to the 256x256 the losses and the reference use
@@ -45,9 +49,12 @@ class PSP(nn.Module):
             raise ValueError(f"latent_avg has {latent_avg.shape[0]} styles, the model has {rows}")
         self.latent_avg = latent_avg.to(self.decoder.input.input.device)
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Image -> W+ code [N, n_styles, 512] (or w [N, 512] with learn_in_w), latent_avg added."""
+    def encode(self, x: torch.Tensor, previous: torch.Tensor | None = None) -> torch.Tensor:
+        """Image -> W+ code [N, n_styles, 512] (or w [N, 512] with learn_in_w), latent_avg added;
+        with `previous` (ReStyle's last code [N, n_styles, 512]) the encoder's residual is added to it instead."""
         codes = self.encoder(x)
+        if previous is not None:
+            return codes + previous.to(codes.dtype)
         if self.arch.start_from_latent_avg:
             if self.latent_avg is None:
                 raise RuntimeError("start_from_latent_avg is set but the model has no latent_avg")
@@ -71,8 +78,11 @@ class PSP(nn.Module):
     @property
     def opts(self) -> dict[str, Any]:
         """The checkpoint `opts`: our architecture plus the reference keys its loaders read."""
-        return {**asdict(self.arch), "n_styles": self.n_styles, "label_nc": 0 if self.arch.input_nc == 3 else self.arch.input_nc,
-                "checkpoint_path": None, "device": "cuda:0"}
+        opts = {**asdict(self.arch), "n_styles": self.n_styles, "checkpoint_path": None, "device": "cuda:0",
+                "label_nc": 0 if self.arch.input_nc == 3 or self.arch.family != "psp" else self.arch.input_nc}
+        if self.arch.family == "e4e":
+            opts["stylegan_size"] = self.arch.output_size   # the e4e reference reads its output size here
+        return opts
 
 
 def mix_styles(codes: torch.Tensor, layers: Sequence[int], inject: torch.Tensor | None,

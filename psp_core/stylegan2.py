@@ -71,8 +71,11 @@ class ModulatedConv2d(nn.Module):
     """Convolution whose input channels are scaled per sample by a style, then (optionally)
     demodulated to unit output variance; optionally with 2x up- or downsampling.
 
-    Computed as conv(x * s, w) * d, which equals the reference's per-sample grouped
-    convolution with weight w * s * d, but runs as one ordinary (cuDNN / oneDNN) convolution.
+    In float32 it runs as the reference does, a grouped convolution with the per-sample weight
+    w * s * d, so outputs match the reference to its rounding (which matters where outputs are fed
+    back, as in ReStyle's refinement: a 1e-5 difference grows about tenfold per iteration). Under
+    bf16/fp16 it runs as conv(x * s, w) * d, mathematically the same but one ordinary convolution
+    (measured 1.26x faster in bf16 on a 2-core AVX-512 CPU; float32 loses 2-7% to the exact form).
     """
 
     def __init__(self, in_channel: int, out_channel: int, kernel_size: int, style_dim: int,
@@ -94,7 +97,32 @@ class ModulatedConv2d(nn.Module):
         self.modulation = EqualLinear(style_dim, in_channel, bias_init=1)
 
     def forward(self, x: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
-        style = self.modulation(style)
+        style = self.modulation(style)                                  # [N, in_channel]
+        if x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type):
+            return self.grouped(x, style)
+        return self.fused(x, style)
+
+    def grouped(self, x: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
+        """The reference's form: one [out, in, k, k] weight per sample, as a convolution with N groups."""
+        batch, k = x.shape[0], self.kernel_size
+        weight = self.scale * self.weight * style.view(batch, 1, self.in_channel, 1, 1)   # [N, out, in, k, k]
+        if self.demodulate:
+            weight = weight * torch.rsqrt(weight.pow(2).sum((2, 3, 4)) + 1e-8).view(batch, self.out_channel, 1, 1, 1)
+        if self.downsample:
+            x = self.blur(x)
+        x = x.reshape(1, batch * self.in_channel, *x.shape[2:])
+        if self.upsample:
+            weight = weight.transpose(1, 2).reshape(batch * self.in_channel, self.out_channel, k, k)
+            out = F.conv_transpose2d(x, weight, stride=2, groups=batch)
+        else:
+            out = F.conv2d(x, weight.reshape(batch * self.out_channel, self.in_channel, k, k),
+                           stride=2 if self.downsample else 1, padding=0 if self.downsample else self.padding,
+                           groups=batch)
+        out = out.view(batch, self.out_channel, *out.shape[2:])
+        return self.blur(out) if self.upsample else out
+
+    def fused(self, x: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
+        """conv(x * s, w) * d: the same function as one ordinary convolution (the reduced-precision path)."""
         weight = (self.weight[0] * self.scale).to(x.dtype)
         x = x * style.to(x.dtype)[:, :, None, None]
         if self.upsample:

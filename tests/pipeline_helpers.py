@@ -84,3 +84,70 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def reference_lpips():
+    """LPIPS straight from the `lpips` package (AlexNet, v0.1 heads, random backbone drawn from the
+    project's LPIPS seed): an independent second copy of what the stages call "random" LPIPS."""
+    import lpips
+    import torch
+
+    from psp_core.metrics import LPIPS_RANDOM_SEED
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(LPIPS_RANDOM_SEED)
+        net = lpips.LPIPS(net="alex", version="0.1", pretrained=True, pnet_rand=True, verbose=False)
+    return net.eval().requires_grad_(False)
+
+
+def per_image_metrics(outputs, targets, lpips_net) -> list[dict[str, float]]:
+    """L2, LPIPS and MS-SSIM of each (output, target) pair, one image at a time, after clamping both to
+    [-1, 1]: LPIPS by `lpips_net`, MS-SSIM by `pytorch_msssim` on [0, 1] images (5 scales)."""
+    import torch
+    from pytorch_msssim import ms_ssim
+
+    values = []
+    with torch.no_grad():
+        outputs, targets = outputs.float().clamp(-1, 1), targets.float().clamp(-1, 1)
+        for output, target in zip(outputs, targets):
+            x, y = output[None], target[None]
+            assert min(x.shape[-2:]) >= 161, "MS-SSIM with 5 scales needs a side over 160 px"
+            values.append({
+                "l2": float(((x - y) ** 2).mean()),
+                "lpips": float(lpips_net(x, y)),
+                "ms_ssim": float(ms_ssim((x + 1) / 2, (y + 1) / 2, data_range=1.0, size_average=False)),
+            })
+    return values
+
+
+def check_mixed_variants(net, rows: list[dict], mask: list[int], alpha: float | None, seed: int = 0) -> int:
+    """Every style-mixed row (variant > 0) of `psp invert` keeps its image's code outside `mask` bit for bit
+    and moves each `mask` layer toward (alpha None: onto) one code w = mapping(z), z drawn from the seed of
+    (run seed, image id, variant); returns how many variants were checked."""
+    import torch
+
+    from pipelines.invert import seed_for
+
+    by_id: dict[str, dict[int, dict]] = {}
+    for row in rows:
+        by_id.setdefault(row["id"], {})[row["variant"]] = row
+    keep = [i for i in range(net.n_styles) if i not in mask]
+    assert keep and mask, (keep, mask)
+    checked = 0
+    for image_id, variants in by_id.items():
+        base = torch.tensor(variants[0]["latent"])
+        codes = []
+        for variant in sorted(v for v in variants if v > 0):
+            mixed = torch.tensor(variants[variant]["latent"])
+            assert torch.equal(mixed[keep], base[keep]), f"{image_id} variant {variant}: the kept layers changed"
+            z = torch.randn(net.arch.style_dim, generator=torch.Generator().manual_seed(seed_for(seed, image_id, variant)))
+            with torch.no_grad():
+                w = net.decoder.style(z[None])[0]
+            a = 1.0 if alpha is None else alpha
+            expected = a * w.expand(len(mask), -1) + (1 - a) * base[mask]
+            torch.testing.assert_close(mixed[mask], expected, rtol=1e-4, atol=1e-5)
+            assert float((mixed[mask] - base[mask]).norm(dim=1).min()) > 0.05 * float(base[mask].norm(dim=1).min())
+            codes.append(mixed[mask])
+            checked += 1
+        assert all(not torch.allclose(a, b) for i, a in enumerate(codes) for b in codes[i + 1:])
+    return checked

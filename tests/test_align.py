@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import skimage.data
-from PIL import Image, ImageOps
+from PIL import Image
 
 from pipelines.align import AlignConfig, align_folder, run
 from pipelines.sample import Augmentation, exif_rotated_jpeg, gray16, side_by_side, with_alpha
@@ -123,12 +123,30 @@ def test_aligned_landmarks_agree_with_redetection(finder, astronaut):
     assert np.linalg.norm(again - landmarks, axis=1).mean() < 2.0  # measured 0.98 px
 
 
-def test_supersampled_crop_matches_plain_crop(finder, astronaut):
+def test_supersampled_crop_is_a_downscaled_finer_crop(finder, astronaut, tmp_path):
+    """supersample=4 resamples the quad at 4x and downscales with LANCZOS: close to the plain crop, but
+    measurably not it, and (nearly) the 4x-size crop downsampled with LANCZOS; `align.supersample` reaches it."""
     face = finder.find(np.asarray(astronaut))[0]
     plain, _ = align_face(astronaut, face.landmarks, 128)
     fine, _ = align_face(astronaut, face.landmarks, 128, supersample=4)
+    big, _ = align_face(astronaut, face.landmarks, 512)
+    reference = np.asarray(big.resize((128, 128), Image.Resampling.LANCZOS), float)
     assert fine.size == (128, 128)
-    assert np.abs(np.asarray(fine, float) - np.asarray(plain, float)).mean() < 4.0
+    fine_px, plain_px = np.asarray(fine, float), np.asarray(plain, float)
+    to_plain = np.abs(fine_px - plain_px).mean()
+    to_reference = np.abs(fine_px - reference).mean()
+    assert 0.5 < to_plain < 4.0, to_plain
+    assert to_reference < 0.25 * to_plain, (to_reference, to_plain)
+    assert np.abs(plain_px - reference).mean() > 4 * to_reference
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    astronaut.save(folder / "a.png")
+    out = tmp_path / "aligned"
+    align_folder(AlignConfig(input_dir=str(folder), output_dir=str(out), report=str(tmp_path / "r.json"),
+                             output_size=128, supersample=4, workers=1))
+    [row] = pq.read_table(out / "index.parquet").to_pylist()
+    np.testing.assert_array_equal(np.asarray(Image.open(out / row["file"])), np.asarray(fine))
 
 
 def test_mission_patch_is_below_threshold_and_the_face_wins(finder, astronaut):
@@ -302,7 +320,13 @@ def test_skip_alignment_only_resizes(tmp_path, astronaut):
     expected = np.asarray(astronaut.resize((128, 128), Image.Resampling.LANCZOS), float)
     got = np.asarray(Image.open(out / index[0]["file"]), float)
     assert np.abs(got - expected).mean() < 0.5
-    assert Image.open(out / index[1]["file"]).size == (128, 128)
+    # the 512x400 photo: its centre 400x400 square, LANCZOS-resized (not squashed, not a corner)
+    with Image.open(folder / "b.jpg") as b:
+        square = b.convert("RGB").crop((56, 0, 456, 400))
+    expected_b = np.asarray(square.resize((128, 128), Image.Resampling.LANCZOS), float)
+    got_b = np.asarray(Image.open(out / index[1]["file"]), float)
+    assert got_b.shape == (128, 128, 3)
+    assert np.abs(got_b - expected_b).mean() < 0.5
 
 
 def test_an_unexpected_failure_is_an_error_row_not_a_crash(tmp_path, astronaut, monkeypatch):

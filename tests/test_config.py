@@ -1,11 +1,12 @@
 """params.yaml sections: typed validation, dvc-style overrides and one-line errors."""
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 import pytest
 
-from pipelines.cli import main
+from pipelines.cli import COMMANDS, main
 from pipelines.config import ConfigError, StageConfig, apply_overrides, load_section, parse_override
 
 
@@ -44,11 +45,17 @@ def test_load_section_validates_and_names_the_key(tmp_path):
         load_section("demo", Demo, [], tmp_path / "missing.yaml")
 
 
+SUBCOMMANDS = ("sample", "align", "shard", "train", "invert", "submit", "evaluate", "import-checkpoint", "promote")
+
+
 def test_cli_lists_commands_and_fails_cleanly(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--help"])
     assert exc.value.code == 0
-    assert "psp" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    listed = set(re.findall(r"^ {4}([a-z][a-z-]*)(?: |$)", out, flags=re.MULTILINE))
+    expected = set(SUBCOMMANDS) | set(COMMANDS)    # the stages named here and any the CLI has gained
+    assert expected <= listed, f"missing from psp --help: {sorted(expected - listed)}"
     with pytest.raises(SystemExit) as exc:
         main(["no-such-command"])
     assert exc.value.code == 2

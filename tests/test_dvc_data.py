@@ -15,6 +15,8 @@ import pytest
 import yaml
 from PIL import Image
 
+from pipeline_helpers import check_mixed_variants, per_image_metrics, reference_lpips
+from psp_core.presets import PresetTransform, get_preset
 from psp_core.shards import iter_shard_batches, shard_paths
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,6 +72,7 @@ def test_repro_twice_then_experiment(repo):
     assert "/raw" in (root / "data/.gitignore").read_text()  # DVC git-ignores the stage outputs
     check_training_evaluation_and_inversion(root, manifest)
     first_lock = (root / "dvc.lock").read_text()
+    check_lineage(root, env, manifest)
 
     again = sh(dvc + ["repro"], root, env)
     assert "Data and pipelines are up to date" in again, again
@@ -120,3 +123,88 @@ def check_training_evaluation_and_inversion(root: Path, manifest: dict) -> None:
     ours = ((image[0].clamp(-1, 1) + 1) * 127.5).round().permute(1, 2, 0).numpy().astype(np.int16)
     stored = np.asarray(Image.open(io.BytesIO(originals[0]["reconstruction"])), dtype=np.int16)
     assert np.abs(ours - stored).max() <= 1
+
+    # the metrics, recomputed per image: evaluate's CSV (L2, LPIPS, MS-SSIM of the clamped 256 px output)
+    # and invert's rows (L2, LPIPS of the pooled output), with the lpips and pytorch_msssim packages
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    lpips_net = reference_lpips()
+    transform = PresetTransform(get_preset(params["evaluate"]["preset"]), net.arch.encoder_input_size, train=False)
+    shard_images = {}
+    for batch in iter_shard_batches(shard_paths(root / "data/shards"), batch_size=8):
+        shard_images.update(zip(batch.ids, zip(batch.images, batch.splits)))
+    with (root / "reports/eval_images.csv").open() as f:
+        scored = list(csv.DictReader(f))
+    assert {r["id"] for r in scored} == {i for i, (_, split) in shard_images.items() if split == "test"}
+    for row in scored + originals[:6]:
+        pixels = torch.from_numpy(shard_images[row["id"]][0]).permute(2, 0, 1)[None]
+        source, target = transform(pixels, pixels, torch.Generator())
+        with torch.no_grad():
+            output = net(source, resize=True, randomize_noise=False)
+        from_csv = "variant" not in row
+        expected = per_image_metrics(output, target, lpips_net)[0]
+        for metric in ("l2", "lpips", "ms_ssim") if from_csv else ("l2", "lpips"):
+            assert float(row[metric]) == pytest.approx(expected[metric], rel=1e-4, abs=1e-6), (metric, row["id"])
+    assert evaluation["lpips"] == pytest.approx(np.mean([float(r["lpips"]) for r in scored]), rel=1e-6)
+    assert evaluation["ms_ssim"] == pytest.approx(np.mean([float(r["ms_ssim"]) for r in scored]), rel=1e-6)
+
+    # style-mixed variants keep the layers outside the mask and move the mask layers toward one mapped code
+    invert = params["invert"]
+    mask = invert["latent_mask"] or list(range(8, net.n_styles)) or list(range(net.n_styles // 2, net.n_styles))
+    assert check_mixed_variants(net, rows, mask, invert["mix_alpha"], invert["seed"]) == len(rows) - len(originals) > 0
+
+
+def check_lineage(root: Path, env: dict, manifest: dict) -> None:
+    """`psp lineage` of the version the repro registered: every link against the files themselves,
+    then a tampered shard reported as not matching (and put back)."""
+    import hashlib
+
+    from pipeline_helpers import PSP
+
+    def lineage() -> tuple[int, dict]:
+        done = subprocess.run([PSP, "lineage", "models:/psp-encoder/1", "--json"], cwd=root, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode in (0, 1), done.stderr[-2000:]
+        return done.returncode, json.loads(done.stdout)
+
+    code, chain = lineage()
+    assert code == 0
+    train = json.loads((root / "reports/train.json").read_text())
+    head = sh(["git", "rev-parse", "HEAD"], root, env).strip()
+    assert chain["run"]["id"] == train["mlflow_run_id"] and chain["run"]["git_commit"] == head
+    assert chain["run"]["params"]["max_steps"] == "3"
+    digest = hashlib.sha256((root / "data/shards/manifest.json").read_bytes()).hexdigest()
+    datasets = {d["name"]: d for d in chain["datasets"]}
+    assert {name: d["context"] for name, d in datasets.items()} == {"shards/train": "training",
+                                                                    "shards/test": "evaluation"}
+    for split in ("train", "test"):
+        dataset = datasets[f"shards/{split}"]
+        assert dataset["digest"] == digest[:32] and dataset["rows"] == manifest["rows"][split]
+        assert Path(dataset["source"]) == (root / "data/shards").resolve()
+        assert len(dataset["checks"]) == 1 + len(manifest["shards"])
+        assert {c["verdict"] for c in dataset["checks"]} == {"matches"}
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    stages = chain["dvc_stages"]["stages"]
+    assert set(stages) == {"shard", "align", "sample"}
+    for name in stages:
+        assert stages[name]["outs"] == {o["path"]: o["md5"] for o in lock[name]["outs"]}
+    assert {w["network"]: w["recorded"] for w in chain["weights"]} == {
+        "generator": "random", "irse50": "random", "lpips_alexnet": "random"}
+    evaluation = json.loads((root / "reports/eval.json").read_text())
+    assert float(chain["evaluation"]["eval_l2"]) == pytest.approx(evaluation["l2"], rel=1e-9)
+    assert chain["evaluation"]["eval_n_images"] == str(evaluation["n_images"])
+    assert "RANDOM WEIGHTS: GENERATOR" in chain["version"]["description"]
+    assert digest[:16] in chain["version"]["description"] and "Evaluation: " in chain["version"]["description"]
+
+    shard = root / "data/shards" / manifest["shards"][0]["file"]
+    original = shard.read_bytes()
+    tampered = bytearray(original)
+    tampered[len(tampered) // 2] ^= 0xFF
+    shard.write_bytes(bytes(tampered))
+    try:
+        code, chain = lineage()
+    finally:
+        shard.write_bytes(original)
+    assert code == 1
+    verdicts = {c["what"]: c["verdict"] for c in chain["datasets"][0]["checks"]}
+    assert verdicts[f"{shard.resolve()} sha256"] == "DOES NOT MATCH"
+    assert sum(v == "DOES NOT MATCH" for v in verdicts.values()) == 1

@@ -12,7 +12,7 @@ import torch
 import yaml
 from PIL import Image
 
-from pipeline_helpers import make_shards
+from pipeline_helpers import make_shards, per_image_metrics, reference_lpips
 from pipelines import tracking
 from pipelines.cli import main
 from pipelines.registry import import_checkpoint
@@ -37,6 +37,7 @@ def workspace(tmp_path_factory):
         import_checkpoint(checkpoint, NAME, "candidate")
         params = root / "params.yaml"
         params.write_text(yaml.safe_dump({"evaluate": {
+            "model": f"models:/{NAME}@candidate",
             "shards": str(shards), "batch_size": 2, "lpips_backbone": "random", "device": "cpu",
             "irse50": str(root / "absent_model_ir_se50.pth"),
             "report": str(root / "reports/eval.json"), "per_image": str(root / "reports/eval_images.csv"),
@@ -48,17 +49,19 @@ def evaluate(root: Path, *overrides: str) -> int:
     return main(["evaluate", "--params", str(root / "params.yaml"), *overrides])
 
 
-def direct_l2(checkpoint: Path, shards: Path) -> dict[str, float]:
-    """Per-image L2 recomputed by hand: the reference inference forward on the test images."""
+def direct_metrics(checkpoint: Path, shards: Path) -> dict[str, dict[str, float]]:
+    """Per-image L2, LPIPS and MS-SSIM recomputed by hand: the reference inference forward on the test
+    images, then each image scored alone with the `lpips` and `pytorch_msssim` packages."""
     net = load_psp(checkpoint)
     transform = PresetTransform(get_preset("encode"), 32, train=False)
+    lpips_net = reference_lpips()
     values = {}
     with torch.no_grad():
         for batch in iter_shard_batches(shard_paths(shards), 4, split="test"):
             images = torch.from_numpy(batch.images).permute(0, 3, 1, 2)
             source, target = transform(images, images, torch.Generator())
             output = net(source, resize=True, randomize_noise=False).clamp(-1, 1)
-            values.update(zip(batch.ids, (output - target).pow(2).flatten(1).mean(1).tolist()))
+            values.update(zip(batch.ids, per_image_metrics(output, target, lpips_net)))
     return values
 
 
@@ -75,14 +78,16 @@ def test_evaluate_registered_version(workspace):
     assert report["id_backend"] == "dlib_resnet_v1"
     assert report["id_similarity"] is None and report["id_similarity_missing"] == n_test
 
-    expected = direct_l2(workspace / "tiny.pt", workspace / "shards")
+    expected = direct_metrics(workspace / "tiny.pt", workspace / "shards")
     with (workspace / "reports/eval_images.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [r["id"] for r in rows] == list(expected) and len(rows) == n_test
-    for row in rows:
-        assert float(row["l2"]) == pytest.approx(expected[row["id"]], rel=1e-4)
-        assert row["id_similarity"] == ""
-    assert report["l2"] == pytest.approx(sum(expected.values()) / n_test, rel=1e-4)
+    for metric in ("l2", "lpips", "ms_ssim"):
+        for row in rows:
+            assert float(row[metric]) == pytest.approx(expected[row["id"]][metric], rel=1e-4, abs=1e-6), metric
+        assert report[metric] == pytest.approx(sum(e[metric] for e in expected.values()) / n_test, rel=1e-4)
+        assert len({row[metric] for row in rows}) == n_test, f"{metric}: one value per image, not a batch mean"
+    assert all(row["id_similarity"] == "" for row in rows)
 
     shown = min(8, n_test)
     with Image.open(workspace / "reports/eval_grid.png") as grid:

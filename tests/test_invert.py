@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import subprocess
@@ -15,7 +16,7 @@ import torch
 import yaml
 from PIL import Image
 
-from pipeline_helpers import PSP, clean_env, make_shards
+from pipeline_helpers import PSP, check_mixed_variants, clean_env, make_shards, per_image_metrics, reference_lpips
 from pipelines.shard import ShardConfig, write_shards
 from psp_core import PSP as PSPNet
 from psp_core import PSPArchitecture, load_psp, save_psp
@@ -54,25 +55,39 @@ def test_latents_decode_to_the_reconstruction_and_variants_mix(tmp_path, model_f
     transform = PresetTransform(get_preset("encode"), 32, train=False)
     shard = pq.read_table(sorted((tmp_path / "shards").glob("*.parquet"))).to_pylist()
     images = {r["id"]: r["image"] for r in shard}
-    for row in [r for r in rows if r["variant"] == 0][:4]:
+    lpips_net = reference_lpips()
+    originals = [r for r in rows if r["variant"] == 0]
+    assert sorted(r["id"] for r in originals) == sorted(images)
+    for n, row in enumerate(originals):
         latent = torch.tensor(row["latent"])
         assert latent.shape == (net.n_styles, 512)
         with torch.no_grad():
-            decoded, _ = net.decoder([latent[None]], input_is_latent=True, randomize_noise=False)
             pixels = torch.from_numpy(decode_image(images[row["id"]], 256).copy()).permute(2, 0, 1)[None]
-            source, _ = transform(pixels, pixels, torch.Generator())
+            source, target = transform(pixels, pixels, torch.Generator())
             encoded = net.encode(source)[0]
-        stored = np.asarray(Image.open(io.BytesIO(row["reconstruction"])), dtype=np.int16)
-        ours = ((decoded[0].clamp(-1, 1) + 1) * 127.5).round().permute(1, 2, 0).numpy().astype(np.int16)
-        assert np.abs(stored - ours).max() <= 1
+            output = net(source, resize=True, randomize_noise=False)
         torch.testing.assert_close(latent, encoded, rtol=1e-4, atol=1e-4)
-        assert np.isfinite(row["l2"]) and np.isfinite(row["lpips"])
-    by_id = {}
-    for r in rows:
-        by_id.setdefault(r["id"], {})[r["variant"]] = np.asarray(r["latent"])
-    base, mixed = by_id[rows[0]["id"]][0], by_id[rows[0]["id"]][1]
-    assert np.array_equal(base[:3], mixed[:3]), "coarse layers stay"
-    assert not np.allclose(base[3:], mixed[3:]), "the mask layers (upper half of 6 styles) are mixed"
+        # per-image metrics, recomputed one image at a time with the lpips package
+        expected = per_image_metrics(output, target, lpips_net)[0]
+        assert row["l2"] == pytest.approx(expected["l2"], rel=1e-4)
+        assert row["lpips"] == pytest.approx(expected["lpips"], rel=1e-4, abs=1e-6)
+        if n < 4:
+            with torch.no_grad():
+                decoded, _ = net.decoder([latent[None]], input_is_latent=True, randomize_noise=False)
+            stored = np.asarray(Image.open(io.BytesIO(row["reconstruction"])), dtype=np.int16)
+            ours = ((decoded[0].clamp(-1, 1) + 1) * 127.5).round().permute(1, 2, 0).numpy().astype(np.int16)
+            assert np.abs(stored - ours).max() <= 1
+    assert len({r["lpips"] for r in originals}) == len(originals), "one LPIPS per image, not a batch mean"
+
+    # style mixing: the coarse layers 0-2 stay; each mixed layer 3-5 moves half way (mix_alpha 0.5) toward
+    # one code w = mapping(z), z drawn from the seed of (run seed, image id, variant)
+    assert check_mixed_variants(net, rows, mask=[3, 4, 5], alpha=0.5) == 2 * 10
+    row = next(r for r in rows if r["variant"] == 1)
+    with torch.no_grad():
+        decoded, _ = net.decoder([torch.tensor(row["latent"])[None]], input_is_latent=True, randomize_noise=False)
+    stored = np.asarray(Image.open(io.BytesIO(row["reconstruction"])), dtype=np.int16)
+    ours = ((decoded[0].clamp(-1, 1) + 1) * 127.5).round().permute(1, 2, 0).numpy().astype(np.int16)
+    assert np.abs(stored - ours).max() <= 1, "a variant's image is its mixed code decoded"
 
 
 def test_killed_inversion_resumes_without_duplicates(tmp_path, model_file):
@@ -92,11 +107,24 @@ def test_killed_inversion_resumes_without_duplicates(tmp_path, model_file):
     proc.wait()
     partial = sorted(p.name for p in out.glob("*.parquet"))
     assert 1 <= len(partial) < 10
-    for path in out.glob("*.parquet"):
-        pq.read_table(path)        # every file under its final name is complete
+    finished = {}
+    for name in partial:
+        pq.read_table(out / name)        # every file under its final name is complete
+        finished[name] = ((out / name).read_bytes(), (out / name).stat().st_mtime_ns)
+    shards = {p.stem: p for p in (tmp_path / "shards").glob("*.parquet")}
+    missing = sorted(set(shards) - {Path(name).stem for name in partial})
+    missing_ids = {r["id"] for stem in missing for r in pq.read_table(shards[stem], columns=["id"]).to_pylist()}
     done = subprocess.run([PSP, "invert"], cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "files already done" in done.stdout and f"{len(partial)} files already done" in done.stdout
+    assert f"{len(partial)} files already done" in done.stdout
+    for name, (data, mtime) in finished.items():   # the finished files are left exactly as they were
+        assert (out / name).read_bytes() == data and (out / name).stat().st_mtime_ns == mtime, name
+    report = json.loads((tmp_path / "reports" / "invert.json").read_text())
+    assert report["units_skipped"] == len(partial)
+    assert report["images_written"] == len(missing_ids), "the rerun inverts exactly the rows still missing"
+    for stem in missing:                               # each missing file now holds its shard's rows
+        written = {r["id"] for r in pq.read_table(out / f"{stem}.parquet", columns=["id"]).to_pylist()}
+        assert written == {r["id"] for r in pq.read_table(shards[stem], columns=["id"]).to_pylist()}, stem
     rows = read_outputs(out)
     ids = [r["id"] for r in rows]
     shard_ids = {r["id"] for r in pq.read_table(sorted((tmp_path / "shards").glob("*.parquet"))).to_pylist()}

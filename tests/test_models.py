@@ -8,7 +8,8 @@ from psp_core import Generator, IRSEBackbone, PSPArchitecture
 from psp_core.encoders import (BackboneEncoderUsingLastLayerIntoW, BackboneEncoderUsingLastLayerIntoWPlus,
                                GradualStyleEncoder)
 from psp_core.ops import upfirdn2d
-from psp_core.psp import PSP, mix_styles, n_styles_for
+from psp_core.options import n_styles_for
+from psp_core.psp import PSP, mix_styles
 
 
 @pytest.mark.parametrize("size", [16, 32, 128, 1024])
@@ -62,11 +63,20 @@ def test_style_mixing_splits_layers_at_inject_index():
     assert torch.allclose(latent[0, 2:], w2.expand(g.n_latent - 2, 512))
 
 
-def test_mean_latent_is_repeatable_with_a_seed():
+def test_mean_latent_is_the_average_w_of_seeded_z():
+    """mean_latent == the mapping network applied to the seeded z, averaged (computed here directly)."""
+    torch.manual_seed(0)
     g = Generator(16)
     a = g.mean_latent(128, generator=torch.Generator().manual_seed(3))
     b = g.mean_latent(128, generator=torch.Generator().manual_seed(3))
     assert a.shape == (1, 512) and torch.equal(a, b)
+    z = torch.randn(128, 512, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        w = g.style(z)
+    torch.testing.assert_close(a, w.mean(0, keepdim=True), rtol=1e-5, atol=1e-6)
+    other_seed = g.mean_latent(128, generator=torch.Generator().manual_seed(4))
+    assert not torch.allclose(a, other_seed)
+    assert float((a - other_seed).abs().max()) < float((w - a).abs().max())  # both near the mean, unlike one w
 
 
 def test_upfirdn2d_matches_explicit_upsample_and_filter():

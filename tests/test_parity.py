@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from parity_rule import FIXTURES, rule_state_dict, write_released_psp
-from psp_core import load_generator, load_irse50, load_psp
-
+from parity_rule import FIXTURES, e4e_training_state, rule_state_dict, write_released_family, write_released_psp
+from psp_core import load_generator, load_irse50, load_psp, refine
+from psp_core.inference import average_image
 
 
 @pytest.fixture(autouse=True)
@@ -107,3 +107,86 @@ def test_psp_latent_avg_per_style_layout(psp_file, tmp_path):
     net = load_psp(path)
     _, latent = net(torch.from_numpy(ref["input"]), resize=False, randomize_noise=False, return_latents=True)
     assert_parity(latent, ref["latent"], "latent")
+
+
+# ----------------------------------------------------------------------------- ReStyle and e4e families
+
+RESTYLE_FIXTURES = ["ref_restyle_psp64", "ref_restyle_e4e64"]
+
+
+def parity_errors(pairs: list[tuple[str, torch.Tensor, np.ndarray]]) -> list[str]:
+    """The arrays of `(name, ours, ref)` outside the fixtures' tolerance, each with its error (all of them,
+    so a failure shows where a chain of iterations starts to drift)."""
+    failures = []
+    for name, ours, ref in pairs:
+        ours = ours.detach().float().numpy()
+        if ours.shape != ref.shape:
+            failures.append(f"{name}: shape {ours.shape} != {ref.shape}")
+            continue
+        err, tol = float(np.abs(ours - ref).max()), 1e-4 * max(1.0, float(np.abs(ref).max()))
+        if not err <= tol:
+            failures.append(f"{name}: max abs error {err:.3g} > tolerance {tol:.3g}")
+    return failures
+
+
+@pytest.fixture(scope="module")
+def family_files(tmp_path_factory) -> dict[str, object]:
+    """The three fixture networks in their released layouts; e4e's with its training state beside the model."""
+    folder = tmp_path_factory.mktemp("families")
+    return {name: write_released_family(name, folder / f"{name}.pt",
+                                        **(e4e_training_state() if name == "ref_e4e64" else {}))
+            for name in RESTYLE_FIXTURES + ["ref_e4e64"]}
+
+
+@pytest.mark.parametrize("name,family,encoder", [("ref_restyle_psp64", "restyle_psp", "BackboneEncoder"),
+                                                 ("ref_restyle_e4e64", "restyle_e4e", "ProgressiveBackboneEncoder")])
+def test_restyle_refinement_every_iteration(family_files, name, family, encoder):
+    """refine() against the reference's run_on_batch: the average image, then latent_i and image_i of
+    every iteration (each iteration feeds on the last, so a drift shows up and grows)."""
+    ref = fixture(name)
+    net = load_psp(family_files[name])
+    assert (net.arch.family, type(net.encoder).__name__, net.arch.input_nc) == (family, encoder, 6)
+    x = torch.from_numpy(ref["input"])
+    pairs = [("avg_image", average_image(net)[0], ref["avg_image"])]
+    results = refine(net, x, n_iters=4)
+    assert len(results) == 4
+    for i, (images, latents) in enumerate(results):
+        pairs += [(f"latent_{i}", latents, ref[f"latent_{i}"]), (f"image_{i}", images, ref[f"image_{i}"])]
+    failures = parity_errors(pairs)
+    assert not failures, "; ".join(failures)
+
+
+@pytest.mark.parametrize("name", RESTYLE_FIXTURES)
+def test_restyle_each_step_from_the_reference_state(family_files, name):
+    """One refinement step at a time, started from the reference's previous output and latent: each
+    step's own error, apart from the loop's amplification of rounding differences."""
+    ref = fixture(name)
+    net = load_psp(family_files[name])
+    x = torch.from_numpy(ref["input"])
+    pairs = []
+    for i in range(4):
+        if i == 0:
+            previous_image, previous_latent = torch.from_numpy(ref["avg_image"]).expand(2, -1, -1, -1), None
+        else:
+            previous_image = F.adaptive_avg_pool2d(torch.from_numpy(ref[f"image_{i - 1}"]), (256, 256))
+            previous_latent = torch.from_numpy(ref[f"latent_{i - 1}"])
+        latent = net.encode(torch.cat([x, previous_image], dim=1), previous=previous_latent)
+        image, _ = net.decoder([torch.from_numpy(ref[f"latent_{i}"])], input_is_latent=True, randomize_noise=False)
+        pairs += [(f"latent_{i}", latent, ref[f"latent_{i}"]), (f"image_{i}", image, ref[f"image_{i}"])]
+    failures = parity_errors(pairs)
+    assert not failures, "; ".join(failures)
+
+
+def test_e4e_encode_and_generate(family_files):
+    """e4e (opts with stylegan_size, no output_size / input_nc; a discriminator and optimiser states
+    beside the model) through the model's usual call."""
+    ref = fixture("ref_e4e64")
+    net = load_psp(family_files["ref_e4e64"])
+    assert (net.arch.family, type(net.encoder).__name__, net.arch.output_size) == ("e4e", "Encoder4Editing", 64)
+    x = torch.from_numpy(ref["input"])
+    image, latent = net(x, resize=False, randomize_noise=False, return_latents=True)
+    resized = net(x, resize=True, randomize_noise=False)
+    failures = parity_errors([("latent_avg", net.latent_avg, ref["latent_avg"]),
+                              ("encoder_out", net.encoder(x), ref["encoder_out"]), ("latent", latent, ref["latent"]),
+                              ("image", image, ref["image"]), ("image_resized", resized, ref["image_resized"])])
+    assert not failures, "; ".join(failures)

@@ -125,17 +125,50 @@ def test_segmentation_labels_resize_nearest_and_one_hot():
         one_hot_labels(torch.full((1, 1, 2, 2), 19), 19)
 
 
+def down_up(images: torch.Tensor, factor: int) -> torch.Tensor:
+    """What a factor-`factor` degradation of square images is: anti-aliased bicubic down, bicubic back up."""
+    size = images.shape[-1]
+    if factor == 1:
+        return images
+    small = F.interpolate(images, size=size // factor, mode="bicubic", align_corners=False, antialias=True)
+    return F.interpolate(small, size=size, mode="bicubic", align_corners=False).clamp(0, 1)
+
+
+def drawn_factors(degraded: torch.Tensor, raw: torch.Tensor, factors) -> list[int]:
+    """For each image, the one factor whose degradation it is (fails if none or several fit)."""
+    found = []
+    for i in range(len(raw)):
+        fits = [f for f in factors if torch.allclose(degraded[i:i + 1], down_up(raw[i:i + 1], f), atol=1e-5)]
+        assert len(fits) == 1, (i, fits)
+        found.append(fits[0])
+    return found
+
+
 def test_super_resolution_degrades_by_the_drawn_factor():
-    """Factor 1 leaves the image; larger factors remove detail; the target stays sharp."""
+    """Each image is exactly its drawn factor's down-and-up copy; several factors are drawn in a batch, the
+    draw follows the generator, and the target stays sharp."""
     raw = photos(16, size=256, seed=3).float() / 255
-    degraded = degrade_resolution(raw, (1, 32), torch.Generator().manual_seed(0))
-    same = torch.isclose(degraded, raw).flatten(1).all(1)
-    assert 0 < int(same.sum()) < 16
-    blurry = degraded[~same]
-    assert float((blurry - F.avg_pool2d(blurry, 3, 1, 1)).abs().mean()) < 0.2 * float(
-        (raw[~same] - F.avg_pool2d(raw[~same], 3, 1, 1)).abs().mean())
-    source, target = PresetTransform(get_preset("super_resolution"), 64)(raw, raw, torch.Generator())
-    assert source.shape == (16, 3, 64, 64) and target.shape == (16, 3, 256, 256)
+    factors = (1, 2, 8)
+    degraded = degrade_resolution(raw, factors, torch.Generator().manual_seed(0))
+    drawn = drawn_factors(degraded, raw, factors)
+    assert set(drawn) == set(factors), drawn
+    again = degrade_resolution(raw, factors, torch.Generator().manual_seed(0))
+    assert torch.equal(again, degraded)
+    other = drawn_factors(degrade_resolution(raw, factors, torch.Generator().manual_seed(1)), raw, factors)
+    assert other != drawn
+    blurry = degraded[[f > 1 for f in drawn]]
+    assert float((blurry - F.avg_pool2d(blurry, 3, 1, 1)).abs().mean()) < 0.5 * float(
+        (raw - F.avg_pool2d(raw, 3, 1, 1)).abs().mean())
+    transform = PresetTransform(get_preset("super_resolution"), 64)
+    source, target = transform(raw, raw, torch.Generator().manual_seed(0))
+    assert source.shape == (16, 3, 64, 64) and torch.equal(target, raw * 2 - 1)
+    preset_factors = get_preset("super_resolution").resize_factors
+    expected_draw = drawn_factors(degrade_resolution(raw, preset_factors, torch.Generator().manual_seed(0)), raw,
+                                  preset_factors)
+    assert len(set(expected_draw)) >= 3
+    for i, factor in enumerate(expected_draw):
+        expected = F.interpolate(down_up(raw[i:i + 1], factor), size=64, mode="bilinear", antialias=True) * 2 - 1
+        torch.testing.assert_close(source[i:i + 1], expected, rtol=0, atol=1e-5)
 
 
 def test_to_display_gives_rgb_in_unit_range():
