@@ -143,7 +143,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     resources = {"CPU": cfg.cpus_per_worker} | ({"GPU": 1} if cfg.use_gpu else {})
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"train": cfg.model_dump(mode="json"), "run_id": run_id, "tracking_uri": uri},
+        train_loop_config={"train": cfg.model_dump(mode="json"), "run_id": run_id, "run_name": run_name,
+                           "tracking_uri": uri},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker=resources, placement_strategy=cfg.placement_strategy),
         run_config=RunConfig(name=run_name, storage_path=cfg.storage_path,
@@ -262,7 +263,10 @@ def train_worker(config: dict[str, Any]) -> None:
     nodes = worker_nodes()
     if callback is not None:
         callback.client.set_tag(callback.run_id, "psp.nodes", str(len(set(nodes))))
-    local_dir = Path(tempfile.mkdtemp(prefix="psp-train-"))
+    # one folder per run and rank, emptied first: a killed worker's files are reused by its restart, not left behind
+    local_dir = Path(tempfile.gettempdir()) / "psp-train" / f"{config['run_name']}-rank{rank}"
+    shutil.rmtree(local_dir, ignore_errors=True)
+    local_dir.mkdir(parents=True)
     trainer = RayTrainer(model, loss, cfg.training(), checkpoint_dir=local_dir,
                          batch_transform=PresetTransform(preset, cfg.encoder_input_size, train=True),
                          val_transform=PresetTransform(preset, cfg.encoder_input_size, train=False),

@@ -171,6 +171,9 @@ def test_two_workers_survive_a_killed_worker_and_a_killed_driver_and_register(tm
 
     report = json.loads((tmp_path / "reports" / "train.json").read_text())
     assert report["steps"] == max_steps and report["mlflow_run_id"] == run.info.run_id
+    # the killed worker's and driver's local checkpoint folders were reused by the restarts and removed at the end
+    import tempfile
+    assert not list((Path(tempfile.gettempdir()) / "psp-train").glob(f"{report['run_name']}-rank*"))
     version = client.get_model_version_by_alias("psp-encoder", "candidate")
     assert version.run_id == run.info.run_id and str(version.version) == report["model_version"]
 
