@@ -178,29 +178,70 @@ def weights_links(tags: dict[str, str], params: dict[str, str]) -> list[dict[str
 
 def dvc_stages(repo: Path, commit: str, sources: list[str]) -> dict[str, Any]:
     """The `dvc.lock` entries of the stages whose outputs are the given shard folders, and of the stages
-    upstream of them (align, sample), from the lock file at `commit` when git has it, else the working tree's."""
-    lock, where = None, "absent"
+    upstream of them (align, sample). The lock is taken from the run's commit or the working tree,
+    whichever records these very files: each output folder's listing in the DVC cache (`<md5>.dir`)
+    is checked file by file (md5) against the folder as it is now."""
+    candidates = []
     if commit != "unknown":
         shown = subprocess.run(["git", "show", f"{commit}:dvc.lock"], cwd=repo, capture_output=True, text=True)
         if shown.returncode == 0:
-            lock, where = yaml.safe_load(shown.stdout), f"dvc.lock at commit {commit[:12]}"
-    if lock is None and (repo / "dvc.lock").is_file():
-        lock, where = yaml.safe_load((repo / "dvc.lock").read_text()), "dvc.lock of the working tree"
-    if not lock:
-        return {"from": where, "stages": {}}
-    stages = lock.get("stages", {})
+            candidates.append((f"dvc.lock at commit {commit[:12]}", yaml.safe_load(shown.stdout)))
+    if (repo / "dvc.lock").is_file():
+        candidates.append(("dvc.lock of the working tree", yaml.safe_load((repo / "dvc.lock").read_text())))
     root = repo.resolve()
-    wanted = {_relative(Path(s), root) for s in sources}
+    wanted = [_relative(Path(s), root) for s in sources]
+    found: dict[str, Any] = {"from": "no dvc.lock", "verified": "no", "stages": {}}
+    for where, lock in candidates:
+        stages = producing_stages((lock or {}).get("stages", {}), set(wanted))
+        checks = [dvc_output_check(repo, path, md5) for stage in stages.values() for path, md5 in stage["outs"].items()
+                  if path in wanted]
+        entry = {"from": where, "verified": "; ".join(checks) or "no", "stages": stages}
+        if stages and checks and all(c.startswith("matches") for c in checks):
+            return entry
+        if stages and not found["stages"]:
+            found = entry
+    return found
+
+
+def producing_stages(stages: dict[str, Any], paths: set[str]) -> dict[str, Any]:
+    """The lock entries of the stages that output `paths`, and of those upstream of them."""
     chosen: dict[str, Any] = {}
-    while wanted:
-        path = wanted.pop()
+    while paths:
+        path = paths.pop()
         for name, stage in stages.items():
             outs = {o["path"]: o.get("md5") for o in stage.get("outs", [])}
             if path in outs and name not in chosen:
                 chosen[name] = {"cmd": stage.get("cmd"), "outs": outs,
                                 "deps": {d["path"]: d.get("md5") for d in stage.get("deps", [])}}
-                wanted |= {d["path"] for d in stage.get("deps", []) if not d["path"].endswith(".py")}
-    return {"from": where, "stages": chosen}
+                paths |= {d["path"] for d in stage.get("deps", []) if not d["path"].endswith(".py")}
+    return chosen
+
+
+def dvc_output_check(repo: Path, path: str, md5: str | None) -> str:
+    """Whether a folder output recorded as `md5` (`....dir`) is, file by file, the folder now."""
+    if not md5 or not md5.endswith(".dir"):
+        return f"not checked ({path}: not a folder output)"
+    listing_file = repo / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]
+    if not listing_file.is_file():
+        return f"not checked ({path}: {md5} not in the DVC cache; `dvc pull` brings it)"
+    listing = json.loads(listing_file.read_text())
+    changed = [item["relpath"] for item in listing
+               if not (repo / path / item["relpath"]).is_file()
+               or file_md5(repo / path / item["relpath"]) != item["md5"]]
+    if changed:
+        return f"DOES NOT MATCH ({path}: {len(changed)} of {len(listing)} files differ, e.g. {changed[0]})"
+    return f"matches ({path}: {len(listing)} files)"
+
+
+def file_md5(path: Path) -> str:
+    """The md5 DVC records for a file."""
+    import hashlib
+
+    digest = hashlib.md5()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -248,7 +289,7 @@ def render(chain: dict[str, Any]) -> str:
         lines.extend(f"    {c['verdict']}: {c['what']} (recorded {c['recorded'][:16]}, now {c['found'][:16]})"
                      for c in bad)
     dvc = chain["dvc_stages"]
-    lines.append(f"  produced by ({dvc['from']}):")
+    lines.append(f"  produced by ({dvc['from']}; against the DVC cache: {dvc['verified']}):")
     for name, stage in dvc["stages"].items():
         outs = ", ".join(f"{p} {str(m)[:12]}" for p, m in stage["outs"].items())
         lines.append(f"    {name}: `{stage['cmd']}` -> {outs}")
@@ -277,4 +318,4 @@ def run(args: argparse.Namespace) -> int:
     chain = lineage(args.model)
     print(json.dumps(chain, indent=2) if args.json else render(chain))
     verdicts = [c["verdict"] for d in chain["datasets"] for c in d["checks"]] + [w["verdict"] for w in chain["weights"]]
-    return 1 if "DOES NOT MATCH" in verdicts else 0
+    return 1 if "DOES NOT MATCH" in verdicts or chain["dvc_stages"]["verified"].startswith("DOES NOT MATCH") else 0

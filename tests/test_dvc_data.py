@@ -185,6 +185,7 @@ def check_lineage(root: Path, env: dict, manifest: dict) -> None:
     lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
     stages = chain["dvc_stages"]["stages"]
     assert set(stages) == {"shard", "align", "sample"}
+    assert chain["dvc_stages"]["verified"] == f"matches (data/shards: {1 + len(manifest['shards'])} files)"
     for name in stages:
         assert stages[name]["outs"] == {o["path"]: o["md5"] for o in lock[name]["outs"]}
     assert {w["network"]: w["recorded"] for w in chain["weights"]} == {
@@ -205,6 +206,7 @@ def check_lineage(root: Path, env: dict, manifest: dict) -> None:
     finally:
         shard.write_bytes(original)
     assert code == 1
+    assert chain["dvc_stages"]["verified"].startswith("DOES NOT MATCH (data/shards: 1 of")
     verdicts = {c["what"]: c["verdict"] for c in chain["datasets"][0]["checks"]}
     assert verdicts[f"{shard.resolve()} sha256"] == "DOES NOT MATCH"
     assert sum(v == "DOES NOT MATCH" for v in verdicts.values()) == 1
