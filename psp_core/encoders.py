@@ -6,6 +6,7 @@ names are the reference checkpoints' keys.
 """
 from __future__ import annotations
 
+import abc
 import math
 
 import torch
@@ -46,15 +47,16 @@ def check_input_size(input_size: int) -> None:
         raise ValueError(f"encoder input size must be a power of two >= 32, got {input_size}")
 
 
-class BodyFeatures(nn.Module):
+class BodyFeatures(nn.Module, abc.ABC):
     """A backbone that yields the pyramid's three maps: [N, C, H, H] -> c1 [N,128,H/4], c2 [N,256,H/8],
     c3 [N,512,H/16], the outputs of its 2nd, 3rd and 4th stages (units `taps` of `self.body`)."""
 
     body: nn.Sequential
     taps: list[int]
 
+    @abc.abstractmethod
     def stem(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The layers before the residual units."""
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self.stem(x)
