@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import logging
 import math
 import time
@@ -23,7 +22,7 @@ from tqdm import tqdm
 
 from pipelines.config import load_section
 from pipelines.sections import EvaluateConfig
-from pipelines.io import atomic_path, write_json_atomic
+from pipelines.io import atomic_path, file_digest, write_json_atomic
 from pipelines.registry import resolve_model
 from psp_core import PSP, load_psp
 from psp_core.errors import InputError
@@ -150,7 +149,7 @@ def finite_or_none(value: float) -> float | None:
 
 def dataset_id(shards: Path, split: str, n_images: int, preset: str) -> str:
     """What the numbers were measured on: manifest hash, split, image count and preset (compared by promote)."""
-    digest = hashlib.sha256((shards / MANIFEST_FILE).read_bytes()).hexdigest()[:16]
+    digest = file_digest(shards / MANIFEST_FILE)[:16]
     return f"{digest}/{split}/{n_images}/{preset}"
 
 
@@ -176,7 +175,8 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     preset = get_preset(cfg.preset)
     if preset.input_kind == "segmentation":
         raise InputError(f"evaluate does not support preset {cfg.preset}: label-map sources are not decoded here")
-    available = read_manifest(cfg.shards)["rows"].get(cfg.split, 0)
+    manifest = read_manifest(cfg.shards)
+    available = manifest["rows"].get(cfg.split, 0)
     if available == 0:
         raise InputError(f"{cfg.shards}: the {cfg.split} split is empty; nothing to evaluate")
     paths = shard_paths(cfg.shards, verify=True)
@@ -232,7 +232,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         counts = {k: report[k] for k in ("n_images", *(f"{m}_missing" for m in METRICS))}
         conditions = {"dataset": report["dataset"], "id_backend": identity.name,
                       "lpips_backbone": cfg.lpips_backbone, "preset": cfg.preset}
-        dataset = shard_datasets(cfg.shards, read_manifest(cfg.shards))[cfg.split]
+        dataset = shard_datasets(cfg.shards, manifest)[cfg.split]
         record_evaluation(model.version, metrics, counts, conditions, [cfg.report, cfg.per_image, cfg.grid], dataset)
         log.info("logged the evaluation to %s version %s (run %s)", model.version.name, model.version.version,
                  model.version.run_id)

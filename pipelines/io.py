@@ -12,6 +12,7 @@ import os
 import shutil
 import stat
 import tempfile
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,10 +129,7 @@ class FolderListing:
 
     def skipped_counts(self) -> dict[str, int]:
         """Passed-over entries by reason."""
-        counts: dict[str, int] = {}
-        for _, reason in self.skipped:
-            counts[reason] = counts.get(reason, 0) + 1
-        return dict(sorted(counts.items()))
+        return dict(sorted(Counter(reason for _, reason in self.skipped).items()))
 
     def reportable_skips(self) -> list[tuple[str, str]]:
         """The passed-over entries a user must see by name: image files and folders."""
@@ -199,9 +197,10 @@ def read_regular_file(path: str | Path) -> bytes:
         os.close(fd)
 
 
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file, read in chunks (checkpoints are gigabytes)."""
-    digest = hashlib.sha256()
+def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
+    """Hex digest of a file (SHA-256 unless `algorithm` names another hashlib one, e.g. DVC's md5),
+    read in chunks (checkpoints are gigabytes)."""
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)

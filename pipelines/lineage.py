@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from pipelines.io import file_sha256
+from pipelines.io import file_digest
 from psp_core.errors import InputError
 
 WEIGHTS_TAG_PREFIX = "psp.weights."
@@ -31,7 +31,7 @@ RANDOM = "random"
 
 def weights_fingerprint(path: Path | None) -> str:
     """`sha256:<hex>` of a weights file, or `random` when the network runs on random weights."""
-    return f"sha256:{file_sha256(path)}" if path is not None and path.is_file() else RANDOM
+    return f"sha256:{file_digest(path)}" if path is not None and path.is_file() else RANDOM
 
 
 # ----------------------------------------------------------------------------- recording
@@ -57,7 +57,7 @@ def shard_datasets(shards: Path, manifest: dict) -> dict[str, Any]:
         def to_dict(self) -> dict[str, str]:
             return super().to_dict() | {"profile": json.dumps(self.profile)}
 
-    digest = file_sha256(shards / "manifest.json")[:DIGEST_CHARS]
+    digest = file_digest(shards / "manifest.json")[:DIGEST_CHARS]
     schema = Schema([ColSpec(DataType.string, "id"), ColSpec(DataType.binary, "image"),
                      ColSpec(DataType.integer, "width"), ColSpec(DataType.integer, "height"),
                      ColSpec(DataType.string, "source_path"), ColSpec(DataType.string, "split")])
@@ -147,14 +147,14 @@ def shard_checks(folder: Path, digest: str) -> list[Check]:
     manifest_path = folder / "manifest.json"
     if not manifest_path.is_file():
         return [Check(f"{manifest_path}", digest, "absent")]
-    checks = [Check(f"{manifest_path} sha256", digest, file_sha256(manifest_path)[:len(digest)])]
+    checks = [Check(f"{manifest_path} sha256", digest, file_digest(manifest_path)[:len(digest)])]
     try:
         entries = json.loads(manifest_path.read_text())["shards"]
     except (ValueError, KeyError):
         return checks
     for entry in entries:
         path = folder / entry["file"]
-        checks.append(Check(f"{path} sha256", entry["sha256"], file_sha256(path) if path.is_file() else "absent"))
+        checks.append(Check(f"{path} sha256", entry["sha256"], file_digest(path) if path.is_file() else "absent"))
     return checks
 
 
@@ -169,7 +169,7 @@ def weights_links(tags: dict[str, str], params: dict[str, str]) -> list[dict[str
         if recorded == RANDOM:
             found = RANDOM
         elif path and Path(path).is_file():
-            found = f"sha256:{file_sha256(Path(path))}"
+            found = f"sha256:{file_digest(Path(path))}"
         elif path:
             found = "absent"
         links.append({"network": network, "path": path or "", **asdict_check(Check(network, recorded, found))})
@@ -227,21 +227,10 @@ def dvc_output_check(repo: Path, path: str, md5: str | None) -> str:
     listing = json.loads(listing_file.read_text())
     changed = [item["relpath"] for item in listing
                if not (repo / path / item["relpath"]).is_file()
-               or file_md5(repo / path / item["relpath"]) != item["md5"]]
+               or file_digest(repo / path / item["relpath"], "md5") != item["md5"]]
     if changed:
         return f"DOES NOT MATCH ({path}: {len(changed)} of {len(listing)} files differ, e.g. {changed[0]})"
     return f"matches ({path}: {len(listing)} files)"
-
-
-def file_md5(path: Path) -> str:
-    """The md5 DVC records for a file."""
-    import hashlib
-
-    digest = hashlib.md5()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _relative(path: Path, root: Path) -> str:

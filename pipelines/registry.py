@@ -20,7 +20,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from pipelines import tracking
-from pipelines.io import file_sha256
+from pipelines.io import file_digest
 from psp_core import load_psp
 from psp_core.errors import InputError
 
@@ -108,7 +108,7 @@ def import_checkpoint(path: str | Path, name: str = tracking.DEFAULT_REGISTERED_
     path = Path(path)
     net = load_psp(path)  # strict: a wrong architecture raises CheckpointError before anything is logged
     opts = checkpoint_opts(path)
-    source = f"{path.name} sha256:{file_sha256(path)}"
+    source = f"{path.name} sha256:{file_digest(path)}"
     experiment_id = tracking.ensure_experiment(IMPORT_EXPERIMENT)
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"import-{path.stem}") as run:
         mlflow.set_tag(SOURCE_TAG, source)
@@ -244,7 +244,7 @@ class ResolvedModel:
         `file:<name>@sha256:<prefix>` for checkpoint files."""
         if self.version is not None:
             return f"models:/{self.version.name}/{self.version.version}"
-        return f"file:{self.checkpoint.name}@sha256:{file_sha256(self.checkpoint)[:16]}"
+        return f"file:{self.checkpoint.name}@sha256:{file_digest(self.checkpoint)[:16]}"
 
 
 def resolve_model(reference: str) -> ResolvedModel:

@@ -24,7 +24,7 @@ import torch
 
 from pipelines.config import load_section
 from pipelines.sections import TrainConfig
-from pipelines.io import file_sha256, write_json_atomic
+from pipelines.io import file_digest, write_json_atomic
 from psp_core import build_psp
 from psp_core.errors import InputError
 from psp_core.engine import BEST_CHECKPOINT, LAST_CHECKPOINT, Trainer, prepare_for_training
@@ -117,7 +117,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if counts.get("train", 0) < cfg.batch_size * cfg.num_workers:
         raise InputError(f"{counts.get('train', 0)} training rows cannot fill one batch of {cfg.batch_size} "
                          f"on each of {cfg.num_workers} workers")
-    run_name = run_name_for(cfg, file_sha256(cfg.shards / MANIFEST_FILE))
+    manifest_hash = file_digest(cfg.shards / MANIFEST_FILE)
+    run_name = run_name_for(cfg, manifest_hash)
     random_nets = random_weight_networks(cfg)
     for net in random_nets:
         log.warning("RANDOM WEIGHTS: %s runs on random weights (its file is absent or random was requested)", net)
@@ -125,7 +126,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     uri = tracking.use_tracking_store()
     experiment_id = tracking.ensure_experiment(cfg.experiment)
     client = mlflow.MlflowClient()
-    run_id, finished_version = find_or_create_run(client, experiment_id, run_name, cfg, manifest, random_nets)
+    run_id, finished_version = find_or_create_run(client, experiment_id, run_name, cfg, manifest, manifest_hash,
+                                                  random_nets)
     if finished_version is not None:
         log.info("run %s already finished and registered as version %s", run_name, finished_version)
         return write_report(cfg, run_id, run_name, finished_version, client)
@@ -165,23 +167,24 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             mlflow.set_tag(VERSION_TAG, version.version)
             mlflow.set_tag("psp.registered_checkpoint", chosen.name)
     summary = write_report(cfg, run_id, run_name, version.version, client)
-    tracking.describe_version(version, version_description(cfg, summary["steps"], manifest, random_nets))
+    tracking.describe_version(version, version_description(cfg, summary["steps"], manifest, manifest_hash, random_nets))
     return summary
 
 
-def version_description(cfg: TrainConfig, steps: int, manifest: dict, random_nets: list[str]) -> str:
+def version_description(cfg: TrainConfig, steps: int, manifest: dict, manifest_hash: str,
+                        random_nets: list[str]) -> str:
     """What a trained version is, for the registry page: family, preset, sizes, steps, data, weights."""
     rows = manifest["rows"]
     weights = ("RANDOM WEIGHTS: " + ", ".join(random_nets).upper() + " (not comparable with published numbers)"
                if random_nets else "all networks from pretrained weights")
     return (f"pSp encoder ({cfg.encoder_type}), preset {cfg.preset}: {cfg.encoder_input_size} px input, "
             f"{cfg.output_size} px generator, trained {steps} steps by `psp train` on shards "
-            f"{file_sha256(cfg.shards / MANIFEST_FILE)[:16]} ({rows.get('train', 0)} train / "
+            f"{manifest_hash[:16]} ({rows.get('train', 0)} train / "
             f"{rows.get('test', 0)} test rows). {weights}.")
 
 
 def find_or_create_run(client: Any, experiment_id: str, run_name: str, cfg: TrainConfig, manifest: dict,
-                       random_nets: list[str]) -> tuple[str, str | None]:
+                       manifest_hash: str, random_nets: list[str]) -> tuple[str, str | None]:
     """The MLflow run of this Ray run name (to resume into), or a new one with params, tags (the weights'
     fingerprints among them) and its training and test shards as MLflow datasets.
     Returns (run_id, registered version if that run already finished)."""
@@ -201,7 +204,7 @@ def find_or_create_run(client: Any, experiment_id: str, run_name: str, cfg: Trai
         "mlflow.runName": run_name,
         "psp.preset": cfg.preset,
         "psp.git_commit": git_commit(),
-        "psp.shard_manifest_sha256": file_sha256(cfg.shards / MANIFEST_FILE),
+        "psp.shard_manifest_sha256": manifest_hash,
         "psp.random_weights": ",".join(random_nets) or "none",
         **{lineage.WEIGHTS_TAG_PREFIX + name: fingerprint for name, fingerprint in weights_used(cfg).items()},
     }

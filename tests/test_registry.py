@@ -1,6 +1,7 @@
 """`psp import-checkpoint` and `psp promote` against a real SQLite MLflow registry."""
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import mlflow
@@ -11,7 +12,7 @@ import torch
 from parity_rule import FIXTURES, write_released_psp
 from pipelines import tracking
 from pipelines.cli import main
-from pipelines.registry import SOURCE_TAG, file_sha256
+from pipelines.registry import SOURCE_TAG
 
 NAME = tracking.DEFAULT_REGISTERED_MODEL
 
@@ -54,7 +55,7 @@ def test_import_checkpoint_registers_the_reference_function(imported, parity_che
     version = client().get_model_version(NAME, imported)
     run = client().get_run(version.run_id)
     assert client().get_experiment(run.info.experiment_id).name == "psp-imports"
-    assert run.data.tags[SOURCE_TAG] == f"psp_gradual64.pt sha256:{file_sha256(parity_checkpoint)}"
+    assert run.data.tags[SOURCE_TAG] == f"psp_gradual64.pt sha256:{hashlib.sha256(parity_checkpoint.read_bytes()).hexdigest()}"
     assert run.data.params["encoder_type"] == "GradualStyleEncoder"
     assert run.data.params["output_size"] == "64"
     assert not client().get_registered_model(NAME).aliases
