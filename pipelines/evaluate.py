@@ -23,7 +23,7 @@ from tqdm import tqdm
 from pipelines.config import load_section
 from pipelines.sections import EvaluateConfig
 from pipelines.io import atomic_path, file_digest, write_json_atomic
-from pipelines.registry import resolve_model
+from pipelines.tracking import resolve_model
 from psp_core import PSP, load_psp
 from psp_core.errors import InputError
 from psp_core.losses import require_alexnet
@@ -224,7 +224,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     write_per_image_csv(cfg.per_image, scores.table)
     write_grid(cfg.grid, scores)
     if model.version is not None and cfg.log_to_mlflow:
-        from pipelines.registry import record_evaluation
+        from pipelines.tracking import record_evaluation
 
         from pipelines.lineage import shard_datasets
 

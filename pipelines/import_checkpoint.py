@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipelines.registry import IMPORT_EXPERIMENT, import_checkpoint
+from pipelines.tracking import IMPORT_EXPERIMENT, import_checkpoint
 from pipelines.tracking import DEFAULT_REGISTERED_MODEL
 
 

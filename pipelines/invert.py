@@ -26,7 +26,7 @@ import torch
 from pipelines.config import load_section
 from pipelines.sections import InvertConfig
 from pipelines.io import atomic_path, list_folder, output_folder, write_json_atomic
-from pipelines.registry import resolve_model
+from pipelines.tracking import resolve_model
 from psp_core import load_psp
 from psp_core.errors import InputError
 from psp_core.losses import require_alexnet

@@ -101,13 +101,13 @@ def lineage(model_uri: str, repo: Path = Path(".")) -> dict[str, Any]:
     """The chain behind a registered version, as a JSON-ready dict, with every recomputable link checked."""
     import mlflow
 
-    from pipelines import registry, tracking
+    from pipelines import tracking
 
     tracking.use_tracking_store()
-    ref = registry.parse_registry_uri(model_uri)
+    ref = tracking.parse_registry_uri(model_uri)
     if ref is None:
         raise InputError(f"{model_uri!r}: give a registered version, models:/NAME/VERSION or models:/NAME@ALIAS")
-    version = registry.resolve_version(ref)
+    version = tracking.resolve_version(ref)
     client = mlflow.MlflowClient()
     if not version.run_id:
         raise InputError(f"{model_uri}: version {version.version} has no MLflow run to trace")
@@ -118,14 +118,14 @@ def lineage(model_uri: str, repo: Path = Path(".")) -> dict[str, Any]:
     sources = sorted({d["source"] for d in datasets})
     return {
         "version": {"name": version.name, "version": str(version.version), "aliases": list(version.aliases or []),
-                    "description": version.description or "", "source": tags.get(registry.SOURCE_TAG)},
+                    "description": version.description or "", "source": tags.get(tracking.SOURCE_TAG)},
         "run": {"id": run.info.run_id, "name": run.info.run_name, "status": run.info.status,
                 "start": _time(run.info.start_time), "end": _time(run.info.end_time), "git_commit": commit,
                 "params": dict(sorted(params.items()))},
         "datasets": datasets,
         "dvc_stages": dvc_stages(repo, commit, sources),
         "weights": weights_links(tags, params),
-        "evaluation": {k: v for k, v in sorted((version.tags or {}).items()) if k.startswith(registry.EVAL_PREFIX)},
+        "evaluation": {k: v for k, v in sorted((version.tags or {}).items()) if k.startswith(tracking.EVAL_PREFIX)},
     }
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipelines.registry import DEFAULT_CHAMPION, HIGHER_IS_BETTER, VersionRef, promote
+from pipelines.tracking import DEFAULT_CHAMPION, HIGHER_IS_BETTER, VersionRef, promote
 from pipelines.tracking import DEFAULT_REGISTERED_MODEL
 
 

@@ -15,7 +15,7 @@ from PIL import Image
 from pipeline_helpers import make_shards, per_image_metrics, reference_lpips
 from pipelines import tracking
 from pipelines.cli import main
-from pipelines.registry import import_checkpoint
+from pipelines.tracking import import_checkpoint
 from psp_core import PSP, PSPArchitecture, load_psp, save_psp
 from psp_core.presets import PresetTransform, get_preset
 from psp_core.shards import iter_shard_batches, read_manifest, shard_paths

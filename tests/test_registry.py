@@ -12,7 +12,7 @@ import torch
 from parity_rule import FIXTURES, write_released_psp
 from pipelines import tracking
 from pipelines.cli import main
-from pipelines.registry import SOURCE_TAG
+from pipelines.tracking import SOURCE_TAG
 
 NAME = tracking.DEFAULT_REGISTERED_MODEL
 
