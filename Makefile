@@ -26,9 +26,10 @@ demo: setup
 	dvc repro
 	@echo
 	@echo "Reconstruction grid: reports/eval_grid.png   (inputs over outputs)"
-	@echo "Metrics:             reports/eval.json, reports/train.json, reports/invert.json"
+	@echo "Metrics:             reports/eval.json, reports/train.json, reports/invert.json, reports/edit.json"
 	@cat reports/eval.json
 	@echo "W+ latents:          data/latents/*.parquet"
+	@echo "SeFa edit grid:      data/edits/grids/sefa-0.png   (rows = images, columns = strengths; sefa-1, sefa-2 beside it)"
 	@echo "MLflow UI:           $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow/mlflow.db  (then open http://127.0.0.1:5000)"
 
 clean:

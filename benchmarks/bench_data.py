@@ -132,7 +132,7 @@ def main() -> int:
         raw_s = time.perf_counter() - started
         print(f"shard read (bytes only):  {rows} rows, {megabytes / raw_s:.0f} MB/s")
         started = time.perf_counter()
-        decoded = sum(len(b) for b in iter_shard_batches(paths, batch_size=args.batch_size, decode_source=False))
+        decoded = sum(len(b) for b in iter_shard_batches(paths, batch_size=args.batch_size, source_kind=None))
         read_s = time.perf_counter() - started
         print(f"shard read + PNG decode:  {decoded} images in {read_s:.2f}s = {megabytes / read_s:.0f} MB/s "
               f"({decoded / read_s:.0f} images/s of 256x256, 1 process)")

@@ -1,66 +1,211 @@
-"""pSp forward throughput (encoder + generator, images/s): output size x batch x precision x memory format.
+"""pSp forward throughput (encoder + generator, images/s) per output size x batch x precision x
+compile x memory format, against the machine's convolution peak measured in the same run.
 
-Also reports how far bf16 autocast output is from fp32 on the same inputs.
-Run: python benchmarks/bench_forward.py [--sizes 256 1024] [--batches 1 8] [--iters 3]
+Each configuration runs in its own process, so its peak RSS (and peak GPU memory) is its own and a
+compile starts from nothing but the cache. The model's FLOPs come from torch's FlopCounterMode
+(counted on fake tensors, so counting costs no compute); the peak is the best rate of a large
+3x3 convolution (512 -> 512 channels, 64x64) in the same precision, contiguous or channels-last.
+A compiled configuration compiles into a fresh, empty cache (compile_seconds: a cold compile, as
+the first process on a machine pays it), then a second process compiles it again from that cache
+(warm_compile_seconds). The compile costs are the first call's seconds less one steady call.
+Run: python benchmarks/bench_forward.py [--sizes 256 1024] [--batches 1 8] [--precisions fp32 bf16]
+         [--compile] [--channels-last] [--iters 3] [--json PATH]
 """
 from __future__ import annotations
 
 import argparse
-import copy
+import itertools
+import json
+import resource
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
 from common import command_line, hardware, time_per_call  # noqa: E402
 
+from pipelines.io import write_json_atomic  # noqa: E402
 from psp_core import PSP, PSPArchitecture  # noqa: E402
-from psp_core.devices import autocast, to_channels_last  # noqa: E402
+from psp_core.devices import autocast, compile_model, to_channels_last, use_ieee_fp32  # noqa: E402
+
+ENCODER_INPUT = 256
+PEAK_SECONDS = 0.5   # each timed round of the peak convolution lasts at least this long
 
 
-def build(size: int, device: torch.device) -> PSP:
+def build(size: int) -> PSP:
+    """The benchmarked model: GradualStyleEncoder (IR-SE50, input 256) + a `size` px generator, random weights."""
     torch.manual_seed(0)
     net = PSP(PSPArchitecture(output_size=size))
     net.set_latent_avg(torch.randn(512) * 0.1)
-    return net.to(device).eval()
+    return net.eval()
+
+
+def forward_flops_per_image(size: int, precision: str) -> int:
+    """FLOPs of one image's forward (FlopCounterMode: a multiply-add is 2), counted on fake tensors
+    under `precision` (bf16 and fp16 take the fused modulated convolution, fp32 the grouped one)."""
+    with FakeTensorMode():
+        net = build(size).requires_grad_(False)
+        x = torch.zeros(1, 3, ENCODER_INPUT, ENCODER_INPUT)
+        fused = "fp32" if precision == "fp32" else "bf16"   # fp16 takes bf16's path; CPU autocast has no fp16
+        with FlopCounterMode(display=False) as counter, autocast("cpu", fused):
+            net(x, resize=False, randomize_noise=False)
+    return counter.get_total_flops()
+
+
+def conv_peak_gflops(device: torch.device, precision: str) -> float:
+    """The machine's convolution rate in `precision`: the best of 3 timed rounds of a 512 -> 512
+    3x3 convolution on [4, 512, 64, 64], contiguous and channels-last; GFLOP/s."""
+    conv = torch.nn.Conv2d(512, 512, 3, padding=1, bias=False).to(device).eval()
+    x = torch.randn(4, 512, 64, 64, device=device)
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        conv(x)
+    flops, best = counter.get_total_flops(), 0.0
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        layer = conv.to(memory_format=memory_format)
+        inp = x.contiguous(memory_format=memory_format)
+
+        def call() -> torch.Tensor:
+            with torch.inference_mode(), autocast(device, precision):
+                return layer(inp)
+
+        calls = max(1, round(PEAK_SECONDS / time_per_call(call, iters=1, warmup=1)))
+        for _ in range(3):
+            start = time.perf_counter()
+            for _ in range(calls):
+                call()
+            sync()
+            best = max(best, flops * calls / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def measure(config: dict) -> dict:
+    """Run one configuration in this process: throughput, compile seconds and peak memory (or, with
+    `first_call_only`, only the first call's seconds: a warm compile's cost)."""
+    device = torch.device(config["device"])
+    use_ieee_fp32()
+    net = build(config["output"]).to(device)
+    x = torch.randn(config["batch"], 3, ENCODER_INPUT, ENCODER_INPUT, device=device)
+    if config["channels_last"]:
+        net, x = to_channels_last(net), x.contiguous(memory_format=torch.channels_last)
+    model = compile_model(net, config["cache_dir"]) if config["compile"] else net
+
+    def step() -> torch.Tensor:
+        with torch.inference_mode(), autocast(device, config["precision"]):
+            return model(x, resize=False, randomize_noise=False)
+
+    first_call = time_per_call(step, iters=1, warmup=0)
+    if config["first_call_only"]:
+        return {"first_call_seconds": first_call}
+    seconds = time_per_call(step, iters=config["iters"], warmup=1)
+    peak_device = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return {"images_per_s": config["batch"] / seconds, "seconds_per_call": seconds, "first_call_seconds": first_call,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak_device_mb": peak_device}
+
+
+def measure_in_subprocess(config: dict) -> dict:
+    """`measure(config)` in a fresh Python process; a process that fails (out of memory) gives its error."""
+    done = subprocess.run([sys.executable, __file__, "--measure", json.dumps(config)], capture_output=True, text=True)
+    if done.returncode != 0:
+        killed = " (killed: out of memory?)" if done.returncode in (-9, 137) else ""
+        tail = done.stderr.strip().splitlines()[-1:] or [""]
+        return {"error": f"exit code {done.returncode}{killed}: {tail[0]}"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_configuration(config: dict, cache_dir: Path) -> dict:
+    """One row: the configuration measured in its own process (compiled ones twice: cold, then warm)."""
+    result = measure_in_subprocess({**config, "cache_dir": str(cache_dir), "first_call_only": False})
+    row = {key: config[key] for key in ("output", "batch", "precision", "compile", "channels_last", "device")}
+    row.update(images_per_s=result.get("images_per_s"), compile_seconds=None, warm_compile_seconds=None,
+               peak_rss_mb=result.get("peak_rss_mb"), peak_device_mb=result.get("peak_device_mb"),
+               error=result.get("error"))
+    if config["compile"] and "error" not in result:
+        row["compile_seconds"] = result["first_call_seconds"] - result["seconds_per_call"]
+        warm = measure_in_subprocess({**config, "cache_dir": str(cache_dir), "first_call_only": True})
+        if "error" not in warm:
+            row["warm_compile_seconds"] = warm["first_call_seconds"] - result["seconds_per_call"]
+    return row
+
+
+TABLE_HEADER = ("output  batch  precision  compile  channels_last  images/s  compile_s  warm_s  peak_rss_mb"
+                "  GFLOP/s  of_peak")
+
+
+def table_line(row: dict) -> str:
+    """One row of the printed table (under TABLE_HEADER)."""
+    head = (f"{row['output']:6d}  {row['batch']:5d}  {row['precision']:9s}  {str(row['compile']):7s}  "
+            f"{str(row['channels_last']):13s}")
+    if row["error"]:
+        return f"{head}  failed: {row['error']}"
+    seconds = [f"{v:.1f}" if v is not None else "-" for v in (row["compile_seconds"], row["warm_compile_seconds"])]
+    return (f"{head}  {row['images_per_s']:8.2f}  {seconds[0]:>9s}  {seconds[1]:>6s}  {row['peak_rss_mb']:11.0f}  "
+            f"{row['achieved_gflops']:7.0f}  {row['fraction_of_peak']:7.0%}")
+
+
+def print_break_even(rows: list[dict]) -> None:
+    """For each compiled row with an eager twin: the images after which its cold compile has paid."""
+    eager = {(r["output"], r["batch"], r["precision"], r["channels_last"]): r for r in rows if not r["compile"]}
+    for row in rows:
+        twin = eager.get((row["output"], row["batch"], row["precision"], row["channels_last"]))
+        if not row["compile"] or twin is None or not (row["images_per_s"] and twin["images_per_s"]):
+            continue
+        saved = 1 / twin["images_per_s"] - 1 / row["images_per_s"]
+        verdict = (f"saves {saved:.3f} s/image, repays the {row['compile_seconds']:.1f} s cold compile after "
+                   f"{row['compile_seconds'] / saved:.0f} images" if saved > 0 else "no faster than eager")
+        print(f"# compile at output {row['output']}, batch {row['batch']}, {row['precision']}: {verdict}")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 1024])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 1024], help="generator output sizes")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--precisions", nargs="+", choices=["fp32", "bf16", "fp16"], default=["fp32", "bf16"])
+    parser.add_argument("--compile", action="store_true", help="also run each configuration compiled")
+    parser.add_argument("--channels-last", action="store_true", help="also run each configuration channels-last")
+    parser.add_argument("--iters", type=int, default=3, help="timed calls per configuration (median)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile-cache", type=Path, default=None,
+                        help="compile cache folder (default: a fresh, empty one per configuration)")
+    parser.add_argument("--json", type=Path, default=None, help="write the rows to this JSON file")
+    parser.add_argument("--measure", help=argparse.SUPPRESS)   # internal: run one configuration, print its JSON
     args = parser.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    print(f"# {hardware()}\n# {command_line()}")
-    print("output  batch  precision  channels_last  images/s  vs fp32")
-    for size in args.sizes:
-        net = build(size, device)
-        for batch in args.batches:
-            x = torch.randn(batch, 3, 256, 256, device=device)
-            baseline = None
-            for channels_last in (False, True):
-                model = to_channels_last(copy.deepcopy(net)) if channels_last else net
-                inp = x.contiguous(memory_format=torch.channels_last) if channels_last else x
-                for precision in ("fp32", "bf16"):
-
-                    def step() -> torch.Tensor:
-                        with torch.inference_mode(), autocast(device, precision):
-                            return model(inp, resize=False, randomize_noise=False)
-
-                    seconds = time_per_call(step, args.iters)
-                    rate = batch / seconds
-                    baseline = baseline or rate
-                    print(f"{size:6d}  {batch:5d}  {precision:9s}  {str(channels_last):13s}  {rate:8.2f}  {rate / baseline:6.2f}x",
-                          flush=True)
-            with torch.inference_mode():
-                ref = net(x[:1], resize=False, randomize_noise=False).float()
-                with autocast(device, "bf16"):
-                    low = net(x[:1], resize=False, randomize_noise=False).float()
-            err = (ref - low).abs()
-            print(f"# output {size}: bf16 vs fp32 image difference: max {err.max():.4f}, mean {err.mean():.4f} "
-                  f"(image range [{ref.min():.2f}, {ref.max():.2f}])", flush=True)
+    if args.measure:
+        print(json.dumps(measure(json.loads(args.measure))))
+        return
+    device = torch.device(args.device)
+    use_ieee_fp32()
+    print(f"# {hardware()}; device {device}\n# {command_line()}")
+    peaks = {p: conv_peak_gflops(device, p) for p in args.precisions}
+    print("# conv peak (512->512 3x3, [4, 512, 64, 64]): "
+          + ", ".join(f"{p} {g:.0f} GFLOP/s" for p, g in peaks.items()), flush=True)
+    flops = {(s, p): forward_flops_per_image(s, p) for s in args.sizes for p in args.precisions}
+    print("# forward FLOPs per image: " + ", ".join(f"{s} px {p} {f / 1e9:.1f} GFLOP" for (s, p), f in flops.items()))
+    print(TABLE_HEADER)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (size, batch, precision, compiled, channels_last) in enumerate(itertools.product(
+                args.sizes, args.batches, args.precisions, (False, True) if args.compile else (False,),
+                (False, True) if args.channels_last else (False,))):
+            config = {"output": size, "batch": batch, "precision": precision, "compile": compiled,
+                      "channels_last": channels_last, "device": str(device), "iters": args.iters}
+            row = run_configuration(config, args.compile_cache or Path(tmp) / f"cache-{i}")
+            rate = row["images_per_s"] or 0.0
+            row["gflop_per_image"] = flops[size, precision] / 1e9
+            row["achieved_gflops"] = rate * row["gflop_per_image"]
+            row["fraction_of_peak"] = row["achieved_gflops"] / peaks[precision]
+            rows.append(row)
+            print(table_line(row), flush=True)
+            if args.json:
+                write_json_atomic(args.json, rows)   # after every row: a run stopped early keeps what it measured
+    print_break_even(rows)
 
 
 if __name__ == "__main__":

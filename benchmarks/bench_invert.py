@@ -5,7 +5,10 @@ same shard rows. Warm throughput is marginal: each path runs on a small and a la
 and (large - small) rows / (large - small) seconds cancels the one-off costs (Ray Data start-up,
 actor start, model load), which the cold end-to-end figures include. The loop's process is warmed
 once first (the Ray actor is a new process on every run, so both of its runs pay the same warm-up).
-Run: python benchmarks/bench_invert.py [--small 16] [--large 80] [--batch-size 8] [--output-size 64] [--encoder-size 64]
+Then the same warm loop with a ReStyle-pSp encoder for each `--iters` (refinement steps), the cost
+of ReStyle's quality per image.
+Run: python benchmarks/bench_invert.py [--small 16] [--large 80] [--batch-size 8] [--output-size 64]
+     [--encoder-size 64] [--iters 1 3 5]
 """
 from __future__ import annotations
 
@@ -18,14 +21,13 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import command_line, hardware  # noqa: E402
 
-from pipelines.invert import InvertConfig, Inverter, input_units, inverted, rows_dataset, tag_shard_unit  # noqa: E402
+from pipelines.invert import InvertConfig, Inverter, input_units, inverted, read_unit, rows_dataset  # noqa: E402
 from pipelines.shard import ShardConfig, write_shards  # noqa: E402
 from psp_core import PSP, PSPArchitecture, save_psp  # noqa: E402
 
@@ -50,8 +52,8 @@ def loop_seconds(cfg: InvertConfig, checkpoint: Path) -> float:
     start = time.perf_counter()
     inverter = Inverter(str(checkpoint), cfg.model_dump(mode="json"), "bench")
     for path in sorted(cfg.input.glob("*.parquet")):
-        table = pq.read_table(path)
-        table = tag_shard_unit(table.append_column("path", pa.array([str(path)] * table.num_rows)))
+        item = pa.table({"unit": [path.stem], "paths": [[str(path)]]})
+        table = read_unit(item, shards=True, split=None, paired=False)
         for offset in range(0, table.num_rows, cfg.batch_size):
             inverter(table.slice(offset, cfg.batch_size))
     return time.perf_counter() - start
@@ -74,6 +76,7 @@ def main() -> None:
     parser.add_argument("--output-size", type=int, default=64)
     parser.add_argument("--encoder-size", type=int, default=64)
     parser.add_argument("--cpus", type=int, default=2, help="torch threads of the loop and of the one Ray actor")
+    parser.add_argument("--iters", type=int, nargs="+", default=[1, 3, 5], help="ReStyle refinement steps to time")
     args = parser.parse_args()
     print(f"# {hardware()}\n# {command_line()}")
     import ray
@@ -101,6 +104,26 @@ def main() -> None:
         warm = {k: extra / (seconds[args.large][k] - seconds[args.small][k]) for k in ("loop", "ray")}
         print(f"warm (marginal {extra} images): plain loop {warm['loop']:.2f} images/s, "
               f"Ray Data {warm['ray']:.2f} images/s, ratio Ray / loop {warm['ray'] / warm['loop']:.2f}")
+        refinement_rates(args, root)
+
+
+def refinement_rates(args: argparse.Namespace, root: Path) -> None:
+    """Warm images/s of the in-process loop with a ReStyle-pSp encoder (BackboneEncoder, 6 channels)
+    at each number of refinement steps, and the ratio to one step."""
+    torch.manual_seed(0)
+    net = PSP(PSPArchitecture(encoder_type="BackboneEncoder", family="restyle_psp", input_nc=6,
+                              output_size=args.output_size, encoder_input_size=args.encoder_size))
+    net.set_latent_avg(torch.randn(net.n_styles, 512) * 0.1)
+    checkpoint = save_psp(net, root / "restyle.pt")
+    inputs = {n: root / f"shards-{n}" for n in (args.small, args.large)}
+    rates = {}
+    for n_iters in args.iters:
+        cfgs = {n: InvertConfig(model=str(checkpoint), input=path, output_dir=root / "out", n_iters=n_iters,
+                                batch_size=args.batch_size, lpips_backbone="random") for n, path in inputs.items()}
+        seconds = {n: loop_seconds(cfg, checkpoint) for n, cfg in cfgs.items()}
+        rates[n_iters] = (args.large - args.small) / (seconds[args.large] - seconds[args.small])
+        print(f"ReStyle-pSp, {n_iters} refinement step(s): {rates[n_iters]:.2f} images/s warm "
+              f"({rates[n_iters] / rates[args.iters[0]]:.2f}x of {args.iters[0]} step)", flush=True)
 
 
 if __name__ == "__main__":

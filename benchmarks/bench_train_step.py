@@ -1,11 +1,14 @@
-"""Training throughput of the encode preset (images/s, fp32 vs bf16) and where a step's time goes.
+"""Training throughput of the encode preset (images/s, fp32 vs bf16, eager vs compiled) and where a step's time goes.
 
 Runs the real engine step (`Trainer.train_step`: forward, the four-term loss, backward, Ranger) on
 random weights (speed does not depend on their values), and, taking turns with it, each network
 alone (forward plus backward at the same shapes) to give the share of the step spent in the
 encoder, the generator, LPIPS and the identity network (the rest is the optimiser and glue).
+With `--compile`, each precision also gets a compiled row (the engine's `compile: true`: forward and
+loss through torch.compile), timed in this same process after its compile; every row's ratio is
+against the eager fp32 row of its configuration.
 
-    python benchmarks/bench_train_step.py --configs tiny full --precisions fp32 bf16 --steps 3
+    python benchmarks/bench_train_step.py --configs tiny full --precisions fp32 bf16 --steps 3 --compile
 """
 
 from __future__ import annotations
@@ -57,18 +60,23 @@ def timed_round_robin(fns: dict[str, Callable[[], object]], device: torch.device
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def bench(name: str, precision: str, batch: int, steps: int, device: torch.device) -> dict[str, float]:
-    """Images/s of the engine step and the per-network forward+backward seconds for one configuration."""
+def step_functions(name: str, precision: str, compiled: bool, batch: int,
+                   device: torch.device) -> dict[str, Callable[[], object]]:
+    """The engine step of one configuration (`step_s`) and, eager only, each network's forward+backward alone
+    at the step's shapes (`encoder`, `generator`, `lpips`, `identity`)."""
     torch.manual_seed(0)
     arch = CONFIGS[name]
     net = build_psp(arch, mean_latent_samples=1000).to(device)
     preset = get_preset("encode")
     identity = IdentityLoss(IRSEBackbone().to(device))
     loss = PSPLoss(preset.loss, lpips_backbone="random", identity=identity).to(device)
-    trainer = Trainer(net, loss, TrainingConfig(precision=precision))
+    trainer = Trainer(net, loss, TrainingConfig(precision=precision, compile=compiled))
     photos = torch.rand(batch, 3, 256, 256)
     source, target = PresetTransform(preset, arch.encoder_input_size)(photos, photos, torch.Generator())
     source, target = source.to(device), target.to(device)
+    step = {"step_s": lambda: trainer.train_step(source, target)}
+    if compiled:
+        return step
     with torch.no_grad():
         codes = net.encode(source)
         image = net(source)
@@ -97,19 +105,19 @@ def bench(name: str, precision: str, batch: int, steps: int, device: torch.devic
             value, _ = identity(out, target, source)
         value.float().backward()
 
-    times = timed_round_robin({"step_s": lambda: trainer.train_step(source, target), "encoder": encoder_pass,
-                               "generator": generator_pass, "lpips": lpips_pass, "identity": identity_pass},
-                              device, steps)
-    return {"images_per_s": batch / times["step_s"], **times}
+    return {**step, "encoder": encoder_pass, "generator": generator_pass, "lpips": lpips_pass,
+            "identity": identity_pass}
 
 
 def main() -> None:
-    """Parse options, run every configuration and precision, print a table."""
+    """Parse options; per configuration, compile the compiled rows (timing each compile), then time every row
+    in the same rounds, so the ratios against eager fp32 hold at whatever load the machine has; print a table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="+", default=["tiny", "full"], choices=sorted(CONFIGS))
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
+    parser.add_argument("--compile", action="store_true", help="also time each precision compiled")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -117,16 +125,38 @@ def main() -> None:
     load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"hardware: {hardware()}; device {device}; load average {load}")
     print("weights: random (LPIPS AlexNet, IR-SE50, encoder, generator); timing does not depend on them")
-    header = f"{'config':<6} {'enc in':>6} {'out':>4} {'prec':<5} {'batch':>5} {'img/s':>8} {'step s':>8} {'load':>5}  share of step: encoder / generator / lpips / identity / rest (optimiser, glue)"
-    print(header)
+    print(f"{'config':<6} {'enc in':>6} {'out':>4} {'prec':<5} {'mode':<8} {'batch':>5} {'img/s':>8} {'x fp32':>6} "
+          f"{'step s':>8}  share of step: encoder / generator / lpips / identity / rest | compile s")
+    rows = [(precision, False) for precision in args.precisions]
+    rows += [(precision, True) for precision in args.precisions] if args.compile else []
+    if ("fp32", False) not in rows:
+        rows.insert(0, ("fp32", False))   # the baseline every ratio is against
     for name in args.configs:
-        for precision in args.precisions:
-            r = bench(name, precision, args.batch_size, args.steps, device)
-            arch = CONFIGS[name]
-            parts = [r[p] for p in ("encoder", "generator", "lpips", "identity")]
-            shares = " / ".join(f"{100 * t / r['step_s']:.0f}%" for t in [*parts, max(0.0, r["step_s"] - sum(parts))])
-            print(f"{name:<6} {arch.encoder_input_size:>6} {arch.output_size:>4} {precision:<5} {args.batch_size:>5} "
-                  f"{r['images_per_s']:>8.2f} {r['step_s']:>8.3f} {os.getloadavg()[0]:>5.1f}  {shares}", flush=True)
+        arch = CONFIGS[name]
+        fns: dict[str, Callable[[], object]] = {}
+        compile_s: dict[tuple[str, bool], float] = {}
+        for precision, compiled in rows:
+            row_fns = step_functions(name, precision, compiled, args.batch_size, device)
+            if compiled:   # the first step compiles
+                synchronize(device)
+                start = time.perf_counter()
+                row_fns["step_s"]()
+                synchronize(device)
+                compile_s[(precision, compiled)] = time.perf_counter() - start
+            fns.update({f"{precision}/{compiled}/{part}": fn for part, fn in row_fns.items()})
+        times = timed_round_robin(fns, device, args.steps)
+        baseline = times["fp32/False/step_s"]
+        for precision, compiled in rows:
+            step_s = times[f"{precision}/{compiled}/step_s"]
+            if compiled:
+                detail = f"compiled in {compile_s[(precision, compiled)]:.0f} s"
+            else:
+                parts = [times[f"{precision}/{compiled}/{p}"] for p in ("encoder", "generator", "lpips", "identity")]
+                detail = " / ".join(f"{100 * t / step_s:.0f}%" for t in [*parts, max(0.0, step_s - sum(parts))])
+            print(f"{name:<6} {arch.encoder_input_size:>6} {arch.output_size:>4} {precision:<5} "
+                  f"{'compiled' if compiled else 'eager':<8} {args.batch_size:>5} {args.batch_size / step_s:>8.2f} "
+                  f"{baseline / step_s:>6.2f} {step_s:>8.3f}  {detail}", flush=True)
+    print(f"load average at the end: {' / '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":

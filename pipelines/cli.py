@@ -44,6 +44,8 @@ COMMANDS: dict[str, Command] = {
                      "train", "psp train train.num_workers=2 train.max_steps=1000 train.precision=bf16"),
     "invert": Command("pipelines.invert", "batch-invert images or shards into W+ with Ray Data and a registered encoder",
                       "invert", "psp invert invert.model=models:/psp-encoder@champion invert.input=~/faces invert.aligned=false"),
+    "edit": Command("pipelines.edit", "edit inverted W+ codes along InterFaceGAN, GANSpace or SeFa directions: images, latents, grids",
+                    "edit", "psp edit edit.edits='[{kind: interfacegan, direction: age, start: -3, end: 3, steps: 7}]'"),
     "submit": Command("pipelines.submit", "run `psp train` as a job on a Ray cluster (ray job submit, code uploaded without data)",
                       "train", "RAY_ADDRESS=http://head:8265 psp submit train.num_workers=8 train.use_gpu=true"),
     "evaluate": Command("pipelines.evaluate", "score an encoder on the test split: L2, LPIPS, MS-SSIM, identity, time per image",

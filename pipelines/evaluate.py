@@ -1,36 +1,37 @@
-"""`psp evaluate`: reconstruction quality of an encoder on the test split of the shards.
+"""`psp evaluate`: reconstruction quality of encoders on the test split of the shards.
 
 Per image: L2, LPIPS, MS-SSIM and identity similarity of the 256px output against the 256px target,
-plus seconds per image of the model forward. Writes a DVC metrics file, a per-image CSV (DVC plots)
-and a reconstruction grid. When the model is a registry reference, the results also go onto the
+plus seconds per image of the model forward; for ReStyle encoders, at every refinement step (the
+curve of the ReStyle paper). Writes a DVC metrics file, a per-image CSV (DVC plots) and a
+reconstruction grid; with `compare`, several models scored on the same images into one table
+(JSON, Markdown) and a side-by-side grid. For registry references, the results also go onto each
 version's MLflow run and into `eval_*` version tags, which `psp promote --if-better` compares.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import logging
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from pipelines import storage
 from pipelines.config import load_section
+from pipelines.io import atomic_path, write_json_atomic
 from pipelines.sections import EvaluateConfig
-from pipelines.io import atomic_path, file_digest, write_json_atomic
-from pipelines.tracking import resolve_model
-from psp_core import PSP, load_psp
+from pipelines.tracking import ResolvedModel, resolve_model
 from psp_core.errors import InputError
+from psp_core.inference import InferenceModel, choose_device, scored
 from psp_core.losses import require_alexnet
-from psp_core.metrics import (
-    ArcFaceIdentity, MetricSuite, MetricTable, identity_backend, lpips_network, reconstruction_grid,
-)
-from psp_core.presets import PresetTransform, TaskPreset, get_preset
+from psp_core.metrics import ArcFaceIdentity, MetricSuite, MetricTable, identity_backend, lpips_network, reconstruction_grid
 from psp_core.shards import MANIFEST_FILE, ShardBatch, iter_shard_batches, read_manifest, shard_paths
 
 log = logging.getLogger(__name__)
@@ -40,20 +41,22 @@ GRID_IMAGES = 8
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    keys = ", ".join(EvaluateConfig.model_fields)
-    parser.epilog = (f"Keys of the evaluate section: {keys}. "
-                     "Writes the `report`, `per_image` and `grid` files. An id_similarity "
-                     "from dlib_resnet_v1 (used when the IR-SE50 file is absent) is not comparable with ArcFace "
-                     "numbers; lpips_backbone=random gives values that are not LPIPS. For a models:/ reference "
-                     "the results are also logged to the version's MLflow run and set as eval_* version tags.")
+    parser.epilog = ("Writes the `report`, `per_image` and `grid` files (with `compare`, also the comparison "
+                     "table and grid). An id_similarity from dlib_resnet_v1 (used when the IR-SE50 file is absent) "
+                     "is not comparable with ArcFace numbers; lpips_backbone=random gives values that are not "
+                     "LPIPS. For models:/ references the results are also logged to each version's MLflow run "
+                     "and set as eval_* version tags.")
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_section("evaluate", EvaluateConfig, args.overrides, args.params)
     report = evaluate(cfg)
     shown = ", ".join(f"{k}={_format(report[k])}" for k in (*METRICS, "seconds_per_image"))
-    print(f"evaluated {report['model']} on {report['n_images']} {cfg.split} images: {shown} "
+    steps = f" after {report['n_iters']} refinement steps" if report["per_iteration"] else ""
+    print(f"evaluated {report['model']} on {report['n_images']} {cfg.split} images{steps}: {shown} "
           f"(identity: {report['id_backend']}, LPIPS backbone: {report['lpips_backbone']})")
+    if cfg.compare:
+        print(f"comparison of {1 + len(cfg.compare)} models: {cfg.comparison.with_suffix('.md')}")
     if report["lpips_backbone"] == "random":
         print("note: LPIPS ran on a RANDOM AlexNet backbone: the lpips values are not LPIPS")
     return 0
@@ -63,35 +66,12 @@ def _format(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4g}"
 
 
-def pick_device(choice: str) -> torch.device:
-    """`auto`: CUDA when available, else the CPU."""
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise InputError("evaluate.device=cuda but no CUDA device is available")
-    return torch.device(choice)
-
-
-def batch_pair(batch: ShardBatch, preset: TaskPreset) -> tuple[Tensor, Tensor]:
-    """(source, target) uint8 [N, C, H, W] of a shard batch: the paired source image when the shards
-    have one (first channel only for sketches), else the target itself."""
-    target = torch.from_numpy(batch.images).permute(0, 3, 1, 2)
-    if batch.source_images is None:
-        return target, target
-    source = torch.from_numpy(batch.source_images).permute(0, 3, 1, 2)
-    return (source[:, :1] if preset.input_kind == "sketch" else source), target
-
-
-def limited(batches: Iterator[ShardBatch], max_images: int | None) -> Iterator[ShardBatch]:
+def limited(batches: Iterable[ShardBatch], max_images: int | None) -> Iterator[ShardBatch]:
     """The batches up to `max_images` rows in all (the last one cut short)."""
     seen = 0
     for batch in batches:
         if max_images is not None and seen + len(batch) > max_images:
-            keep = max_images - seen
-            batch = ShardBatch(batch.ids[:keep], batch.images[:keep],
-                               None if batch.landmarks is None else batch.landmarks[:keep],
-                               None if batch.source_images is None else batch.source_images[:keep],
-                               batch.source_paths[:keep], batch.splits[:keep])
+            batch = batch.head(max_images - seen)
         if len(batch) == 0:
             return
         seen += len(batch)
@@ -100,45 +80,49 @@ def limited(batches: Iterator[ShardBatch], max_images: int | None) -> Iterator[S
 
 @dataclass
 class Scores:
-    """What one pass over the split produced: per-image metrics, forward time, and the grid's images."""
+    """One model's pass over the split: per-image metrics at every refinement step (one table for a
+    single-pass encoder), forward time, and the grid's inputs and outputs (every step)."""
 
-    table: MetricTable = field(default_factory=MetricTable)
+    tables: list[MetricTable] = field(default_factory=list)
     forward_seconds: float = 0.0
     grid_inputs: list[Tensor] = field(default_factory=list)
-    grid_outputs: list[Tensor] = field(default_factory=list)
+    grid_outputs: list[list[Tensor]] = field(default_factory=list)
 
-    def keep_for_grid(self, inputs: Tensor, outputs: Tensor) -> None:
-        """Keep the first GRID_IMAGES input/output pairs (on the CPU)."""
+    def keep_for_grid(self, inputs: Tensor, outputs: list[Tensor]) -> None:
+        """Keep the first GRID_IMAGES inputs and their outputs at each step (on the CPU)."""
         room = GRID_IMAGES - sum(len(t) for t in self.grid_inputs)
         if room > 0:
             self.grid_inputs.append(inputs[:room].cpu())
-            self.grid_outputs.append(outputs[:room].cpu())
+            self.grid_outputs.append([o[:room].cpu() for o in outputs])
+
+    def grid_rows(self) -> tuple[Tensor, list[Tensor]]:
+        """The kept inputs [K, C, E, E] and one row of outputs per step, each [K, 3, 256, 256]."""
+        steps = zip(*self.grid_outputs)
+        return torch.cat(self.grid_inputs), [torch.cat(step) for step in steps]
+
+    @property
+    def final(self) -> MetricTable:
+        """The table of the last refinement step: the encoder's answer."""
+        return self.tables[-1]
 
 
-def timed_forward(net: PSP, source: Tensor) -> tuple[Tensor, float]:
-    """The 256px reconstruction (fixed noise, as the reference inference) and the forward's wall seconds."""
-    if source.device.type == "cuda":
-        torch.cuda.synchronize(source.device)
-    start = time.perf_counter()
-    output = net(source, resize=True, randomize_noise=False)
-    if source.device.type == "cuda":
-        torch.cuda.synchronize(source.device)
-    return output, time.perf_counter() - start
-
-
-def score_split(net: PSP, batches: Iterator[ShardBatch], transform: PresetTransform, suite: MetricSuite,
-                device: torch.device, total: int) -> Scores:
+def score_split(model: InferenceModel, batches: Iterable[ShardBatch], suite: MetricSuite, n_iters: int | None,
+                total: int, name: str) -> Scores:
     """Run the model over every batch and collect per-image metrics (progress bar over batches)."""
     scores = Scores()
-    rng = torch.Generator().manual_seed(0)
-    with torch.inference_mode():
-        for batch in tqdm(batches, total=total, desc="evaluate", unit="batch"):
-            source, target = transform(*batch_pair(batch, transform.preset), rng)
-            source, target = source.to(device), target.to(device)
-            output, seconds = timed_forward(net, source)
-            scores.forward_seconds += seconds
-            scores.table.add(suite(output, target), batch.ids)
-            scores.keep_for_grid(source, output)
+    for batch in tqdm(batches, total=total, desc=f"evaluate {name}", unit="batch"):
+        source, target = model.prepare(*batch.pair(model.input_kind))
+        start = time.perf_counter()
+        inversions = model.invert(source, n_iters)
+        if source.device.type == "cuda":
+            torch.cuda.synchronize(source.device)
+        scores.forward_seconds += time.perf_counter() - start
+        outputs = [scored(inversion.images) for inversion in inversions]
+        if not scores.tables:
+            scores.tables = [MetricTable() for _ in outputs]
+        for table, output in zip(scores.tables, outputs):
+            table.add(suite(output, target), batch.ids)
+        scores.keep_for_grid(source, outputs)
     return scores
 
 
@@ -147,10 +131,45 @@ def finite_or_none(value: float) -> float | None:
     return None if value is None or not math.isfinite(value) else float(value)
 
 
-def dataset_id(shards: Path, split: str, n_images: int, preset: str) -> str:
+def dataset_id(shards: Path | str, split: str, n_images: int, preset: str) -> str:
     """What the numbers were measured on: manifest hash, split, image count and preset (compared by promote)."""
-    digest = file_digest(shards / MANIFEST_FILE)[:16]
+    digest = hashlib.sha256(storage.read_bytes(storage.Location.of(shards) / MANIFEST_FILE)).hexdigest()[:16]
     return f"{digest}/{split}/{n_images}/{preset}"
+
+
+def metric_values(table: MetricTable) -> dict[str, float | None]:
+    """The mean of each metric over the images (null where no image had a value)."""
+    summary = table.summary()
+    return {m: finite_or_none(summary[m]) for m in METRICS}
+
+
+def model_report(cfg: EvaluateConfig, model: ResolvedModel, inference: InferenceModel, scores: Scores,
+                 identity_name: str, n_images: int) -> dict[str, Any]:
+    """The DVC metrics file's content for one model: the final step's means, per-step means for ReStyle."""
+    summary = scores.final.summary()
+    per_iteration = ([{"iteration": i, **metric_values(t)} for i, t in enumerate(scores.tables, start=1)]
+                     if inference.iterative else [])
+    return {
+        "model": model.pinned,
+        "registered_model": model.version.name if model.version else None,
+        "model_version": str(model.version.version) if model.version else None,
+        "family": inference.net.arch.family,
+        "n_iters": len(scores.tables),
+        "preset": cfg.preset,
+        "split": cfg.split,
+        "n_images": n_images,
+        **metric_values(scores.final),
+        "per_iteration": per_iteration,
+        "id_backend": identity_name,
+        "lpips_backbone": cfg.lpips_backbone,
+        **{f"{m}_missing": int(summary[f"{m}_missing"]) for m in METRICS},
+        "seconds_per_image": scores.forward_seconds / n_images,
+        "device": str(inference.device),
+        "precision": inference.precision,
+        "compiled": inference.compiled,
+        "random_weights": ["lpips_alexnet"] if cfg.lpips_backbone == "random" else [],
+        "dataset": dataset_id(cfg.shards, cfg.split, n_images, cfg.preset),
+    }
 
 
 def write_per_image_csv(path: Path, table: MetricTable) -> None:
@@ -162,78 +181,107 @@ def write_per_image_csv(path: Path, table: MetricTable) -> None:
             writer.writerow([row["id"], *("" if finite_or_none(row[m]) is None else repr(row[m]) for m in METRICS)])
 
 
-def write_grid(path: Path, scores: Scores) -> None:
-    """The reconstruction grid PNG: inputs over outputs."""
-    image = reconstruction_grid(torch.cat(scores.grid_inputs), torch.cat(scores.grid_outputs), GRID_IMAGES)
+def write_grid(path: Path, inputs: Tensor, rows: list[Tensor]) -> None:
+    """A PNG of the inputs over each row of outputs."""
+    image = reconstruction_grid(inputs, rows, GRID_IMAGES)
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
 
 
+def comparison_markdown(reports: list[dict[str, Any]]) -> str:
+    """The comparison as a Markdown table: one row per model (its final step), best value in bold."""
+    columns = (*METRICS, "seconds_per_image")
+    higher = {"ms_ssim", "id_similarity"}
+    best = {}
+    for c in columns:
+        values = [r[c] for r in reports if r[c] is not None]
+        best[c] = (max if c in higher else min)(values) if values else None
+    lines = ["| model | family | steps | " + " | ".join(columns) + " |", "|" + " --- |" * (3 + len(columns))]
+    for r in reports:
+        cells = [("**%.4g**" if r[c] == best[c] and len(reports) > 1 else "%.4g") % r[c] if r[c] is not None else "n/a"
+                 for c in columns]
+        lines.append(f"| {r['model']} | {r['family']} | {r['n_iters']} | " + " | ".join(cells) + " |")
+    first = reports[0]
+    lines.append(f"\n{first['n_images']} {first['split']} images ({first['dataset']}); identity: {first['id_backend']}; "
+                 f"LPIPS backbone: {first['lpips_backbone']}. Lower is better except ms_ssim and id_similarity.")
+    return "\n".join(lines) + "\n"
+
+
+def write_comparison(prefix: Path, reports: list[dict[str, Any]], scores: list[Scores]) -> list[Path]:
+    """`prefix`.json (every model's report), .md (the table) and .png (inputs, then each model's final output)."""
+    json_path, md_path, png_path = (prefix.with_suffix(s) for s in (".json", ".md", ".png"))
+    write_json_atomic(json_path, {"models": reports})
+    with atomic_path(md_path) as tmp:
+        tmp.write_text(comparison_markdown(reports))
+    inputs, _ = scores[0].grid_rows()
+    write_grid(png_path, inputs, [s.grid_rows()[1][-1] for s in scores])
+    return [json_path, md_path, png_path]
+
+
 def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
-    """Evaluate the configured model on the split, write the report, CSV and grid, and (for a
-    registry reference with log_to_mlflow) record the results on the model version. Returns the report."""
-    preset = get_preset(cfg.preset)
-    if preset.input_kind == "segmentation":
-        raise InputError(f"evaluate does not support preset {cfg.preset}: label-map sources are not decoded here")
-    manifest = read_manifest(cfg.shards)
+    """Evaluate the configured model (and the `compare` models, on the same images), write the report,
+    CSV and grid (and the comparison), and record each registry version's results. Returns the report."""
+    # inputs
+    storage.check_access(cfg.shards)
+    filesystem, shard_dir = storage.reader_filesystem(cfg.shards)
+    manifest = read_manifest(shard_dir, filesystem)
     available = manifest["rows"].get(cfg.split, 0)
     if available == 0:
         raise InputError(f"{cfg.shards}: the {cfg.split} split is empty; nothing to evaluate")
-    paths = shard_paths(cfg.shards, verify=True)
+    paths = shard_paths(shard_dir, verify=True, filesystem=filesystem)
     n_expected = min(available, cfg.max_images or available)
-
-    model = resolve_model(cfg.model)
+    models = [resolve_model(reference) for reference in (cfg.model, *cfg.compare)]
     if cfg.lpips_backbone == "pretrained":
         require_alexnet()
-    device = pick_device(cfg.device)
-    net = load_psp(model.checkpoint, device)
-    if net.arch.input_nc != preset.input_nc:
-        raise InputError(f"{cfg.model} takes {net.arch.input_nc}-channel input; preset {cfg.preset} "
-                         f"gives {preset.input_nc} channels")
+    device = choose_device(cfg.device)
+    networks = [InferenceModel.load(m.checkpoint, cfg.preset, str(device), cfg.precision, cfg.compile, cfg.compile_cache,
+                                    n_expected, cfg.n_iters) for m in models]
+
+    # metrics
     identity = identity_backend(cfg.irse50)
     if isinstance(identity, ArcFaceIdentity):
         identity.loss.to(device)
     suite = MetricSuite(lpips_network(cfg.lpips_backbone).to(device), identity)
-    transform = PresetTransform(preset, net.arch.encoder_input_size, train=False)
-    batches = limited(iter_shard_batches(paths, cfg.batch_size, split=cfg.split), cfg.max_images)
-    scores = score_split(net, batches, transform, suite, device, math.ceil(n_expected / cfg.batch_size))
+    n_batches = math.ceil(n_expected / cfg.batch_size)
+    scores = []
+    for model, network in zip(models, networks):
+        batches = limited(iter_shard_batches(paths, cfg.batch_size, split=cfg.split, source_kind=network.input_kind,
+                                             filesystem=filesystem),
+                          cfg.max_images)
+        scores.append(score_split(network, batches, suite, cfg.n_iters, n_batches, model.pinned))
+    n_images = int(scores[0].final.summary()["n_images"])
+    reports = [model_report(cfg, m, n, s, identity.name, n_images) for m, n, s in zip(models, networks, scores)]
+    if cfg.lpips_backbone == "random":
+        log.warning("RANDOM WEIGHTS: lpips_alexnet runs on random weights: its metric is not comparable with "
+                    "published numbers")
 
-    summary = scores.table.summary()
-    n_images = int(summary["n_images"])
-    random_weights = ["lpips_alexnet"] if cfg.lpips_backbone == "random" else []
-    report: dict[str, Any] = {
-        "model": model.pinned,
-        "registered_model": model.version.name if model.version else None,
-        "model_version": str(model.version.version) if model.version else None,
-        "preset": cfg.preset,
-        "split": cfg.split,
-        "n_images": n_images,
-        **{m: finite_or_none(summary[m]) for m in METRICS},
-        "id_backend": identity.name,
-        "lpips_backbone": cfg.lpips_backbone,
-        **{f"{m}_missing": int(summary[f"{m}_missing"]) for m in METRICS},
-        "seconds_per_image": scores.forward_seconds / n_images,
-        "device": str(device),
-        "random_weights": random_weights,
-        "dataset": dataset_id(cfg.shards, cfg.split, n_images, cfg.preset),
-    }
-    for name in random_weights:
-        log.warning("RANDOM WEIGHTS: %s runs on random weights: its metric is not comparable with published numbers",
-                    name)
+    # outputs
+    report = reports[0]
     write_json_atomic(cfg.report, report)
-    write_per_image_csv(cfg.per_image, scores.table)
-    write_grid(cfg.grid, scores)
-    if model.version is not None and cfg.log_to_mlflow:
-        from pipelines.tracking import record_evaluation
-
-        from pipelines.lineage import shard_datasets
-
-        metrics = {k: report[k] for k in (*METRICS, "seconds_per_image")}
-        counts = {k: report[k] for k in ("n_images", *(f"{m}_missing" for m in METRICS))}
-        conditions = {"dataset": report["dataset"], "id_backend": identity.name,
-                      "lpips_backbone": cfg.lpips_backbone, "preset": cfg.preset}
-        dataset = shard_datasets(cfg.shards, manifest)[cfg.split]
-        record_evaluation(model.version, metrics, counts, conditions, [cfg.report, cfg.per_image, cfg.grid], dataset)
-        log.info("logged the evaluation to %s version %s (run %s)", model.version.name, model.version.version,
-                 model.version.run_id)
+    write_per_image_csv(cfg.per_image, scores[0].final)
+    write_grid(cfg.grid, *scores[0].grid_rows())
+    comparison = write_comparison(cfg.comparison, reports, scores) if cfg.compare else []
+    if cfg.log_to_mlflow:
+        for model, one in zip(models, reports):
+            if model.version is not None:
+                files = [cfg.report, cfg.per_image, cfg.grid] if one is report else []
+                record(cfg, manifest, model, one, files + comparison)
     return report
+
+
+def record(cfg: EvaluateConfig, manifest: dict, model: ResolvedModel, report: dict[str, Any], files: list[Path]) -> None:
+    """Log one registry version's evaluation: metrics (per refinement step as the metric's steps), counts,
+    conditions, the data it read and the files."""
+    from pipelines.lineage import shard_datasets
+    from pipelines.tracking import record_evaluation
+
+    metrics = {k: report[k] for k in (*METRICS, "seconds_per_image")}
+    counts = {k: report[k] for k in ("n_images", *(f"{m}_missing" for m in METRICS))}
+    conditions = {"dataset": report["dataset"], "id_backend": report["id_backend"],
+                  "lpips_backbone": cfg.lpips_backbone, "preset": cfg.preset, "n_iters": str(report["n_iters"]),
+                  "precision": report["precision"], "compiled": str(report["compiled"]).lower()}
+    curve = [{m: step[m] for m in METRICS} for step in report["per_iteration"]]
+    dataset = shard_datasets(cfg.shards, manifest)[cfg.split]
+    record_evaluation(model.version, metrics, counts, conditions, files, dataset, curve)
+    log.info("logged the evaluation to %s version %s (run %s)", model.version.name, model.version.version,
+             model.version.run_id)

@@ -1,16 +1,17 @@
-"""`psp import-checkpoint`: register a released pSp checkpoint (e.g. psp_ffhq_encode.pt) as a new encoder version."""
+"""`psp import-checkpoint`: register a released encoder checkpoint (pSp, ReStyle-pSp, ReStyle-e4e or e4e,
+e.g. psp_ffhq_encode.pt, restyle_psp_ffhq_encode.pt, e4e_ffhq_encode.pt) as a new encoder version."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from pipelines.tracking import IMPORT_EXPERIMENT, import_checkpoint
-from pipelines.tracking import DEFAULT_REGISTERED_MODEL
+from pipelines.tracking import DEFAULT_REGISTERED_MODEL, IMPORT_EXPERIMENT, import_checkpoint
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", type=Path, metavar="FILE",
-                        help="pSp checkpoint {'state_dict', 'opts', 'latent_avg'}; loaded strictly, weights only")
+                        help="pSp / ReStyle / e4e checkpoint {'state_dict', 'opts', 'latent_avg'}; "
+                             "the family is read from opts; loaded strictly, weights only")
     parser.add_argument("--name", default=DEFAULT_REGISTERED_MODEL,
                         help="registered model to add the version to (default: %(default)s)")
     parser.add_argument("--alias", default=None, help="alias to point at the new version (default: none)")

@@ -12,6 +12,7 @@ and the weights fingerprints it tags.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import subprocess
 import warnings
@@ -36,7 +37,7 @@ def weights_fingerprint(path: Path | None) -> str:
 
 # ----------------------------------------------------------------------------- recording
 
-def shard_datasets(shards: Path, manifest: dict) -> dict[str, Any]:
+def shard_datasets(shards: Path | str, manifest: dict) -> dict[str, Any]:
     """One MLflow dataset per split of a shard folder (and `total` for all rows): name `shards/<split>`,
     digest = the manifest's sha256 (first 32 hex digits), source = the folder, the shard schema, and the split's row count."""
     from mlflow.data.dataset_source_registry import resolve_dataset_source
@@ -57,13 +58,15 @@ def shard_datasets(shards: Path, manifest: dict) -> dict[str, Any]:
         def to_dict(self) -> dict[str, str]:
             return super().to_dict() | {"profile": json.dumps(self.profile)}
 
-    digest = file_digest(shards / "manifest.json")[:DIGEST_CHARS]
+    from pipelines import storage
+
+    digest = hashlib.sha256(storage.read_bytes(storage.Location.of(shards) / "manifest.json")).hexdigest()[:DIGEST_CHARS]
     schema = Schema([ColSpec(DataType.string, "id"), ColSpec(DataType.binary, "image"),
                      ColSpec(DataType.integer, "width"), ColSpec(DataType.integer, "height"),
                      ColSpec(DataType.string, "source_path"), ColSpec(DataType.string, "split")])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)   # "can be interpreted in multiple ways": a local folder
-        source = resolve_dataset_source(str(shards.resolve()))
+        source = resolve_dataset_source(str(shards) if storage.is_uri(shards) else str(Path(shards).resolve()))
     return {split: ShardDataset(rows=int(manifest["rows"].get(split, 0)), source=source,
                                 name=f"shards/{split}", digest=digest, schema=schema)
             for split in ("train", "test", "total")}

@@ -8,13 +8,33 @@ Importing this module costs pydantic, not torch: each command validates the whol
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model, model_validator
 
-from psp_core.options import PresetName, PSPArchitecture, TrainingConfig
+from psp_core.options import Precision, PresetName, PSPArchitecture, TrainingConfig, encoder_input_nc, preset_family
+
+
+def _data_path(value: Any) -> Any:
+    """A local path as a `Path`; a URI (`s3://bucket/key`, or an MLflow `models:/` / `runs:/` one) kept as
+    text (a Path would fold `//`), with credentials in it refused."""
+    text = str(value) if isinstance(value, Path) else value
+    if isinstance(text, str) and _REGISTRY_URI.match(text):
+        return text
+    if isinstance(text, str) and _URI.match(text) and not text.lower().startswith("file://"):
+        from pipelines.storage import Location
+
+        return Location.of(text).uri
+    return Path(text) if isinstance(text, str) else value
+
+
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_REGISTRY_URI = re.compile(r"^(models|runs):/")
+DataPath = Annotated[Path | str, BeforeValidator(_data_path)]
+"""A data path setting: a local path, or a URI of an object store (see pipelines.storage)."""
 
 
 class StageConfig(BaseModel):
@@ -80,7 +100,8 @@ class ShardConfig(StageConfig):
 # ----------------------------------------------------------------------------- training
 
 ARCHITECTURE_KEYS = ("encoder_type", "output_size", "encoder_input_size", "start_from_latent_avg")
-"""The `PSPArchitecture` options params.yaml sets (input_nc comes from the preset, learn_in_w from encoder_type)."""
+"""The `PSPArchitecture` options params.yaml sets (family and input_nc come from the preset, learn_in_w from
+encoder_type)."""
 
 
 def core_options(cls: type, names: typing.Iterable[str] | None = None) -> dict[str, Any]:
@@ -94,13 +115,14 @@ def core_options(cls: type, names: typing.Iterable[str] | None = None) -> dict[s
 class TrainSection(StageConfig):
     """`train`: pSp training on Ray Train, tracked in MLflow (model and optimiser keys from psp_core.options)."""
 
-    preset: PresetName = Field("encode", description="task preset: input kind, augmentation, loss weights")
+    preset: PresetName = Field("encode", description="task preset: input kind, augmentation, loss weights, "
+                                                     "encoder family (restyle_encode: ReStyle-pSp)")
     loss: dict[str, float] = Field(default_factory=dict, description="loss weights replacing the preset's")
-    shards: Path = Field(Path("data/shards"), description="shard folder (manifest.json)")
-    generator: Path = Field(Path("pretrained_models/stylegan2-ffhq-config-f.pt"),
+    shards: DataPath = Field(Path("data/shards"), description="shard folder (manifest.json)")
+    generator: DataPath = Field(Path("pretrained_models/stylegan2-ffhq-config-f.pt"),
                             description="StyleGAN2 checkpoint (g_ema); absent: random weights, logged and tagged")
-    irse50: Path = Field(Path("pretrained_models/model_ir_se50.pth"),
-                         description="ArcFace IR-SE50 weights: encoder init and identity loss")
+    irse50: DataPath = Field(Path("pretrained_models/model_ir_se50.pth"),
+                             description="ArcFace IR-SE50 weights: encoder init and identity loss")
     lpips_backbone: Literal["pretrained", "random"] = Field(
         "pretrained", description="AlexNet of LPIPS: pretrained (torch hub cache) or random (not LPIPS)")
     batch_size: int = Field(8, ge=1, description="images per worker per step")
@@ -121,16 +143,19 @@ class TrainSection(StageConfig):
     @model_validator(mode="after")
     def _core_accepts(self) -> "TrainSection":
         self.training()
-        PSPArchitecture(**self._architecture_values())
+        self.architecture(3)
         return self
 
     def _architecture_values(self) -> dict[str, Any]:
         values = {name: getattr(self, name) for name in ARCHITECTURE_KEYS}
         return values | {"learn_in_w": values["encoder_type"] == "BackboneEncoderUsingLastLayerIntoW"}
 
-    def architecture(self, input_nc: int) -> PSPArchitecture:
-        """The pSp architecture these params describe, for the preset's `input_nc` input channels."""
-        return PSPArchitecture(input_nc=input_nc, **self._architecture_values())
+    def architecture(self, image_nc: int) -> PSPArchitecture:
+        """The architecture these params describe: the preset's encoder family, seeing the preset's `image_nc`
+        image channels (and, for ReStyle, its last output)."""
+        family = preset_family(self.preset)
+        return PSPArchitecture(input_nc=encoder_input_nc(family, image_nc), family=family,
+                               **self._architecture_values())
 
     def training(self) -> TrainingConfig:
         """The engine's options."""
@@ -146,14 +171,19 @@ TrainConfig = create_model(
 # ----------------------------------------------------------------------------- using an encoder
 
 MODEL_DESCRIPTION = ("reports/train.json (the version that run registered), models:/NAME/VERSION, "
-                     "models:/NAME@ALIAS (moves) or a pSp .pt file")
+                     "models:/NAME@ALIAS (moves) or a .pt file (pSp, ReStyle-pSp, ReStyle-e4e or e4e)")
+N_ITERS_DESCRIPTION = "ReStyle encoders: refinement steps (null: 5); pSp and e4e run one pass"
+PRECISION_DESCRIPTION = "forward precision: auto (bf16 where the CPU/GPU computes it natively, else fp32), fp32, bf16, fp16 (CUDA)"
+COMPILE_DESCRIPTION = ("torch.compile the networks: auto (when the job repays the compile, see benchmarks/README.md), "
+                       "true, false")
+COMPILE_CACHE_DESCRIPTION = "compiled-kernel cache folder (null: $PSP_COMPILE_CACHE_DIR, else ~/.cache/psp-pipeline/inductor)"
 
 
 class EvaluateConfig(StageConfig):
     """`evaluate`: reconstruction quality on a split of the shards."""
 
     model: str = Field("reports/train.json", description=MODEL_DESCRIPTION)
-    shards: Path = Field(Path("data/shards"), description="shard folder (manifest.json)")
+    shards: DataPath = Field(Path("data/shards"), description="shard folder (manifest.json)")
     split: Literal["train", "test"] = Field("test", description="which split to score")
     batch_size: int = Field(8, ge=1, description="images per forward pass")
     max_images: int | None = Field(None, ge=1, description="score at most this many (null: the whole split)")
@@ -163,9 +193,16 @@ class EvaluateConfig(StageConfig):
     lpips_backbone: Literal["pretrained", "random"] = Field(
         "pretrained", description="AlexNet of LPIPS: pretrained (torch hub cache) or random (not LPIPS)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available")
+    precision: Precision = Field("auto", description=PRECISION_DESCRIPTION)
+    compile: Literal["auto"] | bool = Field("auto", description=COMPILE_DESCRIPTION)
+    compile_cache: str | None = Field(None, description=COMPILE_CACHE_DESCRIPTION)
     report: Path = Field(Path("reports/eval.json"), description="mean metrics (a DVC metric)")
     per_image: Path = Field(Path("reports/eval_images.csv"), description="one row per image (DVC plots)")
-    grid: Path = Field(Path("reports/eval_grid.png"), description="inputs over reconstructions")
+    grid: Path = Field(Path("reports/eval_grid.png"), description="inputs over reconstructions (every ReStyle step)")
+    n_iters: int | None = Field(None, ge=1, le=20, description=N_ITERS_DESCRIPTION + "; metrics are reported per step")
+    compare: list[str] = Field([], description="more models scored on the same images: adds a comparison table")
+    comparison: Path = Field(Path("reports/eval_comparison"),
+                             description="with compare: writes this path's .json, .md (a table) and .png (side by side)")
     log_to_mlflow: bool = Field(True, description="for registry models: log to the version's run and eval_* tags")
 
 
@@ -173,17 +210,20 @@ class InvertConfig(StageConfig):
     """`invert`: batch inversion into W+ with Ray Data."""
 
     model: str = Field("reports/train.json", description=MODEL_DESCRIPTION)
-    input: Path = Field(Path("data/shards"), description="a shard folder (manifest.json) or a folder of images")
+    input: DataPath = Field(Path("data/shards"), description="a shard folder (manifest.json) or a folder of images")
     aligned: bool = Field(True, description="for an image folder: already aligned (else aligned first)")
     split: Literal["train", "test"] | None = Field(None, description="shard input: only this split (null: all rows)")
-    output_dir: Path = Field(Path("data/latents"), description="latent Parquet files + manifest (a new or own folder)")
+    output_dir: DataPath = Field(Path("data/latents"), description="latent Parquet files + manifest (a new or own folder)")
     report: Path = Field(Path("reports/invert.json"), description="counts and speed")
     batch_size: int = Field(8, ge=1, description="images per actor call")
     images_per_file: int = Field(256, ge=1, description="image-folder input: rows per output file")
     num_actors: int = Field(1, ge=1, description="Ray Data actors, each holding the model")
     cpus_per_actor: float = Field(2.0, gt=0, description="logical CPUs (and torch threads) per actor")
     use_gpu: bool = Field(False, description="one GPU per actor")
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="forward precision (autocast)")
+    precision: Precision = Field("auto", description=PRECISION_DESCRIPTION)
+    compile: Literal["auto"] | bool = Field("auto", description=COMPILE_DESCRIPTION)
+    compile_cache: str | None = Field(None, description=COMPILE_CACHE_DESCRIPTION)
+    n_iters: int | None = Field(None, ge=1, le=20, description=N_ITERS_DESCRIPTION + "; the last step is stored")
     reconstructions: bool = Field(True, description="store each reconstruction as PNG bytes")
     n_outputs: int = Field(0, ge=0, description="style-mixed variants per image (multi-modal synthesis)")
     latent_mask: list[int] | None = Field(None, description="layers to mix; null: layers 8 and up (upper half if fewer)")
@@ -194,9 +234,94 @@ class InvertConfig(StageConfig):
         "pretrained", description="AlexNet of the per-image LPIPS: pretrained or random (not LPIPS)")
 
 
+# ----------------------------------------------------------------------------- editing the codes
+
+SAFE_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+"""A name that is usable as a file or folder name: edit names name grids and image folders."""
+
+
+class StrengthRange(StageConfig):
+    """Evenly spaced strengths from `start` to `end` (both included)."""
+
+    start: float = Field(-3.0, allow_inf_nan=False, description="first strength")
+    end: float = Field(3.0, allow_inf_nan=False, description="last strength")
+    steps: int = Field(7, ge=1, le=64, description="strengths from start to end (grid columns)")
+
+    def strengths(self) -> tuple[float, ...]:
+        """The strengths, start first (one value, `start`, when steps is 1)."""
+        if self.steps == 1:
+            return (self.start,)
+        step = (self.end - self.start) / (self.steps - 1)
+        return tuple(self.start + k * step for k in range(self.steps))
+
+
+class InterfaceganParams(StrengthRange):
+    """An InterFaceGAN direction: `w_plus + factor * direction` for each factor of the range."""
+
+    kind: Literal["interfacegan"]
+    direction: str = Field(description="age | smile | pose (shipped, FFHQ 1024 px only) or a .pt file: "
+                                       "[1, 512] (every style) or [1, n_styles, 512]")
+    name: str | None = Field(None, pattern=SAFE_NAME, description="grid and folder name (default: the direction's)")
+
+
+class GanspaceParams(StageConfig):
+    """GANSpace principal components: each (pca_index, start, end, strength) sets style 0's coordinate along
+    component pca_index to `strength` standard deviations and moves styles start..end-1 by that shift;
+    entries sharing (pca_index, start, end) are one direction whose grid columns are their strengths."""
+
+    kind: Literal["ganspace"]
+    pca: str = Field("ffhq", description="ffhq (shipped, FFHQ 1024 px only) or a .pt file {mean, comp, std}")
+    directions: list[tuple[int, int, int, float]] = Field(
+        min_length=1, description="[pca_index, start, end, strength] entries (the released format)")
+    name: str = Field("ganspace", pattern=SAFE_NAME, description="prefix of the directions' names")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "GanspaceParams":
+        for index, start, end, _ in self.directions:
+            if index < 0 or not 0 <= start < end:
+                raise ValueError(f"GANSpace entry ({index}, {start}, {end}, ...): needs pca_index >= 0 and 0 <= start < end")
+        return self
+
+
+class SefaParams(StrengthRange):
+    """SeFa: the top-k closed-form directions of the generator's own modulation weights, over a strength range."""
+
+    kind: Literal["sefa"]
+    styles: list[int] | None = Field(None, min_length=1,
+                                     description="W+ styles to factorize and move (null: every style that drives a convolution)")
+    top_k: int = Field(3, ge=1, le=512, description="directions of largest eigenvalue, one grid each")
+    name: str = Field("sefa", pattern=SAFE_NAME, description="prefix of the directions' names")
+
+
+EditEntry = typing.Annotated[InterfaceganParams | GanspaceParams | SefaParams, Field(discriminator="kind")]
+
+
+class EditConfig(StageConfig):
+    """`edit`: InterFaceGAN / GANSpace / SeFa edits of invert's W+ codes with Ray Data."""
+
+    input: Path = Field(Path("data/latents"), description="invert's output folder (manifest.json + Parquet)")
+    model: str | None = Field(None, description="null: the models:/NAME/VERSION that made the codes (the invert "
+                                                 "manifest's); a .pt file when invert ran on a file (checked by hash)")
+    edits: list[EditEntry] = Field(
+        default_factory=lambda: [SefaParams(kind="sefa")], min_length=1,
+        description="list of {kind: interfacegan, direction, start, end, steps} | {kind: ganspace, pca, "
+                    "directions: [[pca_index, start, end, strength], ...]} | {kind: sefa, styles, top_k, start, end, steps}")
+    output_dir: Path = Field(Path("data/edits"), description="edited images, latents, grids, manifest (a new or own folder)")
+    report: Path = Field(Path("reports/edit.json"), description="counts, speed, directions and grid files")
+    batch_size: int = Field(8, ge=1, description="codes per actor call (each decoded at every strength)")
+    num_actors: int = Field(1, ge=1, description="Ray Data actors, each holding the generator")
+    cpus_per_actor: float = Field(2.0, gt=0, description="logical CPUs (and torch threads) per actor")
+    use_gpu: bool = Field(False, description="one GPU per actor")
+    precision: Precision = Field("auto", description=PRECISION_DESCRIPTION)
+    compile: Literal["auto"] | bool = Field("auto", description=COMPILE_DESCRIPTION)
+    compile_cache: str | None = Field(None, description=COMPILE_CACHE_DESCRIPTION)
+    grid_images: int = Field(8, ge=1, le=64, description="rows of each grid: the first codes by id")
+    grid_tile: int = Field(256, ge=16, le=1024, description="side of a grid cell in pixels")
+
+
 SECTIONS: dict[str, type[StageConfig]] = {
     "sample": SampleConfig, "align": AlignConfig, "shard": ShardConfig, "train": TrainConfig,
-    "evaluate": EvaluateConfig, "invert": InvertConfig,
+    "evaluate": EvaluateConfig, "invert": InvertConfig, "edit": EditConfig,
 }
 """Every section params.yaml may have; any other top-level key is an error."""
 
@@ -214,6 +339,10 @@ def describe(schema: type[BaseModel], section: str) -> list[str]:
 
 def _type_name(annotation: Any) -> str:
     origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _type_name(typing.get_args(annotation)[0])
+    if origin is list:
+        return f"list[{_type_name(typing.get_args(annotation)[0])}]"
     if origin is Literal:
         return " | ".join(str(a) for a in typing.get_args(annotation))
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):

@@ -4,13 +4,13 @@ Reads `index.parquet` written by `psp align` when the input folder has one (sour
 landmarks), otherwise every image file in the folder. Image bytes already in the configured
 format are stored unchanged; exact duplicates (same bytes) are dropped and listed with their source
 photos; the split comes from a hash of each row's group (`split_by`: its source photo, or its
-folder), so near-copies of one photo never straddle train and test. The shard folder is written
-under a temporary name and swapped in.
+folder), so near-copies of one photo never straddle train and test. The shard folder (a local path
+or an object-store URI) is published whole: locally written under a temporary name and swapped in, on
+an object store written under a fresh prefix with the manifest last (see pipelines.storage).
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
 import logging
@@ -23,7 +23,8 @@ from PIL import Image, UnidentifiedImageError
 
 from pipelines.config import load_section
 from pipelines.sections import ShardConfig
-from pipelines.io import atomic_dir, list_folder, read_regular_file, write_json_atomic
+from pipelines import storage
+from pipelines.io import list_folder, read_regular_file, write_json_atomic
 from psp_core.shards import (
     IMAGE_EXTENSIONS, MANIFEST_FILE, SCHEMA_VERSION, SHARD_SCHEMA, assign_split, content_id, printable_path,
     split_group,
@@ -62,7 +63,8 @@ def write_shards(cfg: ShardConfig) -> dict[str, Any]:
     counts = {"train": 0, "test": 0}
     groups: dict[str, set[str]] = {"train": set(), "test": set()}
     shards: list[dict[str, Any]] = []
-    with atomic_dir(cfg.output_dir, MANIFEST_FILE) as folder:
+    storage.check_access(cfg.output_dir, write=True)
+    with storage.published_folder(cfg.output_dir, MANIFEST_FILE) as folder:
         buffer: list[dict] = []
         for entry in input_entries(input_dir):
             try:
@@ -88,6 +90,7 @@ def write_shards(cfg: ShardConfig) -> dict[str, Any]:
             "image_format": cfg.image_format,
             "test_fraction": cfg.test_fraction,
             "split_by": cfg.split_by,
+            "paired_sources": cfg.source_dir is not None,
             "rows": {**counts, "total": counts["train"] + counts["test"]},
             "groups": {split: len(members) for split, members in groups.items()},
             "duplicates_dropped": len(duplicates),
@@ -96,7 +99,7 @@ def write_shards(cfg: ShardConfig) -> dict[str, Any]:
             "duplicates": duplicates,
             "rejects": rejects,
         }
-        write_json_atomic(folder / MANIFEST_FILE, manifest)
+        folder.publish(manifest)
     if rejects:
         log.warning("shard: %d inputs rejected, e.g. %s: %s", len(rejects), rejects[0]["file"], rejects[0]["reason"])
     if cfg.test_fraction > 0 and counts["train"] and not counts["test"]:
@@ -182,15 +185,14 @@ def paired_source(source_path: str, source_dir: Path) -> bytes:
     raise RowRejected(f"no paired source image for {source_path} in {source_dir}")
 
 
-def write_shard(folder: Path, number: int, rows: list[dict], row_group_size: int) -> dict[str, Any]:
+def write_shard(folder: storage.FolderWriter, number: int, rows: list[dict], row_group_size: int) -> dict[str, Any]:
     """Write one shard file (image columns uncompressed: their bytes already are) and describe it."""
-    name = f"shard-{number:05d}.parquet"
-    path = folder / name
     table = pa.Table.from_pylist(rows, schema=SHARD_SCHEMA)
     compression = {column: ("NONE" if column in UNCOMPRESSED_COLUMNS else "ZSTD") for column in SHARD_SCHEMA.names}
-    pq.write_table(
-        table, path, row_group_size=row_group_size, compression=compression,
-        use_dictionary=["split"], write_statistics=["id", "width", "height", "split", "source_path"],
-    )
-    return {"file": name, "rows": len(rows), "bytes": path.stat().st_size,
-            "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    with folder.open(f"shard-{number:05d}.parquet") as out:
+        pq.write_table(
+            table, out, row_group_size=row_group_size, compression=compression,
+            use_dictionary=["split"], write_statistics=["id", "width", "height", "split", "source_path"],
+        )
+    written = folder.files[-1]
+    return {"file": written.file, "rows": len(rows), "bytes": written.bytes, "sha256": written.sha256}

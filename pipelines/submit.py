@@ -1,8 +1,9 @@
 """`psp submit`: run `psp train` as a Ray job on a cluster (`ray job submit`), uploading the code only.
 
 The job's working directory is this repository without data, MLflow store, DVC cache, results and
-git history; paths in the train section are made absolute (they must be on storage every node sees),
-and MLFLOW_TRACKING_URI is passed on so the job tracks into the same store.
+git history; local paths in the train section are made absolute (they must be on storage every node
+sees; URIs pass as they are), and MLFLOW_TRACKING_URI and the object store's endpoint and region (never
+its credentials: each node has its own) are passed on so the job tracks and reads where this shell does.
 """
 from __future__ import annotations
 
@@ -18,13 +19,15 @@ from pathlib import Path
 
 from pipelines.config import load_section
 from pipelines.tracking import tracking_uri
-from pipelines.train import TrainConfig
+from pipelines.train import TrainConfig, is_remote
 
 log = logging.getLogger(__name__)
 
 UPLOAD_EXCLUDES = [".git", ".venv", ".dvc/cache", ".dvc/tmp", "data", "mlflow", "ray_results", "reports",
                    "pretrained_models", "benchmarks/results", "**/__pycache__", "*.pt", "*.pth"]
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+STORE_SETTINGS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "MLFLOW_S3_ENDPOINT_URL")
+"""Object-store settings (no secrets) the job inherits from the submitting shell."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,7 +47,9 @@ def submit_command(args: argparse.Namespace) -> list[str]:
     if uri.startswith("sqlite:"):
         log.warning("MLflow store is the local SQLite file %s: only a cluster on this machine can write it; "
                     "set MLFLOW_TRACKING_URI to an MLflow server for a real cluster", uri)
-    runtime_env = {"excludes": UPLOAD_EXCLUDES, "env_vars": {"MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1"}}
+    endpoints = {name: os.environ[name] for name in STORE_SETTINGS if os.environ.get(name)}
+    runtime_env = {"excludes": UPLOAD_EXCLUDES,
+                   "env_vars": {"MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1", **endpoints}}
     entrypoint = ["python", "-m", "pipelines.cli", "train", "--params", Path(args.params).name, *args.overrides, *pinned]
     ray = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
     return [ray, "job", "submit", "--address", args.address, "--working-dir", ".",
@@ -53,10 +58,9 @@ def submit_command(args: argparse.Namespace) -> list[str]:
 
 def absolute_paths(cfg: TrainConfig) -> dict[str, str]:
     """The train section's file paths, absolute (URIs unchanged), as the job must see them."""
-    paths = {"shards": cfg.shards, "generator": cfg.generator, "irse50": cfg.irse50, "report": cfg.report}
-    pinned = {key: str(Path(value).resolve()) for key, value in paths.items()}
-    pinned["storage_path"] = cfg.storage_path if "://" in cfg.storage_path else str(Path(cfg.storage_path).resolve())
-    return pinned
+    paths = {"shards": cfg.shards, "generator": cfg.generator, "irse50": cfg.irse50, "report": cfg.report,
+             "storage_path": cfg.storage_path}
+    return {key: str(value) if is_remote(value) else str(Path(value).resolve()) for key, value in paths.items()}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -22,9 +22,11 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
-from mlflow.types import Schema, TensorSpec
+from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
 from psp_core import PSP, load_psp
+from psp_core.inference import image_channels
+from psp_core.options import FAMILY_NAMES
 from psp_core.errors import InputError
 from pipelines import encoder_model
 from pipelines.io import file_digest
@@ -71,11 +73,12 @@ def ensure_experiment(name: str) -> str:
 
 
 def encoder_signature(net: PSP) -> ModelSignature:
-    """Images [N, C, H, W] float32 in, W+ [N, n_styles, 512] float32 out."""
-    arch = net.arch
-    image = TensorSpec(np.dtype(np.float32), (-1, arch.input_nc, arch.encoder_input_size, arch.encoder_input_size))
-    codes = TensorSpec(np.dtype(np.float32), (-1, net.n_styles, arch.style_dim))
-    return ModelSignature(inputs=Schema([image]), outputs=Schema([codes]))
+    """W+ [N, n_styles, 512] float32 out, and the predict params. No input schema: the model takes
+    two image layouts (integer pixels [N, H, W, 3] or float [N, C, H, W]) and checks them itself."""
+    codes = TensorSpec(np.dtype(np.float32), (-1, net.n_styles, net.arch.style_dim))
+    params = ParamSchema([ParamSpec("n_iters", "long", encoder_model.PARAMS["n_iters"]),
+                          ParamSpec("return_images", "boolean", encoder_model.PARAMS["return_images"])])
+    return ModelSignature(outputs=Schema([codes]), params=params)
 
 
 def log_encoder(checkpoint: Path, registered_model: str | None = DEFAULT_REGISTERED_MODEL,
@@ -84,8 +87,9 @@ def log_encoder(checkpoint: Path, registered_model: str | None = DEFAULT_REGISTE
     version of `registered_model` and point `alias` at it. Returns the version (None if not registered).
     `net`: the checkpoint already loaded, when the caller has it (saves reading the file again)."""
     net = net if net is not None else load_psp(checkpoint)
-    size, channels = net.arch.encoder_input_size, net.arch.input_nc
-    example = np.zeros((1, channels, size, size), dtype=np.float32)
+    size = net.arch.encoder_input_size
+    example = np.full((1, size, size, 3), 127, dtype=np.uint8) if image_channels(net) == 3 else \
+        np.zeros((1, image_channels(net), size, size), dtype=np.float32)
     info = mlflow.pyfunc.log_model(
         name=MODEL_NAME,
         python_model=encoder_model.__file__,
@@ -105,9 +109,10 @@ def log_encoder(checkpoint: Path, registered_model: str | None = DEFAULT_REGISTE
 
 
 REGISTERED_MODEL_DESCRIPTION = (
-    "pSp-family image encoders (pixel2style2pixel): each version maps face images to W+ codes of its StyleGAN2 "
-    "generator. Input: images float32 [N, C, H, W] in [-1, 1] (C = 3 for photos; H = W = the version's encoder "
-    "input size). Output: W+ codes float32 [N, n_styles, 512]. Call: "
+    "pSp-family image encoders (pSp, ReStyle, e4e): each version maps face images to W+ codes of its StyleGAN2 "
+    "generator. Input: RGB pixels [N, H, W, 3] in 0..255 (integers), or float32 [N, C, H, W] in [-1, 1]; any "
+    "size. Output: W+ codes float32 [N, n_styles, 512]; params n_iters (ReStyle refinement steps, default 5) "
+    "and return_images (then a dict of latents and 256 px images). Call: "
     "mlflow.pyfunc.load_model('models:/NAME@champion').predict(images); `psp invert` and `psp evaluate` take "
     "the same URI. Versions come from `psp train` (their run holds params, datasets, weights fingerprints) or "
     "`psp import-checkpoint`; `psp evaluate` adds eval_* tags, `psp lineage URI` traces a version to its data."
@@ -246,9 +251,9 @@ def import_checkpoint(path: str | Path, name: str = DEFAULT_REGISTERED_MODEL,
         for start in range(0, len(params), MLFLOW_BATCH_LIMIT):
             client.log_batch(run.info.run_id, params=params[start:start + MLFLOW_BATCH_LIMIT])
         version = log_encoder(path, name, alias, net=net)
-    describe_version(version, f"pSp encoder ({net.arch.encoder_type}) imported by `psp import-checkpoint` "
-                                       f"from {source}: {net.arch.encoder_input_size} px input, "
-                                       f"{net.arch.output_size} px generator; its training data is not recorded.")
+    describe_version(version, f"{FAMILY_NAMES[net.arch.family]} encoder ({net.arch.encoder_type}) imported by "
+                              f"`psp import-checkpoint` from {source}: {net.arch.encoder_input_size} px input, "
+                              f"{net.arch.output_size} px generator; its training data is not recorded.")
     return version
 
 
@@ -263,18 +268,25 @@ def higher_is_better(metric: str) -> bool:
 
 
 def record_evaluation(version: ModelVersion, metrics: Mapping[str, float | None], counts: Mapping[str, int],
-                      conditions: Mapping[str, str], files: list[Path], dataset: Any = None) -> None:
-    """Log an evaluation onto a registered version: metrics (what a person plots), the data it read
-    (an MLflow dataset, context `evaluation`) and the report files on the version's run; counts and
-    conditions as tags (bookkeeping, not charts); every metric and condition as `eval_*` version tags
-    for `psp promote`; and a summary in the version's description."""
+                      conditions: Mapping[str, str], files: list[Path], dataset: Any = None,
+                      curve: list[Mapping[str, float | None]] = ()) -> None:
+    """Log an evaluation onto a registered version: metrics (what a person plots; for ReStyle the
+    `curve` of every refinement step as steps 1..n of each metric), the data it read (an MLflow
+    dataset, context `evaluation`) and the report files on the version's run; counts and conditions
+    as tags (bookkeeping, not charts); every metric and condition as `eval_*` version tags for
+    `psp promote`; and a summary in the version's description."""
     client = mlflow.MlflowClient()
     present = {eval_key(k): float(v) for k, v in metrics.items() if v is not None and math.isfinite(v)}
     bookkeeping = {eval_key(k): str(v) for k, v in {**counts, **conditions}.items()}
     if version.run_id:
         stamp = int(time.time() * 1000)
-        client.log_batch(version.run_id, metrics=[Metric(k, v, stamp, 0) for k, v in present.items()],
-                         tags=[RunTag(k, v) for k, v in bookkeeping.items()])
+        logged = [Metric(eval_key(k), float(v), stamp, step) for step, values in enumerate(curve, start=1)
+                  for k, v in values.items() if v is not None and math.isfinite(v)]
+        per_step = {eval_key(k) for values in curve for k in values}
+        logged += [Metric(k, v, stamp, len(curve)) for k, v in present.items() if k not in per_step]
+        for start in range(0, len(logged), MLFLOW_BATCH_LIMIT):
+            client.log_batch(version.run_id, metrics=logged[start:start + MLFLOW_BATCH_LIMIT])
+        client.log_batch(version.run_id, tags=[RunTag(k, v) for k, v in bookkeeping.items()])
         if dataset is not None:
             from pipelines.lineage import log_datasets
 

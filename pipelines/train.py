@@ -22,15 +22,20 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from pipelines import storage
 from pipelines.config import load_section
 from pipelines.sections import TrainConfig
-from pipelines.io import file_digest, write_json_atomic
+from pipelines.io import write_json_atomic
 from psp_core import build_psp
 from psp_core.errors import InputError
-from psp_core.engine import BEST_CHECKPOINT, LAST_CHECKPOINT, Trainer, prepare_for_training
+from psp_core.engine import BEST_CHECKPOINT, LAST_CHECKPOINT, Trainer, prepare_for_training, training_compiles
 from psp_core.losses import PSPLoss, require_alexnet
+from psp_core.options import FAMILY_NAMES
 from psp_core.presets import PresetTransform, get_preset
-from psp_core.shards import MANIFEST_FILE, decode_images, read_manifest, shard_paths
+from psp_core.shards import (
+    MANIFEST_FILE, SourceKind, decode_images, decode_sources, has_paired_sources, pair_tensors, read_manifest,
+    shard_paths,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,18 +57,44 @@ def run(args: argparse.Namespace) -> int:
 
 
 def resolve_paths(cfg: TrainConfig) -> TrainConfig:
-    """Absolute paths, so workers whose working directory differs read the same files."""
-    storage = cfg.storage_path if "://" in cfg.storage_path else str(Path(cfg.storage_path).resolve())
-    return cfg.model_copy(update={"shards": cfg.shards.resolve(), "generator": cfg.generator.resolve(),
-                                  "irse50": cfg.irse50.resolve(), "storage_path": storage})
+    """Absolute local paths (URIs as they are), so workers whose working directory differs read the same files."""
+    absolute = lambda x: x if is_remote(x) else Path(x).resolve()  # noqa: E731
+    return cfg.model_copy(update={"shards": absolute(cfg.shards), "generator": absolute(cfg.generator),
+                                  "irse50": absolute(cfg.irse50), "storage_path": str(absolute(cfg.storage_path))})
+
+
+def is_remote(path: Path | str) -> bool:
+    """Whether a path setting names an object-store URI or an MLflow `models:/` / `runs:/` artifact."""
+    return storage.is_uri(path) or str(path).startswith(("models:/", "runs:/"))
+
+
+def weights_present(path: Path | str) -> bool:
+    """Whether a weights file is there: a URI is (its access is checked before training, a registry artifact
+    is fetched then), a local path if it is a file."""
+    return is_remote(path) or Path(path).is_file()
+
+
+def local_weights(path: Path | str) -> Path | None:
+    """A weights file as a local path (a URI fetched once per node into the cache), or None where it is absent."""
+    return storage.cached_weights(path) if weights_present(path) else None
+
+
+def check_data_access(cfg: TrainConfig) -> None:
+    """Every object-store location the run reads or writes is usable: else one line naming it (exit 2),
+    before Ray or MLflow starts."""
+    storage.check_access(cfg.shards)
+    for weights in (cfg.generator, cfg.irse50):
+        if storage.is_uri(weights):
+            storage.check_access(weights)
+    storage.check_access(cfg.storage_path, write=True)
 
 
 def random_weight_networks(cfg: TrainConfig) -> list[str]:
     """The networks that will run on random weights because their files are absent (or by request)."""
     missing = []
-    if not cfg.generator.is_file():
+    if not weights_present(cfg.generator):
         missing.append("generator")
-    if not cfg.irse50.is_file():
+    if not weights_present(cfg.irse50):
         missing.append("encoder_backbone_irse50")
     if cfg.lpips_backbone == "random":
         missing.append("lpips_alexnet")
@@ -105,19 +136,21 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     from pipelines import raycluster, tracking
 
+    check_data_access(cfg)
     preset = get_preset(cfg.preset).with_loss(**cfg.loss)
     if cfg.lpips_backbone == "pretrained":
         require_alexnet()
-    if preset.loss.id_lambda > 0 and not cfg.irse50.is_file():
+    if preset.loss.id_lambda > 0 and not weights_present(cfg.irse50):
         raise FileNotFoundError(f"id_lambda={preset.loss.id_lambda} needs the ArcFace IR-SE50 weights at {cfg.irse50} "
                                 "(model_ir_se50.pth); set train.loss.id_lambda=0 to train without the identity loss")
-    manifest = read_manifest(cfg.shards)
-    paths = [str(p) for p in shard_paths(cfg.shards)]
+    filesystem, shard_dir = storage.reader_filesystem(cfg.shards)
+    manifest = read_manifest(shard_dir, filesystem)
+    paths = [str(p) for p in shard_paths(shard_dir, filesystem=filesystem)]
     counts = manifest["rows"]
     if counts.get("train", 0) < cfg.batch_size * cfg.num_workers:
         raise InputError(f"{counts.get('train', 0)} training rows cannot fill one batch of {cfg.batch_size} "
                          f"on each of {cfg.num_workers} workers")
-    manifest_hash = file_digest(cfg.shards / MANIFEST_FILE)
+    manifest_hash = hashlib.sha256(storage.read_bytes(storage.Location.of(cfg.shards) / MANIFEST_FILE)).hexdigest()
     run_name = run_name_for(cfg, manifest_hash)
     random_nets = random_weight_networks(cfg)
     for net in random_nets:
@@ -134,8 +167,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     raycluster.connect(cfg.num_workers * cfg.cpus_per_worker)
     raycluster.check_shared_storage(cfg.storage_path)
-    columns = ["id", "image", "split"] + (["source_image"] if preset.input_kind == "segmentation" else [])
-    shards = ray.data.read_parquet(paths, columns=columns)
+    columns = ["id", "image", "split"] + (["source_image"] if has_paired_sources(manifest) else [])
+    shards = ray.data.read_parquet(paths, columns=columns, filesystem=filesystem)
     datasets = {split: shards.filter(expr=f"split == '{split}'").materialize() for split in ("train", "test")}
     has_test = datasets["test"].count() >= cfg.num_workers
     if not has_test:
@@ -146,10 +179,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"train": cfg.model_dump(mode="json"), "run_id": run_id, "run_name": run_name,
-                           "tracking_uri": uri},
+                           "tracking_uri": uri, "paired_sources": has_paired_sources(manifest)},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker=resources, placement_strategy=cfg.placement_strategy),
-        run_config=RunConfig(name=run_name, storage_path=cfg.storage_path,
+        run_config=RunConfig(name=run_name, **checkpoint_storage(cfg.storage_path),
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_to_keep)),
         datasets=datasets,
@@ -171,15 +204,24 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     return summary
 
 
+def checkpoint_storage(storage_path: str) -> dict[str, Any]:
+    """Ray Train's `storage_path` (and, for a URI, the configured pyarrow filesystem it lives in)."""
+    if not storage.is_uri(storage_path):
+        return {"storage_path": storage_path}
+    filesystem, path = storage.Location.of(storage_path).filesystem()
+    return {"storage_path": path, "storage_filesystem": filesystem}
+
+
 def version_description(cfg: TrainConfig, steps: int, manifest: dict, manifest_hash: str,
                         random_nets: list[str]) -> str:
     """What a trained version is, for the registry page: family, preset, sizes, steps, data, weights."""
     rows = manifest["rows"]
     weights = ("RANDOM WEIGHTS: " + ", ".join(random_nets).upper() + " (not comparable with published numbers)"
                if random_nets else "all networks from pretrained weights")
-    return (f"pSp encoder ({cfg.encoder_type}), preset {cfg.preset}: {cfg.encoder_input_size} px input, "
-            f"{cfg.output_size} px generator, trained {steps} steps by `psp train` on shards "
-            f"{manifest_hash[:16]} ({rows.get('train', 0)} train / "
+    family = FAMILY_NAMES[get_preset(cfg.preset).family]
+    return (f"{family} encoder ({cfg.encoder_type}), preset {cfg.preset}: "
+            f"{cfg.encoder_input_size} px input, {cfg.output_size} px generator, trained {steps} steps by "
+            f"`psp train` on shards {manifest_hash[:16]} ({rows.get('train', 0)} train / "
             f"{rows.get('test', 0)} test rows). {weights}.")
 
 
@@ -224,7 +266,8 @@ def weights_used(cfg: TrainConfig) -> dict[str, str]:
     from pipelines.lineage import RANDOM, weights_fingerprint
     from psp_core.losses import alexnet_cache_path
 
-    return {"generator": weights_fingerprint(cfg.generator), "irse50": weights_fingerprint(cfg.irse50),
+    return {"generator": weights_fingerprint(local_weights(cfg.generator)),
+            "irse50": weights_fingerprint(local_weights(cfg.irse50)),
             "lpips_alexnet": RANDOM if cfg.lpips_backbone == "random" else weights_fingerprint(alexnet_cache_path())}
 
 
@@ -234,7 +277,8 @@ def write_report(cfg: TrainConfig, run_id: str, run_name: str, version: str, cli
     metrics = {k: v for k, v in run.data.metrics.items() if k.startswith(("val_", "loss"))}
     summary = {"mlflow_run_id": run_id, "run_name": run_name, "registered_model": cfg.registered_model,
                "model_version": str(version), "model_uri": f"models:/{cfg.registered_model}/{version}", "alias": cfg.alias, "steps": int(run.data.metrics.get("step", 0)),
-               "metrics": metrics}
+               "metrics": metrics, "precision": run.data.tags.get("psp.precision"),
+               "compiled": run.data.tags.get("psp.compiled") == "true"}
     write_json_atomic(cfg.report, summary)
     client.set_terminated(run_id, "FINISHED")
     return summary
@@ -254,14 +298,13 @@ def train_worker(config: dict[str, Any]) -> None:
     preset = get_preset(cfg.preset).with_loss(**cfg.loss)
 
     torch.manual_seed(cfg.seed)                           # the same initial weights on every rank
-    net = build_psp(cfg.architecture(preset.input_nc),
-                    cfg.generator if cfg.generator.is_file() else None,
-                    cfg.irse50 if cfg.irse50.is_file() else None)
+    generator, irse50 = local_weights(cfg.generator), local_weights(cfg.irse50)
+    net = build_psp(cfg.architecture(preset.input_nc), generator, irse50)
     prepare_for_training(net, cfg.train_decoder)           # freeze before DDP sees the parameters
     unused = getattr(net.encoder, "unused_parameters", lambda: False)()
     model = ray.train.torch.prepare_model(net, parallel_strategy_kwargs={"find_unused_parameters": unused})
     loss = PSPLoss(preset.loss, lpips_backbone=cfg.lpips_backbone,
-                   irse50_path=cfg.irse50 if cfg.irse50.is_file() else None).to(device)
+                   irse50_path=irse50).to(device)
     callback = MLflowCallback(config["tracking_uri"], config["run_id"]) if rank == 0 else None
     nodes = worker_nodes()
     if callback is not None:
@@ -275,6 +318,10 @@ def train_worker(config: dict[str, Any]) -> None:
                          val_transform=PresetTransform(preset, cfg.encoder_input_size, train=False),
                          callback=callback, is_main_process=rank == 0,
                          global_batch=cfg.batch_size * context.get_world_size())
+    if callback is not None:   # what this run computes in, resolved on the worker's device (the engine decides alike)
+        callback.client.set_tag(callback.run_id, "psp.precision", trainer.precision)
+        compiled = training_compiles(trainer.config, net.arch, cfg.batch_size, device)
+        callback.client.set_tag(callback.run_id, "psp.compiled", str(compiled).lower())
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
@@ -285,8 +332,9 @@ def train_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             logging.getLogger(__name__).info("resumed at step %d", trainer.step)
 
-    feeder = ShardFeeder(cfg.batch_size, cfg.seed, rank, preset.input_kind == "segmentation")
-    val = ShardFeeder(cfg.batch_size, cfg.seed, rank, preset.input_kind == "segmentation", split="test")
+    paired = config["paired_sources"]
+    feeder = ShardFeeder(cfg.batch_size, cfg.seed, rank, preset.input_kind, paired)
+    val = ShardFeeder(cfg.batch_size, cfg.seed, rank, preset.input_kind, paired, split="test")
     try:
         trainer.fit(feeder.epoch, val if _has_dataset("test") else None)
     finally:
@@ -318,11 +366,13 @@ def _has_dataset(name: str) -> bool:
 
 
 class ShardFeeder:
-    """Batches (source, target) uint8 tensors [N, C, H, W] from this worker's share of a split,
-    decoded in batch; the training split is shuffled per epoch with a seeded local buffer."""
+    """Batches (source, target) tensors [N, C, H, W] from this worker's share of a split, decoded in
+    batch (paired sources as the preset's input kind); the training split is shuffled per epoch
+    with a seeded local buffer."""
 
-    def __init__(self, batch_size: int, seed: int, rank: int, labels: bool, split: str = "train"):
-        self.batch_size, self.seed, self.rank, self.labels, self.split = batch_size, seed, rank, labels, split
+    def __init__(self, batch_size: int, seed: int, rank: int, kind: SourceKind, paired: bool, split: str = "train"):
+        self.batch_size, self.seed, self.rank, self.split = batch_size, seed, rank, split
+        self.kind, self.paired = kind, paired
 
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         import ray.train
@@ -332,25 +382,11 @@ class ShardFeeder:
                    "local_shuffle_seed": self.seed + 7919 * epoch + self.rank} if self.split == "train" else {}
         for batch in shard.iter_batches(batch_size=self.batch_size, batch_format="numpy",
                                         drop_last=self.split == "train", **shuffle):
-            target = torch.from_numpy(decode_images(list(batch["image"]))).permute(0, 3, 1, 2)
-            source = decode_label_maps(batch["source_image"]) if self.labels else target
-            yield source, target
+            sources = decode_sources(list(batch["source_image"]), self.kind) if self.paired else None
+            yield pair_tensors(decode_images(list(batch["image"])), sources, self.kind)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self.epoch(0)
-
-
-def decode_label_maps(encoded: np.ndarray) -> torch.Tensor:
-    """Segmentation label maps (single-channel PNG, one class id per pixel) -> int64 [N, 1, H, W]."""
-    import io
-
-    from PIL import Image
-
-    maps = []
-    for data in encoded:
-        with Image.open(io.BytesIO(data)) as image:
-            maps.append(np.asarray(image.convert("L") if image.mode not in ("L", "P", "I") else image))
-    return torch.from_numpy(np.stack(maps).astype(np.int64))[:, None]
 
 
 class RayTrainer(Trainer):

@@ -25,6 +25,7 @@ from torch import nn
 
 from psp_core.errors import InputError
 from psp_core.irse import IRSEBackbone
+from psp_core.options import RESTYLE_FAMILIES
 from psp_core.psp import PSP, PSPArchitecture
 from psp_core.stylegan2 import Generator
 
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 
 MEAN_LATENT_SAMPLES = 10_000   # w samples averaged for latent_avg when the generator file has none
 MEAN_LATENT_SEED = 0
+STEM_WEIGHT = "input_layer.0.weight"   # IR-SE50's first convolution, [64, 3, 3, 3]
 
 
 class CheckpointError(InputError):
@@ -233,12 +235,13 @@ def save_psp(net: PSP, path: str | Path, extra: Mapping[str, Any] | None = None)
 
 def build_psp(arch: PSPArchitecture, generator_path: str | Path | None = None,
               irse50_path: str | Path | None = None, mean_latent_samples: int = MEAN_LATENT_SAMPLES) -> PSP:
-    """A fresh pSp for training: encoder body from IR-SE50 (its stem only for 3-channel input),
-    generator and latent_avg from the generator checkpoint (latent_avg from `mean_latent` with a
-    fixed seed when the file has none). A None path leaves that network at random init."""
+    """A fresh pSp for training: encoder body from IR-SE50 (its stem too for RGB input, and widened for
+    ReStyle's target + last output), generator and latent_avg from the generator checkpoint (latent_avg
+    from `mean_latent` with a fixed seed when the file has none). A None path leaves that network at random init."""
     net = PSP(arch)
     if irse50_path is not None:
-        init_encoder_from_irse50(net.encoder, read_checkpoint(irse50_path), irse50_path, arch.input_nc == 3)
+        with_stem = arch.input_nc == 3 or arch.family in RESTYLE_FAMILIES
+        init_encoder_from_irse50(net.encoder, read_checkpoint(irse50_path), irse50_path, with_stem)
     latent_avg = None
     if generator_path is not None:
         ckpt = read_generator_checkpoint(generator_path)
@@ -255,12 +258,25 @@ def build_psp(arch: PSPArchitecture, generator_path: str | Path | None = None,
 
 
 def init_encoder_from_irse50(encoder: nn.Module, state: Any, path: str | Path, with_stem: bool) -> None:
-    """Copy the IR-SE50 body (and the 3-channel stem when `with_stem`) into an encoder; the
-    encoder's own heads stay at their initialisation."""
+    """Copy the IR-SE50 body (and the stem when `with_stem`) into an encoder; the encoder's own heads
+    stay at their initialisation. A stem wider than RGB gets `widened_stem` (the ReStyle reference's)."""
     if not isinstance(state, dict) or "input_layer.0.weight" not in state:
         raise CheckpointError(f"{path}: not an IR-SE50 state dict (no 'input_layer.0.weight')")
     prefixes = ("body.", "input_layer.") if with_stem else ("body.",)
     wanted = {k: v for k, v in encoder.state_dict().items() if k.startswith(prefixes)}
     source = {k: v for k, v in state.items() if k.startswith(prefixes)}
+    if with_stem and STEM_WEIGHT in wanted:
+        source[STEM_WEIGHT] = widened_stem(source[STEM_WEIGHT], wanted[STEM_WEIGHT].shape[1])
     check_state_dict(wanted, source, f"{path} (as encoder body)")
     encoder.load_state_dict(source, strict=False)
+
+
+def widened_stem(weight: torch.Tensor, input_nc: int) -> torch.Tensor:
+    """IR-SE50's RGB stem convolution [64, 3, k, k] for `input_nc` >= 3 input channels, as the ReStyle
+    reference initialises it: the released filters on the first 3 channels, N(0, 1) draws (global torch
+    RNG) on the others."""
+    if input_nc <= weight.shape[1]:
+        return weight
+    widened = torch.randn(weight.shape[0], input_nc, *weight.shape[2:], dtype=weight.dtype)
+    widened[:, :weight.shape[1]] = weight
+    return widened

@@ -1,4 +1,5 @@
-"""Latent edits of W+ codes: InterFaceGAN directions, GANSpace principal components, SeFa.
+"""Latent edits of W+ codes: InterFaceGAN directions, GANSpace principal components, SeFa; and the grid
+picture of an edit (codes in rows, strengths in columns).
 
 Codes are W+ `[N, n_styles, 512]`. Directions load from the files users bring (the e4e / ReStyle
 releases' formats, `torch.load(..., weights_only=True)`); a file of the wrong shape is one
@@ -8,9 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Protocol, Sequence
 
 import torch
+import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor
 
 from psp_core.errors import InputError
@@ -18,6 +21,8 @@ from psp_core.stylegan2 import Generator
 
 FFHQ_DIRECTIONS = Path(__file__).parent / "directions" / "ffhq"
 """The released FFHQ directions (InterFaceGAN age, smile, pose; GANSpace PCA) shipped with the package."""
+FFHQ_N_STYLES = 18
+"""The shipped directions mean something only in the W+ of the FFHQ 1024 px generator: 18 styles."""
 
 
 def _load(path: str | Path) -> object:
@@ -108,3 +113,59 @@ def sefa(codes: Tensor, direction: Tensor, styles: Sequence[int], distances: Seq
     mask[list(styles)] = 1
     steps = torch.as_tensor(list(distances), dtype=codes.dtype, device=codes.device).view(-1, 1, 1, 1)
     return codes.unsqueeze(0) + steps * (mask * direction.to(codes)).unsqueeze(0)
+
+
+class LatentEdit(Protocol):
+    """One edit direction of W+ codes, applied at several strengths: `[N, S, 512]` -> `[F, N, S, 512]`."""
+
+    def __call__(self, codes: Tensor, strengths: Sequence[float]) -> Tensor: ...
+
+
+@dataclass(frozen=True)
+class InterfaceganEdit:
+    """`codes + factor * direction`, direction `[1, S, 512]` (from `load_interfacegan`)."""
+
+    direction: Tensor
+
+    def __call__(self, codes: Tensor, strengths: Sequence[float]) -> Tensor:
+        return interfacegan(codes, self.direction, strengths)
+
+
+@dataclass(frozen=True)
+class GanspaceEdit:
+    """The GANSpace edit of component `index` on styles `start..end-1`, one result per target strength."""
+
+    pca: GanspacePCA
+    index: int
+    start: int
+    end: int
+
+    def __call__(self, codes: Tensor, strengths: Sequence[float]) -> Tensor:
+        return torch.stack([ganspace(codes, self.pca, self.index, self.start, self.end, s) for s in strengths])
+
+
+@dataclass(frozen=True)
+class SefaEdit:
+    """`codes + distance * direction` on the given styles only, direction `[512]` (from `sefa_directions`)."""
+
+    direction: Tensor
+    styles: tuple[int, ...]
+
+    def __call__(self, codes: Tensor, strengths: Sequence[float]) -> Tensor:
+        return sefa(codes, self.direction, self.styles, strengths)
+
+
+def edit_grid(images: Tensor, tile: int, padding: int = 2) -> Image.Image:
+    """An edit grid as an RGB picture: images `[R, C, 3, H, W]` in [-1, 1] (rows = codes, columns = strengths),
+    each cell `tile` pixels a side (area-averaged down, nearest-neighbour up, so small images stay sharp)."""
+    from torchvision.utils import make_grid   # here: torchvision takes seconds to import, and only grids need it
+
+    assert images.ndim == 5 and images.shape[2] == 3, images.shape
+    rows, columns = images.shape[:2]
+    cells = ((images.detach().float().cpu().flatten(0, 1) + 1) / 2).clamp(0, 1)     # [R * C, 3, H, W]
+    if cells.shape[-1] > tile:
+        cells = F.interpolate(cells, size=(tile, tile), mode="area")
+    elif cells.shape[-1] < tile:
+        cells = F.interpolate(cells, size=(tile, tile), mode="nearest")
+    grid = make_grid(cells, nrow=columns, padding=padding, pad_value=1.0)
+    return Image.fromarray((grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy(), "RGB")

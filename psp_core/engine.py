@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -11,16 +12,18 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import Tensor, nn
 from torchvision.utils import make_grid
 
 from psp_core.checkpoints import load_strict, read_checkpoint, save_psp
-from psp_core.devices import autocast
+from psp_core.devices import autocast, compile_model, resolve_compile, resolve_precision
+from psp_core.inference import average_image, refinement_step
 from psp_core.losses import PSPLoss
 from psp_core.optim import build_optimizer
-from psp_core.options import TrainingConfig
-from psp_core.psp import PSP
+from psp_core.options import RESTYLE_FAMILIES, PSPArchitecture, TrainingConfig
+from psp_core.psp import POOLED_SIZE, PSP
 from psp_core.transforms import to_display
 
 logger = logging.getLogger(__name__)
@@ -103,6 +106,15 @@ def prepare_for_training(model: PSP, train_decoder: bool) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def training_compiles(config: TrainingConfig, arch: PSPArchitecture, batch_size: int,
+                      device: torch.device | str) -> bool:
+    """Whether a training process compiles its forward and loss: `config.compile` when explicit; `auto` when the
+    forward passes it will run (max_steps x its batch, x n_iters_per_batch for ReStyle) repay a compile at the
+    generator's size on `device` (`psp_core.devices.resolve_compile`)."""
+    passes_per_image = config.n_iters_per_batch if arch.family in RESTYLE_FAMILIES else 1
+    return resolve_compile(config.compile, config.max_steps * batch_size * passes_per_image, device, arch.output_size)
+
+
 def comparison_grid(source: Tensor, target: Tensor, output: Tensor, similarities: Tensor | None = None) -> Tensor:
     """Rows of input | target | output in [0, 1] (3 x N tiles at the target size), output tiles captioned with identity similarity."""
     size = target.shape[-2:]
@@ -168,8 +180,11 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
 
 class Trainer:
     """Trains a pSp encoder with the pSp objective; the model may arrive wrapped (DDP), `module` is always the PSP.
+    A ReStyle model trains as its reference coach: `n_iters_per_batch` refinement iterations per batch.
 
     Construction seeds the global RNGs from `config.seed` (noise draws use them); `resume` restores them instead.
+    Whether to compile is decided at the first batch (`compile: auto` needs its size, see `training_compiles`);
+    compiled or not, the weights, optimiser and RNG streams are the same objects, so checkpoints and resume are too.
     """
 
     def __init__(
@@ -194,22 +209,37 @@ class Trainer:
         self.val_transform = val_transform
         self.callback = callback or NullCallback()
         self.is_main_process = is_main_process
-        if config.precision == "fp16" and self.device.type != "cuda":
-            raise ValueError("fp16 training needs a CUDA device (it uses a GradScaler); use bf16 or fp32 on CPU")
+        self.precision = resolve_precision(config.precision, self.device)   # fp16 (a GradScaler) only on CUDA
         self.optimizer = build_optimizer(
             config.optimizer, prepare_for_training(self.module, config.train_decoder), config.learning_rate
         )
-        self.scaler = torch.amp.GradScaler("cuda", enabled=config.precision == "fp16")
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         self.augment_rng = torch.Generator().manual_seed(config.seed)
         seed_everything(config.seed)
         self.step = 0
         self.epoch = 0
         self.batches_done = 0
         self.best_val_loss = math.inf
+        self.cached_average_image: Tensor | None = None
+        self.compiled: bool | None = None
+        self.forward_model: nn.Module = model
+        self.forward_loss: nn.Module = self.loss
 
     def autocast(self):
         """Mixed-precision context for the configured precision (a no-op for fp32)."""
-        return autocast(self.device, self.config.precision)
+        return autocast(self.device, self.precision)
+
+    def decide_compile(self, batch_size: int) -> None:
+        """At the first batch: decide whether to compile (`training_compiles`) and, if so, route the forward and
+        the loss through torch.compile with the persistent cache (`config.compile_cache`). A DDP model is
+        compiled as a whole, wrapper included, as PyTorch's DDP + compile guidance has it: Dynamo splits the
+        graph at DDP's bucket boundaries so gradient all-reduce still overlaps the backward."""
+        if self.compiled is not None:
+            return
+        self.compiled = training_compiles(self.config, self.module.arch, batch_size, self.device)
+        if self.compiled:
+            self.forward_model = compile_model(self.model, self.config.compile_cache)
+            self.forward_loss = compile_model(self.loss, self.config.compile_cache)
 
     def set_train_mode(self) -> None:
         """Encoder in train mode; decoder too only when it trains; loss networks always eval."""
@@ -225,25 +255,76 @@ class Trainer:
         return source, target
 
     def train_step(self, source: Tensor, target: Tensor) -> tuple[dict[str, float], Tensor]:
-        """One optimisation step; returns the loss terms and the (detached) output images."""
+        """One optimisation step: the batch's losses back-propagated (every ReStyle iteration's), then one
+        optimiser step. Returns the loss terms and the detached output images [N, 3, 256, 256]."""
         self.set_train_mode()
         self.optimizer.zero_grad(set_to_none=True)
-        with self.autocast():
-            output, latent = self.model(source, return_latents=True)
-            total, metrics = self.loss(output.float(), target, source, latent.float(), self.module.latent_avg)
-        self.scaler.scale(total).backward()
+        metrics, output = self.batch_losses(source, target, backward=True)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.step += 1
+        return metrics, output
+
+    def batch_losses(self, source: Tensor, target: Tensor, backward: bool) -> tuple[dict[str, float], Tensor]:
+        """The loss terms of one batch and its detached output [N, 3, 256, 256]: one forward pass, or ReStyle's
+        refinement iterations; with `backward`, each pass's loss is back-propagated."""
+        self.decide_compile(source.shape[0])
+        if self.module.arch.family in RESTYLE_FAMILIES:
+            return self.refinement_losses(source, target, backward)
+        with self.autocast():
+            output, latent = self.forward_model(source, return_latents=True)
+            total, metrics = self.forward_loss(output.float(), target, source, latent.float(), self.module.latent_avg)
+        if backward:
+            self.scaler.scale(total).backward()
         return metrics, output.detach()
 
+    def refinement_losses(self, source: Tensor, target: Tensor, backward: bool) -> tuple[dict[str, float], Tensor]:
+        """ReStyle's iterations on one batch, as its reference coach trains them: iteration 0 encodes the source
+        [N, C, H, W] beside the average image and starts from latent_avg, each later one beside the last output
+        and from the last latent (both detached in between); every iteration's loss is computed and, with
+        `backward`, back-propagated (under DDP gradients are all-reduced once, at the last). Metrics: the last
+        iteration's terms plus `loss_iter{i}`, iteration i's total loss; the output is the last iteration's."""
+        n_iters = self.config.n_iters_per_batch
+        image, latent = self.average_image(source.shape[-2:]), None
+        per_iteration: dict[str, float] = {}
+        for index in range(n_iters):
+            with self.gradient_sync(index == n_iters - 1 or not backward):
+                with self.autocast():
+                    image, latent = refinement_step(self.forward_model, source, image, latent, randomize_noise=True)
+                    output = F.adaptive_avg_pool2d(image, (POOLED_SIZE, POOLED_SIZE))
+                    total, metrics = self.forward_loss(output.float(), target, source, latent.float(),
+                                                       self.module.latent_avg)
+                if backward:
+                    self.scaler.scale(total).backward()
+            image, latent = image.detach(), latent.detach()
+            per_iteration[f"loss_iter{index}"] = metrics["loss"]
+        return {**metrics, **per_iteration}, output.detach()
+
+    def average_image(self, size: tuple[int, int]) -> Tensor:
+        """ReStyle's first "last output": the generator's image of latent_avg pooled to `size`, [1, 3, *size]
+        float32 without gradient; computed once unless the decoder trains (then every batch)."""
+        cached = self.cached_average_image
+        if cached is None or self.config.train_decoder or tuple(cached.shape[-2:]) != tuple(size):
+            with torch.no_grad():
+                cached = average_image(self.module, tuple(size)).float()
+            self.cached_average_image = cached
+        return cached
+
+    def gradient_sync(self, sync: bool) -> contextlib.AbstractContextManager:
+        """The context of one backward pass: under DDP, gradients accumulate locally unless `sync` (then the
+        accumulated sum is all-reduced); without DDP, nothing."""
+        if sync or not isinstance(self.model, nn.parallel.DistributedDataParallel):
+            return contextlib.nullcontext()
+        return self.model.no_sync()
+
     def validate(self, batches: Iterable[Batch]) -> dict[str, float]:
-        """Mean loss terms over the test batches, with fixed random draws that leave the training RNG untouched."""
+        """Mean loss terms over the test batches (ReStyle: the last iteration's, and `loss_iter{i}`), with fixed
+        random draws that leave the training RNG untouched."""
         self.module.eval()
         collected: list[dict[str, float]] = []
         transform_rng = torch.Generator().manual_seed(self.config.seed)
         devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), torch.no_grad(), self.autocast():
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
             torch.manual_seed(self.config.seed)
             for index, (source, target) in enumerate(batches):
                 if self.config.max_val_batches is not None and index >= self.config.max_val_batches:
@@ -251,8 +332,7 @@ class Trainer:
                 source, target = source.to(self.device), target.to(self.device)
                 if self.val_transform is not None:
                     source, target = self.val_transform(source, target, transform_rng)
-                output, latent = self.model(source, return_latents=True)
-                _, metrics = self.loss(output.float(), target, source, latent.float(), self.module.latent_avg)
+                metrics, output = self.batch_losses(source, target, backward=False)
                 collected.append(metrics)
                 if index == 0 and self.is_main_process:
                     self.callback.on_images(self.step, "test", self.grid(source, target, output))
@@ -340,6 +420,7 @@ class Trainer:
             raise ValueError(f"{path}: no training_state; it is a model checkpoint, not a resumable one")
         load_strict(self.module, ckpt["state_dict"], str(path))
         self.module.set_latent_avg(ckpt.get("latent_avg"))
+        self.cached_average_image = None
         state = ckpt["training_state"]
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])

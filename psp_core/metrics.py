@@ -172,12 +172,13 @@ def identity_backend(irse50_path: str | Path | None) -> IdentitySimilarity:
 
 
 class MetricSuite:
-    """All evaluation metrics of one batch, per image: l2, lpips, ms_ssim, id_similarity.
+    """All evaluation metrics of one batch, per image: l2, lpips, ms_ssim, and id_similarity when
+    given an identity network (inversion scores without it).
 
     Both batches are clamped to [-1, 1] first: the metrics describe the images as saved and shown.
     """
 
-    def __init__(self, lpips_net: LpipsNetwork, identity: IdentitySimilarity) -> None:
+    def __init__(self, lpips_net: LpipsNetwork, identity: IdentitySimilarity | None) -> None:
         self.lpips_net = lpips_net
         self.identity = identity
 
@@ -185,12 +186,14 @@ class MetricSuite:
     def __call__(self, outputs: Tensor, targets: Tensor) -> dict[str, Tensor]:
         """Metric name -> per-image values [N] on the CPU (NaN where identity found no face)."""
         outputs, targets = outputs.float().clamp(-1, 1), targets.float().clamp(-1, 1)
-        return {
+        values = {
             "l2": l2_per_image(outputs, targets).cpu(),
             "lpips": self.lpips_net(outputs, targets).reshape(len(outputs)).float().cpu(),
             "ms_ssim": ms_ssim_per_image(outputs, targets).cpu(),
-            "id_similarity": self.identity(outputs, targets).float().cpu(),
         }
+        if self.identity is not None:
+            values["id_similarity"] = self.identity(outputs, targets).float().cpu()
+        return values
 
 
 class MetricTable:
@@ -231,14 +234,17 @@ class MetricTable:
         return result
 
 
-def reconstruction_grid(inputs: Tensor, outputs: Tensor, max_images: int = 8, padding: int = 2) -> Image.Image:
-    """PNG-ready RGB picture: the first `max_images` inputs (any encoder input, via `to_display`) over their outputs."""
-    k = min(max_images, len(inputs), len(outputs))
+def reconstruction_grid(inputs: Tensor, outputs: Tensor | Sequence[Tensor], max_images: int = 8,
+                        padding: int = 2) -> Image.Image:
+    """PNG-ready RGB picture: the first `max_images` inputs (any encoder input, via `to_display`) over
+    their outputs (one row, or one row per tensor given: e.g. every ReStyle step, or every model)."""
+    rows = [outputs] if isinstance(outputs, Tensor) else list(outputs)
+    k = min(max_images, len(inputs), *(len(row) for row in rows))
     if k == 0:
         raise ValueError("reconstruction_grid needs at least one input/output pair")
-    shown_outputs = ((outputs[:k].detach().float().cpu() + 1) / 2).clamp(0, 1)
+    shown_rows = [((row[:k].detach().float().cpu() + 1) / 2).clamp(0, 1) for row in rows]
     shown_inputs = to_display(inputs[:k].detach().float().cpu())
-    if shown_inputs.shape[-2:] != shown_outputs.shape[-2:]:
-        shown_inputs = F.interpolate(shown_inputs, size=shown_outputs.shape[-2:], mode="nearest")
-    grid = make_grid(torch.cat([shown_inputs, shown_outputs]), nrow=k, padding=padding, pad_value=1.0)
+    if shown_inputs.shape[-2:] != shown_rows[0].shape[-2:]:
+        shown_inputs = F.interpolate(shown_inputs, size=shown_rows[0].shape[-2:], mode="nearest")
+    grid = make_grid(torch.cat([shown_inputs, *shown_rows]), nrow=k, padding=padding, pad_value=1.0)
     return Image.fromarray((grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy(), "RGB")

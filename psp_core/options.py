@@ -13,8 +13,10 @@ from typing import Any, Literal, Mapping
 from psp_core.errors import InputError
 
 Family = Literal["psp", "restyle_psp", "restyle_e4e", "e4e"]
-Precision = Literal["fp32", "bf16", "fp16"]
-PresetName = Literal["encode", "frontalize", "sketch_to_face", "seg_to_face", "super_resolution", "toonify"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+CompileSwitch = Literal["auto"] | bool
+PresetName = Literal["encode", "frontalize", "sketch_to_face", "seg_to_face", "super_resolution", "toonify",
+                     "restyle_encode"]
 OptimizerName = Literal["ranger", "adam"]
 
 FAMILY_ENCODERS = {
@@ -33,8 +35,24 @@ FAMILY_ENCODERS = {
 """Encoder families and the encoder types each builds; the family decides how the model is run."""
 ENCODER_TYPES = tuple(dict.fromkeys(t for types in FAMILY_ENCODERS.values() for t in types))
 RESTYLE_FAMILIES = ("restyle_psp", "restyle_e4e")
+FAMILY_NAMES = {"psp": "pSp", "restyle_psp": "ReStyle-pSp", "restyle_e4e": "ReStyle-e4e", "e4e": "e4e"}
+"""Each family as the papers write it, for descriptions people read."""
 REFINED_CHANNELS = 3   # ReStyle's extra input channels: the previous output (RGB)
 W_ENCODER = "BackboneEncoderUsingLastLayerIntoW"
+
+PRESET_FAMILIES: dict[str, Family] = {"restyle_encode": "restyle_psp"}
+"""The task presets that train another encoder family than pSp, and that family. It lives here, torch-free,
+so the params schema checks a preset against its encoder; `psp_core.presets.TaskPreset.family` reads it."""
+
+
+def preset_family(preset: str) -> Family:
+    """The encoder family a task preset trains: pSp unless `PRESET_FAMILIES` names another."""
+    return PRESET_FAMILIES.get(preset, "psp")
+
+
+def encoder_input_nc(family: str, image_nc: int) -> int:
+    """Encoder input channels for images of `image_nc` channels: a ReStyle encoder also sees its last output."""
+    return image_nc + (REFINED_CHANNELS if family in RESTYLE_FAMILIES else 0)
 
 
 def n_styles_for(output_size: int) -> int:
@@ -136,18 +154,28 @@ class TrainingConfig:
     optimizer: OptimizerName = _doc("ranger", "ranger (the reference's) or adam")
     learning_rate: float = _doc(1e-4, "optimiser learning rate")
     train_decoder: bool = _doc(False, "also train the generator's synthesis network")
-    precision: Precision = _doc("fp32", "fp32, bf16 (autocast; CPUs with AVX-512 BF16 or AMX, GPUs) or fp16 (GPUs)")
+    precision: Precision = _doc("fp32", "auto (bf16 where the CPU/GPU computes it natively, else fp32), fp32, bf16 "
+                                        "(autocast; CPUs with AVX-512 BF16 or AMX, GPUs) or fp16 (GPUs)")
+    compile: CompileSwitch = _doc(False, "torch.compile the training forward and loss: true, false or auto (when "
+                                         "max_steps x batch images repay a compile on this device)")
+    compile_cache: str | None = _doc(None, "folder of the persistent compile cache (null: $PSP_COMPILE_CACHE_DIR, "
+                                           "else psp-pipeline/inductor under the user's cache folder)")
     log_interval: int = _doc(50, "steps between logged training losses")
     image_interval: int = _doc(100, "steps between logged image grids")
     val_interval: int = _doc(1000, "steps between validations (and best-model selection)")
     save_interval: int = _doc(1000, "steps between resumable checkpoints")
     max_val_batches: int | None = _doc(None, "validation batches per validation (null: the whole test split)")
     seed: int = _doc(0, "seed of weights, data order and augmentation")
+    n_iters_per_batch: int = _doc(5, "ReStyle encoders: refinement iterations per batch, each loss back-propagated, "
+                                     "then one optimiser step (pSp and e4e run one pass)")
 
     def __post_init__(self) -> None:
-        """Reject non-positive step counts and intervals."""
-        for name in ("max_steps", "log_interval", "image_interval", "val_interval", "save_interval"):
+        """Reject non-positive step counts, intervals and iteration counts."""
+        for name in ("max_steps", "log_interval", "image_interval", "val_interval", "save_interval",
+                     "n_iters_per_batch"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.compile != "auto" and not isinstance(self.compile, bool):
+            raise InputError(f"compile must be auto, true or false, got {self.compile!r}")
         if not self.learning_rate > 0:
             raise InputError(f"learning_rate must be > 0, got {self.learning_rate}")

@@ -1,4 +1,5 @@
-"""The pSp tasks as named presets: input kind, augmentation and the loss weights of the paper's released training commands."""
+"""The pSp tasks as named presets: input kind, augmentation, encoder family and the loss weights of the papers'
+released training commands."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from torch import Tensor
 
 from psp_core.errors import InputError
 from psp_core.losses import LossWeights
+from psp_core.options import Family, encoder_input_nc, preset_family
 from psp_core.transforms import (
     degrade_resolution,
     flip_where,
@@ -35,7 +37,8 @@ SEGMENTATION_CLASSES = 19
 
 @dataclass(frozen=True)
 class TaskPreset:
-    """One pSp task: what the encoder sees, how batches are augmented, and the loss weights."""
+    """One pSp task: what the encoder sees, how batches are augmented, the loss weights, and (by its name,
+    from `psp_core.options.PRESET_FAMILIES`) the encoder family it trains."""
 
     name: str
     description: str
@@ -46,8 +49,18 @@ class TaskPreset:
 
     @property
     def input_nc(self) -> int:
-        """Encoder input channels: 3 (RGB), 1 (sketch) or 19 (one-hot segmentation)."""
+        """Channels of the images the transform gives: 3 (RGB), 1 (sketch) or 19 (one-hot segmentation)."""
         return {"rgb": 3, "sketch": 1, "segmentation": SEGMENTATION_CLASSES}[self.input_kind]
+
+    @property
+    def family(self) -> Family:
+        """The encoder family this preset trains (psp, or restyle_psp for restyle_encode)."""
+        return preset_family(self.name)
+
+    @property
+    def encoder_input_nc(self) -> int:
+        """Channels the encoder sees: `input_nc`, plus the last output's for a ReStyle family (3 + 3 = 6)."""
+        return encoder_input_nc(self.family, self.input_nc)
 
     def with_loss(self, **overrides: float) -> "TaskPreset":
         """The preset with some loss weights replaced (e.g. from params.yaml)."""
@@ -75,6 +88,9 @@ PRESETS: dict[str, TaskPreset] = {
                    resize_factors=(1, 2, 4, 8, 16, 32)),
         TaskPreset("toonify", "face in, toon out: encode trained against a toonified generator checkpoint",
                    "rgb", "joint", LossWeights(l2_lambda=1.0, lpips_lambda=0.8, id_lambda=1.0, w_norm_lambda=0.025)),
+        TaskPreset("restyle_encode", "StyleGAN inversion by ReStyle-pSp: the encoder refines its own last output "
+                   "(the released model: encoder_type BackboneEncoder)", "rgb", "joint",
+                   LossWeights(l2_lambda=1.0, lpips_lambda=0.8, id_lambda=0.1)),
     )
 }
 

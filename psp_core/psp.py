@@ -63,10 +63,11 @@ class PSP(nn.Module):
 
     def forward(self, x: torch.Tensor, resize: bool = True, latent_mask: Sequence[int] | None = None,
                 input_code: bool = False, randomize_noise: bool = True, inject_latent: torch.Tensor | None = None,
-                return_latents: bool = False, alpha: float | None = None):
+                return_latents: bool = False, alpha: float | None = None, previous: torch.Tensor | None = None):
         """The reference pSp forward: `input_code` treats `x` as codes (fed as z, as the reference
-        does); `latent_mask` layers are replaced by (or, with `alpha`, blended toward) `inject_latent`."""
-        codes = x if input_code else self.encode(x)
+        does); `latent_mask` layers are replaced by (or, with `alpha`, blended toward) `inject_latent`;
+        `previous` is ReStyle's last code (see `encode`; the reference's `latent`)."""
+        codes = x if input_code else self.encode(x, previous=previous)
         if latent_mask is not None:
             codes = mix_styles(codes, latent_mask, inject_latent, alpha)
         images, latents = self.decoder([codes], input_is_latent=not input_code,

@@ -3,6 +3,9 @@
 One row per image. `image` (and the optional paired `source_image`) hold the encoded file bytes
 (PNG or JPEG) exactly as written; rows are decoded only when a batch is read. Pure pyarrow, numpy,
 Pillow (torch only in `images_to_tensor`).
+
+Shard folders may live in any pyarrow filesystem: the readers take an optional `filesystem` (then
+paths are that filesystem's paths, e.g. `bucket/key` for S3); without one, paths are local as always.
 """
 from __future__ import annotations
 
@@ -13,10 +16,11 @@ import os
 import posixpath
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator, Literal, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image
 
@@ -46,6 +50,13 @@ SHARD_SCHEMA = pa.schema([
     pa.field("split", pa.string(), nullable=False),
     pa.field("source_image", pa.binary()),
 ], metadata={"psp.schema_version": str(SCHEMA_VERSION)})
+
+
+LATENT_TYPE = pa.list_(pa.list_(pa.float32(), 512))
+"""The Parquet type of a W+ code column (`psp invert`'s latents): [n_styles][512] float32. The outer
+list is variable-size because pyarrow cannot read back null fixed-size lists (a rejected row's code)."""
+MODEL_METADATA_KEY = b"psp.model"
+"""Schema metadata key naming the model (pinned reference) that wrote a latents file."""
 
 
 class ShardError(InputError):
@@ -115,6 +126,81 @@ def stack_images(decoded: list[np.ndarray]) -> np.ndarray:
     return np.stack(decoded)
 
 
+def decode_label_map(data: bytes) -> np.ndarray:
+    """A segmentation label map (single-channel PNG, one class id per pixel) -> int64 [H, W]; an RGB
+    file is read as its luma, a palette file as its indices (the class ids)."""
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()
+        labels = image if image.mode in ("L", "P", "I") else image.convert("L")
+        return np.asarray(labels).astype(np.int64)
+
+
+SourceKind = Literal["rgb", "sketch", "segmentation"]
+
+
+def decode_source(data: bytes, kind: SourceKind, size: int | None = None) -> np.ndarray:
+    """A paired source image as its input kind sees it: RGB uint8 [H, W, 3], a sketch's gray uint8
+    [H, W, 1], or a label map int64 [H, W, 1] (never interpolated, so no resize here)."""
+    if kind == "rgb":
+        return decode_image(data, size)
+    if kind == "segmentation":
+        return decode_label_map(data)[..., None]
+    with Image.open(io.BytesIO(data)) as image:
+        gray = image.convert("L")
+    if size is not None and gray.size != (size, size):
+        gray = gray.resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(gray)[..., None]
+
+
+def decode_sources(datas: Sequence[bytes], kind: SourceKind, size: int | None = None) -> np.ndarray:
+    """A batch of paired sources decoded as `decode_source` does, stacked: [N, H, W, C]."""
+    decoded = []
+    for number, data in enumerate(datas):
+        try:
+            decoded.append(decode_source(data, kind, size))
+        except Exception as err:
+            raise ShardError(f"source image {number} of the batch cannot be decoded: {type(err).__name__}: {err}") from None
+    return stack_images(decoded)
+
+
+def pair_tensors(images: np.ndarray, sources: np.ndarray | None,
+                 kind: SourceKind) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """The (source, target) pair a preset transform takes, as NCHW torch tensors: target uint8
+    [N, 3, H, W]; source the paired sources (uint8, or int64 label maps [N, 1, H, W]) or, where the
+    shards have none, the target itself (a sketch preset then draws its sketch from the photo)."""
+    import torch
+
+    target = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+    if sources is None:
+        if kind == "segmentation":
+            raise ShardError("a segmentation preset needs paired label maps (shard with source_dir)")
+        return target, target
+    return torch.from_numpy(np.ascontiguousarray(sources)).permute(0, 3, 1, 2), target
+
+
+def stack_mixed(arrays: Sequence[np.ndarray], size: int) -> np.ndarray:
+    """Stack decoded images [H, W, C] as they are when they share one size (as shards do), else each
+    resized to `size` x `size` first (bilinear; integer label maps nearest), as an image folder may need."""
+    if len({a.shape for a in arrays}) <= 1:
+        return stack_images(list(arrays))
+    resized = []
+    for array in arrays:
+        photo = array.dtype == np.uint8
+        method = Image.Resampling.BILINEAR if photo else Image.Resampling.NEAREST
+        planes = [np.asarray(Image.fromarray(array[..., c].astype(np.uint8 if photo else np.int32)).resize((size, size), method))
+                  for c in range(array.shape[-1])]
+        resized.append(np.stack(planes, -1).astype(array.dtype))
+    return np.stack(resized)
+
+
+def png_bytes(image: "torch.Tensor") -> bytes:
+    """A generator image [3, H, W] in [-1, 1] as PNG bytes (clamped, rounded to 8 bits)."""
+    array = ((image.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def images_to_tensor(images: np.ndarray) -> "torch.Tensor":
     """uint8 [N, H, W, 3] -> float32 torch tensor [N, 3, H, W] in [-1, 1] (the encoder's input range)."""
     import torch
@@ -125,7 +211,8 @@ def images_to_tensor(images: np.ndarray) -> "torch.Tensor":
 
 @dataclass(frozen=True)
 class ShardBatch:
-    """Decoded rows: images uint8 [N, H, W, 3]; landmarks float32 [N, 68, 2] (NaN where absent) or None."""
+    """Decoded rows: images uint8 [N, H, W, 3]; landmarks float32 [N, 68, 2] (NaN where absent) or None;
+    source_images as `decode_source` makes them for the reader's `source_kind` (None without pairs)."""
 
     ids: list[str]
     images: np.ndarray
@@ -137,11 +224,22 @@ class ShardBatch:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def head(self, n: int) -> "ShardBatch":
+        """The first `n` rows."""
+        cut = lambda a: None if a is None else a[:n]  # noqa: E731
+        return ShardBatch(self.ids[:n], self.images[:n], cut(self.landmarks), cut(self.source_images),
+                          self.source_paths[:n], self.splits[:n])
 
-def open_shard(path: str | Path) -> pq.ParquetFile:
-    """Open a shard and check it has the image columns; a non-Parquet or foreign file is a ShardError."""
+    def pair(self, kind: SourceKind) -> tuple["torch.Tensor", "torch.Tensor"]:
+        """(source, target) NCHW tensors for a preset of this input kind (see `pair_tensors`)."""
+        return pair_tensors(self.images, self.source_images, kind)
+
+
+def open_shard(path: str | Path, filesystem: pafs.FileSystem | None = None) -> pq.ParquetFile:
+    """Open a shard (a local path, or a path in `filesystem`) and check it has the image columns; a
+    non-Parquet or foreign file is a ShardError."""
     try:
-        shard = pq.ParquetFile(path)
+        shard = pq.ParquetFile(path if filesystem is None else filesystem.open_input_file(str(path)))
     except (OSError, pa.ArrowException) as err:
         raise ShardError(f"{path}: not a readable Parquet shard ({err})") from None
     missing = {"id", "image", "split"} - set(shard.schema_arrow.names)
@@ -155,11 +253,13 @@ def iter_shard_batches(
     batch_size: int,
     split: str | None = None,
     size: int | None = None,
-    decode_source: bool = True,
+    source_kind: SourceKind | None = "rgb",
+    filesystem: pafs.FileSystem | None = None,
 ) -> Iterator[ShardBatch]:
     """Yield decoded batches of `batch_size` rows (the last may be smaller) across shards in order.
 
-    `split` keeps only 'train' or 'test' rows; `size` resizes images to `size`x`size`. A row that
+    `split` keeps only 'train' or 'test' rows; `size` resizes images to `size`x`size`; paired sources
+    are decoded as `source_kind` (None: not read); `paths` are in `filesystem` if given. A row that
     cannot be decoded raises ShardError naming its shard and row.
     """
     if batch_size < 1:
@@ -167,9 +267,9 @@ def iter_shard_batches(
     pending: list[tuple[pa.Table, str, np.ndarray]] = []
     pending_rows = 0
     for path in paths:
-        shard = open_shard(path)
+        shard = open_shard(path, filesystem)
         columns = [c for c in SHARD_SCHEMA.names if c in shard.schema_arrow.names]
-        if not decode_source and "source_image" in columns:
+        if source_kind is None and "source_image" in columns:
             columns.remove("source_image")
         offset = 0
         try:
@@ -186,12 +286,12 @@ def iter_shard_batches(
                 while pending_rows >= batch_size:
                     batch, pending = _take_rows(pending, batch_size)
                     pending_rows -= batch_size
-                    yield _decode_batch(batch, size)
+                    yield _decode_batch(batch, size, source_kind)
         except pa.ArrowException as err:
             raise ShardError(f"{path}: corrupt Parquet data after row {offset} ({err})") from None
     if pending_rows:
         batch, _ = _take_rows(pending, pending_rows)
-        yield _decode_batch(batch, size)
+        yield _decode_batch(batch, size, source_kind)
 
 
 def _take_rows(pending, count):
@@ -209,7 +309,8 @@ def _take_rows(pending, count):
     return taken, rest
 
 
-def _decode_batch(parts: list[tuple[pa.Table, str, np.ndarray]], size: int | None) -> ShardBatch:
+def _decode_batch(parts: list[tuple[pa.Table, str, np.ndarray]], size: int | None,
+                  source_kind: SourceKind | None) -> ShardBatch:
     ids, images, sources, landmarks, source_paths, splits = [], [], [], [], [], []
     has_source = all("source_image" in table.column_names for table, _, _ in parts)
     for table, path, rows in parts:
@@ -219,7 +320,7 @@ def _decode_batch(parts: list[tuple[pa.Table, str, np.ndarray]], size: int | Non
             images.append(_decode_cell(data["image"][i], size, path, row, "image"))
             if has_source:
                 raw = data["source_image"][i]
-                sources.append(None if raw is None else _decode_cell(raw, size, path, row, "source_image"))
+                sources.append(None if raw is None else _decode_cell(raw, size, path, row, "source_image", source_kind))
             landmarks.append(_landmarks_cell(data.get("landmarks", absent)[i], path, row))
         ids.extend(data["id"])
         splits.extend(data["split"])
@@ -246,20 +347,38 @@ def _landmarks_cell(points: list | None, path: str, row: int) -> np.ndarray:
     return array
 
 
-def _decode_cell(data: bytes | None, size: int | None, path: str, row: int, column: str) -> np.ndarray:
+def _decode_cell(data: bytes | None, size: int | None, path: str, row: int, column: str,
+                 kind: SourceKind = "rgb") -> np.ndarray:
     if data is None:
         raise ShardError(f"{path}: row {row}: column {column} is null")
     try:
-        return decode_image(data, size)
+        return decode_source(data, kind, size)
     except Exception as err:
         raise ShardError(f"{path}: row {row}: {column} cannot be decoded ({type(err).__name__}: {err})") from None
 
 
-def read_manifest(shard_dir: str | Path) -> dict:
-    """Read a shard folder's manifest.json (rows per split, shard files, schema version)."""
-    path = Path(shard_dir) / MANIFEST_FILE
+def is_shard_folder(path: str | Path, filesystem: pafs.FileSystem | None = None) -> bool:
+    """Whether `path` is a shard folder (it has a manifest), as opposed to, e.g., a folder of images."""
+    if filesystem is not None:
+        return filesystem.get_file_info(f"{path}/{MANIFEST_FILE}").type == pafs.FileType.File
+    return (Path(path) / MANIFEST_FILE).is_file()
+
+
+def has_paired_sources(manifest: dict) -> bool:
+    """Whether the shards hold a paired source image in every row (sharded with a source folder)."""
+    return bool(manifest.get("paired_sources"))
+
+
+def read_manifest(shard_dir: str | Path, filesystem: pafs.FileSystem | None = None) -> dict:
+    """Read a shard folder's manifest.json (rows per split, shard files, schema version); `shard_dir`
+    is in `filesystem` if given."""
+    path = f"{shard_dir}/{MANIFEST_FILE}" if filesystem is not None else Path(shard_dir) / MANIFEST_FILE
     try:
-        manifest = json.loads(path.read_text())
+        if filesystem is None:
+            manifest = json.loads(path.read_text())
+        else:
+            with filesystem.open_input_stream(path) as stream:
+                manifest = json.loads(stream.read())
     except FileNotFoundError:
         raise ShardError(f"{path} not found: run `psp shard` first") from None
     except ValueError as err:
@@ -269,9 +388,33 @@ def read_manifest(shard_dir: str | Path) -> dict:
     return manifest
 
 
-def shard_paths(shard_dir: str | Path, verify: bool = False) -> list[Path]:
-    """The shard files listed in the manifest; checks each exists with its size (and sha256 if `verify`)."""
-    shard_dir = Path(shard_dir)
+def shard_paths(shard_dir: str | Path, verify: bool = False,
+                filesystem: pafs.FileSystem | None = None) -> list[Path] | list[str]:
+    """The shard files listed in the manifest; checks each exists with its size (and sha256 if `verify`).
+    Local paths without `filesystem`; with one, the files' paths in it (`shard_dir/<file>`)."""
+    if filesystem is None:
+        return _local_shard_paths(Path(shard_dir), verify)
+    paths = []
+    for entry in read_manifest(shard_dir, filesystem)["shards"]:
+        path = f"{str(shard_dir).rstrip('/')}/{entry['file']}"
+        info = filesystem.get_file_info(path)
+        if info.type != pafs.FileType.File or info.size != entry["bytes"]:
+            raise ShardError(f"{path}: missing or not the size the manifest records ({entry['bytes']} bytes)")
+        if verify and _stream_digest(filesystem, path) != entry["sha256"]:
+            raise ShardError(f"{path}: sha256 differs from the manifest")
+        paths.append(path)
+    return paths
+
+
+def _stream_digest(filesystem: pafs.FileSystem, path: str) -> str:
+    digest = hashlib.sha256()
+    with filesystem.open_input_stream(path) as stream:
+        for chunk in iter(lambda: stream.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _local_shard_paths(shard_dir: Path, verify: bool) -> list[Path]:
     paths = []
     for entry in read_manifest(shard_dir)["shards"]:
         path = shard_dir / entry["file"]

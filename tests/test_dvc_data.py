@@ -1,4 +1,4 @@
-"""`dvc repro` of the whole pipeline (sample -> align -> shard -> train -> evaluate -> invert) on a
+"""`dvc repro` of the whole pipeline (sample -> align -> shard -> train -> evaluate -> invert -> edit) on a
 tiny configuration in a temporary copy of the repository, then `dvc exp run -S`."""
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ COPIED = ["dvc.yaml", "params.yaml", ".dvc", ".dvcignore", ".gitignore", "pipeli
 
 
 def sh(args: list[str], cwd: Path, env: dict) -> str:
-    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=480)
     assert done.returncode == 0, f"{' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
     return done.stdout + done.stderr
 
@@ -42,8 +42,11 @@ def repo(tmp_path) -> tuple[Path, dict]:
     params["sample"].update(augmented_copies=2, lfw_faces=4)
     params["train"].update(output_size=16, encoder_input_size=32, batch_size=2, max_steps=3, num_workers=1,
                            log_interval=1, image_interval=3, val_interval=3, save_interval=3)
-    params["evaluate"].update(batch_size=4)
-    params["invert"].update(batch_size=4, n_outputs=1, cpus_per_actor=1)
+    # fp32: the checks below recompute metrics and decodes by hand in fp32
+    params["evaluate"].update(batch_size=4, precision="fp32")
+    params["invert"].update(batch_size=4, n_outputs=1, cpus_per_actor=1, precision="fp32")
+    params["edit"].update(edits=[{"kind": "sefa", "top_k": 1, "start": -2, "end": 2, "steps": 3}], grid_images=2,
+                          cpus_per_actor=1, precision="fp32")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     bin_dir = Path(sys.executable).parent
     env = {
@@ -123,6 +126,12 @@ def check_training_evaluation_and_inversion(root: Path, manifest: dict) -> None:
     ours = ((image[0].clamp(-1, 1) + 1) * 127.5).round().permute(1, 2, 0).numpy().astype(np.int16)
     stored = np.asarray(Image.open(io.BytesIO(originals[0]["reconstruction"])), dtype=np.int16)
     assert np.abs(ours - stored).max() <= 1
+    # edit decoded that code at SeFa strength 0 to the same picture, and drew its grid
+    edited = pq.read_table(sorted((root / "data/edits/latents").glob("*.parquet"))).to_pylist()
+    unmoved = next(r for r in edited if r["id"] == originals[0]["id"] and r["strength"] == 0)
+    stored_edit = np.asarray(Image.open(root / "data/edits" / unmoved["image"]), dtype=np.int16)
+    assert np.abs(stored_edit - stored).max() <= 1
+    assert Image.open(root / "data/edits/grids/sefa-0.png").size[0] > 0
 
     # the metrics, recomputed per image: evaluate's CSV (L2, LPIPS, MS-SSIM of the clamped 256 px output)
     # and invert's rows (L2, LPIPS of the pooled output), with the lpips and pytorch_msssim packages

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from psp_core.editing import (
-    FFHQ_DIRECTIONS, GanspacePCA, ganspace, interfacegan, load_interfacegan, sefa, sefa_directions,
+    FFHQ_DIRECTIONS, GanspaceEdit, GanspacePCA, InterfaceganEdit, SefaEdit, edit_grid, ganspace, interfacegan,
+    load_interfacegan, sefa, sefa_directions,
 )
 from psp_core.errors import InputError
 from psp_core.stylegan2 import Generator
@@ -89,3 +90,29 @@ def test_sefa_moves_only_the_chosen_styles(codes):
     assert torch.allclose(edited[1, :, 2, 5] - codes[:, 2, 5], torch.full((3,), 4.0))
     with pytest.raises(InputError, match=r"SeFa styles must be in 0\.\.6"):
         sefa_directions(Generator(32, 512, 2), [7])
+
+
+def test_edit_grid_puts_codes_in_rows_and_strengths_in_columns():
+    colours = torch.linspace(-1, 1, 6).view(2, 3, 1, 1, 1).expand(2, 3, 3, 8, 8)   # [R=2, C=3, 3, 8, 8]
+    grid = np.asarray(edit_grid(colours, tile=16, padding=2))
+    assert grid.shape == (2 * 18 + 2, 3 * 18 + 2, 3)
+    for row in range(2):
+        for column in range(3):
+            cell = grid[2 + 18 * row:18 * (row + 1), 2 + 18 * column:18 * (column + 1)]
+            expected = round((float(colours[row, column, 0, 0, 0]) + 1) / 2 * 255)
+            assert cell.shape == (16, 16, 3) and np.all(cell == expected), (row, column)
+    large = torch.rand(1, 2, 3, 64, 64) * 2 - 1
+    shrunk = np.asarray(edit_grid(large, tile=32, padding=0)).astype(np.float64) / 255
+    pooled = torch.nn.functional.avg_pool2d((large[0] + 1) / 2, 2)                  # area averaging, 2x
+    np.testing.assert_allclose(shrunk[:, :32], pooled[0].permute(1, 2, 0).numpy(), atol=1 / 255 + 1e-6)
+
+
+def test_the_edit_classes_apply_the_formulas_at_every_strength(codes):
+    pca = GanspacePCA.load(FFHQ_DIRECTIONS / "ganspace_ffhq_pca.pt")
+    moved = GanspaceEdit(pca, 3, 4, 9)(codes, [-5.0, 5.0])
+    assert moved.shape == (2, 3, 18, 512)
+    assert torch.equal(moved[1], ganspace(codes, pca, 3, 4, 9, 5.0))
+    direction = torch.randn(512)
+    assert torch.equal(SefaEdit(direction, (1, 2))(codes, [0.0, 2.0]), sefa(codes, direction, [1, 2], [0.0, 2.0]))
+    age = load_interfacegan(FFHQ_DIRECTIONS / "interfacegan_age.pt", 18)
+    assert torch.equal(InterfaceganEdit(age)(codes, [0.0])[0], codes)

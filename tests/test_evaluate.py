@@ -38,7 +38,7 @@ def workspace(tmp_path_factory):
         params = root / "params.yaml"
         params.write_text(yaml.safe_dump({"evaluate": {
             "model": f"models:/{NAME}@candidate",
-            "shards": str(shards), "batch_size": 2, "lpips_backbone": "random", "device": "cpu",
+            "shards": str(shards), "batch_size": 2, "lpips_backbone": "random", "device": "cpu", "precision": "fp32",
             "irse50": str(root / "absent_model_ir_se50.pth"),
             "report": str(root / "reports/eval.json"), "per_image": str(root / "reports/eval_images.csv"),
             "grid": str(root / "reports/eval_grid.png")}}))
@@ -132,3 +132,57 @@ def test_evaluate_errors_are_one_line(workspace, capsys, overrides, message):
     assert evaluate(workspace, *overrides) == 2
     error = capsys.readouterr().err.strip()
     assert message in error and len(error.splitlines()) == 1, error
+
+
+def test_restyle_curve_and_comparison_table(workspace):
+    """A ReStyle version scored at every refinement step (checked against `refine` by hand), compared with
+    the pSp version on the same images: JSON, Markdown and a side-by-side grid, and the MLflow curve."""
+    from psp_core import refine
+
+    torch.manual_seed(1)
+    restyle = PSP(PSPArchitecture(encoder_type="BackboneEncoder", family="restyle_psp", input_nc=6,
+                                  output_size=16, encoder_input_size=32))
+    restyle.set_latent_avg(0.1 * torch.randn(restyle.n_styles, 512))
+    import_checkpoint(save_psp(restyle.eval(), workspace / "restyle.pt"), NAME)
+    restyle_version = str(len(mlflow.MlflowClient().search_model_versions(f"name='{NAME}'")))
+    prefix = workspace / "reports/compare"
+    assert evaluate(workspace, f"model=models:/{NAME}/{restyle_version}", f"compare=[models:/{NAME}/1]",
+                    "n_iters=3", f"comparison={prefix}", f"report={workspace / 'restyle_eval.json'}") == 0
+
+    report = json.loads((workspace / "restyle_eval.json").read_text())
+    assert report["family"] == "restyle_psp" and report["n_iters"] == 3
+    steps = report["per_iteration"]
+    assert [s["iteration"] for s in steps] == [1, 2, 3] and report["l2"] == steps[-1]["l2"]
+    transform = PresetTransform(get_preset("encode"), 32, train=False)
+    by_hand = [[], [], []]
+    with torch.no_grad():
+        for batch in iter_shard_batches(shard_paths(workspace / "shards"), 4, split="test"):
+            images = torch.from_numpy(batch.images).permute(0, 3, 1, 2)
+            source, target = transform(images, images, torch.Generator())
+            for step, (output, _) in enumerate(refine(restyle, source, 3)):
+                pooled = torch.nn.functional.adaptive_avg_pool2d(output, 256).clamp(-1, 1)
+                by_hand[step] += (pooled - target).pow(2).flatten(1).mean(1).tolist()
+    for step, values in zip(steps, by_hand):
+        assert step["l2"] == pytest.approx(sum(values) / len(values), rel=1e-4)
+    assert len({round(s["l2"], 6) for s in steps}) == 3, "every step must be scored on its own output"
+
+    compared = json.loads(prefix.with_suffix(".json").read_text())["models"]
+    assert [m["model"] for m in compared] == [f"models:/{NAME}/{restyle_version}", f"models:/{NAME}/1"]
+    assert compared[1]["family"] == "psp" and compared[1]["per_iteration"] == []
+    assert compared[0]["n_images"] == compared[1]["n_images"] == report["n_images"]
+    table = prefix.with_suffix(".md").read_text().splitlines()
+    assert table[0].startswith("| model | family | steps | l2 |") and f"models:/{NAME}/1 | psp | 1 |" in table[3]
+    shown = min(8, report["n_images"])
+    with Image.open(prefix.with_suffix(".png")) as grid:     # inputs, then each model's final output
+        assert grid.size == (shown * 256 + (shown + 1) * 2, 3 * 256 + 4 * 2)
+    with Image.open(workspace / "reports/eval_grid.png") as grid:   # inputs, then each ReStyle step
+        assert grid.size[1] == 4 * 256 + 5 * 2
+
+    tracking.use_tracking_store()
+    client = mlflow.MlflowClient()
+    run_id = client.get_model_version(NAME, restyle_version).run_id
+    history = client.get_metric_history(run_id, "eval_l2")
+    assert [(m.step, pytest.approx(m.value, rel=1e-6)) for m in sorted(history, key=lambda m: m.step)] == \
+        [(i, s["l2"]) for i, s in enumerate(steps, start=1)]
+    assert client.get_model_version(NAME, restyle_version).tags["eval_n_iters"] == "3"
+    assert client.get_model_version(NAME, "1").tags["eval_n_iters"] == "1"

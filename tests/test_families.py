@@ -251,3 +251,30 @@ def test_refine_refuses_models_and_inputs_it_cannot_run():
         refine(net, torch.randn(1, 6, 32, 32), 2)
     with pytest.raises(InputError, match="n_iters must be >= 1"):
         refine(net, torch.randn(1, 3, 32, 32), 0)
+
+
+@pytest.mark.parametrize("encoder_type,family", [("GradualStyleEncoder", "psp"), ("Encoder4Editing", "e4e"),
+                                                 ("BackboneEncoder", "restyle_psp"),
+                                                 ("ProgressiveBackboneEncoder", "restyle_e4e")])
+def test_inference_core_runs_every_family_as_the_reference_does(encoder_type, family):
+    """The stages' inference core: one pass through the model's call for pSp and e4e (n_iters ignored),
+    `refine`'s steps for ReStyle; images scored at 256, clamped."""
+    from psp_core.inference import InferenceModel, scored
+
+    net = tiny_net(encoder_type, family)
+    model = InferenceModel(net, "encode")
+    pixels = torch.randint(0, 256, (2, 3, 40, 40), dtype=torch.uint8)
+    source, target = model.prepare(pixels, pixels)
+    assert source.shape == (2, 3, 32, 32) and target.shape == (2, 3, 256, 256)
+    steps = model.invert(source, n_iters=3)
+    with torch.no_grad():
+        if family.startswith("restyle"):
+            expected = refine(net, source, 3)
+        else:
+            expected = [net(source, resize=False, randomize_noise=False, return_latents=True)]
+    assert len(steps) == len(expected) == (3 if model.iterative else 1)
+    for step, (images, latents) in zip(steps, expected):
+        torch.testing.assert_close(step.latents, latents, rtol=0, atol=1e-6)
+        torch.testing.assert_close(scored(step.images), F.adaptive_avg_pool2d(images, 256).clamp(-1, 1))
+    with pytest.raises(InputError, match="3-channel images; preset sketch_to_face gives 1"):
+        InferenceModel(net, "sketch_to_face")

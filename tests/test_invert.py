@@ -36,7 +36,7 @@ def model_file(tmp_path_factory) -> Path:
 
 def write_invert_params(root: Path, model: Path | str, **values) -> None:
     section = {"model": str(model), "input": "shards", "output_dir": "latents", "report": "reports/invert.json",
-               "batch_size": 3, "lpips_backbone": "random", "cpus_per_actor": 1, **values}
+               "batch_size": 3, "lpips_backbone": "random", "cpus_per_actor": 1, "precision": "fp32", **values}
     (root / "params.yaml").write_text(yaml.safe_dump({"invert": section}))
 
 
@@ -62,7 +62,7 @@ def test_latents_decode_to_the_reconstruction_and_variants_mix(tmp_path, model_f
         latent = torch.tensor(row["latent"])
         assert latent.shape == (net.n_styles, 512)
         with torch.no_grad():
-            pixels = torch.from_numpy(decode_image(images[row["id"]], 256).copy()).permute(2, 0, 1)[None]
+            pixels = torch.from_numpy(decode_image(images[row["id"]]).copy()).permute(2, 0, 1)[None]
             source, target = transform(pixels, pixels, torch.Generator())
             encoded = net.encode(source)[0]
             output = net(source, resize=True, randomize_noise=False)
@@ -165,6 +165,6 @@ def test_imported_parity_checkpoint_inverts_through_ray_data(tmp_path):
         transform = PresetTransform(get_preset("encode"), 256, train=False)
         shard = {r["id"]: r["image"] for r in pq.read_table(sorted((tmp_path / "shards").glob("*.parquet"))).to_pylist()}
         for row in rows:
-            pixels = torch.from_numpy(decode_image(shard[row["id"]], 256).copy()).permute(2, 0, 1)[None]
+            pixels = torch.from_numpy(decode_image(shard[row["id"]]).copy()).permute(2, 0, 1)[None]
             source, _ = transform(pixels, pixels, torch.Generator())
             torch.testing.assert_close(torch.tensor(row["latent"]), net.encode(source)[0], rtol=1e-4, atol=1e-4)

@@ -1,5 +1,10 @@
-"""The public checkpoint layouts load strictly and compute the reference functions (shared/parity)."""
+"""The public checkpoint layouts load strictly and compute the reference functions (shared/parity).
+
+PSP_TEST_DEVICE=cuda runs the networks on the GPU (fp32 convolutions and matmuls in IEEE fp32, not TF32).
+"""
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pytest
@@ -8,19 +13,29 @@ import torch.nn.functional as F
 
 from parity_rule import FIXTURES, e4e_training_state, rule_state_dict, write_released_family, write_released_psp
 from psp_core import load_generator, load_irse50, load_psp, refine
+from psp_core.devices import use_ieee_fp32
 from psp_core.inference import average_image
+
+DEVICE = torch.device(os.environ.get("PSP_TEST_DEVICE", "cpu"))
 
 
 @pytest.fixture(autouse=True)
 def no_grad():
     """Inference only (a module-level switch would leak into every other test module)."""
+    if DEVICE.type == "cuda":
+        use_ieee_fp32()
     with torch.no_grad():
         yield
 
 
+def on_device(array: np.ndarray) -> torch.Tensor:
+    """A fixture array as a tensor on the test device."""
+    return torch.from_numpy(array).to(DEVICE)
+
+
 def assert_parity(ours: torch.Tensor, ref: np.ndarray, name: str) -> None:
     """The fixtures' tolerance: max|ours - ref| <= 1e-4 * max(1, max|ref|)."""
-    ours = ours.detach().float().numpy()
+    ours = ours.detach().float().cpu().numpy()
     assert ours.shape == ref.shape, f"{name}: shape {ours.shape} != {ref.shape}"
     err = float(np.abs(ours - ref).max())
     tol = 1e-4 * max(1.0, float(np.abs(ref).max()))
@@ -45,13 +60,13 @@ def psp_file(tmp_path_factory):
 
 def test_generator_mapping_and_synthesis(generator_file):
     ref = fixture("ref_stylegan2_64")
-    g = load_generator(generator_file)
-    z, z2 = torch.from_numpy(ref["z"]), torch.from_numpy(ref["z2"])
+    g = load_generator(generator_file).to(DEVICE)
+    z, z2 = on_device(ref["z"]), on_device(ref["z2"])
     assert_parity(g.get_latent(z), ref["w"], "w")
     image, latent = g([z], randomize_noise=False, return_latents=True)
     assert_parity(image, ref["image"], "image")
     assert_parity(latent, ref["latent"], "latent")
-    truncated, _ = g([z], truncation=0.7, truncation_latent=torch.from_numpy(ref["truncation_latent"]),
+    truncated, _ = g([z], truncation=0.7, truncation_latent=on_device(ref["truncation_latent"]),
                      randomize_noise=False)
     assert_parity(truncated, ref["image_truncated"], "image_truncated")
     mixed, _ = g([z, z2], inject_index=3, randomize_noise=False)
@@ -67,18 +82,18 @@ def irse50_file(tmp_path_factory):
 
 def test_identity_features(irse50_file):
     ref = fixture("ref_id_irse50")
-    net = load_irse50(irse50_file)
-    x = torch.from_numpy(ref["input"])
+    net = load_irse50(irse50_file).to(DEVICE)
+    x = on_device(ref["input"])
     face = F.adaptive_avg_pool2d(x[:, :, 35:223, 32:220], (112, 112))
     features = net(face)
     assert_parity(features, ref["features"], "features")
-    assert torch.allclose(features.norm(dim=1), torch.ones(2), atol=1e-5)
+    assert torch.allclose(features.norm(dim=1), torch.ones(2, device=DEVICE), atol=1e-5)
 
 
 def test_psp_encode_and_generate(psp_file):
     ref = fixture("ref_gradual64")
-    net = load_psp(psp_file)
-    x = torch.from_numpy(ref["input"])
+    net = load_psp(psp_file, DEVICE)
+    x = on_device(ref["input"])
     assert_parity(net.encoder(x), ref["encoder_out"], "encoder_out")
     image, latent = net(x, resize=False, randomize_noise=False, return_latents=True)
     assert_parity(latent, ref["latent"], "latent")
@@ -88,8 +103,8 @@ def test_psp_encode_and_generate(psp_file):
 
 def test_psp_style_mixing(psp_file):
     ref = fixture("ref_gradual64")
-    net = load_psp(psp_file)
-    x, inject = torch.from_numpy(ref["input"]), torch.from_numpy(ref["inject_latent"])
+    net = load_psp(psp_file, DEVICE)
+    x, inject = on_device(ref["input"]), on_device(ref["inject_latent"])
     mask = [5, 6, 7, 8, 9]
     mixed = net(x, resize=False, randomize_noise=False, latent_mask=mask, inject_latent=inject, alpha=0.5)
     assert_parity(mixed, ref["mixed_image"], "mixed_image")
@@ -104,8 +119,8 @@ def test_psp_latent_avg_per_style_layout(psp_file, tmp_path):
     ckpt["latent_avg"] = ckpt["latent_avg"].reshape(1, 512).repeat(10, 1)
     path = tmp_path / "psp_per_style.pt"
     torch.save(ckpt, path)
-    net = load_psp(path)
-    _, latent = net(torch.from_numpy(ref["input"]), resize=False, randomize_noise=False, return_latents=True)
+    net = load_psp(path, DEVICE)
+    _, latent = net(on_device(ref["input"]), resize=False, randomize_noise=False, return_latents=True)
     assert_parity(latent, ref["latent"], "latent")
 
 
@@ -119,7 +134,7 @@ def parity_errors(pairs: list[tuple[str, torch.Tensor, np.ndarray]]) -> list[str
     so a failure shows where a chain of iterations starts to drift)."""
     failures = []
     for name, ours, ref in pairs:
-        ours = ours.detach().float().numpy()
+        ours = ours.detach().float().cpu().numpy()
         if ours.shape != ref.shape:
             failures.append(f"{name}: shape {ours.shape} != {ref.shape}")
             continue
@@ -144,9 +159,9 @@ def test_restyle_refinement_every_iteration(family_files, name, family, encoder)
     """refine() against the reference's run_on_batch: the average image, then latent_i and image_i of
     every iteration (each iteration feeds on the last, so a drift shows up and grows)."""
     ref = fixture(name)
-    net = load_psp(family_files[name])
+    net = load_psp(family_files[name], DEVICE)
     assert (net.arch.family, type(net.encoder).__name__, net.arch.input_nc) == (family, encoder, 6)
-    x = torch.from_numpy(ref["input"])
+    x = on_device(ref["input"])
     pairs = [("avg_image", average_image(net)[0], ref["avg_image"])]
     results = refine(net, x, n_iters=4)
     assert len(results) == 4
@@ -161,17 +176,17 @@ def test_restyle_each_step_from_the_reference_state(family_files, name):
     """One refinement step at a time, started from the reference's previous output and latent: each
     step's own error, apart from the loop's amplification of rounding differences."""
     ref = fixture(name)
-    net = load_psp(family_files[name])
-    x = torch.from_numpy(ref["input"])
+    net = load_psp(family_files[name], DEVICE)
+    x = on_device(ref["input"])
     pairs = []
     for i in range(4):
         if i == 0:
-            previous_image, previous_latent = torch.from_numpy(ref["avg_image"]).expand(2, -1, -1, -1), None
+            previous_image, previous_latent = on_device(ref["avg_image"]).expand(2, -1, -1, -1), None
         else:
-            previous_image = F.adaptive_avg_pool2d(torch.from_numpy(ref[f"image_{i - 1}"]), (256, 256))
-            previous_latent = torch.from_numpy(ref[f"latent_{i - 1}"])
+            previous_image = F.adaptive_avg_pool2d(on_device(ref[f"image_{i - 1}"]), (256, 256))
+            previous_latent = on_device(ref[f"latent_{i - 1}"])
         latent = net.encode(torch.cat([x, previous_image], dim=1), previous=previous_latent)
-        image, _ = net.decoder([torch.from_numpy(ref[f"latent_{i}"])], input_is_latent=True, randomize_noise=False)
+        image, _ = net.decoder([on_device(ref[f"latent_{i}"])], input_is_latent=True, randomize_noise=False)
         pairs += [(f"latent_{i}", latent, ref[f"latent_{i}"]), (f"image_{i}", image, ref[f"image_{i}"])]
     failures = parity_errors(pairs)
     assert not failures, "; ".join(failures)
@@ -181,9 +196,9 @@ def test_e4e_encode_and_generate(family_files):
     """e4e (opts with stylegan_size, no output_size / input_nc; a discriminator and optimiser states
     beside the model) through the model's usual call."""
     ref = fixture("ref_e4e64")
-    net = load_psp(family_files["ref_e4e64"])
+    net = load_psp(family_files["ref_e4e64"], DEVICE)
     assert (net.arch.family, type(net.encoder).__name__, net.arch.output_size) == ("e4e", "Encoder4Editing", 64)
-    x = torch.from_numpy(ref["input"])
+    x = on_device(ref["input"])
     image, latent = net(x, resize=False, randomize_noise=False, return_latents=True)
     resized = net(x, resize=True, randomize_noise=False)
     failures = parity_errors([("latent_avg", net.latent_avg, ref["latent_avg"]),

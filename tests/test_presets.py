@@ -28,6 +28,7 @@ PAPER_WEIGHTS = {
     "seg_to_face": dict(l2_lambda=1, lpips_lambda=0.8, w_norm_lambda=0.005),
     "super_resolution": dict(l2_lambda=1, lpips_lambda=0.8, id_lambda=0.1, w_norm_lambda=0.005),
     "toonify": dict(l2_lambda=1, lpips_lambda=0.8, id_lambda=1, w_norm_lambda=0.025),
+    "restyle_encode": dict(l2_lambda=1, lpips_lambda=0.8, id_lambda=0.1),   # restyle-encoder's README command
 }
 
 

@@ -1,0 +1,605 @@
+"""Quality on a known generator: pSp, e4e and ReStyle-pSp learn to invert a frozen generator's own
+samples, whose true W+ codes are known, through the product's training path.
+
+No pretrained weights reach these machines, so no published metric can be reproduced; inversion has a
+setting with ground truth that needs none. A frozen generator (seeded random weights, or a given
+checkpoint) draws training and validation images from W (truncation 0.7 around `w_avg`; `--mixing`:
+W+ with per-layer mixing of two codes); they are written as PNG files and packed by `psp shard`'s own
+writer into Parquet shards, read back with the shard reader, and each encoder is trained by the engine
+(`build_psp` loading the generator file, `Trainer`, the `encode` / `restyle_encode` presets, `PSPLoss`)
+for the same optimiser steps and batch size. Reported per encoder: validation image L2 and MS-SSIM
+before and after training (at the generator's resolution, outputs clamped to [-1, 1]), the error to the
+true W+ codes, the codes' distance from W (their variance across styles, e4e's editability proxy) and
+training images/s; ReStyle-pSp is evaluated at every refinement iteration (`psp_core.inference.refine`).
+
+Run: python benchmarks/bench_quality.py --steps 60 --size 32 --json quality.json [--plot P.png --grid G.png]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import command_line, hardware  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pipelines.io import atomic_path, write_json_atomic  # noqa: E402
+from pipelines.sections import ShardConfig  # noqa: E402
+from pipelines.shard import write_shards  # noqa: E402
+from psp_core import PSPArchitecture, PSPLoss, Trainer, TrainingConfig, build_psp, get_preset  # noqa: E402
+from psp_core.checkpoints import atomic_torch_save, read_generator_checkpoint  # noqa: E402
+from psp_core.devices import resolve_precision  # noqa: E402
+from psp_core.engine import NullCallback  # noqa: E402
+from psp_core.errors import InputError  # noqa: E402
+from psp_core.inference import InferenceModel, choose_device  # noqa: E402
+from psp_core.metrics import l2_per_image, ms_ssim_per_image  # noqa: E402
+from psp_core.presets import PresetTransform, TaskPreset  # noqa: E402
+from psp_core.shards import iter_shard_batches, shard_paths  # noqa: E402
+from psp_core.stylegan2 import Generator  # noqa: E402
+from psp_core.transforms import to_signed, to_unit_float  # noqa: E402
+
+TRUNCATION = 0.7
+"""Samples are w_avg + 0.7 (w - w_avg): the usual truncation for a generator's typical images."""
+
+HEADROOM = 0.5
+"""The average image's largest deviation from its mean is mapped to +-0.5: the truncated samples vary
+about as much again around it, so they stay inside [-1, 1] (the share clipped is reported)."""
+
+MEAN_LATENT_SAMPLES = 10_000
+PREVIEW_IMAGES = 8
+EVAL_BATCH = 64
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """One encoder of the benchmark: the preset it trains with, its family and network."""
+
+    preset: str
+    family: str
+    encoder_type: str
+    objective: str
+
+
+ENCODERS: dict[str, EncoderSpec] = {
+    "psp": EncoderSpec("encode", "psp", "GradualStyleEncoder", "pSp objective"),
+    "restyle_psp": EncoderSpec("restyle_encode", "restyle_psp", "BackboneEncoder",
+                               "pSp objective at every refinement iteration (ReStyle's coach)"),
+    "e4e": EncoderSpec("encode", "e4e", "Encoder4Editing",
+                       "pSp objective: e4e's encoder trained without its delta regulariser, latent "
+                       "discriminator or progressive stages"),
+}
+"""The encoders, in report order: pSp; ReStyle-pSp with its released encoder; e4e's encoder."""
+
+
+@dataclass(frozen=True)
+class QualityConfig:
+    """Everything one benchmark run depends on."""
+
+    steps: int = 60
+    size: int = 32
+    encoder_size: int = 64
+    batch_size: int = 8
+    train_images: int = 256
+    val_images: int = 64
+    restyle_iters: int = 3
+    eval_every: int = 10
+    learning_rate: float = 1e-4
+    precision: str = "auto"
+    mixing: bool = False
+    generator: Path | None = None
+    encoders: tuple[str, ...] = tuple(ENCODERS)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        """Refuse settings that cannot run, naming the option."""
+        if self.generator is None and self.size not in (16, 32, 64):
+            raise InputError(f"--size must be 16, 32 or 64 for the seeded generator, got {self.size}")
+        unknown = [name for name in self.encoders if name not in ENCODERS]
+        if unknown or not self.encoders:
+            raise InputError(f"--encoders: unknown {unknown}; choose from {', '.join(ENCODERS)}")
+        for name in ("steps", "batch_size", "restyle_iters", "eval_every", "val_images"):
+            if getattr(self, name) < 1:
+                raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.train_images < self.batch_size:
+            raise InputError(f"--train-images {self.train_images} cannot fill one batch of {self.batch_size}")
+
+
+# ----------------------------------------------------------------------------- the known generator
+
+@dataclass
+class KnownGenerator:
+    """The frozen generator whose samples are inverted, its output already mapped to [-1, 1]."""
+
+    generator: Generator
+    latent_avg: Tensor   # [1, 512]
+    scale: float
+    shift: float
+
+    @property
+    def n_styles(self) -> int:
+        return self.generator.n_latent
+
+
+def average_image(generator: Generator, latent_avg: Tensor) -> Tensor:
+    """The generator's image of w_avg, stored noise: [1, 3, S, S]."""
+    with torch.no_grad():
+        image, _ = generator([latent_avg], input_is_latent=True, randomize_noise=False)
+    return image
+
+
+def output_affine(generator: Generator, latent_avg: Tensor) -> tuple[float, float]:
+    """(scale, shift) of the one affine map x -> scale * x + shift, measured once on the average image:
+    its mean goes to 0 and its largest deviation from the mean to +-HEADROOM."""
+    image = average_image(generator, latent_avg)
+    mean = float(image.mean())
+    scale = HEADROOM / float((image - mean).abs().max())
+    return scale, -scale * mean
+
+
+def bake_affine(generator: Generator, scale: float, shift: float) -> None:
+    """Put the affine map into the generator's own weights, so the checkpoint file computes it: the
+    RGB skip path is linear, so scaling every ToRGB's weight and bias scales the image, and the
+    last ToRGB's bias (added after the upsampled skip) carries the shift."""
+    to_rgbs = [generator.to_rgb1, *generator.to_rgbs]
+    with torch.no_grad():
+        for to_rgb in to_rgbs:
+            to_rgb.conv.weight.mul_(scale)
+            to_rgb.bias.mul_(scale)
+        to_rgbs[-1].bias.add_(shift)
+
+
+def known_generator(size: int, seed: int, checkpoint: Path | None) -> KnownGenerator:
+    """A frozen generator (seeded random weights at `size`, or `checkpoint`'s) with the output affine
+    measured on its average image and baked into its weights."""
+    if checkpoint is not None:
+        loaded = read_generator_checkpoint(checkpoint)
+        generator, latent_avg = loaded.generator, loaded.latent_avg
+        if generator.size != size:
+            raise InputError(f"--generator {checkpoint} outputs {generator.size} px, --size says {size}")
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            generator = Generator(size)
+        latent_avg = None
+    generator = generator.eval().requires_grad_(False)
+    if latent_avg is None:
+        latent_avg = generator.mean_latent(MEAN_LATENT_SAMPLES, generator=torch.Generator().manual_seed(seed))
+    latent_avg = latent_avg.reshape(1, -1).float()
+    before = average_image(generator, latent_avg)
+    scale, shift = output_affine(generator, latent_avg)
+    bake_affine(generator, scale, shift)
+    after = average_image(generator, latent_avg)
+    assert torch.allclose(after, scale * before + shift, atol=1e-4), "the baked affine map is not the measured one"
+    return KnownGenerator(generator, latent_avg, scale, shift)
+
+
+def write_generator(known: KnownGenerator, path: Path) -> Path:
+    """The generator as a public-layout checkpoint `{'g_ema', 'latent_avg'}`, which `build_psp` loads."""
+    return atomic_torch_save({"g_ema": known.generator.state_dict(), "latent_avg": known.latent_avg[0]}, path)
+
+
+def sample_codes(known: KnownGenerator, count: int, seed: int, mixing: bool) -> Tensor:
+    """True codes [count, n_styles, 512]: w from z ~ N(0, I), truncated toward w_avg; with `mixing`,
+    each layer takes one of two such w, chosen per layer (a W+ code)."""
+    rng = torch.Generator().manual_seed(seed)
+    draws = 2 if mixing else 1
+    z = torch.randn(count * draws, known.generator.style_dim, generator=rng)
+    with torch.no_grad():
+        w = known.generator.get_latent(z)
+    w = known.latent_avg + TRUNCATION * (w - known.latent_avg)
+    codes = w.view(count, draws, 1, -1).expand(-1, -1, known.n_styles, -1)
+    if not mixing:
+        return codes[:, 0].contiguous()
+    choice = torch.randint(2, (count, 1, known.n_styles, 1), generator=rng)
+    return codes.gather(1, choice.expand(-1, -1, -1, codes.shape[-1]))[:, 0].contiguous()
+
+
+def render(known: KnownGenerator, codes: Tensor) -> Tensor:
+    """Images [N, 3, S, S] of W+ codes [N, n_styles, 512] (stored noise), in batches."""
+    images = []
+    with torch.no_grad():
+        for start in range(0, codes.shape[0], EVAL_BATCH):
+            batch, _ = known.generator([codes[start:start + EVAL_BATCH]], input_is_latent=True,
+                                       randomize_noise=False)
+            images.append(batch)
+    return torch.cat(images)
+
+
+def to_uint8(images: Tensor) -> Tensor:
+    """[-1, 1] float [N, 3, H, W] -> uint8 [N, 3, H, W] (values outside [-1, 1] clip)."""
+    return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def to_images(pixels: Tensor) -> Tensor:
+    """uint8 [N, 3, H, W] -> float [N, 3, H, W] in [-1, 1]."""
+    return to_signed(to_unit_float(pixels))
+
+
+# ----------------------------------------------------------------------------- data as shards
+
+def sample_name(index: int) -> str:
+    return f"sample{index:05d}.png"
+
+
+def write_split_shards(pixels: Tensor, root: Path, split: str) -> Path:
+    """Write the images [N, 3, S, S] uint8 as PNG files and pack them with `psp shard`'s writer into
+    their own shard folder, every row in `split` (test_fraction 0 or 1, so each set keeps its size)."""
+    folder = root / "png" / split
+    folder.mkdir(parents=True)
+    for index, image in enumerate(pixels.permute(0, 2, 3, 1).numpy()):
+        Image.fromarray(image).save(folder / sample_name(index))
+    shard_dir = root / "shards" / split
+    write_shards(ShardConfig(input_dir=str(folder), output_dir=str(shard_dir),
+                             report=str(root / "reports" / f"shard-{split}.json"),
+                             test_fraction=1.0 if split == "test" else 0.0))
+    return shard_dir
+
+
+def read_split(shard_dir: Path, split: str) -> tuple[Tensor, list[int]]:
+    """Every row of `split` decoded by the shard reader: uint8 [N, 3, S, S] and each row's sample index."""
+    pixels, indices = [], []
+    for batch in iter_shard_batches(shard_paths(shard_dir, verify=True), 256, split=split):
+        pixels.append(torch.from_numpy(batch.images).permute(0, 3, 1, 2))
+        indices.extend(int(Path(path).stem.removeprefix("sample")) for path in batch.source_paths)
+    return torch.cat(pixels), indices
+
+
+@dataclass
+class KnownData:
+    """Training images, validation images and their true codes, as read back from the shards."""
+
+    train: Tensor        # uint8 [N, 3, S, S]
+    val: Tensor          # uint8 [M, 3, S, S]
+    val_codes: Tensor    # [M, n_styles, 512]
+    clipped_fraction: float
+
+
+def make_data(known: KnownGenerator, cfg: QualityConfig, root: Path) -> KnownData:
+    """Sample both sets (different seeds), shard them, read them back; codes follow the rows' order."""
+    sets = {}
+    clipped = []
+    for split, count, seed in (("train", cfg.train_images, cfg.seed + 1), ("test", cfg.val_images, cfg.seed + 2)):
+        codes = sample_codes(known, count, seed, cfg.mixing)
+        images = render(known, codes)
+        clipped.append((images.abs() > 1).float().mean().item() * count)
+        pixels, order = read_split(write_split_shards(to_uint8(images), root, split), split)
+        if sorted(order) != list(range(count)):
+            raise RuntimeError(f"the {split} shards hold {len(order)} rows for {count} samples")
+        sets[split] = (pixels, codes[order])
+    return KnownData(sets["train"][0], sets["test"][0], sets["test"][1],
+                     sum(clipped) / (cfg.train_images + cfg.val_images))
+
+
+def epoch_batches(pixels: Tensor, batch_size: int, seed: int) -> Callable[[int], list[tuple[Tensor, Tensor]]]:
+    """The engine's `epoch -> batches` source: a seeded shuffle per epoch, full batches of (source,
+    target) uint8 [B, 3, S, S] (the same image: inversion)."""
+    def batches(epoch: int) -> list[tuple[Tensor, Tensor]]:
+        order = torch.randperm(pixels.shape[0], generator=torch.Generator().manual_seed(seed + 7919 * epoch))
+        chunks = order[: len(order) // batch_size * batch_size].view(-1, batch_size)
+        return [(pixels[chunk], pixels[chunk]) for chunk in chunks]
+    return batches
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def style_variance(codes: Tensor) -> Tensor:
+    """Distance of W+ codes [N, n_styles, 512] from W: variance across the styles, mean over the 512
+    dimensions, per code [N] (0 for a code in W)."""
+    return codes.float().var(dim=1, unbiased=False).mean(dim=1)
+
+
+def image_scores(outputs: Tensor, targets: Tensor) -> dict[str, float]:
+    """Mean L2 and MS-SSIM of outputs against targets [N, 3, S, S], both clamped to [-1, 1]."""
+    outputs, targets = outputs.float().clamp(-1, 1), targets.float().clamp(-1, 1)
+    return {"l2": float(l2_per_image(outputs, targets).mean()),
+            "ms_ssim": float(ms_ssim_per_image(outputs, targets).mean())}
+
+
+@dataclass
+class Evaluation:
+    """Validation scores at every refinement iteration (one entry for pSp and e4e) and the first images."""
+
+    per_iter: list[dict[str, float]]
+    previews: list[Tensor]   # per iteration: [PREVIEW_IMAGES, 3, S, S]
+
+    @property
+    def last(self) -> dict[str, float]:
+        return self.per_iter[-1]
+
+
+def evaluate(model: InferenceModel, val: Tensor, codes: Tensor, n_iters: int) -> Evaluation:
+    """Invert the validation images with the inference core (ReStyle: `refine`, every iteration kept)
+    and score each iteration's images against the targets at the generator's resolution."""
+    targets = to_images(val)
+    outputs: list[list[Tensor]] = []
+    latents: list[list[Tensor]] = []
+    for start in range(0, val.shape[0], EVAL_BATCH):
+        chunk = val[start:start + EVAL_BATCH]
+        source, _ = model.prepare(chunk, chunk)
+        steps = model.invert(source, n_iters)
+        outputs.append([step.images.float().cpu() for step in steps])
+        latents.append([step.latents.float().cpu() for step in steps])
+    per_iter, previews = [], []
+    for index in range(len(outputs[0])):
+        images = torch.cat([chunk[index] for chunk in outputs])
+        found = torch.cat([chunk[index] for chunk in latents])
+        assert images.shape == targets.shape, f"outputs {list(images.shape)} != targets {list(targets.shape)}"
+        per_iter.append({**image_scores(images, targets),
+                         "latent_mse": float((found - codes).pow(2).mean()),
+                         "style_variance": float(style_variance(found).mean())})
+        previews.append(images[:PREVIEW_IMAGES].clamp(-1, 1))
+    return Evaluation(per_iter, previews)
+
+
+class ValidationProbe(NullCallback):
+    """Scores the validation set at the engine's logging interval and at the last step (timed apart from
+    training)."""
+
+    def __init__(self, name: str, model: InferenceModel, data: KnownData, n_iters: int) -> None:
+        self.name, self.model, self.data, self.n_iters = name, model, data, n_iters
+        self.curve: list[dict[str, Any]] = []
+        self.last: Evaluation | None = None
+        self.seconds = 0.0
+
+    def on_step(self, step: int, metrics: dict[str, float]) -> None:
+        """Evaluate now; record validation L2 (per iteration) beside the step's training loss."""
+        start = time.perf_counter()
+        self.last = evaluate(self.model, self.data.val, self.data.val_codes, self.n_iters)
+        per_iter = [s["l2"] for s in self.last.per_iter]
+        self.curve.append({"step": step, "train_loss": metrics["loss"], "val_l2_per_iter": per_iter})
+        self.seconds += time.perf_counter() - start
+        print(f"# {self.name} step {step}: train loss {metrics['loss']:.4f}, validation L2 "
+              + " ".join(f"{value:.4f}" for value in per_iter), file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- training
+
+def benchmark_preset(spec: EncoderSpec) -> TaskPreset:
+    """The encoder's preset with what this setting cannot use switched off: no identity term (no face,
+    no ArcFace weights), no LPIPS (no pretrained AlexNet here; a random one measures nothing), no flips
+    (a mirrored sample is not a sample of the generator: it has no true code)."""
+    preset = get_preset(spec.preset).with_loss(lpips_lambda=0.0, id_lambda=0.0)
+    return dataclasses.replace(preset, flip="none")
+
+
+def train_encoder(name: str, generator_path: Path, data: KnownData, cfg: QualityConfig,
+                  device: torch.device) -> tuple[dict[str, Any], Evaluation]:
+    """Train one encoder with the engine for `cfg.steps` steps in `cfg.precision`; scores before, during
+    and after, always in fp32 (the metrics should not carry bf16 rounding)."""
+    spec = ENCODERS[name]
+    preset = benchmark_preset(spec)
+    n_iters = cfg.restyle_iters if spec.family == "restyle_psp" else 1
+    arch = PSPArchitecture(encoder_type=spec.encoder_type, input_nc=preset.encoder_input_nc, output_size=cfg.size,
+                           encoder_input_size=cfg.encoder_size, family=spec.family)
+    torch.manual_seed(cfg.seed)
+    net = build_psp(arch, generator_path).to(device)
+    model = InferenceModel(net, spec.preset, device, "fp32")
+    before = evaluate(model, data.val, data.val_codes, n_iters)
+    probe = ValidationProbe(name, model, data, n_iters)
+    never = cfg.steps + 1
+    config = TrainingConfig(max_steps=cfg.steps, learning_rate=cfg.learning_rate,
+                            precision=resolve_precision(cfg.precision, device),
+                            log_interval=cfg.eval_every, image_interval=never, val_interval=never,
+                            save_interval=never, seed=cfg.seed, n_iters_per_batch=n_iters)
+    trainer = Trainer(net, PSPLoss(preset.loss), config,
+                      batch_transform=PresetTransform(preset, cfg.encoder_size, train=True), callback=probe)
+    start = time.perf_counter()
+    trainer.fit(epoch_batches(data.train, cfg.batch_size, cfg.seed))
+    train_seconds = time.perf_counter() - start - probe.seconds
+    after = probe.last   # the engine reports its last step whatever the interval
+    assert after is not None and probe.curve[-1]["step"] == cfg.steps
+    result: dict[str, Any] = {
+        "family": spec.family, "encoder_type": spec.encoder_type, "preset": spec.preset,
+        "objective": spec.objective, "loss_weights": dataclasses.asdict(preset.loss),
+        "val_l2_before": before.last["l2"], "val_l2": after.last["l2"],
+        "val_ms_ssim_before": before.last["ms_ssim"], "val_ms_ssim": after.last["ms_ssim"],
+        "latent_mse_before": before.last["latent_mse"], "latent_mse": after.last["latent_mse"],
+        "style_variance_before": before.last["style_variance"], "style_variance": after.last["style_variance"],
+        "images_per_s": cfg.steps * cfg.batch_size / train_seconds, "train_seconds": train_seconds,
+        "curve": [{"step": 0, "train_loss": None, "val_l2_per_iter": [s["l2"] for s in before.per_iter]},
+                  *probe.curve],
+    }
+    if spec.family == "restyle_psp":
+        result["n_iters"] = n_iters
+        for key in ("l2", "ms_ssim"):
+            result[f"val_{key}_before_per_iter"] = [s[key] for s in before.per_iter]
+            result[f"val_{key}_per_iter"] = [s[key] for s in after.per_iter]
+        for key in ("latent_mse", "style_variance"):
+            result[f"{key}_per_iter"] = [s[key] for s in after.per_iter]
+    return result, after
+
+
+@dataclass
+class BenchmarkResult:
+    """The JSON summary and the preview images of each encoder (targets first) for the grid."""
+
+    summary: dict[str, Any]
+    previews: dict[str, list[Tensor]]
+
+
+def run_benchmark(cfg: QualityConfig, workdir: Path) -> BenchmarkResult:
+    """Build the generator and the shards under `workdir`, train and score every encoder of `cfg`."""
+    device = choose_device("auto")
+    start = time.perf_counter()
+    known = known_generator(cfg.size, cfg.seed, cfg.generator)
+    generator_path = write_generator(known, workdir / "generator.pt")
+    data = make_data(known, cfg, workdir)
+    targets = to_images(data.val)
+    baseline = average_image(known.generator, known.latent_avg).expand_as(targets)
+    true_codes = render(known, data.val_codes)
+    summary: dict[str, Any] = {
+        "steps": cfg.steps,
+        "encoders": {},
+        "hardware": hardware(),
+        "command": command_line(),
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()},
+        "training_precision": resolve_precision(cfg.precision, device),
+        "data": {
+            "generator": str(cfg.generator) if cfg.generator else f"seeded random weights (seed {cfg.seed})",
+            "size": cfg.size, "n_styles": known.n_styles, "truncation": TRUNCATION,
+            "codes": "W+ (per-layer mixing of two w)" if cfg.mixing else "W",
+            "affine_scale": known.scale, "affine_shift": known.shift, "clipped_fraction": data.clipped_fraction,
+            "train_images": int(data.train.shape[0]), "val_images": int(data.val.shape[0]),
+            "val_l2_average_image": image_scores(baseline, targets)["l2"],
+            "val_l2_true_codes": image_scores(true_codes, targets)["l2"],
+            "true_style_variance": float(style_variance(data.val_codes).mean()),
+            "seconds": time.perf_counter() - start,
+        },
+    }
+    previews = {"targets": [targets[:PREVIEW_IMAGES]]}
+    for name in cfg.encoders:
+        result, after = train_encoder(name, generator_path, data, cfg, device)
+        summary["encoders"][name] = result
+        previews[name] = after.previews
+        print(result_line(name, result), flush=True)
+    return BenchmarkResult(summary, previews)
+
+
+# ----------------------------------------------------------------------------- reporting
+
+def result_line(name: str, r: dict[str, Any]) -> str:
+    """One table row of an encoder's figures."""
+    return (f"{name:<12} {r['val_l2_before']:>10.4f} {r['val_l2']:>8.4f} {r['val_ms_ssim_before']:>8.3f} "
+            f"{r['val_ms_ssim']:>8.3f} {r['latent_mse']:>10.4f} {r['style_variance']:>10.4f} "
+            f"{r['images_per_s']:>7.2f}")
+
+
+TABLE_HEADER = (f"{'encoder':<12} {'L2 before':>10} {'L2':>8} {'SSIM bef':>8} {'MS-SSIM':>8} {'latent MSE':>10} "
+                f"{'style var':>10} {'img/s':>7}")
+
+
+def write_plot(summary: dict[str, Any], path: Path) -> None:
+    """Validation L2 against training step (every encoder) and against refinement iteration (ReStyle)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    encoders = summary["encoders"]
+    figure, (by_step, by_iter) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name, result in encoders.items():
+        steps = [point["step"] for point in result["curve"]]
+        line, = by_step.plot(steps, [point["val_l2_per_iter"][-1] for point in result["curve"]], marker="o",
+                             label=name if name != "restyle_psp" else f"restyle_psp (iteration {result['n_iters']})")
+        if name == "restyle_psp":
+            by_step.plot(steps, [point["val_l2_per_iter"][0] for point in result["curve"]], linestyle="--",
+                         color=line.get_color(), label="restyle_psp (iteration 1)")
+    baseline = summary["data"]["val_l2_average_image"]
+    for axis in (by_step, by_iter):
+        axis.axhline(baseline, color="gray", linestyle=":", label="average image")
+        axis.set_yscale("log")
+        axis.set_ylabel("validation image L2 (MSE, [-1, 1])")
+    by_step.set_xlabel("optimiser step")
+    by_step.set_title("L2 vs training step")
+    by_step.legend(fontsize=8)
+    if "restyle_psp" in encoders:
+        restyle = encoders["restyle_psp"]
+        iterations = range(1, restyle["n_iters"] + 1)
+        by_iter.plot(iterations, restyle["val_l2_per_iter"], marker="o", label="restyle_psp, trained")
+        by_iter.plot(iterations, restyle["val_l2_before_per_iter"], marker="x", linestyle="--",
+                     label="restyle_psp, untrained")
+        by_iter.set_xticks(list(iterations))
+    for name in ("psp", "e4e"):
+        if name in encoders:
+            by_iter.axhline(encoders[name]["val_l2"], linestyle="-.", label=f"{name} (one pass)",
+                            color="C0" if name == "psp" else "C2")
+    by_iter.set_xlabel("ReStyle refinement iteration")
+    by_iter.set_title(f"L2 vs refinement iteration (after {summary['steps']} steps)")
+    by_iter.legend(fontsize=8)
+    figure.suptitle(f"Inverting a known {summary['data']['size']} px generator: {summary['steps']} steps, "
+                    f"batch {summary['config']['batch_size']}", fontsize=10)
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=110)
+    plt.close(figure)
+
+
+def write_grid(previews: dict[str, list[Tensor]], path: Path) -> None:
+    """Rows: the validation targets, pSp, e4e, then each ReStyle iteration (torchvision's make_grid),
+    labelled; images upscaled 4x (nearest) to be seen."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from torchvision.utils import make_grid
+
+    rows, labels = [], []
+    for name in ("targets", "psp", "e4e", "restyle_psp"):
+        for index, images in enumerate(previews.get(name, [])):
+            rows.append(images)
+            labels.append(name if len(previews[name]) == 1 else f"{name} it {index + 1}")
+    tiles = torch.cat(rows)
+    tiles = F.interpolate((tiles + 1) / 2, scale_factor=4, mode="nearest")
+    grid = make_grid(tiles, nrow=rows[0].shape[0], padding=2, pad_value=1.0)
+    figure, axis = plt.subplots(figsize=(grid.shape[2] / 100 + 1.4, grid.shape[1] / 100 + 0.2))
+    axis.imshow(grid.permute(1, 2, 0).numpy())
+    tile = tiles.shape[-1] + 2
+    axis.set_yticks([2 + tile * i + tile / 2 for i in range(len(labels))], labels)
+    axis.set_xticks([])
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=100)
+    plt.close(figure)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    defaults = QualityConfig()
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="optimiser steps per encoder")
+    parser.add_argument("--size", type=int, default=defaults.size, help="generator output size (16, 32 or 64; a given generator's own)")
+    parser.add_argument("--encoder-size", type=int, default=defaults.encoder_size, help="encoder input size")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--train-images", type=int, default=defaults.train_images)
+    parser.add_argument("--val-images", type=int, default=defaults.val_images)
+    parser.add_argument("--restyle-iters", type=int, default=defaults.restyle_iters,
+                        help="ReStyle iterations per batch in training, and at evaluation")
+    parser.add_argument("--eval-every", type=int, default=defaults.eval_every, help="steps between evaluations")
+    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=defaults.precision,
+                        help="training precision (auto: bf16 where the hardware has it); evaluation runs in fp32")
+    parser.add_argument("--mixing", action="store_true", help="W+ codes: per-layer mixing of two w")
+    parser.add_argument("--generator", type=Path, help="a generator checkpoint {'g_ema', 'latent_avg'} "
+                                                       "instead of seeded random weights")
+    parser.add_argument("--encoders", nargs="+", default=list(defaults.encoders), choices=list(ENCODERS))
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--json", type=Path, required=True, help="where to write the figures (JSON)")
+    parser.add_argument("--plot", type=Path, help="PNG plot: L2 vs step, L2 vs refinement iteration")
+    parser.add_argument("--grid", type=Path, help="PNG grid: targets, pSp, e4e, ReStyle iterations")
+    args = parser.parse_args()
+    try:
+        cfg = QualityConfig(steps=args.steps, size=args.size, encoder_size=args.encoder_size,
+                            batch_size=args.batch_size, train_images=args.train_images,
+                            val_images=args.val_images, restyle_iters=args.restyle_iters,
+                            eval_every=args.eval_every, learning_rate=args.learning_rate,
+                            precision=args.precision, mixing=args.mixing, generator=args.generator,
+                            encoders=tuple(args.encoders), seed=args.seed)
+    except InputError as err:
+        parser.exit(2, f"error: {err}\n")
+    print(f"# {hardware()}\n# {command_line()}")
+    print(TABLE_HEADER, flush=True)
+    with tempfile.TemporaryDirectory(prefix="psp-quality-") as tmp:
+        result = run_benchmark(cfg, Path(tmp))
+    data = result.summary["data"]
+    print(f"# baselines: average image L2 {data['val_l2_average_image']:.4f}, true codes L2 "
+          f"{data['val_l2_true_codes']:.2e} (PNG rounding), clipped {data['clipped_fraction']:.2e}")
+    restyle = result.summary["encoders"].get("restyle_psp")
+    if restyle is not None:
+        print("# restyle_psp L2 per iteration: " + ", ".join(f"{v:.4f}" for v in restyle["val_l2_per_iter"]))
+    write_json_atomic(args.json, result.summary)
+    if args.plot is not None:
+        write_plot(result.summary, args.plot)
+    if args.grid is not None:
+        write_grid(result.previews, args.grid)
+
+
+if __name__ == "__main__":
+    main()

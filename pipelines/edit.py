@@ -1,0 +1,561 @@
+"""`psp edit`: latent edits (InterFaceGAN, GANSpace, SeFa) of the W+ codes `psp invert` wrote, with Ray Data.
+
+Input is invert's output folder: its manifest names the model that made the codes, and each of its
+Parquet files is one unit here. Codes stream through an actor pool that loads the generator once per
+actor and decodes every code at every strength of every direction; the driver writes the edited
+images (PNG) as they arrive and each unit's edited latents (Parquet) once the unit is complete,
+atomically, then one grid per direction. A unit already written for the same model, edits and input
+bytes is skipped, so an interrupted run, rerun, writes each output exactly once.
+
+The codes are decoded by the generator of the model that made them: `edit.model` defaults to the
+invert manifest's `models:/NAME/VERSION`; a manifest naming a checkpoint file (`file:NAME@sha256:...`)
+needs `edit.model` set to that file, which is checked against the recorded hash.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+from pipelines.config import load_section
+from pipelines.io import OUTPUT_MARKER, atomic_path, file_digest, output_folder, write_bytes_atomic, write_json_atomic
+from pipelines.sections import SAFE_NAME, EditConfig, GanspaceParams, InterfaceganParams, SefaParams
+from psp_core import load_psp
+from psp_core.shards import LATENT_TYPE, MODEL_METADATA_KEY, png_bytes
+from psp_core.editing import (
+    FFHQ_DIRECTIONS, FFHQ_N_STYLES, GanspaceEdit, GanspacePCA, InterfaceganEdit, LatentEdit, SefaEdit,
+    load_interfacegan, sefa_directions,
+)
+from psp_core.errors import InputError
+from psp_core.stylegan2 import Generator
+
+if TYPE_CHECKING:   # MLflow is imported only where it is used: the Ray actors import this module too
+    from pipelines.tracking import ResolvedModel
+
+log = logging.getLogger(__name__)
+
+EDIT_EXPERIMENT = "psp-edits"
+EDIT_METADATA_KEY = b"psp.edit"     # the key of the model, edits and input bytes an output file was made for
+SHIPPED_INTERFACEGAN = {name: FFHQ_DIRECTIONS / f"interfacegan_{name}.pt" for name in ("age", "smile", "pose")}
+SHIPPED_GANSPACE = {"ffhq": FFHQ_DIRECTIONS / "ganspace_ffhq_pca.pt"}
+LATENTS, IMAGES, GRIDS = "latents", "images", "grids"
+IMAGE_PATH = re.compile(rf"^{IMAGES}/[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*_[+-][0-9.e+-]+\.png$")
+"""What an image path recorded in an output file looks like (checked before a stale image is removed)."""
+
+
+@dataclass(frozen=True)
+class Direction:
+    """One grid's worth of edits: a named direction, its strengths (grid columns) and the edit applying it."""
+
+    name: str
+    edit: str
+    kind: str
+    index: int | None
+    strengths: tuple[float, ...]
+    latent_edit: LatentEdit
+
+    def moved(self, codes: torch.Tensor) -> torch.Tensor:
+        """W+ codes [N, S, 512] at every strength: [F, N, S, 512]."""
+        return self.latent_edit(codes, self.strengths)
+
+    def image_path(self, image_id: str, column: int) -> str:
+        """The edited image's path in the output folder, named by code id and strength."""
+        return f"{IMAGES}/{self.name}/{image_id}_{self.strengths[column]:+g}.png"
+
+    def describe(self) -> dict[str, Any]:
+        """The direction as the report and manifest list it."""
+        return {"name": self.name, "edit": self.edit, "kind": self.kind, "index": self.index,
+                "strengths": list(self.strengths), "grid": grid_path(self.name)}
+
+
+def grid_path(direction: str) -> str:
+    """A direction's grid in the output folder."""
+    return f"{GRIDS}/{direction}.png"
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One input Parquet file of invert and the edit output file made from it."""
+
+    name: str
+    path: Path
+    ids: tuple[str, ...]   # the codes to edit: variant 0 rows without an error
+    key: str
+
+
+@dataclass(frozen=True)
+class Inversion:
+    """What an invert output folder holds: the model that made the codes and its Parquet files."""
+
+    folder: Path
+    model: str
+    files: tuple[Path, ...]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = ("Starts a local Ray instance unless RAY_ADDRESS is set. Reads invert's output folder; writes into "
+                     "edit.output_dir: images/DIRECTION/ID_STRENGTH.png, latents/UNIT.parquet (id, edit, kind, "
+                     "direction, index, strength, latent [n_styles x 512], image), grids/DIRECTION.png (rows = codes, "
+                     "columns = strengths) and manifest.json; edit.report. The shipped directions (age, smile, pose, "
+                     "ganspace ffhq) fit only the FFHQ 1024 px generator; SeFa fits any.")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_section("edit", EditConfig, args.overrides, args.params)
+    report = edit(cfg)
+    grids = ", ".join(str(cfg.output_dir / d["grid"]) for d in report["directions"][:3])
+    more = f" and {len(report['directions']) - 3} more" if len(report["directions"]) > 3 else ""
+    print(f"edited {report['codes_edited']} codes into {report['images_written']} images "
+          f"({report['units_skipped']} files already done) in {cfg.output_dir}; grids: {grids}{more}")
+    return 0
+
+
+def read_inversion(folder: Path) -> Inversion:
+    """The invert output folder's manifest, checked: the folder is invert's, and every file it lists with
+    rows is there and was written by the manifest's model (a half-rerun inversion is refused)."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"edit.input {folder} not found: run `psp invert` first")
+    try:
+        owner = json.loads((folder / OUTPUT_MARKER).read_text())["stage"]
+        manifest = json.loads((folder / "manifest.json").read_text())
+        model, entries = str(manifest["model"]), [(e["file"], int(e["rows"])) for e in manifest["files"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise InputError(f"edit.input {folder}: not a finished `psp invert` output (no readable manifest.json)") from None
+    if owner != "invert":
+        raise InputError(f"edit.input {folder} is the output folder of `psp {owner}`, not of `psp invert`")
+    files = []
+    for name, rows in entries:
+        path = folder.resolve() / name   # absolute: Ray workers run in other directories
+        if rows == 0:
+            continue
+        if not path.is_file():
+            raise InputError(f"{path}: listed in {folder / 'manifest.json'} but missing; rerun `psp invert`")
+        try:
+            written_by = (pq.read_schema(path).metadata or {}).get(MODEL_METADATA_KEY, b"").decode()
+        except (OSError, pa.ArrowException):
+            raise InputError(f"{path}: not a readable Parquet file; rerun `psp invert`") from None
+        if written_by != model:
+            raise InputError(f"{path} was written by {written_by or 'an unknown model'}, the manifest names {model}: "
+                             "finish `psp invert` first")
+        files.append(path)
+    return Inversion(folder, model, tuple(files))
+
+
+def edit_model(cfg: EditConfig, inversion: Inversion) -> ResolvedModel:
+    """The model whose generator decodes the codes: the one that made them, by reference or checked by hash."""
+    from pipelines.tracking import resolve_model
+
+    if cfg.model is None:
+        if not inversion.model.startswith("models:/"):
+            raise InputError(f"the codes in {inversion.folder} were made by {inversion.model}: set edit.model to that "
+                             "checkpoint file")
+        return resolve_model(inversion.model)
+    model = resolve_model(cfg.model)
+    if model.pinned != inversion.model:
+        raise InputError(f"edit.model {cfg.model} is {model.pinned}, but the codes in {inversion.folder} were made by "
+                         f"{inversion.model}; they decode only with that model's generator")
+    return model
+
+
+def check_codes(inversion: Inversion, n_styles: int) -> None:
+    """Every input file holds W+ codes of the generator's `n_styles` (a mismatched folder is one error naming it)."""
+    for path in inversion.files:
+        schema = pq.read_schema(path)
+        found = schema.field("latent").type if "latent" in schema.names else None
+        styles = set()
+        if found == LATENT_TYPE:
+            styles = set(pc.list_value_length(pq.read_table(path, columns=["latent"]).column("latent")).drop_null().to_pylist())
+        if found != LATENT_TYPE or styles - {n_styles}:
+            raise InputError(f"{path}: latent column of type {found} with {sorted(styles)} styles; the model's "
+                             f"generator takes [{n_styles} x 512] float32 codes")
+
+
+def shipped_or_file(value: str, shipped: dict[str, Path], n_styles: int) -> Path:
+    """A shipped FFHQ direction by name (refused for a generator other than FFHQ's 18-style one), else a file path."""
+    if value not in shipped:
+        return Path(value)
+    path = shipped[value]
+    if n_styles != FFHQ_N_STYLES:
+        raise InputError(f"{path}: an FFHQ direction for the 1024 px generator ({FFHQ_N_STYLES} styles); this model's "
+                         f"generator has {n_styles} styles")
+    return path
+
+
+def build_directions(cfg: EditConfig, generator: Generator, n_styles: int) -> list[Direction]:
+    """Every direction the edits describe, with its files loaded and checked against the model; names unique."""
+    directions: list[Direction] = []
+    for entry in cfg.edits:
+        if isinstance(entry, InterfaceganParams):
+            path = shipped_or_file(entry.direction, SHIPPED_INTERFACEGAN, n_styles)
+            name = entry.name or (entry.direction if entry.direction in SHIPPED_INTERFACEGAN else path.stem)
+            direction = load_interfacegan(path, n_styles)
+            directions.append(Direction(name, name, "interfacegan", None, entry.strengths(), InterfaceganEdit(direction)))
+        elif isinstance(entry, GanspaceParams):
+            path = shipped_or_file(entry.pca, SHIPPED_GANSPACE, n_styles)
+            pca = GanspacePCA.load(path)
+            grouped: dict[tuple[int, int, int], list[float]] = {}
+            for index, start, end, strength in entry.directions:
+                if index >= pca.comp.shape[0]:
+                    raise InputError(f"{path}: has {pca.comp.shape[0]} components, edit.edits asks for pca_index {index}")
+                if end > n_styles:
+                    raise InputError(f"GANSpace entry ({index}, {start}, {end}, {strength}): styles {start}..{end - 1} "
+                                     f"outside the model's 0..{n_styles - 1}")
+                grouped.setdefault((index, start, end), []).append(strength)
+            for (index, start, end), strengths in grouped.items():
+                directions.append(Direction(f"{entry.name}-pc{index}-{start}-{end}", entry.name, "ganspace", index,
+                                            tuple(strengths), GanspaceEdit(pca, index, start, end)))
+        else:
+            assert isinstance(entry, SefaParams)
+            styles = tuple(entry.styles if entry.styles is not None else range(n_styles - 1))
+            _, vectors = sefa_directions(generator, styles)
+            directions.extend(Direction(f"{entry.name}-{k}", entry.name, "sefa", k, entry.strengths(),
+                                        SefaEdit(vectors[k], styles)) for k in range(entry.top_k))
+    for direction in directions:
+        if not re.match(SAFE_NAME, direction.name):
+            raise InputError(f"edit direction name {direction.name!r} is not a usable file name: set the edit's name")
+        labels = {f"{s:+g}" for s in direction.strengths}
+        if len(labels) != len(direction.strengths):
+            raise InputError(f"edit direction {direction.name}: strengths {list(direction.strengths)} repeat (to 6 digits)")
+    names = [d.name for d in directions]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise InputError(f"two edits make a direction named {repeated[0]}: give one of them another name")
+    return directions
+
+
+def edits_key(model_ref: str, cfg: EditConfig) -> str:
+    """Hash of what decides the edited outputs: the model, the edits, the precision of the decode (as
+    resolved on this hardware) and the bytes of every direction file."""
+    from psp_core.devices import resolve_precision
+
+    files = {}
+    for entry in cfg.edits:
+        if isinstance(entry, InterfaceganParams):
+            files[entry.direction] = file_digest(SHIPPED_INTERFACEGAN.get(entry.direction, Path(entry.direction)))
+        elif isinstance(entry, GanspaceParams):
+            files[entry.pca] = file_digest(SHIPPED_GANSPACE.get(entry.pca, Path(entry.pca)))
+    precision = resolve_precision(cfg.precision, "cuda" if cfg.use_gpu else "cpu")
+    value = {"model": model_ref, "edits": [e.model_dump(mode="json") for e in cfg.edits], "files": files,
+             "precision": precision}
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+def plan_units(inversion: Inversion, key: str) -> list[Unit]:
+    """Each input file as a unit: the ids of its codes (variant 0, no error) and its own key (edits + its bytes)."""
+    units = []
+    for path in inversion.files:
+        table = pq.read_table(path, columns=["id", "variant", "error"])
+        keep = pc.and_(pc.equal(table.column("variant"), 0), pc.is_null(table.column("error")))
+        ids = tuple(table.filter(keep).column("id").to_pylist())
+        bad = next((i for i in ids if not re.match(SAFE_NAME, i)), None)
+        if bad is not None:
+            raise InputError(f"{path}: id {bad!r} cannot name an image file")
+        unit_key = hashlib.sha256(f"{key}:{file_digest(path)}".encode()).hexdigest()
+        units.append(Unit(path.stem, path, ids, unit_key))
+    return units
+
+
+def edit(cfg: EditConfig) -> dict[str, Any]:
+    """Run the stage; returns (and writes) the report. The input, the model and every direction are checked
+    before any work; the output folder is one this stage owns (a failed first run leaves none behind)."""
+    inversion = read_inversion(cfg.input)
+    model = edit_model(cfg, inversion)     # pinned to inversion.model from here on
+    net = load_psp(model.checkpoint)
+    check_codes(inversion, net.n_styles)
+    directions = build_directions(cfg, net.decoder, net.n_styles)
+    units = plan_units(inversion, edits_key(inversion.model, cfg))
+    if not any(u.ids for u in units):
+        raise InputError(f"edit.input {cfg.input}: no codes to edit (no image of the inversion has a code)")
+    with output_folder(cfg.output_dir, "edit"):
+        return edit_units(cfg, units, directions, model, inversion.model)
+
+
+def edit_units(cfg: EditConfig, units: list[Unit], directions: list[Direction], model: ResolvedModel,
+               model_ref: str) -> dict[str, Any]:
+    """Edit every unit not yet written for its key, then the grids, manifest, report (and MLflow run)."""
+    from pipelines import raycluster
+
+    out = cfg.output_dir
+    for stale in out.rglob(".*.tmp"):   # left by a run that was killed mid-write
+        stale.unlink()
+    remove_stale_units(out, {u.name for u in units if u.ids})
+    skip = {u.name for u in units if unit_done(out, u)}
+    todo = [u for u in units if u.name not in skip and u.ids]
+    log.info("%d of %d output files to write (%d already done)", len(todo), len(units), len(skip))
+    written, seconds = 0, 0.0
+    if todo:
+        raycluster.connect(cfg.num_actors * cfg.cpus_per_actor)
+        start = time.perf_counter()
+        decodes = sum(len(u.ids) for u in todo) * sum(len(d.strengths) for d in directions)
+        written = write_outputs(cfg, edited(cfg, codes_dataset(todo), directions, model, decodes), todo, directions,
+                                model_ref)
+        seconds = time.perf_counter() - start
+    grid_ids = sorted({i for u in units for i in u.ids})[:cfg.grid_images]
+    grids = write_grids(out, directions, grid_ids, cfg.grid_tile)
+    manifest = {"model": model_ref, "input": str(cfg.input), "directions": [d.describe() for d in directions],
+                "files": [{"file": f"{LATENTS}/{u.name}.parquet", "codes": len(u.ids)} for u in units if u.ids]}
+    if recorded_manifest(out) != manifest:
+        write_json_atomic(out / "manifest.json", manifest)
+    report = {"model": model_ref, "input": str(cfg.input), "output_dir": str(out),
+              "directions": [d.describe() for d in directions], "units": len(units), "units_skipped": len(skip),
+              "codes_edited": sum(len(u.ids) for u in todo), "images_written": written,
+              "grids_written": grids, "seconds": round(seconds, 3),
+              "images_per_s": written / seconds if seconds else 0.0}
+    write_json_atomic(cfg.report, report)
+    if model.version is not None:
+        log_edits(cfg, report)
+    return report
+
+
+def unit_done(out: Path, unit: Unit) -> bool:
+    """Whether a unit's output file exists, was made for this unit's key, and every image it lists is there."""
+    path = out / LATENTS / f"{unit.name}.parquet"
+    if not path.is_file():
+        return False
+    try:
+        if (pq.read_schema(path).metadata or {}).get(EDIT_METADATA_KEY, b"").decode() != unit.key:
+            return False
+        images = pq.read_table(path, columns=["image"]).column("image").to_pylist()
+    except (OSError, pa.ArrowException):
+        return False
+    return all((out / image).is_file() for image in images)
+
+
+def is_ours(path: Path) -> bool:
+    """Whether a Parquet file is an edit output file (its metadata holds the edit key)."""
+    try:
+        return EDIT_METADATA_KEY in (pq.read_schema(path).metadata or {})
+    except (OSError, pa.ArrowException):
+        return False
+
+
+def listed_images(path: Path) -> set[str]:
+    """The images an edit output file of ours lists (none for a file that is unreadable or not ours)."""
+    if not is_ours(path):
+        return set()
+    try:
+        images = pq.read_table(path, columns=["image"]).column("image").to_pylist()
+    except (OSError, pa.ArrowException):
+        return set()
+    return {image for image in images if isinstance(image, str) and IMAGE_PATH.match(image)}
+
+
+def remove_stale_units(out: Path, current: set[str]) -> None:
+    """Output files of units the input no longer has, with the images they list (ours by their metadata)."""
+    for path in sorted((out / LATENTS).glob("*.parquet")):
+        if path.stem not in current and is_ours(path):
+            for image in listed_images(path):
+                (out / image).unlink(missing_ok=True)
+            path.unlink()
+            log.info("removed %s: its input file is gone", path)
+
+
+def codes_dataset(todo: list[Unit]):
+    """A Ray dataset of {unit, id, source_path, latent} rows for the pending units, one block per unit."""
+    import ray
+
+    items = [{"unit": u.name, "path": str(u.path)} for u in todo]
+    return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        read_codes, batch_size=1, batch_format="pyarrow")
+
+
+def read_codes(item: pa.Table) -> pa.Table:
+    """One invert file's codes to edit: variant 0 rows without an error."""
+    unit, path = item.column("unit")[0].as_py(), item.column("path")[0].as_py()
+    table = pq.read_table(path, columns=["id", "source_path", "latent", "variant", "error"])
+    table = table.filter(pc.and_(pc.equal(table.column("variant"), 0), pc.is_null(table.column("error"))))
+    table = table.drop(["variant", "error"])
+    return table.add_column(0, "unit", pa.array([unit] * table.num_rows, pa.string()))
+
+
+def edited(cfg: EditConfig, dataset, directions: list[Direction], model: ResolvedModel, n_images: int):
+    """The dataset mapped through the editing actor pool (`n_images` decodes in all: `compile: auto` decides on them)."""
+    from ray.data import ActorPoolStrategy
+
+    return dataset.map_batches(
+        Editor, fn_constructor_kwargs={"checkpoint": str(model.checkpoint), "directions": directions,
+                                       "batch_size": cfg.batch_size, "use_gpu": cfg.use_gpu,
+                                       "cpus": cfg.cpus_per_actor, "precision": cfg.precision,
+                                       "compile": cfg.compile, "compile_cache": cfg.compile_cache,
+                                       "n_images": n_images // cfg.num_actors},
+        compute=ActorPoolStrategy(size=cfg.num_actors), batch_size=cfg.batch_size, batch_format="pyarrow",
+        num_cpus=cfg.cpus_per_actor, num_gpus=1 if cfg.use_gpu else 0)
+
+
+class Editor:
+    """Ray Data actor: loads the generator once, then edits batches of W+ codes along every direction at
+    every strength and decodes them (stored noise, so an unchanged code gives its reconstruction)."""
+
+    def __init__(self, checkpoint: str, directions: list[Direction], batch_size: int, use_gpu: bool, cpus: float,
+                 precision: str = "fp32", compile: str | bool = False, compile_cache: str | None = None,
+                 n_images: int = 0):
+        from psp_core.inference import InferenceModel
+
+        device = "cuda" if use_gpu else "cpu"
+        if device == "cpu":
+            torch.set_num_threads(max(1, int(cpus)))
+        self.model = InferenceModel.load(checkpoint, None, device, precision, compile, compile_cache, n_images)
+        self.device = self.model.device
+        self.n_styles = self.model.n_styles
+        self.directions = directions
+        self.batch_size = batch_size
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        n, styles = table.num_rows, self.n_styles
+        flat = table.column("latent").combine_chunks().flatten().flatten().to_numpy(zero_copy_only=False)
+        codes = torch.from_numpy(flat.reshape(n, styles, 512).copy()).to(self.device)   # [N, S, 512]
+        ids = table.column("id").to_pylist()
+        parts = []
+        with torch.inference_mode():
+            for direction in self.directions:
+                moved = direction.moved(codes)                                        # [F, N, S, 512]
+                f = len(direction.strengths)
+                assert moved.shape == (f, n, styles, 512), moved.shape
+                latents = moved.reshape(f * n, styles * 512).float().cpu().numpy()
+                rows = pa.array(np.tile(np.arange(n), f))
+                parts.append(pa.table({
+                    "unit": table.column("unit").take(rows), "id": table.column("id").take(rows),
+                    "source_path": table.column("source_path").take(rows),
+                    "edit": pa.array([direction.edit] * (f * n), pa.string()),
+                    "kind": pa.array([direction.kind] * (f * n), pa.string()),
+                    "direction": pa.array([direction.name] * (f * n), pa.string()),
+                    "index": pa.array([direction.index] * (f * n), pa.int32()),
+                    "strength": pa.array(np.repeat(np.asarray(direction.strengths, np.float32), n), pa.float32()),
+                    "latent": pa.FixedSizeListArray.from_arrays(
+                        pa.FixedSizeListArray.from_arrays(pa.array(latents.reshape(-1)), 512), styles),
+                    "image": pa.array([direction.image_path(ids[i], k) for k in range(f) for i in range(n)], pa.string()),
+                    "png": pa.array(self.decode(moved.flatten(0, 1)), pa.binary()),
+                }))
+        return pa.concat_tables(parts)
+
+    def decode(self, codes: torch.Tensor) -> list[bytes]:
+        """W+ codes [M, S, 512] -> PNG bytes of their images, decoded `batch_size` at a time."""
+        pngs = []
+        for start in range(0, codes.shape[0], self.batch_size):
+            images = self.model.decode(codes[start:start + self.batch_size])          # [B, 3, H, W]
+            pngs.extend(png_bytes(image) for image in images)
+        return pngs
+
+
+def write_outputs(cfg: EditConfig, dataset, todo: list[Unit], directions: list[Direction], model_ref: str) -> int:
+    """Stream the results: write each edited image as it arrives and each unit's latents file once all its
+    rows are in; returns the number of images written."""
+    from tqdm import tqdm
+
+    per_code = sum(len(d.strengths) for d in directions)
+    units = {u.name: u for u in todo}
+    expected = {u.name: len(u.ids) * per_code for u in todo}
+    pending: dict[str, list[pa.Table]] = {u.name: [] for u in todo}
+    counts = dict.fromkeys(expected, 0)
+    written = 0
+    with tqdm(total=sum(expected.values()), unit="img", desc="edit") as bar:
+        for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for image, png in zip(batch.column("image").to_pylist(), batch.column("png").to_pylist()):
+                write_bytes_atomic(cfg.output_dir / image, png)
+            written += batch.num_rows
+            bar.update(batch.num_rows)
+            batch = batch.drop(["png"])
+            for unit in set(batch.column("unit").to_pylist()):
+                part = batch.filter(pc.equal(batch.column("unit"), unit))
+                pending[unit].append(part)
+                counts[unit] += part.num_rows
+                if counts[unit] == expected[unit]:
+                    write_unit(cfg.output_dir, units[unit], pending.pop(unit), model_ref)
+    unfinished = [u for u in pending if counts[u] < expected[u]]
+    if unfinished:
+        raise RuntimeError(f"editing ended with incomplete output files: {unfinished[:3]}")
+    return written
+
+
+def write_unit(out: Path, unit: Unit, parts: list[pa.Table], model_ref: str) -> None:
+    """One unit's latents file, rows sorted by (id, direction, strength), model and key in the schema metadata,
+    atomically; then the images an earlier version of the file listed and this one does not are removed."""
+    path = out / LATENTS / f"{unit.name}.parquet"
+    previous = listed_images(path) if path.is_file() else set()
+    table = pa.concat_tables(parts).drop(["unit"]).sort_by(
+        [("id", "ascending"), ("direction", "ascending"), ("strength", "ascending")])
+    table = table.replace_schema_metadata({MODEL_METADATA_KEY: model_ref.encode(), EDIT_METADATA_KEY: unit.key.encode()})
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, row_group_size=100)
+    for image in previous - set(table.column("image").to_pylist()):
+        (out / image).unlink(missing_ok=True)
+
+
+def write_grids(out: Path, directions: list[Direction], ids: list[str], tile: int) -> list[str]:
+    """One grid per direction (rows = `ids`, columns = strengths) from the edited images on disk; a grid is
+    rewritten only when its picture changed, and grids of directions no longer configured are removed.
+    Returns the grids written."""
+    from PIL import Image
+
+    from psp_core.editing import edit_grid
+
+    current = {d.name for d in directions}
+    for old in recorded_directions(out) - current:
+        (out / grid_path(old)).unlink(missing_ok=True)
+    written = []
+    for direction in directions:
+        if not ids:
+            break
+        cells = [[np.asarray(Image.open(out / direction.image_path(i, k)).convert("RGB"))
+                  for k in range(len(direction.strengths))] for i in ids]
+        images = torch.from_numpy(np.stack([np.stack(row) for row in cells])).permute(0, 1, 4, 2, 3)   # [R, C, 3, H, W]
+        buffer = io.BytesIO()
+        edit_grid(images.float() / 127.5 - 1, tile).save(buffer, format="PNG")
+        path = out / grid_path(direction.name)
+        if not path.is_file() or path.read_bytes() != buffer.getvalue():
+            write_bytes_atomic(path, buffer.getvalue())
+            written.append(str(path.relative_to(out)))
+    return written
+
+
+def recorded_manifest(out: Path) -> dict[str, Any] | None:
+    """The output folder's manifest from an earlier run (None when there is none, or it is unreadable)."""
+    try:
+        manifest = json.loads((out / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def recorded_directions(out: Path) -> set[str]:
+    """The direction names an earlier run's manifest lists (their grids are this stage's files)."""
+    try:
+        names = {str(d["name"]) for d in (recorded_manifest(out) or {}).get("directions", [])}
+    except (KeyError, TypeError):
+        return set()
+    return {name for name in names if re.match(SAFE_NAME, name)}
+
+
+def log_edits(cfg: EditConfig, report: dict[str, Any]) -> None:
+    """An MLflow run (experiment `psp-edits`) for edits decoded by a registered model's generator: the edits,
+    the model version, the grids and the report."""
+    import mlflow
+
+    from pipelines import tracking
+
+    experiment_id = tracking.ensure_experiment(EDIT_EXPERIMENT)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"edit-{cfg.input.name}"):
+        settings = cfg.model_dump(mode="json", exclude={"edits", "model"})
+        mlflow.log_params({k: str(v) for k, v in settings.items()} | {"model": report["model"]}
+                          | {f"edit_{i}": json.dumps(e)[:tracking.MLFLOW_PARAM_VALUE_LIMIT]
+                             for i, e in enumerate(cfg.model_dump(mode="json")["edits"])})
+        mlflow.set_tags({"psp.model_version": report["model"], "psp.units_skipped": str(report["units_skipped"]),
+                         "psp.images_written": str(report["images_written"])})
+        mlflow.log_metric("images_per_s", report["images_per_s"])
+        if (cfg.output_dir / GRIDS).is_dir():
+            mlflow.log_artifacts(str(cfg.output_dir / GRIDS), artifact_path=GRIDS)
+        mlflow.log_artifact(str(cfg.report))
+

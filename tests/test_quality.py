@@ -1,0 +1,73 @@
+"""Training learns to invert a known generator: the quality benchmark's own path on a tiny budget.
+
+The generator is frozen and seeded, its samples go through the shard writer and reader, and the
+engine trains pSp and ReStyle-pSp on them (benchmarks/bench_quality.py). Not timed: it asserts what
+was learnt, not how fast.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import bench_quality  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+TINY = bench_quality.QualityConfig(
+    steps=40, size=16, encoder_size=32, batch_size=4, train_images=64, val_images=16, restyle_iters=2,
+    eval_every=40, encoders=("psp", "restyle_psp"))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> bench_quality.BenchmarkResult:
+    return bench_quality.run_benchmark(TINY, tmp_path_factory.mktemp("quality"))
+
+
+def test_the_true_codes_reproduce_the_targets_read_back_from_the_shards(tiny_run):
+    data = tiny_run.summary["data"]
+    assert data["train_images"] == TINY.train_images and data["val_images"] == TINY.val_images
+    assert data["val_l2_true_codes"] < 1e-5          # PNG rounding only: codes and rows line up
+    assert data["val_l2_average_image"] > 100 * data["val_l2_true_codes"]
+    assert data["true_style_variance"] == 0.0        # codes drawn from W
+    assert data["clipped_fraction"] < 1e-3
+
+
+def test_psp_validation_l2_falls_by_at_least_30_percent(tiny_run):
+    psp = tiny_run.summary["encoders"]["psp"]
+    assert psp["val_l2"] <= 0.7 * psp["val_l2_before"], psp["curve"]
+    assert psp["latent_mse"] > 0 and psp["images_per_s"] > 0
+    assert [point["step"] for point in psp["curve"]] == [0, TINY.steps]
+
+
+def test_restyle_refinement_learns_and_its_last_iteration_is_no_worse_than_its_first(tiny_run):
+    restyle = tiny_run.summary["encoders"]["restyle_psp"]
+    per_iter = restyle["val_l2_per_iter"]
+    assert len(per_iter) == TINY.restyle_iters and restyle["val_l2"] == per_iter[-1]
+    assert per_iter[-1] <= per_iter[0], per_iter
+    assert restyle["val_l2"] <= 0.7 * restyle["val_l2_before"], restyle["curve"]
+
+
+def test_plot_and_grid_are_written(tiny_run, tmp_path):
+    bench_quality.write_plot(tiny_run.summary, tmp_path / "plot.png")
+    bench_quality.write_grid(tiny_run.previews, tmp_path / "grid.png")
+    for name in ("plot.png", "grid.png"):
+        assert (tmp_path / name).read_bytes().startswith(b"\x89PNG")
+    rows = 1 + 1 + TINY.restyle_iters                 # targets, pSp, every ReStyle iteration
+    assert sum(len(images) for images in tiny_run.previews.values()) == rows
+    assert all(images.shape == (8, 3, TINY.size, TINY.size)
+               for group in tiny_run.previews.values() for images in group)
+
+
+def test_baked_affine_maps_the_average_image_into_the_headroom():
+    known = bench_quality.known_generator(16, seed=3, checkpoint=None)
+    image = bench_quality.average_image(known.generator, known.latent_avg)
+    assert float(image.mean()) == pytest.approx(0.0, abs=1e-5)
+    assert float(image.abs().max()) == pytest.approx(bench_quality.HEADROOM, abs=1e-4)
+    codes = bench_quality.sample_codes(known, 6, seed=0, mixing=True)
+    assert codes.shape == (6, known.n_styles, 512)
+    assert float(bench_quality.style_variance(codes).mean()) > 0   # W+ codes: layers differ
+    assert torch.equal(bench_quality.sample_codes(known, 6, seed=0, mixing=True), codes)
