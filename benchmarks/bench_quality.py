@@ -320,7 +320,9 @@ class Evaluation:
 
 def evaluate(model: InferenceModel, val: Tensor, codes: Tensor, n_iters: int) -> Evaluation:
     """Invert the validation images with the inference core (ReStyle: `refine`, every iteration kept)
-    and score each iteration's images against the targets at the generator's resolution."""
+    and score each iteration's images against the targets at the generator's resolution. The network
+    is put in eval mode first: the engine leaves it training (BatchNorm on batch statistics)."""
+    model.net.eval()
     targets = to_images(val)
     outputs: list[list[Tensor]] = []
     latents: list[list[Tensor]] = []
