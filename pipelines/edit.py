@@ -5,7 +5,8 @@ Parquet files is one unit here. Codes stream through an actor pool that loads th
 actor and decodes every code at every strength of every direction; the driver writes the edited
 images (PNG) as they arrive and each unit's edited latents (Parquet) once the unit is complete,
 atomically, then one grid per direction. A unit already written for the same model, edits and input
-bytes is skipped, so an interrupted run, rerun, writes each output exactly once.
+bytes is skipped, so an interrupted run, rerun, writes each output exactly once. The input and the output
+folder may be object-store URIs (see pipelines.storage).
 
 The codes are decoded by the generator of the model that made them: `edit.model` defaults to the
 invert manifest's `models:/NAME/VERSION`; a manifest naming a checkpoint file (`file:NAME@sha256:...`)
@@ -19,6 +20,7 @@ import io
 import json
 import logging
 import re
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +32,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from pipelines import storage
 from pipelines.config import load_section
-from pipelines.io import OUTPUT_MARKER, atomic_path, file_digest, output_folder, write_bytes_atomic, write_json_atomic
+from pipelines.io import OUTPUT_MARKER, file_digest, write_json_atomic
 from pipelines.sections import SAFE_NAME, EditConfig, GanspaceParams, InterfaceganParams, SefaParams
 from psp_core import load_psp
 from psp_core.shards import LATENT_TYPE, MODEL_METADATA_KEY, png_bytes
@@ -91,7 +94,7 @@ class Unit:
     """One input Parquet file of invert and the edit output file made from it."""
 
     name: str
-    path: Path
+    path: storage.Location
     ids: tuple[str, ...]   # the codes to edit: variant 0 rows without an error
     key: str
 
@@ -100,9 +103,9 @@ class Unit:
 class Inversion:
     """What an invert output folder holds: the model that made the codes and its Parquet files."""
 
-    folder: Path
+    folder: storage.Location
     model: str
-    files: tuple[Path, ...]
+    files: tuple[storage.Location, ...]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -116,35 +119,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = load_section("edit", EditConfig, args.overrides, args.params)
     report = edit(cfg)
-    grids = ", ".join(str(cfg.output_dir / d["grid"]) for d in report["directions"][:3])
+    grids = ", ".join(str(storage.Location.of(cfg.output_dir) / d["grid"]) for d in report["directions"][:3])
     more = f" and {len(report['directions']) - 3} more" if len(report["directions"]) > 3 else ""
     print(f"edited {report['codes_edited']} codes into {report['images_written']} images "
           f"({report['units_skipped']} files already done) in {cfg.output_dir}; grids: {grids}{more}")
     return 0
 
 
-def read_inversion(folder: Path) -> Inversion:
+def read_inversion(path: str | Path) -> Inversion:
     """The invert output folder's manifest, checked: the folder is invert's, and every file it lists with
     rows is there and was written by the manifest's model (a half-rerun inversion is refused)."""
-    if not folder.is_dir():
+    folder = storage.Location.of(path)
+    if not storage.exists(folder):
         raise FileNotFoundError(f"edit.input {folder} not found: run `psp invert` first")
     try:
-        owner = json.loads((folder / OUTPUT_MARKER).read_text())["stage"]
-        manifest = json.loads((folder / "manifest.json").read_text())
+        owner = json.loads(storage.read_bytes(folder / OUTPUT_MARKER))["stage"]
+        manifest = json.loads(storage.read_bytes(folder / "manifest.json"))
         model, entries = str(manifest["model"]), [(e["file"], int(e["rows"])) for e in manifest["files"]]
     except (OSError, ValueError, KeyError, TypeError):
         raise InputError(f"edit.input {folder}: not a finished `psp invert` output (no readable manifest.json)") from None
     if owner != "invert":
         raise InputError(f"edit.input {folder} is the output folder of `psp {owner}`, not of `psp invert`")
+    root = storage.Location.of(folder.path.resolve()) if folder.is_local else folder   # absolute: for the Ray workers
     files = []
     for name, rows in entries:
-        path = folder.resolve() / name   # absolute: Ray workers run in other directories
+        path = root / name
         if rows == 0:
             continue
-        if not path.is_file():
-            raise InputError(f"{path}: listed in {folder / 'manifest.json'} but missing; rerun `psp invert`")
         try:
-            written_by = (pq.read_schema(path).metadata or {}).get(MODEL_METADATA_KEY, b"").decode()
+            written_by = (read_schema(path).metadata or {}).get(MODEL_METADATA_KEY, b"").decode()
+        except FileNotFoundError:
+            raise InputError(f"{path}: listed in {folder / 'manifest.json'} but missing; rerun `psp invert`") from None
         except (OSError, pa.ArrowException):
             raise InputError(f"{path}: not a readable Parquet file; rerun `psp invert`") from None
         if written_by != model:
@@ -152,6 +157,18 @@ def read_inversion(folder: Path) -> Inversion:
                              "finish `psp invert` first")
         files.append(path)
     return Inversion(folder, model, tuple(files))
+
+
+def read_schema(path: str | storage.Location) -> pa.Schema:
+    """A Parquet file's schema, from a local path or a URI."""
+    filesystem, key = storage.reader_filesystem(path)
+    return pq.read_schema(key, filesystem=filesystem)
+
+
+def read_columns(path: str | storage.Location, columns: list[str]) -> pa.Table:
+    """Some columns of a Parquet file, from a local path or a URI (what the Ray read tasks are given)."""
+    filesystem, key = storage.reader_filesystem(path)
+    return pq.read_table(key, columns=columns, filesystem=filesystem)
 
 
 def edit_model(cfg: EditConfig, inversion: Inversion) -> ResolvedModel:
@@ -173,11 +190,11 @@ def edit_model(cfg: EditConfig, inversion: Inversion) -> ResolvedModel:
 def check_codes(inversion: Inversion, n_styles: int) -> None:
     """Every input file holds W+ codes of the generator's `n_styles` (a mismatched folder is one error naming it)."""
     for path in inversion.files:
-        schema = pq.read_schema(path)
+        schema = read_schema(path)
         found = schema.field("latent").type if "latent" in schema.names else None
         styles = set()
         if found == LATENT_TYPE:
-            styles = set(pc.list_value_length(pq.read_table(path, columns=["latent"]).column("latent")).drop_null().to_pylist())
+            styles = set(pc.list_value_length(read_columns(path, ["latent"]).column("latent")).drop_null().to_pylist())
         if found != LATENT_TYPE or styles - {n_styles}:
             raise InputError(f"{path}: latent column of type {found} with {sorted(styles)} styles; the model's "
                              f"generator takes [{n_styles} x 512] float32 codes")
@@ -257,20 +274,22 @@ def plan_units(inversion: Inversion, key: str) -> list[Unit]:
     """Each input file as a unit: the ids of its codes (variant 0, no error) and its own key (edits + its bytes)."""
     units = []
     for path in inversion.files:
-        table = pq.read_table(path, columns=["id", "variant", "error"])
+        table = read_columns(path, ["id", "variant", "error"])
         keep = pc.and_(pc.equal(table.column("variant"), 0), pc.is_null(table.column("error")))
         ids = tuple(table.filter(keep).column("id").to_pylist())
         bad = next((i for i in ids if not re.match(SAFE_NAME, i)), None)
         if bad is not None:
             raise InputError(f"{path}: id {bad!r} cannot name an image file")
-        unit_key = hashlib.sha256(f"{key}:{file_digest(path)}".encode()).hexdigest()
-        units.append(Unit(path.stem, path, ids, unit_key))
+        unit_key = hashlib.sha256(f"{key}:{storage.digest(path)}".encode()).hexdigest()
+        units.append(Unit(Path(path.name).stem, path, ids, unit_key))
     return units
 
 
 def edit(cfg: EditConfig) -> dict[str, Any]:
     """Run the stage; returns (and writes) the report. The input, the model and every direction are checked
     before any work; the output folder is one this stage owns (a failed first run leaves none behind)."""
+    storage.check_access(cfg.input)
+    storage.check_access(cfg.output_dir, write=True)
     inversion = read_inversion(cfg.input)
     model = edit_model(cfg, inversion)     # pinned to inversion.model from here on
     net = load_psp(model.checkpoint)
@@ -279,20 +298,22 @@ def edit(cfg: EditConfig) -> dict[str, Any]:
     units = plan_units(inversion, edits_key(inversion.model, cfg))
     if not any(u.ids for u in units):
         raise InputError(f"edit.input {cfg.input}: no codes to edit (no image of the inversion has a code)")
-    with output_folder(cfg.output_dir, "edit"):
-        return edit_units(cfg, units, directions, model, inversion.model)
+    with storage.claimed_folder(cfg.output_dir, "edit") as out:
+        return edit_units(cfg, out, units, directions, model, inversion.model)
 
 
-def edit_units(cfg: EditConfig, units: list[Unit], directions: list[Direction], model: ResolvedModel,
-               model_ref: str) -> dict[str, Any]:
-    """Edit every unit not yet written for its key, then the grids, manifest, report (and MLflow run)."""
+def edit_units(cfg: EditConfig, out: storage.Location, units: list[Unit], directions: list[Direction],
+               model: ResolvedModel, model_ref: str) -> dict[str, Any]:
+    """Edit every unit not yet written for its key into the output folder `out`, then the grids, manifest,
+    report (and MLflow run)."""
     from pipelines import raycluster
 
-    out = cfg.output_dir
-    for stale in out.rglob(".*.tmp"):   # left by a run that was killed mid-write
-        stale.unlink()
+    if out.is_local:
+        for stale in out.path.rglob(".*.tmp"):   # left by a run that was killed mid-write
+            stale.unlink()
     remove_stale_units(out, {u.name for u in units if u.ids})
-    skip = {u.name for u in units if unit_done(out, u)}
+    present = set(storage.list_files(out))
+    skip = {u.name for u in units if unit_done(out, u, present)}
     todo = [u for u in units if u.name not in skip and u.ids]
     log.info("%d of %d output files to write (%d already done)", len(todo), len(units), len(skip))
     written, seconds = 0, 0.0
@@ -300,7 +321,7 @@ def edit_units(cfg: EditConfig, units: list[Unit], directions: list[Direction], 
         raycluster.connect(cfg.num_actors * cfg.cpus_per_actor)
         start = time.perf_counter()
         decodes = sum(len(u.ids) for u in todo) * sum(len(d.strengths) for d in directions)
-        written = write_outputs(cfg, edited(cfg, codes_dataset(todo), directions, model, decodes), todo, directions,
+        written = write_outputs(out, edited(cfg, codes_dataset(todo), directions, model, decodes), todo, directions,
                                 model_ref)
         seconds = time.perf_counter() - start
     grid_ids = sorted({i for u in units for i in u.ids})[:cfg.grid_images]
@@ -308,7 +329,7 @@ def edit_units(cfg: EditConfig, units: list[Unit], directions: list[Direction], 
     manifest = {"model": model_ref, "input": str(cfg.input), "directions": [d.describe() for d in directions],
                 "files": [{"file": f"{LATENTS}/{u.name}.parquet", "codes": len(u.ids)} for u in units if u.ids]}
     if recorded_manifest(out) != manifest:
-        write_json_atomic(out / "manifest.json", manifest)
+        storage.write_bytes_atomic(out / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
     report = {"model": model_ref, "input": str(cfg.input), "output_dir": str(out),
               "directions": [d.describe() for d in directions], "units": len(units), "units_skipped": len(skip),
               "codes_edited": sum(len(u.ids) for u in todo), "images_written": written,
@@ -316,50 +337,52 @@ def edit_units(cfg: EditConfig, units: list[Unit], directions: list[Direction], 
               "images_per_s": written / seconds if seconds else 0.0}
     write_json_atomic(cfg.report, report)
     if model.version is not None:
-        log_edits(cfg, report)
+        log_edits(cfg, out, report)
     return report
 
 
-def unit_done(out: Path, unit: Unit) -> bool:
-    """Whether a unit's output file exists, was made for this unit's key, and every image it lists is there."""
-    path = out / LATENTS / f"{unit.name}.parquet"
-    if not path.is_file():
+def unit_done(out: storage.Location, unit: Unit, present: set[str]) -> bool:
+    """Whether a unit's output file exists, was made for this unit's key, and every image it lists is there
+    (`present`: the files in `out`, relative to it)."""
+    name = f"{LATENTS}/{unit.name}.parquet"
+    if name not in present:
         return False
     try:
-        if (pq.read_schema(path).metadata or {}).get(EDIT_METADATA_KEY, b"").decode() != unit.key:
+        if (read_schema(out / name).metadata or {}).get(EDIT_METADATA_KEY, b"").decode() != unit.key:
             return False
-        images = pq.read_table(path, columns=["image"]).column("image").to_pylist()
+        images = read_columns(out / name, ["image"]).column("image").to_pylist()
     except (OSError, pa.ArrowException):
         return False
-    return all((out / image).is_file() for image in images)
+    return all(image in present for image in images)
 
 
-def is_ours(path: Path) -> bool:
+def is_ours(path: storage.Location) -> bool:
     """Whether a Parquet file is an edit output file (its metadata holds the edit key)."""
     try:
-        return EDIT_METADATA_KEY in (pq.read_schema(path).metadata or {})
+        return EDIT_METADATA_KEY in (read_schema(path).metadata or {})
     except (OSError, pa.ArrowException):
         return False
 
 
-def listed_images(path: Path) -> set[str]:
-    """The images an edit output file of ours lists (none for a file that is unreadable or not ours)."""
+def listed_images(path: storage.Location) -> set[str]:
+    """The images an edit output file of ours lists (none for a file that is missing, unreadable or not ours)."""
     if not is_ours(path):
         return set()
     try:
-        images = pq.read_table(path, columns=["image"]).column("image").to_pylist()
+        images = read_columns(path, ["image"]).column("image").to_pylist()
     except (OSError, pa.ArrowException):
         return set()
     return {image for image in images if isinstance(image, str) and IMAGE_PATH.match(image)}
 
 
-def remove_stale_units(out: Path, current: set[str]) -> None:
+def remove_stale_units(out: storage.Location, current: set[str]) -> None:
     """Output files of units the input no longer has, with the images they list (ours by their metadata)."""
-    for path in sorted((out / LATENTS).glob("*.parquet")):
-        if path.stem not in current and is_ours(path):
+    for name in storage.list_files(out / LATENTS):
+        path = out / LATENTS / name
+        if "/" not in name and name.endswith(".parquet") and Path(name).stem not in current and is_ours(path):
             for image in listed_images(path):
-                (out / image).unlink(missing_ok=True)
-            path.unlink()
+                storage.delete_file(out / image)
+            storage.delete_file(path)
             log.info("removed %s: its input file is gone", path)
 
 
@@ -375,7 +398,7 @@ def codes_dataset(todo: list[Unit]):
 def read_codes(item: pa.Table) -> pa.Table:
     """One invert file's codes to edit: variant 0 rows without an error."""
     unit, path = item.column("unit")[0].as_py(), item.column("path")[0].as_py()
-    table = pq.read_table(path, columns=["id", "source_path", "latent", "variant", "error"])
+    table = read_columns(path, ["id", "source_path", "latent", "variant", "error"])
     table = table.filter(pc.and_(pc.equal(table.column("variant"), 0), pc.is_null(table.column("error"))))
     table = table.drop(["variant", "error"])
     return table.add_column(0, "unit", pa.array([unit] * table.num_rows, pa.string()))
@@ -450,9 +473,9 @@ class Editor:
         return pngs
 
 
-def write_outputs(cfg: EditConfig, dataset, todo: list[Unit], directions: list[Direction], model_ref: str) -> int:
-    """Stream the results: write each edited image as it arrives and each unit's latents file once all its
-    rows are in; returns the number of images written."""
+def write_outputs(out: storage.Location, dataset, todo: list[Unit], directions: list[Direction], model_ref: str) -> int:
+    """Stream the results into `out`: write each edited image as it arrives and each unit's latents file once
+    all its rows are in; returns the number of images written."""
     from tqdm import tqdm
 
     per_code = sum(len(d.strengths) for d in directions)
@@ -464,7 +487,7 @@ def write_outputs(cfg: EditConfig, dataset, todo: list[Unit], directions: list[D
     with tqdm(total=sum(expected.values()), unit="img", desc="edit") as bar:
         for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
             for image, png in zip(batch.column("image").to_pylist(), batch.column("png").to_pylist()):
-                write_bytes_atomic(cfg.output_dir / image, png)
+                storage.write_bytes_atomic(out / image, png)
             written += batch.num_rows
             bar.update(batch.num_rows)
             batch = batch.drop(["png"])
@@ -473,29 +496,29 @@ def write_outputs(cfg: EditConfig, dataset, todo: list[Unit], directions: list[D
                 pending[unit].append(part)
                 counts[unit] += part.num_rows
                 if counts[unit] == expected[unit]:
-                    write_unit(cfg.output_dir, units[unit], pending.pop(unit), model_ref)
+                    write_unit(out, units[unit], pending.pop(unit), model_ref)
     unfinished = [u for u in pending if counts[u] < expected[u]]
     if unfinished:
         raise RuntimeError(f"editing ended with incomplete output files: {unfinished[:3]}")
     return written
 
 
-def write_unit(out: Path, unit: Unit, parts: list[pa.Table], model_ref: str) -> None:
+def write_unit(out: storage.Location, unit: Unit, parts: list[pa.Table], model_ref: str) -> None:
     """One unit's latents file, rows sorted by (id, direction, strength), model and key in the schema metadata,
     atomically; then the images an earlier version of the file listed and this one does not are removed."""
     path = out / LATENTS / f"{unit.name}.parquet"
-    previous = listed_images(path) if path.is_file() else set()
+    previous = listed_images(path)
     table = pa.concat_tables(parts).drop(["unit"]).sort_by(
         [("id", "ascending"), ("direction", "ascending"), ("strength", "ascending")])
     table = table.replace_schema_metadata({MODEL_METADATA_KEY: model_ref.encode(), EDIT_METADATA_KEY: unit.key.encode()})
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, row_group_size=100)
+    with storage.atomic_output(path) as stream:
+        pq.write_table(table, stream, row_group_size=100)
     for image in previous - set(table.column("image").to_pylist()):
-        (out / image).unlink(missing_ok=True)
+        storage.delete_file(out / image)
 
 
-def write_grids(out: Path, directions: list[Direction], ids: list[str], tile: int) -> list[str]:
-    """One grid per direction (rows = `ids`, columns = strengths) from the edited images on disk; a grid is
+def write_grids(out: storage.Location, directions: list[Direction], ids: list[str], tile: int) -> list[str]:
+    """One grid per direction (rows = `ids`, columns = strengths) from the edited images written; a grid is
     rewritten only when its picture changed, and grids of directions no longer configured are removed.
     Returns the grids written."""
     from PIL import Image
@@ -504,33 +527,37 @@ def write_grids(out: Path, directions: list[Direction], ids: list[str], tile: in
 
     current = {d.name for d in directions}
     for old in recorded_directions(out) - current:
-        (out / grid_path(old)).unlink(missing_ok=True)
+        storage.delete_file(out / grid_path(old))
     written = []
     for direction in directions:
         if not ids:
             break
-        cells = [[np.asarray(Image.open(out / direction.image_path(i, k)).convert("RGB"))
-                  for k in range(len(direction.strengths))] for i in ids]
+        paths = [[out / direction.image_path(i, k) for k in range(len(direction.strengths))] for i in ids]
+        cells = [[np.asarray(Image.open(io.BytesIO(storage.read_bytes(p))).convert("RGB")) for p in row] for row in paths]
         images = torch.from_numpy(np.stack([np.stack(row) for row in cells])).permute(0, 1, 4, 2, 3)   # [R, C, 3, H, W]
         buffer = io.BytesIO()
         edit_grid(images.float() / 127.5 - 1, tile).save(buffer, format="PNG")
         path = out / grid_path(direction.name)
-        if not path.is_file() or path.read_bytes() != buffer.getvalue():
-            write_bytes_atomic(path, buffer.getvalue())
-            written.append(str(path.relative_to(out)))
+        try:
+            unchanged = storage.read_bytes(path) == buffer.getvalue()
+        except OSError:
+            unchanged = False
+        if not unchanged:
+            storage.write_bytes_atomic(path, buffer.getvalue())
+            written.append(grid_path(direction.name))
     return written
 
 
-def recorded_manifest(out: Path) -> dict[str, Any] | None:
+def recorded_manifest(out: storage.Location) -> dict[str, Any] | None:
     """The output folder's manifest from an earlier run (None when there is none, or it is unreadable)."""
     try:
-        manifest = json.loads((out / "manifest.json").read_text())
+        manifest = json.loads(storage.read_bytes(out / "manifest.json"))
     except (OSError, ValueError):
         return None
     return manifest if isinstance(manifest, dict) else None
 
 
-def recorded_directions(out: Path) -> set[str]:
+def recorded_directions(out: storage.Location) -> set[str]:
     """The direction names an earlier run's manifest lists (their grids are this stage's files)."""
     try:
         names = {str(d["name"]) for d in (recorded_manifest(out) or {}).get("directions", [])}
@@ -539,15 +566,15 @@ def recorded_directions(out: Path) -> set[str]:
     return {name for name in names if re.match(SAFE_NAME, name)}
 
 
-def log_edits(cfg: EditConfig, report: dict[str, Any]) -> None:
+def log_edits(cfg: EditConfig, out: storage.Location, report: dict[str, Any]) -> None:
     """An MLflow run (experiment `psp-edits`) for edits decoded by a registered model's generator: the edits,
-    the model version, the grids and the report."""
+    the model version, the grids (of `out`, copied through a local folder) and the report."""
     import mlflow
 
     from pipelines import tracking
 
     experiment_id = tracking.ensure_experiment(EDIT_EXPERIMENT)
-    with mlflow.start_run(experiment_id=experiment_id, run_name=f"edit-{cfg.input.name}"):
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"edit-{storage.Location.of(cfg.input).name}"):
         settings = cfg.model_dump(mode="json", exclude={"edits", "model"})
         mlflow.log_params({k: str(v) for k, v in settings.items()} | {"model": report["model"]}
                           | {f"edit_{i}": json.dumps(e)[:tracking.MLFLOW_PARAM_VALUE_LIMIT]
@@ -555,7 +582,9 @@ def log_edits(cfg: EditConfig, report: dict[str, Any]) -> None:
         mlflow.set_tags({"psp.model_version": report["model"], "psp.units_skipped": str(report["units_skipped"]),
                          "psp.images_written": str(report["images_written"])})
         mlflow.log_metric("images_per_s", report["images_per_s"])
-        if (cfg.output_dir / GRIDS).is_dir():
-            mlflow.log_artifacts(str(cfg.output_dir / GRIDS), artifact_path=GRIDS)
+        with tempfile.TemporaryDirectory() as grids:
+            for name in storage.list_files(out / GRIDS):
+                (Path(grids) / name).write_bytes(storage.read_bytes(out / GRIDS / name))
+            mlflow.log_artifacts(grids, artifact_path=GRIDS)
         mlflow.log_artifact(str(cfg.report))
 

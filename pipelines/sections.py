@@ -299,14 +299,14 @@ EditEntry = typing.Annotated[InterfaceganParams | GanspaceParams | SefaParams, F
 class EditConfig(StageConfig):
     """`edit`: InterFaceGAN / GANSpace / SeFa edits of invert's W+ codes with Ray Data."""
 
-    input: Path = Field(Path("data/latents"), description="invert's output folder (manifest.json + Parquet)")
+    input: DataPath = Field(Path("data/latents"), description="invert's output folder (manifest.json + Parquet)")
     model: str | None = Field(None, description="null: the models:/NAME/VERSION that made the codes (the invert "
                                                  "manifest's); a .pt file when invert ran on a file (checked by hash)")
     edits: list[EditEntry] = Field(
         default_factory=lambda: [SefaParams(kind="sefa")], min_length=1,
         description="list of {kind: interfacegan, direction, start, end, steps} | {kind: ganspace, pca, "
                     "directions: [[pca_index, start, end, strength], ...]} | {kind: sefa, styles, top_k, start, end, steps}")
-    output_dir: Path = Field(Path("data/edits"), description="edited images, latents, grids, manifest (a new or own folder)")
+    output_dir: DataPath = Field(Path("data/edits"), description="edited images, latents, grids, manifest (a new or own folder)")
     report: Path = Field(Path("reports/edit.json"), description="counts, speed, directions and grid files")
     batch_size: int = Field(8, ge=1, description="codes per actor call (each decoded at every strength)")
     num_actors: int = Field(1, ge=1, description="Ray Data actors, each holding the generator")

@@ -341,6 +341,19 @@ def _read_whole_object(fs: pafs.FileSystem, key: str) -> bytes:
     raise OSError(f"{key} kept changing while it was read ({READ_ATTEMPTS} tries)")
 
 
+def digest(path: str | Path | Location) -> str:
+    """Hex SHA-256 of a file's bytes, read in chunks (a local file by `pipelines.io.file_digest`)."""
+    location = Location.of(path)
+    if location.is_local:
+        return file_digest(location.path)
+    fs, key = location.filesystem()
+    hashed = hashlib.sha256()
+    with fs.open_input_stream(key) as source:
+        for chunk in iter(lambda: source.read(1 << 22), b""):
+            hashed.update(chunk)
+    return hashed.hexdigest()
+
+
 def open_input_file(path: str | Path | Location) -> Any:
     """A seekable binary file (what `pyarrow.parquet.ParquetFile` and `torch.load` read)."""
     location = Location.of(path)

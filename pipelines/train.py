@@ -416,9 +416,10 @@ class RayTrainer(Trainer):
         metrics = super().validate(batches)
         if dist.is_available() and dist.is_initialized():
             names = sorted(metrics)
-            values = torch.tensor([metrics[n] for n in names], dtype=torch.float64)
+            # on the training device: NCCL (the GPU backend) reduces only CUDA tensors, gloo CPU ones
+            values = torch.tensor([metrics[n] for n in names], dtype=torch.float64, device=self.device)
             dist.all_reduce(values)
-            metrics = dict(zip(names, (values / dist.get_world_size()).tolist()))
+            metrics = dict(zip(names, (values / dist.get_world_size()).cpu().tolist()))
         self.last_metrics = {**self.last_metrics, **{f"val_{k}": v for k, v in metrics.items()}}
         return metrics
 

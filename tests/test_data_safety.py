@@ -571,3 +571,8 @@ def test_a_stopped_invert_leaves_no_ray_process_and_reruns_write_only_the_rest(t
     assert report["units_skipped"] == len(after_kill) and report["images_written"] == 48 - 3 * len(after_kill)
     final = files()
     assert len(final) == 16 and all(final[name] == value for name, value in after_kill.items())
+    ids = lambda path: [r["id"] for r in pq.read_table(path, columns=["id"]).to_pylist()]  # noqa: E731
+    for shard in (tmp_path / "shards").glob("*.parquet"):   # each output file holds its shard's rows, once each
+        written = ids(tmp_path / "latents" / shard.name)
+        assert sorted(set(written)) == sorted(ids(shard)) and len(written) == 3 * len(set(written)), shard.name
+    assert not list((tmp_path / "latents").glob(".*.tmp"))

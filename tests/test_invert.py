@@ -1,12 +1,8 @@
-"""`psp invert`: Ray Data batch inversion, its outputs, and resuming after a kill."""
+"""`psp invert`: Ray Data batch inversion and its outputs (stopping and resuming: tests/test_data_safety.py)."""
 from __future__ import annotations
 
 import io
-import json
-import os
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +13,6 @@ import yaml
 from PIL import Image
 
 from pipeline_helpers import PSP, check_mixed_variants, clean_env, make_shards, per_image_metrics, reference_lpips
-from pipelines.shard import ShardConfig, write_shards
 from psp_core import PSP as PSPNet
 from psp_core import PSPArchitecture, load_psp, save_psp
 from psp_core.presets import PresetTransform, get_preset
@@ -88,49 +83,6 @@ def test_latents_decode_to_the_reconstruction_and_variants_mix(tmp_path, model_f
     stored = np.asarray(Image.open(io.BytesIO(row["reconstruction"])), dtype=np.int16)
     ours = ((decoded[0].clamp(-1, 1) + 1) * 127.5).round().permute(1, 2, 0).numpy().astype(np.int16)
     assert np.abs(stored - ours).max() <= 1, "a variant's image is its mixed code decoded"
-
-
-def test_killed_inversion_resumes_without_duplicates(tmp_path, model_file):
-    folder = tmp_path / "aligned"
-    make_shards(tmp_path, images=30)
-    write_shards(ShardConfig(input_dir=str(folder), output_dir=str(tmp_path / "shards"),
-                             report=str(tmp_path / "shard.json"), rows_per_shard=3, test_fraction=0.2))
-    write_invert_params(tmp_path, model_file, batch_size=1)
-    proc = subprocess.Popen([PSP, "invert"], cwd=tmp_path, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    out = tmp_path / "latents"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None and not list(out.glob("*.parquet")):
-        time.sleep(0.01)
-    assert proc.poll() is None, "the run ended before it could be interrupted"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    partial = sorted(p.name for p in out.glob("*.parquet"))
-    assert 1 <= len(partial) < 10
-    finished = {}
-    for name in partial:
-        pq.read_table(out / name)        # every file under its final name is complete
-        finished[name] = ((out / name).read_bytes(), (out / name).stat().st_mtime_ns)
-    shards = {p.stem: p for p in (tmp_path / "shards").glob("*.parquet")}
-    missing = sorted(set(shards) - {Path(name).stem for name in partial})
-    missing_ids = {r["id"] for stem in missing for r in pq.read_table(shards[stem], columns=["id"]).to_pylist()}
-    done = subprocess.run([PSP, "invert"], cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert f"{len(partial)} files already done" in done.stdout
-    for name, (data, mtime) in finished.items():   # the finished files are left exactly as they were
-        assert (out / name).read_bytes() == data and (out / name).stat().st_mtime_ns == mtime, name
-    report = json.loads((tmp_path / "reports" / "invert.json").read_text())
-    assert report["units_skipped"] == len(partial)
-    assert report["images_written"] == len(missing_ids), "the rerun inverts exactly the rows still missing"
-    for stem in missing:                               # each missing file now holds its shard's rows
-        written = {r["id"] for r in pq.read_table(out / f"{stem}.parquet", columns=["id"]).to_pylist()}
-        assert written == {r["id"] for r in pq.read_table(shards[stem], columns=["id"]).to_pylist()}, stem
-    rows = read_outputs(out)
-    ids = [r["id"] for r in rows]
-    shard_ids = {r["id"] for r in pq.read_table(sorted((tmp_path / "shards").glob("*.parquet"))).to_pylist()}
-    assert len(ids) == len(set(ids)) == len(shard_ids) == 30
-    assert set(ids) == shard_ids
-    assert not list(out.glob(".*.tmp"))
 
 
 def test_imported_parity_checkpoint_inverts_through_ray_data(tmp_path):

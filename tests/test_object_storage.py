@@ -1,11 +1,12 @@
 """Object storage end to end, against a real S3 server (SeaweedFS, tests/s3_server.py): `psp shard` into a
 bucket, `psp train` on a 2-node Ray cluster whose nodes share nothing but the bucket (shards, generator
 weights, checkpoints; a worker killed and the run resumed from its S3 checkpoint), MLflow artifacts in the
-bucket, `psp invert` from the bucket into the bucket, a DVC remote on the bucket, and the one-line errors
-of a wrong secret key and a missing bucket."""
+bucket, `psp invert` and `psp edit` from the bucket into the bucket, a DVC remote on the bucket, and the
+one-line errors of a wrong secret key, a missing bucket and a missing input."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -19,17 +20,22 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import psutil
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from pipeline_helpers import PSP, TINY_TRAIN, clean_env, face_like_png, free_port, run_psp
 from pipelines import storage
+from pipelines.cli import main
 from pipelines.lineage import WEIGHTS_TAG_PREFIX
 from pipelines.sections import TrainConfig
 from pipelines.shard import ShardConfig, write_shards
+from psp_core import load_psp
 from psp_core.psp import PSP as PSPNet
+from test_edit import UNITS, model_file, registered, write_edit_params, write_inversion  # noqa: F401 (fixtures)
 
 MAX_STEPS, SAVE_INTERVAL = 8, 4
 SMALL_MODEL = {"encoder_type": "BackboneEncoderUsingLastLayerIntoW", "train_decoder": False}
@@ -70,6 +76,58 @@ def test_data_path_settings_keep_uris_and_refuse_credentials():
     with pytest.raises(ValueError, match="credentials and options do not go in a URI") as err:
         TrainConfig(shards="s3://AKIAKEY:secret@bucket/shards")
     assert "AKIAKEY:secret" not in str(err.value).split("input_value")[0]
+
+
+@pytest.mark.slow
+def test_edit_reads_and_writes_a_bucket(tmp_path, s3_server, model_file, registered, monkeypatch, capsys):  # noqa: F811
+    """`psp edit` of an inversion in the bucket into the bucket: latents, images, grids and manifest there, the
+    grids in MLflow; a rerun skips every unit and writes nothing; a missing input is one line."""
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    bucket = f"s3://{s3_server.bucket}/edit"
+    codes = write_inversion(tmp_path / "inversion", load_psp(model_file), "models:/psp-encoder/1")
+    for path in (tmp_path / "inversion").iterdir():
+        storage.write_bytes_atomic(f"{bucket}/latents/{path.name}", path.read_bytes())
+    write_edit_params(tmp_path, input=f"{bucket}/latents", output_dir=f"{bucket}/edits",
+                      edits=[{"kind": "sefa", "top_k": 2, "start": -3.0, "end": 3.0, "steps": 3}])
+    env = {**s3_server.env(), **registered}
+
+    done = run_psp(["edit"], tmp_path, env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = f"{bucket}/edits"
+    names = storage.list_files(out)
+    assert [n for n in names if n.startswith("latents/")] == [f"latents/{u}.parquet" for u in sorted(UNITS)]
+    assert [n for n in names if n.startswith("grids/")] == ["grids/sefa-0.png", "grids/sefa-1.png"]
+    assert "manifest.json" in names and storage.exists(f"{out}/.psp-output.json")
+    rows = [row for n in names if n.startswith("latents/")
+            for row in pq.read_table(io.BytesIO(storage.read_bytes(f"{out}/{n}"))).to_pylist()]
+    assert len(rows) == len(codes) * 6 and {r["id"] for r in rows} == set(codes)
+    assert sorted(r["image"] for r in rows) == [n for n in names if n.startswith("images/")]
+    assert Image.open(io.BytesIO(storage.read_bytes(f"{out}/{rows[0]['image']}"))).size == (16, 16)
+    assert Image.open(io.BytesIO(storage.read_bytes(f"{out}/grids/sefa-0.png"))).size == (3 * 34 + 2, 4 * 34 + 2)
+    client = mlflow.MlflowClient(tracking_uri=registered["MLFLOW_TRACKING_URI"])
+    run = client.search_runs([client.get_experiment_by_name("psp-edits").experiment_id])[0]
+    assert sorted(a.path for a in client.list_artifacts(run.info.run_id, "grids")) == ["grids/sefa-0.png", "grids/sefa-1.png"]
+
+    before = objects(out)
+    again = run_psp(["edit"], tmp_path, env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    report = json.loads((tmp_path / "reports" / "edit.json").read_text())
+    assert report["units_skipped"] == len(UNITS) and report["images_written"] == 0 and report["grids_written"] == []
+    assert objects(out) == before, "a rerun writes nothing"
+
+    write_edit_params(tmp_path, input=f"{bucket}/no-such-latents", output_dir=f"{bucket}/edits-2")
+    assert main(["edit", "--params", str(tmp_path / "params.yaml")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == f"psp edit: error: cannot access {bucket}/no-such-latents: no such file or folder", error
+    assert not storage.exists(f"{bucket}/edits-2")
+
+
+def objects(uri: str) -> dict[str, tuple[int, int]]:
+    """Every object under `uri` (hidden ones too) with its size and modification time."""
+    fs, key = storage.Location.of(uri).filesystem()
+    return {i.path: (i.size, i.mtime_ns) for i in fs.get_file_info(pafs.FileSelector(key, recursive=True))
+            if i.type == pafs.FileType.File}
 
 
 @pytest.mark.slow
@@ -131,6 +189,7 @@ def run_stages(driver: Path, head: Path, worker_node: Path, bucket: str, s3_serv
     check_latents(f"{bucket}/latents", manifest, bucket, f"models:/psp-encoder/{version.version}")
     for folder in (driver, head, worker_node):
         assert not (folder / "ray_results").exists() and not (folder / "data").exists(), "data went to a local folder"
+        assert not (folder / "mlflow").exists(), "with MLFLOW_TRACKING_URI set nothing goes to a local store"
 
 
 def check_training(client: mlflow.MlflowClient, killed_at: float, restarted_at: float, bucket: str,

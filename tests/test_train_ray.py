@@ -1,5 +1,6 @@
-"""`psp train` for real: local Ray with 2 DDP workers, a killed worker, a 2-node cluster, an
-`mlflow server` process, and the registered model loading back."""
+"""`psp train` for real: local Ray with 2 DDP workers, a killed worker and a killed driver, the registered
+model loading back, and `psp submit` to a Ray head. (Two nodes tracked by an `mlflow server`:
+tests/test_object_storage.py.)"""
 from __future__ import annotations
 
 import json
@@ -8,7 +9,6 @@ import signal
 import sqlite3
 import subprocess
 import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -194,52 +194,6 @@ def test_two_workers_survive_a_killed_worker_and_a_killed_driver_and_register(tm
     assert again.returncode == 0, again.stderr[-3000:]
     assert len(finished_runs(uri)) == 1
     assert len(client.search_model_versions("name='psp-encoder'")) == 1
-
-
-@pytest.fixture
-def mlflow_server(tmp_path):
-    """A real `mlflow server` on 127.0.0.1 with its own SQLite store and artifact folder."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [str(Path(PSP).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(120):
-            try:
-                if urllib.request.urlopen(f"{url}/health", timeout=1).status == 200:
-                    break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            raise RuntimeError("mlflow server did not start")
-        yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
-
-
-def test_two_node_cluster_with_mlflow_server(tmp_path, mlflow_server):
-    """One worker on each node of a 2-node Ray cluster, tracked by a real MLflow server."""
-    from ray.cluster_utils import Cluster
-
-    make_shards(tmp_path)
-    write_params(tmp_path, max_steps=4, save_interval=2, val_interval=2, placement_strategy="SPREAD")
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
-    cluster.add_node(num_cpus=2)
-    try:
-        done = run_psp(["train"], tmp_path, env={"RAY_ADDRESS": cluster.address, "MLFLOW_TRACKING_URI": mlflow_server})
-    finally:
-        cluster.shutdown()
-    assert done.returncode == 0, done.stderr[-4000:]
-    runs = finished_runs(mlflow_server)
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    assert runs[0].data.tags["psp.nodes"] == "2"
-    assert not (tmp_path / "mlflow").exists(), "with MLFLOW_TRACKING_URI set nothing goes to the local store"
-    client = mlflow.MlflowClient(mlflow_server, registry_uri=mlflow_server)
-    assert client.get_model_version_by_alias("psp-encoder", "candidate").run_id == runs[0].info.run_id
 
 
 def stop_ray_instance(temp_dir: Path, gcs_port: int, started: float) -> None:
