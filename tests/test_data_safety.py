@@ -541,12 +541,12 @@ def test_a_stopped_invert_leaves_no_ray_process_and_reruns_write_only_the_rest(t
 
     faces = tmp_path / "faces"
     faces.mkdir()
-    for seed in range(48):
+    for seed in range(30):
         (faces / f"face{seed:02d}.png").write_bytes(face_like_png(seed))
     write_shards(ShardConfig(input_dir=str(faces), output_dir=str(tmp_path / "shards"),
                              report=str(tmp_path / "shard.json"), rows_per_shard=3, test_fraction=0.0))
     torch.manual_seed(0)
-    # a 128 px generator and two style-mixed variants: ~0.1 s an image, so each stop lands mid-way
+    # a 128 px generator and two style-mixed variants: ~0.1 s an image, so the stop lands mid-way
     save_psp(build_psp(PSPArchitecture(output_size=128, encoder_input_size=64), mean_latent_samples=64),
              tmp_path / "model.pt")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"invert": {
@@ -555,22 +555,20 @@ def test_a_stopped_invert_leaves_no_ray_process_and_reruns_write_only_the_rest(t
     files = lambda: {p.name: (p.read_bytes(), p.stat().st_mtime_ns)  # noqa: E731
                      for p in (tmp_path / "latents").glob("shard-*.parquet")}
 
+    # SIGTERM with Ray running (SIGKILL and the reaper: tests/test_train_ray.py kills a training driver)
     stderr = stop_invert_midway(tmp_path, signal.SIGTERM, at_least=2)
     assert stderr.rstrip().splitlines()[-1] == "psp invert: terminated; finished work is kept and a rerun resumes"
-    after_term = files()
-    assert 2 <= len(after_term) < 16
-
-    stop_invert_midway(tmp_path, signal.SIGKILL, at_least=len(after_term) + 2)   # the reaper's case
-    after_kill = files()
-    assert len(after_term) < len(after_kill) < 16
-    assert all(after_kill[name] == value for name, value in after_term.items())
+    after_stop = files()
+    assert 2 <= len(after_stop) < 10
+    for name in after_stop:   # every file under its final name is complete
+        pq.read_table(tmp_path / "latents" / name)
 
     result = subprocess.run([PSP_CLI, "invert"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "invert.json").read_text())
-    assert report["units_skipped"] == len(after_kill) and report["images_written"] == 48 - 3 * len(after_kill)
+    assert report["units_skipped"] == len(after_stop) and report["images_written"] == 30 - 3 * len(after_stop)
     final = files()
-    assert len(final) == 16 and all(final[name] == value for name, value in after_kill.items())
+    assert len(final) == 10 and all(final[name] == value for name, value in after_stop.items())
     ids = lambda path: [r["id"] for r in pq.read_table(path, columns=["id"]).to_pylist()]  # noqa: E731
     for shard in (tmp_path / "shards").glob("*.parquet"):   # each output file holds its shard's rows, once each
         written = ids(tmp_path / "latents" / shard.name)
