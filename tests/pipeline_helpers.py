@@ -5,13 +5,19 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 import yaml
 from PIL import Image
 
 from pipelines.shard import ShardConfig, write_shards
+from psp_core import PSPArchitecture, build_psp
+from psp_core.psp import PSP as PSPNetwork
 
 PSP = str(Path(sys.executable).parent / "psp")
 
@@ -151,3 +157,33 @@ def check_mixed_variants(net, rows: list[dict], mask: list[int], alpha: float | 
             checked += 1
         assert all(not torch.allclose(a, b) for i, a in enumerate(codes) for b in codes[i + 1:])
     return checked
+
+
+def noisy_psp(arch: PSPArchitecture) -> PSPNetwork:
+    """A random pSp (seed 0) whose noise strengths are non-zero, so every training step draws from the
+    global RNG (what exact-resume tests must restore)."""
+    torch.manual_seed(0)
+    net = build_psp(arch, mean_latent_samples=1000)
+    for name, p in net.decoder.named_parameters():
+        if name.endswith("noise.weight"):
+            p.data.fill_(0.05)
+    return net
+
+
+def smooth_images(n: int, seed: int) -> torch.Tensor:
+    """Low-frequency images [n, 3, 256, 256] in [0, 1] that a 16 px generator can approach."""
+    g = torch.Generator().manual_seed(seed)
+    return F.interpolate(torch.rand(n, 3, 4, 4, generator=g), size=256, mode="bicubic").clamp(0, 1)
+
+
+def wait_until(condition: Callable[[], Any], proc: subprocess.Popen, timeout: float, what: str, log: Path) -> Any:
+    """Poll `condition()` until it is truthy and return its value; fail if the `psp train` process `proc`
+    ends or the time runs out first (with the end of its `log`)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = condition()
+        if value:
+            return value
+        assert proc.poll() is None, f"psp train ended (exit {proc.returncode}) before {what}: {log.read_text()[-3000:]}"
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}: {log.read_text()[-3000:]}")

@@ -12,7 +12,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from psp_core import PSPArchitecture, build_psp, load_psp
+from pipeline_helpers import noisy_psp, smooth_images
+from psp_core import PSPArchitecture, load_psp
 from psp_core.engine import (
     BEST_CHECKPOINT,
     LAST_CHECKPOINT,
@@ -52,19 +53,7 @@ class Recorder(NullCallback):
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    """A random tiny pSp whose noise strengths are non-zero, so the global RNG matters to every step."""
-    torch.manual_seed(0)
-    net = build_psp(TINY, mean_latent_samples=1000)
-    for name, p in net.decoder.named_parameters():
-        if name.endswith("noise.weight"):
-            p.data.fill_(0.05)
-    return net
-
-
-def smooth_images(n: int, seed: int) -> torch.Tensor:
-    """Low-frequency images in [0, 1] that a 16 px generator can approach."""
-    g = torch.Generator().manual_seed(seed)
-    return F.interpolate(torch.rand(n, 3, 4, 4, generator=g), size=256, mode="bicubic").clamp(0, 1)
+    return noisy_psp(TINY)
 
 
 def shuffled_epochs(batches: list[tuple[torch.Tensor, torch.Tensor]]):

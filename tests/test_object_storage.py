@@ -27,7 +27,7 @@ import torch
 import yaml
 from PIL import Image
 
-from pipeline_helpers import PSP, TINY_TRAIN, clean_env, face_like_png, free_port, run_psp
+from pipeline_helpers import PSP, TINY_TRAIN, clean_env, face_like_png, free_port, run_psp, wait_until
 from pipelines import storage
 from pipelines.cli import main
 from pipelines.lineage import WEIGHTS_TAG_PREFIX
@@ -317,12 +317,12 @@ def train_with_a_killed_worker(root: Path, env: dict[str, str], checkpoints: str
         proc = subprocess.Popen([PSP, "train"], cwd=root, env=clean_env(**env), stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait_for(lambda: registered_checkpoints(checkpoints), proc, log, "an S3 checkpoint")
-        workers = wait_for(train_workers, proc, log, "the training workers")
+        wait_until(lambda: registered_checkpoints(checkpoints), proc, 240, "an S3 checkpoint", log)
+        workers = wait_until(train_workers, proc, 240, "the training workers", log)
         first = {w.pid for w in workers}
         workers[-1].kill()
         killed_at = time.time()
-        wait_for(lambda: {w.pid for w in train_workers()} - first, proc, log, "restarted workers")
+        wait_until(lambda: {w.pid for w in train_workers()} - first, proc, 240, "restarted workers", log)
         restarted_at = time.time()
         assert proc.wait(timeout=300) == 0, log.read_text()[-4000:]
     finally:
@@ -342,17 +342,6 @@ def registered_checkpoints(folder: str) -> int:
             except (OSError, ValueError):
                 pass
     return count
-
-
-def wait_for(condition, proc: subprocess.Popen, log: Path, what: str, timeout: float = 240):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = condition()
-        if value:
-            return value
-        assert proc.poll() is None, f"psp train ended (exit {proc.returncode}) before {what}: {log.read_text()[-3000:]}"
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}: {log.read_text()[-3000:]}")
 
 
 def only_run(client: mlflow.MlflowClient):

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from pipeline_helpers import make_shards, run_psp, write_params
+from pipeline_helpers import make_shards, noisy_psp, run_psp, smooth_images, write_params
 from pipelines.config import ConfigError, load_section
 from pipelines.sections import TrainConfig
 from psp_core import PSPArchitecture, build_psp, load_psp
@@ -21,7 +21,7 @@ from psp_core.irse import IRSEBackbone
 from psp_core.losses import LossWeights, PSPLoss
 from psp_core.presets import PresetTransform, get_preset
 from psp_core.psp import PSP
-from test_engine import Recorder, perturbed, scramble_rngs, shuffled_epochs, smooth_images
+from test_engine import Recorder, perturbed, scramble_rngs, shuffled_epochs
 
 TINY_RESTYLE = PSPArchitecture(encoder_type="BackboneEncoder", family="restyle_psp", input_nc=6, output_size=16,
                                encoder_input_size=64)
@@ -29,13 +29,7 @@ TINY_RESTYLE = PSPArchitecture(encoder_type="BackboneEncoder", family="restyle_p
 
 @pytest.fixture(scope="module")
 def restyle_model() -> PSP:
-    """A random tiny ReStyle-pSp whose noise strengths are non-zero, so every step draws from the global RNG."""
-    torch.manual_seed(0)
-    net = build_psp(TINY_RESTYLE, mean_latent_samples=1000)
-    for name, p in net.decoder.named_parameters():
-        if name.endswith("noise.weight"):
-            p.data.fill_(0.05)
-    return net
+    return noisy_psp(TINY_RESTYLE)
 
 
 def batch(seed: int, n: int = 2) -> tuple[torch.Tensor, torch.Tensor]:

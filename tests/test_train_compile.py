@@ -9,9 +9,9 @@ import random
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
-from psp_core import PSPArchitecture, build_psp
+from pipeline_helpers import noisy_psp, smooth_images
+from psp_core import PSPArchitecture
 from psp_core.devices import MEASURED_PAYOFF, CompilePayoff
 from psp_core.engine import LAST_CHECKPOINT, Trainer, TrainingConfig, training_compiles
 from psp_core.errors import InputError
@@ -23,19 +23,7 @@ TINY = PSPArchitecture(output_size=16, encoder_input_size=64)
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    """A random tiny pSp with non-zero noise strengths, so the (compiled) noise draws matter to every step."""
-    torch.manual_seed(0)
-    net = build_psp(TINY, mean_latent_samples=1000)
-    for name, p in net.decoder.named_parameters():
-        if name.endswith("noise.weight"):
-            p.data.fill_(0.05)
-    return net
-
-
-def smooth_images(n: int, seed: int) -> torch.Tensor:
-    """Low-frequency images [n, 3, 256, 256] in [0, 1]."""
-    g = torch.Generator().manual_seed(seed)
-    return F.interpolate(torch.rand(n, 3, 4, 4, generator=g), size=256, mode="bicubic").clamp(0, 1)
+    return noisy_psp(TINY)   # non-zero noise strengths: the (compiled) noise draws matter to every step
 
 
 def trainer_for(model, max_steps: int, compile_: bool, precision: str = "bf16", checkpoint_dir=None) -> Trainer:

@@ -17,7 +17,7 @@ import psutil
 import pytest
 import torch
 
-from pipeline_helpers import PSP, TINY_TRAIN, clean_env, free_port, make_shards, run_psp, write_params
+from pipeline_helpers import PSP, TINY_TRAIN, clean_env, free_port, make_shards, run_psp, wait_until, write_params
 from psp_core import load_psp
 
 pytestmark = pytest.mark.slow
@@ -71,18 +71,6 @@ def train_workers(proc: subprocess.Popen) -> list[psutil.Process]:
         except psutil.Error:
             pass
     return workers
-
-
-def wait_until(condition, proc: subprocess.Popen, timeout: float, what: str, log: Path):
-    """Poll `condition()` until it is truthy; fail if the driver ends or the time runs out first."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = condition()
-        if value:
-            return value
-        assert proc.poll() is None, f"psp train ended (exit {proc.returncode}) before {what}: {log.read_text()[-3000:]}"
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}: {log.read_text()[-3000:]}")
 
 
 def attempt(history: list[tuple[int, int]], start_s: float, end_s: float) -> list[int]:
