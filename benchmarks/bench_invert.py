@@ -7,13 +7,18 @@ actor start, model load), which the cold end-to-end figures include. The loop's 
 once first (the Ray actor is a new process on every run, so both of its runs pay the same warm-up).
 Then the same warm loop with a ReStyle-pSp encoder for each `--iters` (refinement steps), the cost
 of ReStyle's quality per image.
+Both paths use the stage's `precision` and `compile` switches; with `--compile true` the loop's warm-up
+compiles (and fills the persistent compile cache) and the Ray actor loads the compiled graphs from it.
 Run: python benchmarks/bench_invert.py [--small 16] [--large 80] [--batch-size 8] [--output-size 64]
-     [--encoder-size 64] [--iters 1 3 5]
+     [--encoder-size 64] [--precision auto] [--compile auto] [--iters 1 3 5]
+     e.g. at 1024 px, compiled bf16: --output-size 1024 --encoder-size 256 --batch-size 2 --small 4 --large 20
+     --precision bf16 --compile true --iters
 """
 from __future__ import annotations
 
 import argparse
 import io
+import os
 import sys
 import tempfile
 import time
@@ -28,8 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import command_line, hardware  # noqa: E402
 
 from pipelines.invert import InvertConfig, Inverter, input_units, inverted, read_unit, rows_dataset  # noqa: E402
+from pipelines.raycluster import connect  # noqa: E402
 from pipelines.shard import ShardConfig, write_shards  # noqa: E402
 from psp_core import PSP, PSPArchitecture, save_psp  # noqa: E402
+from psp_core.devices import keep_freed_memory  # noqa: E402
 
 
 def make_inputs(root: Path, images: int, rows_per_shard: int) -> Path:
@@ -76,9 +83,13 @@ def main() -> None:
     parser.add_argument("--output-size", type=int, default=64)
     parser.add_argument("--encoder-size", type=int, default=64)
     parser.add_argument("--cpus", type=int, default=2, help="torch threads of the loop and of the one Ray actor")
-    parser.add_argument("--iters", type=int, nargs="+", default=[1, 3, 5], help="ReStyle refinement steps to time")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto", help="the stage's precision")
+    parser.add_argument("--compile", choices=("auto", "true", "false"), default="auto", help="the stage's compile")
+    parser.add_argument("--iters", type=int, nargs="*", default=[1, 3, 5],
+                        help="ReStyle refinement steps to time (none: skip the ReStyle rows)")
     args = parser.parse_args()
-    print(f"# {hardware()}\n# {command_line()}")
+    keep_freed_memory()   # as a stage's process has it before its first model (this one builds the test model first)
+    print(f"# {hardware()}; load average {' / '.join(f'{x:.1f}' for x in os.getloadavg())}\n# {command_line()}")
     import ray
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -88,14 +99,16 @@ def main() -> None:
         net.set_latent_avg(torch.randn(512) * 0.1)
         checkpoint = save_psp(net, root / "model.pt")
         torch.set_num_threads(args.cpus)
-        ray.init(num_cpus=args.cpus + 2, include_dashboard=False, log_to_driver=False)
+        connect(worker_cpus=args.cpus)   # the stage's own Ray start (the workers' environment included)
         seconds = {}
+        switches = {"precision": args.precision, "compile": args.compile if args.compile == "auto" else args.compile == "true"}
         warmup = InvertConfig(model=str(checkpoint), input=make_inputs(root, args.batch_size, 100),
-                              output_dir=root / "out", batch_size=args.batch_size, lpips_backbone="random")
+                              output_dir=root / "out", batch_size=args.batch_size, lpips_backbone="random", **switches)
         loop_seconds(warmup, checkpoint)   # oneDNN primitives are cached per process: warm the loop's first
         for n in (args.small, args.large):
             cfg = InvertConfig(model=str(checkpoint), input=make_inputs(root, n, 100), output_dir=root / "out",
-                               batch_size=args.batch_size, cpus_per_actor=args.cpus, lpips_backbone="random")
+                               batch_size=args.batch_size, cpus_per_actor=args.cpus, lpips_backbone="random",
+                               **switches)
             seconds[n] = {"loop": loop_seconds(cfg, checkpoint), "ray": ray_seconds(cfg, checkpoint)}
             print(f"{n:4d} images: loop {seconds[n]['loop']:.1f} s ({n / seconds[n]['loop']:.2f} images/s cold), "
                   f"Ray Data {seconds[n]['ray']:.1f} s ({n / seconds[n]['ray']:.2f} images/s cold)", flush=True)
@@ -104,7 +117,8 @@ def main() -> None:
         warm = {k: extra / (seconds[args.large][k] - seconds[args.small][k]) for k in ("loop", "ray")}
         print(f"warm (marginal {extra} images): plain loop {warm['loop']:.2f} images/s, "
               f"Ray Data {warm['ray']:.2f} images/s, ratio Ray / loop {warm['ray'] / warm['loop']:.2f}")
-        refinement_rates(args, root)
+        if args.iters:
+            refinement_rates(args, root)
 
 
 def refinement_rates(args: argparse.Namespace, root: Path) -> None:

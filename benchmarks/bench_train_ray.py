@@ -3,7 +3,11 @@ same model, data and global batch (the Ray + DDP overhead as a ratio).
 
 Ray figures are the `images_per_s` the run logs for its last logging window (steady state: the
 first window holds start-up); the single-process figure leaves out the first step likewise.
+With `--compile`, instead: `psp train` with 2 workers in bf16, eager, then `compile: true` twice with one
+fresh cache folder (each run new Ray Train workers): the first run's workers compile cold, the second's
+load every compiled graph from the cache, which it must leave as it found it.
 Run: python benchmarks/bench_train_ray.py [--steps 12] [--global-batch 4] [--output-size 32] [--encoder-size 64]
+     [--compile]
 """
 from __future__ import annotations
 
@@ -63,12 +67,35 @@ def ray_run(cfg: TrainConfig) -> float:
     return sorted(history, key=lambda m: m.step)[-1].value
 
 
+def compiled_graphs(cache: Path) -> set[str]:
+    """The compiled graphs inductor has stored in a cache folder (one entry per graph key)."""
+    return {str(p.relative_to(cache)) for p in cache.glob("fxgraph/*/*/*")}
+
+
+def compile_runs(base: dict, root: Path, global_batch: int, cpus: int) -> None:
+    """2-worker bf16 `psp train`: eager, then compiled with a cold and with a warm cache folder; wall seconds,
+    steady images/s and the compiled graphs in the cache after each run."""
+    cache = root / "compile-cache"
+    eager_rate = None
+    for label, compiled in (("eager", False), ("compiled, cold cache", True), ("compiled, warm cache", True)):
+        cfg = TrainConfig(**base, batch_size=global_batch // 2, num_workers=2, cpus_per_worker=cpus / 2,
+                          precision="bf16", compile=compiled, compile_cache=str(cache), run_name=label.replace(" ", "-"))
+        start = time.perf_counter()
+        rate = ray_run(resolve_paths(cfg))
+        seconds = time.perf_counter() - start
+        eager_rate = eager_rate or rate
+        print(f"psp train, 2 workers x {cpus // 2} CPU, bf16, {label}: {seconds:.0f} s wall, {rate:.2f} images/s "
+              f"({rate / eager_rate:.2f} of eager), {len(compiled_graphs(cache))} compiled graphs in the cache",
+              flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--global-batch", type=int, default=4)
     parser.add_argument("--output-size", type=int, default=32)
     parser.add_argument("--encoder-size", type=int, default=64)
+    parser.add_argument("--compile", action="store_true", help="time eager vs compiled (cold, then warm cache) runs")
     args = parser.parse_args()
     cpus = os.cpu_count() or 1
     print(f"# {hardware()}\n# {command_line()}")
@@ -81,6 +108,9 @@ def main() -> None:
                     output_size=args.output_size, encoder_input_size=args.encoder_size, train_decoder=True,
                     max_steps=args.steps, log_interval=args.steps // 2, image_interval=10 ** 6,
                     val_interval=10 ** 6, save_interval=args.steps, storage_path=str(root / "ray"))
+        if args.compile:
+            compile_runs(base, root, args.global_batch, cpus)
+            return
         one = TrainConfig(**base, batch_size=args.global_batch)
         rate = single_process(resolve_paths(one), cpus)
         print(f"single process (engine, {cpus} threads, batch {args.global_batch}): {rate:.2f} images/s")

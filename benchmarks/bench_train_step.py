@@ -4,9 +4,10 @@ Runs the real engine step (`Trainer.train_step`: forward, the four-term loss, ba
 random weights (speed does not depend on their values), and, taking turns with it, each network
 alone (forward plus backward at the same shapes) to give the share of the step spent in the
 encoder, the generator, LPIPS and the identity network (the rest is the optimiser and glue).
-With `--compile`, each precision also gets a compiled row (the engine's `compile: true`: forward and
-loss through torch.compile), timed in this same process after its compile; every row's ratio is
-against the eager fp32 row of its configuration.
+With `--compile`, each precision also gets a compiled row (the engine's `compile: true`: the pSp
+forward through torch.compile, the loss networks eager), timed in this same process after its
+compile; every row's ratio is against the eager fp32 row of its configuration. The process's peak
+resident memory is printed at the end.
 
     python benchmarks/bench_train_step.py --configs tiny full --precisions fp32 bf16 --steps 3 --compile
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import sys
 import time
@@ -156,7 +158,8 @@ def main() -> None:
             print(f"{name:<6} {arch.encoder_input_size:>6} {arch.output_size:>4} {precision:<5} "
                   f"{'compiled' if compiled else 'eager':<8} {args.batch_size:>5} {args.batch_size / step_s:>8.2f} "
                   f"{baseline / step_s:>6.2f} {step_s:>8.3f}  {detail}", flush=True)
-    print(f"load average at the end: {' / '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    print(f"load average at the end: {' / '.join(f'{x:.1f}' for x in os.getloadavg())}; "
+          f"peak RSS of the process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
 
 
 if __name__ == "__main__":

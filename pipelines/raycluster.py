@@ -22,13 +22,19 @@ log = logging.getLogger(__name__)
 # Logical CPUs kept free beside the training workers for Ray Data tasks and the trainer controller.
 SPARE_CPUS = 2
 
+WORKER_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "MALLOC_ARENA_MAX": "1"}
+"""The job's Ray worker processes' environment. One glibc malloc arena: Ray runs actor methods and the training
+function on threads it starts before our code, and a thread's own arena returns what each batch frees to the
+OS; in the one main arena, `psp_core.devices.keep_freed_memory` keeps it (an inversion actor at 1024 px: ~300k
+page faults a batch and 1.2x the time without it, benchmarks/README.md)."""
+
 
 def connect(worker_cpus: float) -> None:
     """Join the cluster named by RAY_ADDRESS (set by `ray job submit`), or start a local Ray with
     enough logical CPUs for the workers plus `SPARE_CPUS`."""
     if ray.is_initialized():
         return
-    env = {"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}}
+    env = {"env_vars": WORKER_ENV}
     if os.environ.get("RAY_ADDRESS"):
         with stage_signal_handlers():
             ray.init(runtime_env=env, log_to_driver=True)

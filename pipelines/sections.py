@@ -13,7 +13,7 @@ import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, create_model, model_validator
 
 from psp_core.options import Precision, PresetName, PSPArchitecture, TrainingConfig, encoder_input_nc, preset_family
 
@@ -31,10 +31,19 @@ def _data_path(value: Any) -> Any:
     return Path(text) if isinstance(text, str) else value
 
 
+def _cache_folder(value: str | None) -> str | None:
+    """A compile cache folder made absolute (`~` expanded, a relative one taken from where the command runs):
+    Ray Train workers and Ray Data actors run in other working directories."""
+    return None if value is None else str(Path(value).expanduser().absolute())
+
+
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _REGISTRY_URI = re.compile(r"^(models|runs):/")
 DataPath = Annotated[Path | str, BeforeValidator(_data_path)]
 """A data path setting: a local path, or a URI of an object store (see pipelines.storage)."""
+
+CacheFolder = Annotated[str | None, AfterValidator(_cache_folder)]
+"""A local folder setting every process of a stage uses alike, wherever it runs: absolute once validated."""
 
 
 class StageConfig(BaseModel):
@@ -162,9 +171,12 @@ class TrainSection(StageConfig):
         return TrainingConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TrainingConfig)})
 
 
+TRAINING_OPTIONS = core_options(TrainingConfig)
+"""The engine's options as fields of the train section (its compile cache folder made absolute, as every stage's)."""
 TrainConfig = create_model(
     "TrainConfig", __base__=TrainSection, __module__=__name__, __doc__=TrainSection.__doc__,
-    **core_options(PSPArchitecture, ARCHITECTURE_KEYS), **core_options(TrainingConfig),
+    **core_options(PSPArchitecture, ARCHITECTURE_KEYS),
+    **(TRAINING_OPTIONS | {"compile_cache": (CacheFolder, TRAINING_OPTIONS["compile_cache"][1])}),
 )
 
 
@@ -195,7 +207,7 @@ class EvaluateConfig(StageConfig):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available")
     precision: Precision = Field("auto", description=PRECISION_DESCRIPTION)
     compile: Literal["auto"] | bool = Field("auto", description=COMPILE_DESCRIPTION)
-    compile_cache: str | None = Field(None, description=COMPILE_CACHE_DESCRIPTION)
+    compile_cache: CacheFolder = Field(None, description=COMPILE_CACHE_DESCRIPTION)
     report: Path = Field(Path("reports/eval.json"), description="mean metrics (a DVC metric)")
     per_image: Path = Field(Path("reports/eval_images.csv"), description="one row per image (DVC plots)")
     grid: Path = Field(Path("reports/eval_grid.png"), description="inputs over reconstructions (every ReStyle step)")
@@ -222,7 +234,7 @@ class InvertConfig(StageConfig):
     use_gpu: bool = Field(False, description="one GPU per actor")
     precision: Precision = Field("auto", description=PRECISION_DESCRIPTION)
     compile: Literal["auto"] | bool = Field("auto", description=COMPILE_DESCRIPTION)
-    compile_cache: str | None = Field(None, description=COMPILE_CACHE_DESCRIPTION)
+    compile_cache: CacheFolder = Field(None, description=COMPILE_CACHE_DESCRIPTION)
     n_iters: int | None = Field(None, ge=1, le=20, description=N_ITERS_DESCRIPTION + "; the last step is stored")
     reconstructions: bool = Field(True, description="store each reconstruction as PNG bytes")
     n_outputs: int = Field(0, ge=0, description="style-mixed variants per image (multi-modal synthesis)")
@@ -314,7 +326,7 @@ class EditConfig(StageConfig):
     use_gpu: bool = Field(False, description="one GPU per actor")
     precision: Precision = Field("auto", description=PRECISION_DESCRIPTION)
     compile: Literal["auto"] | bool = Field("auto", description=COMPILE_DESCRIPTION)
-    compile_cache: str | None = Field(None, description=COMPILE_CACHE_DESCRIPTION)
+    compile_cache: CacheFolder = Field(None, description=COMPILE_CACHE_DESCRIPTION)
     grid_images: int = Field(8, ge=1, le=64, description="rows of each grid: the first codes by id")
     grid_tile: int = Field(256, ge=16, le=1024, description="side of a grid cell in pixels")
 

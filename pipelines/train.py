@@ -28,6 +28,7 @@ from pipelines.sections import TrainConfig
 from pipelines.io import write_json_atomic
 from psp_core import build_psp
 from psp_core.errors import InputError
+from psp_core.devices import keep_freed_memory
 from psp_core.engine import BEST_CHECKPOINT, LAST_CHECKPOINT, Trainer, prepare_for_training, training_compiles
 from psp_core.losses import PSPLoss, require_alexnet
 from psp_core.options import FAMILY_NAMES
@@ -295,6 +296,8 @@ def train_worker(config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank = context.get_world_rank()
     device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        keep_freed_memory()                               # before the models exist, or glibc still trims
     preset = get_preset(cfg.preset).with_loss(**cfg.loss)
 
     torch.manual_seed(cfg.seed)                           # the same initial weights on every rank

@@ -1,8 +1,12 @@
 """Device-side performance switches: memory format, precision (and its `auto` rule), compilation
-(and its `auto` rule, and its persistent cache), for CPU and CUDA alike."""
+(and its `auto` rule, and its persistent cache), for CPU and CUDA alike; and the CPU allocator's
+treatment of freed memory."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -21,6 +25,35 @@ CompileChoice = Literal["auto"] | bool
 
 COMPILE_CACHE_ENV = "PSP_COMPILE_CACHE_DIR"
 """Environment variable naming the persistent compile cache folder (when no folder is configured)."""
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
+"""glibc's `mallopt` parameters (malloc.h)."""
+LARGEST_MMAP_THRESHOLD = 32 * 2**20
+"""glibc's largest accepted M_MMAP_THRESHOLD on 64-bit: blocks under it come from the heap."""
+NEVER_TRIM = 2**31 - 1
+"""The largest M_TRIM_THRESHOLD `mallopt` takes (an int): free heap above it is returned to the OS."""
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep the memory a batch frees for the next batch, instead of returning it to the OS
+    and page-faulting it back in: by default it trims the heap after large frees, and an inversion batch
+    (1024 px, bf16, compiled, batch 2) took ~306k page faults and 1.21x the time, a 256 px training step
+    1.21x too (benchmarks/bench_allocator.py). Blocks under 32 MB then come from the main heap, which is
+    not trimmed below 2 GB free, and threads started from now on share it (a thread's own arena is
+    trimmed regardless: threads that exist already need MALLOC_ARENA_MAX=1 in their process's
+    environment, as the pipelines give Ray's workers). Call it before the process builds or loads its
+    models: called after, the inversion batches still page-faulted (~288k a batch). The process's
+    resident memory stays near its peak. Process-wide, once; returns whether it applied (False where
+    libc is not glibc)."""
+    name = ctypes.util.find_library("c")
+    try:
+        mallopt = ctypes.CDLL(name).mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    return all(mallopt(param, value) for param, value in
+               ((M_ARENA_MAX, 1), (M_MMAP_THRESHOLD, LARGEST_MMAP_THRESHOLD), (M_TRIM_THRESHOLD, NEVER_TRIM)))
 
 
 def to_channels_last(module: nn.Module) -> nn.Module:
@@ -78,46 +111,55 @@ def use_ieee_fp32() -> None:
 
 @dataclass(frozen=True)
 class CompilePayoff:
-    """What a compile costs and what it saves on one kind of device: a cold compile (empty cache)
-    of the pSp forward, and the seconds each image then takes less than eagerly."""
+    """What a compile costs and what it saves on one kind of device, measured with a generator of
+    `output_size` px: a cold compile (empty cache), and the seconds each image then takes less than
+    eagerly."""
 
     compile_seconds: float
     seconds_saved_per_image: float
+    output_size: int
 
     @property
     def break_even_images(self) -> int:
-        """Images after which the compile has paid for itself."""
+        """Images after which the compile has paid for itself (at the measured size)."""
         return math.ceil(self.compile_seconds / self.seconds_saved_per_image)
 
 
-PAYOFF_OUTPUT_SIZE = 1024
-"""The generator size the payoff below was measured at."""
-
 MEASURED_PAYOFF: dict[str, CompilePayoff] = {
-    # 2-core AMD EPYC (AVX-512 BF16), torch 2.14.1, pSp at 1024 px, batch 2, bf16 (issue 11's
+    # 2-core AMD EPYC (AVX-512 BF16), torch 2.14.1, pSp forward at 1024 px, batch 2, bf16 (issue 11's
     # measurement; benchmarks/bench_forward.py --compile prints these figures): a cold compile of
     # about 70 s; 0.66 images/s eager, 1.54 compiled, so 1/0.66 - 1/1.54 = 0.87 s saved per image and
     # the compile repays itself after 81 images (fp32 saves more per image: 1/0.39 - 1/0.83 = 1.36 s).
-    "cpu": CompilePayoff(compile_seconds=70.0, seconds_saved_per_image=1 / 0.66 - 1 / 1.54),
+    "cpu": CompilePayoff(compile_seconds=70.0, seconds_saved_per_image=1 / 0.66 - 1 / 1.54, output_size=1024),
 }
-"""Measured payoff of compiling, per device type; `compile: auto` never compiles on a device type
-without a measurement here."""
+"""Measured payoff of compiling inference (the pSp forward), per device type; `compile: auto` never
+compiles on a device type without a measurement here."""
+
+MEASURED_TRAINING_PAYOFF: dict[str, CompilePayoff] = {
+    # the same machine, the encode preset's training step at 256 px (encoder input 256), batch 2, bf16
+    # (benchmarks/bench_train_step.py --configs full --precisions bf16 --compile, two runs): a cold
+    # compile of the forward and its backward 152 s (~17 GB peak memory, once per machine: from the
+    # cache 9 s); steps of 2.98 / 2.96 s eager and 2.86 / 2.90 s compiled, so ~0.043 s saved per image:
+    # the loss networks, the backward's own work and the optimiser gain little from compiling.
+    "cpu": CompilePayoff(compile_seconds=152.0, seconds_saved_per_image=0.043, output_size=256),
+}
+"""Measured payoff of compiling a training step, per device type (as `MEASURED_PAYOFF`)."""
 
 
-def resolve_compile(choice: CompileChoice, n_images: int, device: torch.device | str,
-                    output_size: int = PAYOFF_OUTPUT_SIZE) -> bool:
+def resolve_compile(choice: CompileChoice, n_images: int, device: torch.device | str, output_size: int,
+                    payoffs: dict[str, CompilePayoff] = MEASURED_PAYOFF) -> bool:
     """Whether to compile: an explicit choice stands; `auto` compiles when this process will run at
-    least the break-even number of images measured for its device type (`MEASURED_PAYOFF`), counting a
+    least the break-even number of images measured for its device type (in `payoffs`), counting a
     cold compile, as the first process on a machine pays it. The saving per image scales with the
-    generator's pixels (its FLOPs), so a 256 px model needs 16x the images a 1024 px one does."""
+    generator's pixels (its FLOPs), so a generator 4x smaller a side needs 16x the images."""
     if isinstance(choice, bool):
         return choice
     if choice != "auto":
         raise InputError(f"compile must be auto, true or false, got {choice!r}")
-    payoff = MEASURED_PAYOFF.get(torch.device(device).type)
+    payoff = payoffs.get(torch.device(device).type)
     if payoff is None:
         return False
-    saved = payoff.seconds_saved_per_image * (output_size / PAYOFF_OUTPUT_SIZE) ** 2
+    saved = payoff.seconds_saved_per_image * (output_size / payoff.output_size) ** 2
     return n_images * saved >= payoff.compile_seconds
 
 

@@ -18,7 +18,8 @@ from torch import Tensor, nn
 from torchvision.utils import make_grid
 
 from psp_core.checkpoints import load_strict, read_checkpoint, save_psp
-from psp_core.devices import autocast, compile_model, resolve_compile, resolve_precision
+from psp_core.devices import (MEASURED_TRAINING_PAYOFF, autocast, compile_model, keep_freed_memory, resolve_compile,
+                              resolve_precision)
 from psp_core.inference import average_image, refinement_step
 from psp_core.losses import PSPLoss
 from psp_core.optim import build_optimizer
@@ -108,11 +109,12 @@ def prepare_for_training(model: PSP, train_decoder: bool) -> list[nn.Parameter]:
 
 def training_compiles(config: TrainingConfig, arch: PSPArchitecture, batch_size: int,
                       device: torch.device | str) -> bool:
-    """Whether a training process compiles its forward and loss: `config.compile` when explicit; `auto` when the
-    forward passes it will run (max_steps x its batch, x n_iters_per_batch for ReStyle) repay a compile at the
-    generator's size on `device` (`psp_core.devices.resolve_compile`)."""
+    """Whether a training process compiles its forward: `config.compile` when explicit; `auto` when the passes
+    it will run (max_steps x its batch, x n_iters_per_batch for ReStyle) repay a training compile at the
+    generator's size on `device` (`psp_core.devices.MEASURED_TRAINING_PAYOFF`)."""
     passes_per_image = config.n_iters_per_batch if arch.family in RESTYLE_FAMILIES else 1
-    return resolve_compile(config.compile, config.max_steps * batch_size * passes_per_image, device, arch.output_size)
+    return resolve_compile(config.compile, config.max_steps * batch_size * passes_per_image, device, arch.output_size,
+                           MEASURED_TRAINING_PAYOFF)
 
 
 def comparison_grid(source: Tensor, target: Tensor, output: Tensor, similarities: Tensor | None = None) -> Tensor:
@@ -183,6 +185,8 @@ class Trainer:
     A ReStyle model trains as its reference coach: `n_iters_per_batch` refinement iterations per batch.
 
     Construction seeds the global RNGs from `config.seed` (noise draws use them); `resume` restores them instead.
+    On a CPU the process keeps freed memory for the next step (`psp_core.devices.keep_freed_memory`; a process
+    that calls it before building its models gets all of the gain).
     Whether to compile is decided at the first batch (`compile: auto` needs its size, see `training_compiles`);
     compiled or not, the weights, optimiser and RNG streams are the same objects, so checkpoints and resume are too.
     """
@@ -202,6 +206,8 @@ class Trainer:
         self.model = model
         self.module: PSP = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         self.device = self.module.decoder.input.input.device
+        if self.device.type == "cpu":
+            keep_freed_memory()
         self.loss = loss.to(self.device)
         self.config = config
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
@@ -223,15 +229,16 @@ class Trainer:
         self.cached_average_image: Tensor | None = None
         self.compiled: bool | None = None
         self.forward_model: nn.Module = model
-        self.forward_loss: nn.Module = self.loss
 
     def autocast(self):
         """Mixed-precision context for the configured precision (a no-op for fp32)."""
         return autocast(self.device, self.precision)
 
     def decide_compile(self, batch_size: int) -> None:
-        """At the first batch: decide whether to compile (`training_compiles`) and, if so, route the forward and
-        the loss through torch.compile with the persistent cache (`config.compile_cache`). A DDP model is
+        """At the first batch: decide whether to compile (`training_compiles`) and, if so, route the pSp forward
+        through torch.compile with the persistent cache (`config.compile_cache`). The loss networks stay eager:
+        they are under a tenth of a 256 px step, and compiling them too (IR-SE50 and LPIPS, forward and
+        backward) took minutes more and, in bf16, ~20 GB of host memory on CPU. A DDP model is
         compiled as a whole, wrapper included, as PyTorch's DDP + compile guidance has it: Dynamo splits the
         graph at DDP's bucket boundaries so gradient all-reduce still overlaps the backward."""
         if self.compiled is not None:
@@ -239,7 +246,6 @@ class Trainer:
         self.compiled = training_compiles(self.config, self.module.arch, batch_size, self.device)
         if self.compiled:
             self.forward_model = compile_model(self.model, self.config.compile_cache)
-            self.forward_loss = compile_model(self.loss, self.config.compile_cache)
 
     def set_train_mode(self) -> None:
         """Encoder in train mode; decoder too only when it trains; loss networks always eval."""
@@ -273,7 +279,7 @@ class Trainer:
             return self.refinement_losses(source, target, backward)
         with self.autocast():
             output, latent = self.forward_model(source, return_latents=True)
-            total, metrics = self.forward_loss(output.float(), target, source, latent.float(), self.module.latent_avg)
+            total, metrics = self.loss(output.float(), target, source, latent.float(), self.module.latent_avg)
         if backward:
             self.scaler.scale(total).backward()
         return metrics, output.detach()
@@ -292,7 +298,7 @@ class Trainer:
                 with self.autocast():
                     image, latent = refinement_step(self.forward_model, source, image, latent, randomize_noise=True)
                     output = F.adaptive_avg_pool2d(image, (POOLED_SIZE, POOLED_SIZE))
-                    total, metrics = self.forward_loss(output.float(), target, source, latent.float(),
+                    total, metrics = self.loss(output.float(), target, source, latent.float(),
                                                        self.module.latent_avg)
                 if backward:
                     self.scaler.scale(total).backward()

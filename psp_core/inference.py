@@ -120,8 +120,9 @@ class InferenceModel:
 
     def __init__(self, net: PSP, preset: str | None = "encode", device: torch.device | str = "cpu",
                  precision: Precision = "fp32", compile: bool = False, compile_cache: str | Path | None = None) -> None:
-        """`preset` None: only the generator is used (`decode`, e.g. for editing codes), no images are encoded."""
-        from psp_core.devices import compile_model, resolve_precision
+        """`preset` None: only the generator is used (`decode`, e.g. for editing codes), no images are encoded.
+        On a CPU the process keeps freed memory for the next batch (`keep_freed_memory`)."""
+        from psp_core.devices import compile_model, keep_freed_memory, resolve_precision
         from psp_core.presets import PresetTransform, get_preset
 
         task = get_preset(preset or "encode")
@@ -129,6 +130,8 @@ class InferenceModel:
             raise InputError(f"the model takes {image_channels(net)}-channel images; preset {preset} gives "
                              f"{task.input_nc} channels")
         self.device = torch.device(device)
+        if self.device.type == "cpu":
+            keep_freed_memory()
         self.net = net.to(self.device).eval()
         self.precision = resolve_precision(precision, self.device)
         self.compiled = compile
@@ -144,10 +147,15 @@ class InferenceModel:
              compile_cache: str | Path | None = None, n_images: int = 0,
              n_iters: int | None = None) -> "InferenceModel":
         """Load any supported checkpoint (pSp, ReStyle-pSp, ReStyle-e4e, e4e) strictly, weights only.
-        `compile="auto"` compiles when `n_images` forward passes (times the ReStyle steps) repay it."""
+        `compile="auto"` compiles when `n_images` forward passes (times the ReStyle steps) repay it. On a CPU
+        the process keeps freed memory (`keep_freed_memory`), set before the weights are read: set after a
+        process has allocated its models, glibc still trims what the batches free."""
         from psp_core.checkpoints import load_psp
+        from psp_core.devices import keep_freed_memory
 
         chosen = choose_device(device)
+        if chosen.type == "cpu":
+            keep_freed_memory()
         net = load_psp(checkpoint, chosen)
         return cls(net, preset, chosen, precision, should_compile(net, chosen, compile, n_images, n_iters),
                    compile_cache)

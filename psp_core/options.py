@@ -156,8 +156,8 @@ class TrainingConfig:
     train_decoder: bool = _doc(False, "also train the generator's synthesis network")
     precision: Precision = _doc("fp32", "auto (bf16 where the CPU/GPU computes it natively, else fp32), fp32, bf16 "
                                         "(autocast; CPUs with AVX-512 BF16 or AMX, GPUs) or fp16 (GPUs)")
-    compile: CompileSwitch = _doc(False, "torch.compile the training forward and loss: true, false or auto (when "
-                                         "max_steps x batch images repay a compile on this device)")
+    compile: CompileSwitch = _doc(False, "torch.compile the training forward (the loss networks stay eager): true, "
+                                         "false or auto (when max_steps x batch images repay a compile on this device)")
     compile_cache: str | None = _doc(None, "folder of the persistent compile cache (null: $PSP_COMPILE_CACHE_DIR, "
                                            "else psp-pipeline/inductor under the user's cache folder)")
     log_interval: int = _doc(50, "steps between logged training losses")

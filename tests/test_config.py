@@ -59,3 +59,14 @@ def test_cli_lists_commands_and_fails_cleanly(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["no-such-command"])
     assert exc.value.code == 2
+
+
+def test_a_relative_compile_cache_is_made_absolute_where_the_command_runs(tmp_path, monkeypatch):
+    """Ray Train workers and Ray Data actors run in other folders: every stage's compile cache reaches them absolute."""
+    from pipelines.sections import EditConfig, EvaluateConfig, InvertConfig, TrainConfig
+
+    monkeypatch.chdir(tmp_path)
+    for section in (TrainConfig, InvertConfig, EvaluateConfig, EditConfig):
+        assert section(compile_cache="cache/inductor").compile_cache == str(tmp_path / "cache" / "inductor")
+        assert section().compile_cache is None, "unset: the environment's or the user's cache, on each machine"
+    assert TrainConfig(compile_cache="cc").training().compile_cache == str(tmp_path / "cc")

@@ -1,0 +1,115 @@
+"""glibc's default treatment of freed memory against `keep_freed_memory` (what the inference core and the
+trainer set on a CPU): seconds and page faults per batch of the invert stage's actor (in-process, on shard
+rows), or with `--workload train` per training step (bench_train_step.py's 256 px encode step).
+
+By default glibc returns large freed blocks to the OS, so each batch page-faults its activations back
+in. Each mode runs in its own fresh process (the setting cannot be undone in a process), one after the
+other, on the same seeded weights and inputs.
+With `--compile` the core compiles (persistent cache, so only the first process compiles cold), as
+`compile: true` inference does; the warm-up batch holds the compile.
+Run: python benchmarks/bench_allocator.py [--workload invert|train] [--size 1024] [--encoder-size 256] [--batch 2]
+     [--precision bf16] [--iters 4] [--compile]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pyarrow as pa
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import command_line, hardware  # noqa: E402
+
+from bench_invert import make_inputs  # noqa: E402
+from pipelines.invert import InvertConfig, Inverter, read_unit  # noqa: E402
+from psp_core import PSP, PSPArchitecture, devices, engine, save_psp  # noqa: E402
+
+
+def measure(args: argparse.Namespace) -> dict[str, float]:
+    """Median seconds and mean minor page faults per batch of the invert stage's `Inverter` (decode, the
+    inference core's `invert`, L2 / LPIPS / MS-SSIM, PNG encode) after one warm-up batch, in this process."""
+    root = Path(tempfile.mkdtemp())
+    torch.manual_seed(0)
+    net = PSP(PSPArchitecture(output_size=args.size, encoder_input_size=args.encoder_size))
+    net.set_latent_avg(torch.randn(512) * 0.1)
+    checkpoint = save_psp(net, root / "model.pt")
+    cfg = InvertConfig(model=str(checkpoint), input=make_inputs(root, args.batch * (args.iters + 1), 1000),
+                       output_dir=root / "out", batch_size=args.batch, cpus_per_actor=torch.get_num_threads(),
+                       lpips_backbone="random", precision=args.precision, compile=args.compile)
+    inverter = Inverter(str(checkpoint), cfg.model_dump(mode="json"), "bench")
+    shard = next(cfg.input.glob("*.parquet"))
+    rows = read_unit(pa.table({"unit": [shard.stem], "paths": [[str(shard)]]}), shards=True, split=None, paired=False)
+    return timed(lambda index: inverter(rows.slice(index * args.batch, args.batch)), args.iters)
+
+
+def timed(step: Callable[[int], object], iters: int) -> dict[str, float]:
+    """Median seconds and mean minor page faults of `step(i)` over `iters` calls after one warm-up call."""
+    seconds, faults = [], []
+    for index in range(iters + 1):
+        start_faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        start = time.perf_counter()
+        step(index)
+        if index:
+            seconds.append(time.perf_counter() - start)
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start_faults)
+    return {"seconds": statistics.median(seconds), "faults": statistics.mean(faults)}
+
+
+def measure_train(args: argparse.Namespace) -> dict[str, float]:
+    """The same for bench_train_step.py's training step (encoder input 256, generator 256 px, eager)."""
+    from bench_train_step import step_functions
+
+    step = step_functions("full", args.precision, False, args.batch, torch.device("cpu"))["step_s"]
+    return timed(lambda index: step(), args.iters)
+
+
+def run_child(args: argparse.Namespace, keep: bool) -> dict[str, float]:
+    """This process's figures for one mode; `keep` False stops the core and the trainer from changing glibc's
+    settings (the benchmark's only departure from the product's code path)."""
+    if keep:
+        assert devices.keep_freed_memory(), "glibc's mallopt is not available here"
+    else:
+        devices.keep_freed_memory = engine.keep_freed_memory = lambda: False
+    return measure_train(args) if args.workload == "train" else measure(args)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workload", choices=("invert", "train"), default="invert")
+    parser.add_argument("--size", type=int, default=1024, help="generator output size (invert)")
+    parser.add_argument("--encoder-size", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="bf16")
+    parser.add_argument("--iters", type=int, default=4, help="timed batches after one warm-up batch")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the encoder and the generator")
+    parser.add_argument("--child", choices=("default", "keep"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(run_child(args, keep=args.child == "keep")))
+        return
+    print(f"# {hardware()}; load average {' / '.join(f'{x:.1f}' for x in os.getloadavg())}\n# {command_line()}")
+    rows = {}
+    for mode in ("default", "keep"):
+        child = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child", mode],
+                               capture_output=True, text=True, check=True)
+        rows[mode] = json.loads(child.stdout.strip().splitlines()[-1])
+        label = "glibc default" if mode == "default" else "keep_freed_memory"
+        what = (f"train step 256 px, batch {args.batch}, {args.precision} eager" if args.workload == "train" else
+                f"invert {args.size} px, batch {args.batch}, {args.precision}{' compiled' if args.compile else ' eager'}")
+        print(f"{label:<18} {what}: {rows[mode]['seconds']:.3f} s/batch, "
+              f"{rows[mode]['faults']:,.0f} page faults/batch", flush=True)
+    print(f"keep / default: {rows['default']['seconds'] / rows['keep']['seconds']:.2f}x the images/s")
+
+
+if __name__ == "__main__":
+    main()
