@@ -147,7 +147,7 @@ def read_inversion(path: str | Path) -> Inversion:
         if rows == 0:
             continue
         try:
-            written_by = (read_schema(path).metadata or {}).get(MODEL_METADATA_KEY, b"").decode()
+            written_by = (storage.parquet_schema(path).metadata or {}).get(MODEL_METADATA_KEY, b"").decode()
         except FileNotFoundError:
             raise InputError(f"{path}: listed in {folder / 'manifest.json'} but missing; rerun `psp invert`") from None
         except (OSError, pa.ArrowException):
@@ -157,18 +157,6 @@ def read_inversion(path: str | Path) -> Inversion:
                              "finish `psp invert` first")
         files.append(path)
     return Inversion(folder, model, tuple(files))
-
-
-def read_schema(path: str | storage.Location) -> pa.Schema:
-    """A Parquet file's schema, from a local path or a URI."""
-    filesystem, key = storage.reader_filesystem(path)
-    return pq.read_schema(key, filesystem=filesystem)
-
-
-def read_columns(path: str | storage.Location, columns: list[str]) -> pa.Table:
-    """Some columns of a Parquet file, from a local path or a URI (what the Ray read tasks are given)."""
-    filesystem, key = storage.reader_filesystem(path)
-    return pq.read_table(key, columns=columns, filesystem=filesystem)
 
 
 def edit_model(cfg: EditConfig, inversion: Inversion) -> ResolvedModel:
@@ -190,11 +178,12 @@ def edit_model(cfg: EditConfig, inversion: Inversion) -> ResolvedModel:
 def check_codes(inversion: Inversion, n_styles: int) -> None:
     """Every input file holds W+ codes of the generator's `n_styles` (a mismatched folder is one error naming it)."""
     for path in inversion.files:
-        schema = read_schema(path)
+        schema = storage.parquet_schema(path)
         found = schema.field("latent").type if "latent" in schema.names else None
         styles = set()
         if found == LATENT_TYPE:
-            styles = set(pc.list_value_length(read_columns(path, ["latent"]).column("latent")).drop_null().to_pylist())
+            latents = storage.parquet_columns(path, ["latent"]).column("latent")
+            styles = set(pc.list_value_length(latents).drop_null().to_pylist())
         if found != LATENT_TYPE or styles - {n_styles}:
             raise InputError(f"{path}: latent column of type {found} with {sorted(styles)} styles; the model's "
                              f"generator takes [{n_styles} x 512] float32 codes")
@@ -274,7 +263,7 @@ def plan_units(inversion: Inversion, key: str) -> list[Unit]:
     """Each input file as a unit: the ids of its codes (variant 0, no error) and its own key (edits + its bytes)."""
     units = []
     for path in inversion.files:
-        table = read_columns(path, ["id", "variant", "error"])
+        table = storage.parquet_columns(path, ["id", "variant", "error"])
         keep = pc.and_(pc.equal(table.column("variant"), 0), pc.is_null(table.column("error")))
         ids = tuple(table.filter(keep).column("id").to_pylist())
         bad = next((i for i in ids if not re.match(SAFE_NAME, i)), None)
@@ -329,7 +318,7 @@ def edit_units(cfg: EditConfig, out: storage.Location, units: list[Unit], direct
     manifest = {"model": model_ref, "input": str(cfg.input), "directions": [d.describe() for d in directions],
                 "files": [{"file": f"{LATENTS}/{u.name}.parquet", "codes": len(u.ids)} for u in units if u.ids]}
     if recorded_manifest(out) != manifest:
-        storage.write_bytes_atomic(out / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
+        storage.write_json_atomic(out / "manifest.json", manifest)
     report = {"model": model_ref, "input": str(cfg.input), "output_dir": str(out),
               "directions": [d.describe() for d in directions], "units": len(units), "units_skipped": len(skip),
               "codes_edited": sum(len(u.ids) for u in todo), "images_written": written,
@@ -348,9 +337,9 @@ def unit_done(out: storage.Location, unit: Unit, present: set[str]) -> bool:
     if name not in present:
         return False
     try:
-        if (read_schema(out / name).metadata or {}).get(EDIT_METADATA_KEY, b"").decode() != unit.key:
+        if (storage.parquet_schema(out / name).metadata or {}).get(EDIT_METADATA_KEY, b"").decode() != unit.key:
             return False
-        images = read_columns(out / name, ["image"]).column("image").to_pylist()
+        images = storage.parquet_columns(out / name, ["image"]).column("image").to_pylist()
     except (OSError, pa.ArrowException):
         return False
     return all(image in present for image in images)
@@ -359,7 +348,7 @@ def unit_done(out: storage.Location, unit: Unit, present: set[str]) -> bool:
 def is_ours(path: storage.Location) -> bool:
     """Whether a Parquet file is an edit output file (its metadata holds the edit key)."""
     try:
-        return EDIT_METADATA_KEY in (read_schema(path).metadata or {})
+        return EDIT_METADATA_KEY in (storage.parquet_schema(path).metadata or {})
     except (OSError, pa.ArrowException):
         return False
 
@@ -369,7 +358,7 @@ def listed_images(path: storage.Location) -> set[str]:
     if not is_ours(path):
         return set()
     try:
-        images = read_columns(path, ["image"]).column("image").to_pylist()
+        images = storage.parquet_columns(path, ["image"]).column("image").to_pylist()
     except (OSError, pa.ArrowException):
         return set()
     return {image for image in images if isinstance(image, str) and IMAGE_PATH.match(image)}
@@ -398,7 +387,7 @@ def codes_dataset(todo: list[Unit]):
 def read_codes(item: pa.Table) -> pa.Table:
     """One invert file's codes to edit: variant 0 rows without an error."""
     unit, path = item.column("unit")[0].as_py(), item.column("path")[0].as_py()
-    table = read_columns(path, ["id", "source_path", "latent", "variant", "error"])
+    table = storage.parquet_columns(path, ["id", "source_path", "latent", "variant", "error"])
     table = table.filter(pc.and_(pc.equal(table.column("variant"), 0), pc.is_null(table.column("error"))))
     table = table.drop(["variant", "error"])
     return table.add_column(0, "unit", pa.array([unit] * table.num_rows, pa.string()))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -121,8 +120,7 @@ def done_units(units: list[Unit], output_dir: storage.Location, model_ref: str) 
         name = f"{unit.name}.parquet"
         if name in present:
             try:
-                with storage.open_input_file(output_dir / name) as handle:
-                    meta = pq.read_schema(handle).metadata or {}
+                meta = storage.parquet_schema(output_dir / name).metadata or {}
             except (OSError, pa.ArrowException):
                 continue
             if meta.get(MODEL_METADATA_KEY, b"").decode() == model_ref:
@@ -170,7 +168,7 @@ def invert_units(cfg: InvertConfig, folder: storage.Location, units: list[Unit],
         seconds = time.perf_counter() - start
     manifest = {"model": model_ref, "files": [{"file": f"{u.name}.parquet", "rows": u.rows} for u in units],
                 "n_outputs": cfg.n_outputs}
-    storage.write_bytes_atomic(folder / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
+    storage.write_json_atomic(folder / "manifest.json", manifest)
     device = torch.device("cuda" if cfg.use_gpu else "cpu")   # as the actors resolve them, on this hardware
     settings = {"precision": resolve_precision(cfg.precision, device),
                 "compiled": should_compile(model.net, device, cfg.compile, images // cfg.num_actors, cfg.n_iters)}

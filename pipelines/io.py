@@ -47,9 +47,14 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+def json_document(value: Any) -> bytes:
+    """The bytes of every JSON file the stages write: indented, keys in insertion order, a final newline."""
+    return (json.dumps(value, indent=2) + "\n").encode()
+
+
 def write_json_atomic(path: str | Path, value: Any) -> None:
-    """Write a JSON document (indented, keys in insertion order) to `path` atomically."""
-    write_bytes_atomic(path, (json.dumps(value, indent=2) + "\n").encode())
+    """Write a JSON document (`json_document`) to the local `path` atomically."""
+    write_bytes_atomic(path, json_document(value))
 
 
 @contextmanager

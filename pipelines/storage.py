@@ -41,9 +41,11 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
 from urllib.parse import urlsplit
 
+import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
-from pipelines.io import OUTPUT_MARKER, atomic_dir, atomic_path, file_digest, output_folder
+from pipelines.io import OUTPUT_MARKER, atomic_dir, atomic_path, file_digest, json_document, output_folder
 from psp_core.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -240,6 +242,18 @@ def reader_filesystem(path: str | Path | Location) -> tuple[pafs.FileSystem | No
     return location.filesystem()
 
 
+def parquet_schema(path: str | Path | Location) -> pa.Schema:
+    """A Parquet file's schema (its footer only), from a local path or a URI."""
+    filesystem, key = reader_filesystem(path)
+    return pq.read_schema(key, filesystem=filesystem)
+
+
+def parquet_columns(path: str | Path | Location, columns: list[str]) -> pa.Table:
+    """Some columns of a Parquet file, from a local path or a URI."""
+    filesystem, key = reader_filesystem(path)
+    return pq.read_table(key, columns=columns, filesystem=filesystem)
+
+
 def access_error(location: Location, err: BaseException) -> InputError:
     """One line naming `location` for a failed object-store call: refused credentials, a missing bucket,
     an unreachable endpoint, or the store's own first line (credentials scrubbed)."""
@@ -397,6 +411,11 @@ def write_bytes_atomic(path: str | Path | Location, data: bytes) -> None:
         out.write(data)
 
 
+def write_json_atomic(path: str | Path | Location, value: Any) -> None:
+    """Write a JSON document (`pipelines.io.json_document`) to a local path or a URI atomically."""
+    write_bytes_atomic(path, json_document(value))
+
+
 def list_files(path: str | Path | Location) -> list[str]:
     """Every file under a folder, as sorted POSIX paths relative to it; hidden entries (a leading `.`
     anywhere in the relative path: markers, temporary keys) are left out. A missing folder lists nothing."""
@@ -505,7 +524,7 @@ class FolderWriter:
 
     def publish(self, manifest: dict) -> None:
         """Write the manifest (JSON) last: from now on readers see this version of the folder."""
-        write_bytes_atomic(self._root / self._manifest, (json.dumps(manifest, indent=2) + "\n").encode())
+        write_json_atomic(self._root / self._manifest, manifest)
         self.published = True
 
 
@@ -562,7 +581,7 @@ def claimed_folder(path: str | Path | Location, stage: str) -> Iterator[Location
         if list_files(location):
             raise InputError(f"{location} is not empty and is not an output folder of `psp {stage}` (no "
                              f"{OUTPUT_MARKER}); refusing to write into it: choose a new or empty folder")
-        write_bytes_atomic(marker, (json.dumps({"stage": stage}, indent=2) + "\n").encode())
+        write_json_atomic(marker, {"stage": stage})
     else:
         owner = _marker_stage(marker)
         if owner != stage:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import psutil
 import torch
 import torch.nn.functional as F
 import yaml
@@ -187,3 +188,23 @@ def wait_until(condition: Callable[[], Any], proc: subprocess.Popen, timeout: fl
         assert proc.poll() is None, f"psp train ended (exit {proc.returncode}) before {what}: {log.read_text()[-3000:]}"
         time.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what}: {log.read_text()[-3000:]}")
+
+
+def descendants(pid: int | None = None) -> list[psutil.Process]:
+    """Every process below process `pid` (default: this one); none once it has ended."""
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def ray_train_workers(pid: int | None = None) -> list[psutil.Process]:
+    """The Ray Train worker actors among the descendants of process `pid` (default: this one)."""
+    workers = []
+    for p in descendants(pid):
+        try:
+            if "RayTrainWorker" in " ".join(p.cmdline()):
+                workers.append(p)
+        except psutil.Error:
+            pass
+    return workers

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
-import psutil
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
@@ -27,7 +26,8 @@ import torch
 import yaml
 from PIL import Image
 
-from pipeline_helpers import PSP, TINY_TRAIN, clean_env, face_like_png, free_port, run_psp, wait_until
+from pipeline_helpers import (PSP, TINY_TRAIN, clean_env, face_like_png, free_port, ray_train_workers, run_psp,
+                              wait_until)
 from pipelines import storage
 from pipelines.cli import main
 from pipelines.lineage import WEIGHTS_TAG_PREFIX
@@ -296,18 +296,6 @@ class MlflowServer:
             self.proc.wait()
 
 
-def train_workers() -> list[psutil.Process]:
-    """The Ray Train worker actors among this test's descendants (the Cluster's raylets are its children)."""
-    found = []
-    for p in psutil.Process().children(recursive=True):
-        try:
-            if "RayTrainWorker" in " ".join(p.cmdline()):
-                found.append(p)
-        except psutil.Error:
-            pass
-    return found
-
-
 def train_with_a_killed_worker(root: Path, env: dict[str, str], checkpoints: str) -> tuple[float, float]:
     """Run `psp train`; SIGKILL one worker once Ray Train has registered a checkpoint in the bucket (its
     snapshot lists one); wait for the run to finish. Returns (when the worker was killed, when the
@@ -318,11 +306,12 @@ def train_with_a_killed_worker(root: Path, env: dict[str, str], checkpoints: str
                                 stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_until(lambda: registered_checkpoints(checkpoints), proc, 240, "an S3 checkpoint", log)
-        workers = wait_until(train_workers, proc, 240, "the training workers", log)
+        # this test's descendants, not the driver's: the Cluster's raylets are this process's children
+        workers = wait_until(ray_train_workers, proc, 240, "the training workers", log)
         first = {w.pid for w in workers}
         workers[-1].kill()
         killed_at = time.time()
-        wait_until(lambda: {w.pid for w in train_workers()} - first, proc, 240, "restarted workers", log)
+        wait_until(lambda: {w.pid for w in ray_train_workers()} - first, proc, 240, "restarted workers", log)
         restarted_at = time.time()
         assert proc.wait(timeout=300) == 0, log.read_text()[-4000:]
     finally:

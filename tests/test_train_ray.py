@@ -17,7 +17,8 @@ import psutil
 import pytest
 import torch
 
-from pipeline_helpers import PSP, TINY_TRAIN, clean_env, free_port, make_shards, run_psp, wait_until, write_params
+from pipeline_helpers import (PSP, TINY_TRAIN, clean_env, descendants, free_port, make_shards, ray_train_workers, run_psp,
+                              wait_until, write_params)
 from psp_core import load_psp
 
 pytestmark = pytest.mark.slow
@@ -51,26 +52,6 @@ def registered_checkpoint_steps(root: Path) -> list[int]:
             continue
         steps += [int(r["metrics"]["step"]) for r in results if "step" in r.get("metrics", {})]
     return sorted(steps)
-
-
-def descendants(proc: subprocess.Popen) -> list[psutil.Process]:
-    """Every process below the one this test started (Ray's raylet, workers, ... of that driver only)."""
-    try:
-        return psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-
-
-def train_workers(proc: subprocess.Popen) -> list[psutil.Process]:
-    """The Ray Train worker actors among the driver's descendants."""
-    workers = []
-    for p in descendants(proc):
-        try:
-            if "RayTrainWorker" in " ".join(p.cmdline()):
-                workers.append(p)
-        except psutil.Error:
-            pass
-    return workers
 
 
 def attempt(history: list[tuple[int, int]], start_s: float, end_s: float) -> list[int]:
@@ -107,7 +88,7 @@ def test_two_workers_survive_a_killed_worker_and_a_killed_driver_and_register(tm
                                 start_new_session=True)
     try:
         wait_until(lambda: registered_checkpoint_steps(tmp_path), proc, 300, "the first checkpoint", log)
-        workers = wait_until(lambda: train_workers(proc), proc, 60, "a training worker", log)
+        workers = wait_until(lambda: ray_train_workers(proc.pid), proc, 60, "a training worker", log)
         first_workers = {w.pid for w in workers}
         steps_at_worker_kill = max(step for step, _ in logged_steps(tmp_path))
         assert steps_at_worker_kill < max_steps, "the worker must die before the last step"
@@ -116,11 +97,11 @@ def test_two_workers_survive_a_killed_worker_and_a_killed_driver_and_register(tm
         worker_killed = time.time()
 
         # the restarted workers (new processes) train again: then the driver goes, SIGKILL
-        wait_until(lambda: {w.pid for w in train_workers(proc)} - first_workers, proc, 300, "restarted workers", log)
+        wait_until(lambda: {w.pid for w in ray_train_workers(proc.pid)} - first_workers, proc, 300, "restarted workers", log)
         wait_until(lambda: attempt(logged_steps(tmp_path), worker_killed + 5, time.time() + 60), proc, 300,
                    "a step of the restarted workers", log)
         assert max(step for step, _ in logged_steps(tmp_path)) < max_steps, "the driver must die before the end"
-        tree = descendants(proc)
+        tree = descendants(proc.pid)
         proc.kill()
         proc.wait(timeout=30)
         _, alive = psutil.wait_procs(tree, timeout=20)   # the stage's reaper ends what Ray leaves behind
