@@ -33,7 +33,10 @@ def _data_path(value: Any) -> Any:
 
 def _cache_folder(value: str | None) -> str | None:
     """A compile cache folder made absolute (`~` expanded, a relative one taken from where the command runs):
-    Ray Train workers and Ray Data actors run in other working directories."""
+    Ray Train workers and Ray Data actors run in other working directories. Inductor's cache is local files:
+    a URI is refused."""
+    if value is not None and _URI.match(value):
+        raise ValueError(f"a local folder (each machine keeps its own compile cache), not a URI: {value}")
     return None if value is None else str(Path(value).expanduser().absolute())
 
 

@@ -121,7 +121,8 @@ class InferenceModel:
     def __init__(self, net: PSP, preset: str | None = "encode", device: torch.device | str = "cpu",
                  precision: Precision = "fp32", compile: bool = False, compile_cache: str | Path | None = None) -> None:
         """`preset` None: only the generator is used (`decode`, e.g. for editing codes), no images are encoded.
-        On a CPU the process keeps freed memory for the next batch (`keep_freed_memory`)."""
+        On a CPU it sets `keep_freed_memory`, which is fully effective only when set before the process
+        allocated its models, as `load` does."""
         from psp_core.devices import compile_model, keep_freed_memory, resolve_precision
         from psp_core.presets import PresetTransform, get_preset
 

@@ -70,3 +70,7 @@ def test_a_relative_compile_cache_is_made_absolute_where_the_command_runs(tmp_pa
         assert section(compile_cache="cache/inductor").compile_cache == str(tmp_path / "cache" / "inductor")
         assert section().compile_cache is None, "unset: the environment's or the user's cache, on each machine"
     assert TrainConfig(compile_cache="cc").training().compile_cache == str(tmp_path / "cc")
+    path = tmp_path / "params.yaml"
+    path.write_text("invert:\n  compile_cache: s3://bucket/cache\n")
+    with pytest.raises(ConfigError, match=r"^invert\.compile_cache: .*a local folder .*not a URI"):
+        load_section("invert", InvertConfig, [], path)
