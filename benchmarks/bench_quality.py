@@ -12,7 +12,8 @@ before and after training (at the generator's resolution, outputs clamped to [-1
 true W+ codes, the codes' distance from W (their variance across styles, e4e's editability proxy) and
 training images/s; ReStyle-pSp is evaluated at every refinement iteration (`psp_core.inference.refine`).
 
-Run: python benchmarks/bench_quality.py --steps 60 --size 32 --json quality.json [--plot P.png --grid G.png]
+Run: python benchmarks/bench_quality.py --steps 400 --size 32 --json quality.json [--plot P.png --grid G.png]
+(about 17 minutes on 2 CPU cores; `--steps 60` for a first look)
 """
 from __future__ import annotations
 
@@ -87,15 +88,15 @@ ENCODERS: dict[str, EncoderSpec] = {
 class QualityConfig:
     """Everything one benchmark run depends on."""
 
-    steps: int = 60
+    steps: int = 400
     size: int = 32
     encoder_size: int = 32   # the images' own size: the encoder sees them unresized
     batch_size: int = 8
     train_images: int = 160
     val_images: int = 24
     restyle_iters: int = 3
-    eval_every: int = 20
-    learning_rate: float = 3e-4   # budgets here are tens of steps, not the reference's 500k at 1e-4
+    eval_every: int = 50
+    learning_rate: float = 1e-3   # hundreds of steps, not the reference's 500k at 1e-4 (benchmarks/README.md)
     precision: str = "auto"
     mixing: bool = False
     generator: Path | None = None
@@ -483,6 +484,10 @@ TABLE_HEADER = (f"{'encoder':<12} {'L2 before':>10} {'L2':>8} {'SSIM bef':>8} {'
                 f"{'style var':>10} {'img/s':>7}")
 
 
+COLOURS = {"psp": "C0", "restyle_psp": "C1", "e4e": "C2"}
+"""One colour per encoder in both panels of the plot."""
+
+
 def write_plot(summary: dict[str, Any], path: Path) -> None:
     """Validation L2 against training step (every encoder) and against refinement iteration (ReStyle)."""
     import matplotlib
@@ -493,11 +498,11 @@ def write_plot(summary: dict[str, Any], path: Path) -> None:
     figure, (by_step, by_iter) = plt.subplots(1, 2, figsize=(11, 4.2))
     for name, result in encoders.items():
         steps = [point["step"] for point in result["curve"]]
-        line, = by_step.plot(steps, [point["val_l2_per_iter"][-1] for point in result["curve"]], marker="o",
-                             label=name if name != "restyle_psp" else f"restyle_psp (iteration {result['n_iters']})")
+        by_step.plot(steps, [point["val_l2_per_iter"][-1] for point in result["curve"]], marker="o", color=COLOURS[name],
+                     label=name if name != "restyle_psp" else f"restyle_psp (iteration {result['n_iters']})")
         if name == "restyle_psp":
             by_step.plot(steps, [point["val_l2_per_iter"][0] for point in result["curve"]], linestyle="--",
-                         color=line.get_color(), label="restyle_psp (iteration 1)")
+                         color=COLOURS[name], label="restyle_psp (iteration 1)")
     baseline = summary["data"]["val_l2_average_image"]
     for axis in (by_step, by_iter):
         axis.axhline(baseline, color="gray", linestyle=":", label="average image")
@@ -509,14 +514,14 @@ def write_plot(summary: dict[str, Any], path: Path) -> None:
     if "restyle_psp" in encoders:
         restyle = encoders["restyle_psp"]
         iterations = range(1, restyle["n_iters"] + 1)
-        by_iter.plot(iterations, restyle["val_l2_per_iter"], marker="o", label="restyle_psp, trained")
+        by_iter.plot(iterations, restyle["val_l2_per_iter"], marker="o", color=COLOURS["restyle_psp"],
+                     label="restyle_psp, trained")
         by_iter.plot(iterations, restyle["val_l2_before_per_iter"], marker="x", linestyle="--",
-                     label="restyle_psp, untrained")
+                     color=COLOURS["restyle_psp"], label="restyle_psp, untrained")
         by_iter.set_xticks(list(iterations))
     for name in ("psp", "e4e"):
         if name in encoders:
-            by_iter.axhline(encoders[name]["val_l2"], linestyle="-.", label=f"{name} (one pass)",
-                            color="C0" if name == "psp" else "C2")
+            by_iter.axhline(encoders[name]["val_l2"], linestyle="-.", label=f"{name} (one pass)", color=COLOURS[name])
     by_iter.set_xlabel("ReStyle refinement iteration")
     by_iter.set_title(f"L2 vs refinement iteration (after {summary['steps']} steps)")
     by_iter.legend(fontsize=8)
