@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 PSP_TINY = bench_quality.QualityConfig(
     steps=50, size=16, encoder_size=32, batch_size=8, train_images=128, val_images=16, eval_every=50,
     learning_rate=1e-3, encoders=("psp",))
-RESTYLE_TINY = dataclasses.replace(PSP_TINY, steps=300, eval_every=300, restyle_iters=2, encoders=("restyle_psp",))
+RESTYLE_TINY = dataclasses.replace(PSP_TINY, steps=250, eval_every=250, restyle_iters=2, encoders=("restyle_psp",))
 
 
 @pytest.fixture(scope="module")
