@@ -128,6 +128,13 @@ def test_psp_latent_avg_per_style_layout(psp_file, tmp_path):
 
 RESTYLE_FIXTURES = ["ref_restyle_psp64", "ref_restyle_e4e64"]
 
+COMPARED_ITERS = 3
+"""ReStyle iterations compared with the fixtures (chained, and one step at a time from the reference
+state). Their 4th is ill-conditioned: one thread instead of two on the machine that computed them moves
+restyle_e4e's latent_3 to 222x the tolerance along the chain (0.13x at the 3rd) and to 5x in a single
+step from the reference's own 3rd output, so comparing it would test bit-identity with that machine,
+not parity within the tolerance (benchmarks/README.md, "First run on a GPU")."""
+
 
 def parity_errors(pairs: list[tuple[str, torch.Tensor, np.ndarray]]) -> list[str]:
     """The arrays of `(name, ours, ref)` outside the fixtures' tolerance, each with its error (all of them,
@@ -157,14 +164,14 @@ def family_files(tmp_path_factory) -> dict[str, object]:
                                                  ("ref_restyle_e4e64", "restyle_e4e", "ProgressiveBackboneEncoder")])
 def test_restyle_refinement_every_iteration(family_files, name, family, encoder):
     """refine() against the reference's run_on_batch: the average image, then latent_i and image_i of
-    every iteration (each iteration feeds on the last, so a drift shows up and grows)."""
+    the first COMPARED_ITERS iterations (each iteration feeds on the last, so a drift shows up and grows)."""
     ref = fixture(name)
     net = load_psp(family_files[name], DEVICE)
     assert (net.arch.family, type(net.encoder).__name__, net.arch.input_nc) == (family, encoder, 6)
     x = on_device(ref["input"])
     pairs = [("avg_image", average_image(net)[0], ref["avg_image"])]
-    results = refine(net, x, n_iters=4)
-    assert len(results) == 4
+    results = refine(net, x, n_iters=COMPARED_ITERS)
+    assert len(results) == COMPARED_ITERS
     for i, (images, latents) in enumerate(results):
         pairs += [(f"latent_{i}", latents, ref[f"latent_{i}"]), (f"image_{i}", images, ref[f"image_{i}"])]
     failures = parity_errors(pairs)
@@ -179,7 +186,7 @@ def test_restyle_each_step_from_the_reference_state(family_files, name):
     net = load_psp(family_files[name], DEVICE)
     x = on_device(ref["input"])
     pairs = []
-    for i in range(4):
+    for i in range(COMPARED_ITERS):
         if i == 0:
             previous_image, previous_latent = on_device(ref["avg_image"]).expand(2, -1, -1, -1), None
         else:
