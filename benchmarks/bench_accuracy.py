@@ -24,9 +24,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 from common import command_line, hardware  # noqa: E402
 from parity_rule import FIXTURES, rule_state_dict, write_released_family, write_released_psp  # noqa: E402
 
-from pipelines.io import write_json_atomic  # noqa: E402
+from pipelines.services.storage import write_json_atomic  # noqa: E402
 from psp_core import Generator, load_psp, refine  # noqa: E402
-from psp_core.devices import autocast, compile_model, use_ieee_fp32  # noqa: E402
+from psp_core.runtime.devices import autocast, compile_model, use_ieee_fp32  # noqa: E402
 
 NETWORKS = ("ref_stylegan2_64", "ref_gradual64", "ref_e4e64", "ref_restyle_psp64", "ref_restyle_e4e64")
 MODES = {"bf16": ("bf16", False), "compiled_fp32": ("fp32", True), "compiled_bf16": ("bf16", True)}
@@ -89,7 +89,7 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile-cache", type=Path, default=None,
-                        help="compile cache folder (default: the project's, see psp_core.devices.compile_cache_dir)")
+                        help="compile cache folder (default: the project's, see psp_core.runtime.devices.compile_cache_dir)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows to this JSON file")
     args = parser.parse_args()
     device = torch.device(args.device)

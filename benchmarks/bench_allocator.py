@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import command_line, hardware  # noqa: E402
 
 from bench_invert import make_inputs  # noqa: E402
-from pipelines.invert import InvertConfig, Inverter, read_unit  # noqa: E402
+from pipelines.stages.invert import InvertConfig, Inverter, read_unit  # noqa: E402
 from psp_core import PSP, PSPArchitecture, devices, engine, save_psp  # noqa: E402
 
 

@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipelines.align import AlignConfig, align_folder, usable_cores
-from pipelines.sample import SampleConfig, build_sample
-from pipelines.shard import ShardConfig, write_shards
-from psp_core.align import FaceFinder, PhotoRejected, load_photo
-from psp_core.shards import iter_shard_batches, shard_paths
+from pipelines.stages.align import AlignConfig, align_folder, usable_cores
+from pipelines.stages.sample import SampleConfig, build_sample
+from pipelines.stages.shard import ShardConfig, write_shards
+from psp_core.data.align import FaceFinder, PhotoRejected, load_photo
+from psp_core.data.shards import iter_shard_batches, shard_paths
 
 
 def cpu_model() -> str:

@@ -31,9 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from common import command_line, hardware, time_per_call  # noqa: E402
 
-from pipelines.io import write_json_atomic  # noqa: E402
+from pipelines.services.storage import write_json_atomic  # noqa: E402
 from psp_core import PSP, PSPArchitecture  # noqa: E402
-from psp_core.devices import autocast, compile_model, to_channels_last, use_ieee_fp32  # noqa: E402
+from psp_core.runtime.devices import autocast, compile_model, to_channels_last, use_ieee_fp32  # noqa: E402
 
 ENCODER_INPUT = 256
 PEAK_SECONDS = 0.5   # each timed round of the peak convolution lasts at least this long

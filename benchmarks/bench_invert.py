@@ -32,11 +32,11 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import command_line, hardware  # noqa: E402
 
-from pipelines.invert import InvertConfig, Inverter, input_units, inverted, read_unit, rows_dataset  # noqa: E402
-from pipelines.raycluster import connect  # noqa: E402
-from pipelines.shard import ShardConfig, write_shards  # noqa: E402
+from pipelines.stages.invert import InvertConfig, Inverter, input_units, inverted, read_unit, rows_dataset  # noqa: E402
+from pipelines.services.ray.cluster import connect  # noqa: E402
+from pipelines.stages.shard import ShardConfig, write_shards  # noqa: E402
 from psp_core import PSP, PSPArchitecture, save_psp  # noqa: E402
-from psp_core.devices import keep_freed_memory  # noqa: E402
+from psp_core.runtime.devices import keep_freed_memory  # noqa: E402
 
 
 def make_inputs(root: Path, images: int, rows_per_shard: int) -> Path:

@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import command_line, hardware, time_per_call  # noqa: E402
 
-from psp_core.stylegan2 import Generator, ModulatedConv2d  # noqa: E402
+from psp_core.nets.stylegan2 import Generator, ModulatedConv2d  # noqa: E402
 
 
 def generate(g: Generator, w: torch.Tensor, form: str, precision: str, train: bool) -> None:

@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass
 from typing import Sequence
 
+from pipelines.params.schema import SECTIONS, describe
 from psp_core.errors import InputError
 
 USER_ERRORS = (InputError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
@@ -34,29 +35,29 @@ class Command:
 
 
 COMMANDS: dict[str, Command] = {
-    "sample": Command("pipelines.sample", "build the embedded sample photo folder (data/raw) from installed packages' photos",
+    "sample": Command("pipelines.stages.sample", "build the embedded sample photo folder (data/raw) from installed packages' photos",
                       "sample", "psp sample sample.augmented_copies=4"),
-    "align": Command("pipelines.align", "FFHQ-align the faces of a photo folder (dlib landmarks), with a rejects table",
+    "align": Command("pipelines.stages.align", "FFHQ-align the faces of a photo folder (dlib landmarks), with a rejects table",
                      "align", "psp align align.input_dir=~/photos align.output_size=1024 align.supersample=4"),
-    "shard": Command("pipelines.shard", "pack aligned images into Parquet shards with a train/test split and a manifest",
+    "shard": Command("pipelines.stages.shard", "pack aligned images into Parquet shards with a train/test split and a manifest",
                      "shard", "psp shard shard.split_by=folder shard.test_fraction=0.1"),
-    "train": Command("pipelines.train", "train a pSp encoder on Ray Train (DDP), tracked in MLflow, registered at the end",
+    "train": Command("pipelines.stages.train", "train a pSp encoder on Ray Train (DDP), tracked in MLflow, registered at the end",
                      "train", "psp train train.num_workers=2 train.max_steps=1000 train.precision=bf16"),
-    "invert": Command("pipelines.invert", "batch-invert images or shards into W+ with Ray Data and a registered encoder",
+    "invert": Command("pipelines.stages.invert", "batch-invert images or shards into W+ with Ray Data and a registered encoder",
                       "invert", "psp invert invert.model=models:/psp-encoder@champion invert.input=~/faces invert.aligned=false"),
-    "edit": Command("pipelines.edit", "edit inverted W+ codes along InterFaceGAN, GANSpace or SeFa directions: images, latents, grids",
+    "edit": Command("pipelines.stages.edit", "edit inverted W+ codes along InterFaceGAN, GANSpace or SeFa directions: images, latents, grids",
                     "edit", "psp edit edit.edits='[{kind: interfacegan, direction: age, start: -3, end: 3, steps: 7}]'"),
-    "submit": Command("pipelines.submit", "run `psp train` as a job on a Ray cluster (ray job submit, code uploaded without data)",
+    "submit": Command("pipelines.stages.submit", "run `psp train` as a job on a Ray cluster (ray job submit, code uploaded without data)",
                       "train", "RAY_ADDRESS=http://head:8265 psp submit train.num_workers=8 train.use_gpu=true"),
-    "evaluate": Command("pipelines.evaluate", "score an encoder on the test split: L2, LPIPS, MS-SSIM, identity, time per image",
+    "evaluate": Command("pipelines.stages.evaluate", "score an encoder on the test split: L2, LPIPS, MS-SSIM, identity, time per image",
                         "evaluate", "psp evaluate evaluate.model=models:/psp-encoder/3 evaluate.max_images=500"),
-    "import-checkpoint": Command("pipelines.import_checkpoint",
+    "import-checkpoint": Command("pipelines.stages.import_checkpoint",
                                 "register a released pSp checkpoint (.pt) as a new psp-encoder version",
                                 None, "psp import-checkpoint pretrained_models/psp_ffhq_encode.pt --alias champion"),
-    "lineage": Command("pipelines.lineage",
+    "lineage": Command("pipelines.stages.lineage",
                        "trace a registered encoder: run, datasets, DVC stages, weights, evaluation; every hash rechecked",
                        None, "psp lineage models:/psp-encoder@champion --json"),
-    "promote": Command("pipelines.promote",
+    "promote": Command("pipelines.stages.promote",
                        "point an alias (champion) at an encoder version, optionally only if it evaluates better",
                        None, "psp promote candidate --if-better lpips"),
 }
@@ -75,8 +76,6 @@ def _help_epilog(name: str, command: Command, notes: str | None) -> str:
     """The notes a module gives, every key of its params section (from the schema), and an example."""
     parts = [notes] if notes else []
     if command.section is not None:
-        from pipelines.sections import SECTIONS, describe
-
         parts.append(f"keys of the {command.section} section (params.yaml, or key=value here):\n"
                      + "\n".join(describe(SECTIONS[command.section], command.section)))
     parts.append(f"example:\n  {command.example}")

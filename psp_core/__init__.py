@@ -2,7 +2,7 @@
 encoders, the pSp model (and its ReStyle and e4e families), ReStyle's refinement and the public
 checkpoint formats. No Ray, MLflow or DVC in here.
 
-Names are imported on first use, so `psp_core.align` or `psp_core.shards` alone never pay for torch.
+Names are imported on first use, so `psp_core.data.align` or `psp_core.data.shards` alone never pay for torch.
 """
 from __future__ import annotations
 
@@ -10,33 +10,32 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "CheckpointError": "psp_core.checkpoints",
-    "build_psp": "psp_core.checkpoints",
-    "load_generator": "psp_core.checkpoints",
-    "load_irse50": "psp_core.checkpoints",
-    "load_psp": "psp_core.checkpoints",
-    "read_generator_checkpoint": "psp_core.checkpoints",
-    "save_psp": "psp_core.checkpoints",
-    "IRSEBackbone": "psp_core.irse",
+    "CheckpointError": "psp_core.nets.checkpoints",
+    "build_psp": "psp_core.nets.checkpoints",
+    "load_generator": "psp_core.nets.checkpoints",
+    "load_irse50": "psp_core.nets.checkpoints",
+    "load_psp": "psp_core.nets.checkpoints",
+    "read_generator_checkpoint": "psp_core.nets.checkpoints",
+    "save_psp": "psp_core.nets.checkpoints",
+    "IRSEBackbone": "psp_core.nets.irse",
     "refine": "psp_core.inference",
-    "PSP": "psp_core.psp",
+    "PSP": "psp_core.nets.psp",
     "PSPArchitecture": "psp_core.options",
     "n_styles_for": "psp_core.options",
     "InputError": "psp_core.errors",
-    "Generator": "psp_core.stylegan2",
-    "LossWeights": "psp_core.losses",
-    "PSPLoss": "psp_core.losses",
-    "Ranger": "psp_core.optim",
-    "build_optimizer": "psp_core.optim",
-    "PRESETS": "psp_core.presets",
-    "PresetTransform": "psp_core.presets",
-    "TaskPreset": "psp_core.presets",
-    "get_preset": "psp_core.presets",
-    "StdoutCallback": "psp_core.engine",
-    "Trainer": "psp_core.engine",
-    "TrainingCallback": "psp_core.engine",
+    "Generator": "psp_core.nets.stylegan2",
+    "LossWeights": "psp_core.options",
+    "PSPLoss": "psp_core.training.losses",
+    "Ranger": "psp_core.training.optim",
+    "build_optimizer": "psp_core.training.optim",
+    "PRESETS": "psp_core.data.presets",
+    "PresetTransform": "psp_core.data.presets",
+    "TaskPreset": "psp_core.data.presets",
+    "get_preset": "psp_core.data.presets",
+    "Trainer": "psp_core.training.engine",
+    "TrainingCallback": "psp_core.training.engine",
     "TrainingConfig": "psp_core.options",
-    "prepare_for_training": "psp_core.engine",
+    "prepare_for_training": "psp_core.training.engine",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -42,7 +42,7 @@ W_ENCODER = "BackboneEncoderUsingLastLayerIntoW"
 
 PRESET_FAMILIES: dict[str, Family] = {"restyle_encode": "restyle_psp"}
 """The task presets that train another encoder family than pSp, and that family. It lives here, torch-free,
-so the params schema checks a preset against its encoder; `psp_core.presets.TaskPreset.family` reads it."""
+so the params schema checks a preset against its encoder; `psp_core.data.presets.TaskPreset.family` reads it."""
 
 
 def preset_family(preset: str) -> Family:
@@ -179,3 +179,24 @@ class TrainingConfig:
             raise InputError(f"compile must be auto, true or false, got {self.compile!r}")
         if not self.learning_rate > 0:
             raise InputError(f"learning_rate must be > 0, got {self.learning_rate}")
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """The lambdas of the pSp objective, named as in the reference training options."""
+
+    l2_lambda: float = 1.0
+    lpips_lambda: float = 0.8
+    id_lambda: float = 0.0
+    w_norm_lambda: float = 0.0
+    l2_lambda_crop: float = 0.0
+    lpips_lambda_crop: float = 0.0
+    moco_lambda: float = 0.0
+
+    def __post_init__(self) -> None:
+        """Reject negative weights and the identity/MoCo combination, which the reference also forbids."""
+        for name, value in ((f.name, getattr(self, f.name)) for f in fields(self)):
+            if value < 0:
+                raise InputError(f"loss weight {name} must be >= 0, got {value}")
+        if self.id_lambda > 0 and self.moco_lambda > 0:
+            raise InputError("id_lambda and moco_lambda are mutually exclusive: set one of them to 0")

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 import yaml
 from PIL import Image
 
-from pipelines.shard import ShardConfig, write_shards
+from pipelines.stages.shard import ShardConfig, write_shards
 from psp_core import PSPArchitecture, build_psp
-from psp_core.psp import PSP as PSPNetwork
+from psp_core.nets.psp import PSP as PSPNetwork
 
 PSP = str(Path(sys.executable).parent / "psp")
 
@@ -99,7 +99,7 @@ def reference_lpips():
     import lpips
     import torch
 
-    from psp_core.metrics import LPIPS_RANDOM_SEED
+    from psp_core.evaluation.metrics import LPIPS_RANDOM_SEED
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(LPIPS_RANDOM_SEED)
@@ -133,7 +133,7 @@ def check_mixed_variants(net, rows: list[dict], mask: list[int], alpha: float | 
     (run seed, image id, variant); returns how many variants were checked."""
     import torch
 
-    from pipelines.invert import seed_for
+    from pipelines.stages.invert import seed_for
 
     by_id: dict[str, dict[int, dict]] = {}
     for row in rows:

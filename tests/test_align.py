@@ -14,9 +14,9 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from pipelines.align import AlignConfig, align_folder, run
-from pipelines.sample import Augmentation, exif_rotated_jpeg, gray16, side_by_side, with_alpha
-from psp_core.align import FaceFinder, align_face, ffhq_quad, landmarks_in_crop, load_photo, PhotoRejected
+from pipelines.stages.align import AlignConfig, align_folder, run
+from pipelines.stages.sample import Augmentation, exif_rotated_jpeg, gray16, side_by_side, with_alpha
+from psp_core.data.align import FaceFinder, align_face, ffhq_quad, landmarks_in_crop, load_photo, PhotoRejected
 
 
 def hand_landmarks(eye_left, eye_right, mouth_left, mouth_right) -> np.ndarray:
@@ -262,7 +262,7 @@ def test_sixteen_bit_and_alpha_images_convert_to_sensible_rgb(astronaut):
     buffer.name = "x.png"
     path_free = Image.open(buffer)
     assert path_free.mode.startswith("I")
-    from psp_core.align import to_rgb
+    from psp_core.data.align import to_rgb
     rgb = np.asarray(to_rgb(path_free), float)
     assert rgb.shape[2] == 3 and abs(rgb.mean() - np.asarray(astronaut.convert("L"), float).mean()) < 1.0
     transparent = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
@@ -293,7 +293,7 @@ def test_stage_exits_zero_and_rerun_resumes(hostile_folder, tmp_path, monkeypatc
 
     victim = sorted(first)[0]
     (out / victim).unlink()
-    caplog.set_level("INFO", logger="pipelines.align")
+    caplog.set_level("INFO", logger="pipelines.stages.align")
     assert run(argparse.Namespace(params=str(params), overrides=["workers=1"])) == 0
     assert f"({len(GOOD) + len(EXPECTED_REJECTS) - 2} already aligned, 1 to do)" in caplog.text
     second = {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")}
@@ -330,7 +330,7 @@ def test_skip_alignment_only_resizes(tmp_path, astronaut):
 
 
 def test_an_unexpected_failure_is_an_error_row_not_a_crash(tmp_path, astronaut, monkeypatch):
-    import pipelines.align
+    import pipelines.stages.align
 
     folder = tmp_path / "photos"
     folder.mkdir()
@@ -340,7 +340,7 @@ def test_an_unexpected_failure_is_an_error_row_not_a_crash(tmp_path, astronaut, 
     def broken(photo, landmarks, output_size, supersample):
         raise RuntimeError("simulated bug")
 
-    monkeypatch.setattr(pipelines.align, "align_face", broken)
+    monkeypatch.setattr(pipelines.stages.align, "align_face", broken)
     out = tmp_path / "aligned"
     report = align_folder(AlignConfig(input_dir=str(folder), output_dir=str(out), report=str(tmp_path / "r.json"),
                                       workers=1))

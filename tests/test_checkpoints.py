@@ -8,8 +8,8 @@ import torch
 
 from parity_rule import rule_state_dict
 from psp_core import CheckpointError, PSPArchitecture, build_psp, load_generator, load_irse50, load_psp, save_psp
-from psp_core.checkpoints import read_generator_checkpoint
-from psp_core.psp import PSP
+from psp_core.nets.checkpoints import read_generator_checkpoint
+from psp_core.nets.psp import PSP
 
 TINY = PSPArchitecture(output_size=16, encoder_input_size=32)
 

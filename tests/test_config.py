@@ -7,7 +7,7 @@ from typing import Literal
 import pytest
 
 from pipelines.cli import COMMANDS, main
-from pipelines.config import ConfigError, StageConfig, apply_overrides, load_section, parse_override
+from pipelines.params.loading import ConfigError, StageConfig, apply_overrides, load_section, parse_override
 
 
 class Demo(StageConfig):
@@ -63,7 +63,7 @@ def test_cli_lists_commands_and_fails_cleanly(capsys):
 
 def test_a_relative_compile_cache_is_made_absolute_where_the_command_runs(tmp_path, monkeypatch):
     """Ray Train workers and Ray Data actors run in other folders: every stage's compile cache reaches them absolute."""
-    from pipelines.sections import EditConfig, EvaluateConfig, InvertConfig, TrainConfig
+    from pipelines.params.schema import EditConfig, EvaluateConfig, InvertConfig, TrainConfig
 
     monkeypatch.chdir(tmp_path)
     for section in (TrainConfig, InvertConfig, EvaluateConfig, EditConfig):

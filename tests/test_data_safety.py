@@ -22,15 +22,15 @@ import torch
 import yaml
 from PIL import Image
 
-from pipelines.align import align_folder, photo_name
+from pipelines.stages.align import align_folder, photo_name
 from pipelines.cli import COMMANDS, main
-from pipelines.config import ConfigError, load_section
-from pipelines.sections import SECTIONS, AlignConfig, ShardConfig, TrainConfig
-from pipelines.shard import write_shards
+from pipelines.params.loading import ConfigError, load_section
+from pipelines.params.schema import SECTIONS, AlignConfig, ShardConfig, TrainConfig
+from pipelines.stages.shard import write_shards
 from psp_core import PSPArchitecture, TrainingConfig, build_psp, save_psp
-from psp_core.align import load_photo, to_rgb
-from psp_core.psp import PSP
-from psp_core.shards import printable_path, read_manifest
+from psp_core.data.align import load_photo, to_rgb
+from psp_core.nets.psp import PSP
+from psp_core.data.shards import printable_path, read_manifest
 from tests.pipeline_helpers import PSP as PSP_CLI, make_shards
 
 ASTRONAUT = Image.fromarray(skimage.data.astronaut())
@@ -221,7 +221,7 @@ def test_pillow_warnings_are_logged_with_the_file_name_not_printed(tmp_path):
                                                 "workers": 1}}))
     result = psp("align", "--params", str(params), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "WARNING psp_core.align: big.png: Image size (1600 pixels) exceeds limit" in result.stderr
+    assert "WARNING psp_core.data.align: big.png: Image size (1600 pixels) exceeds limit" in result.stderr
     assert "DecompressionBombWarning" not in result.stderr and "warnings.warn" not in result.stderr
     assert read_rejects(tmp_path / "out") == {"big.png": ["too_large"]}
 
@@ -298,12 +298,12 @@ def test_settings_of_any_section_and_unknown_sections_are_errors_naming_the_key(
 
 
 def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
-    import pipelines.align
+    import pipelines.stages.align
 
     def broken(cfg):
         raise ValueError("a bug, not a user mistake")
 
-    monkeypatch.setattr(pipelines.align, "align_folder", broken)
+    monkeypatch.setattr(pipelines.stages.align, "align_folder", broken)
     (tmp_path / "params.yaml").write_text("align:\n  workers: 1\n")
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match="a bug"):
@@ -460,10 +460,10 @@ def test_no_group_straddles_the_split_and_splits_are_stable_when_rows_are_added(
     before = groups_by_split(tmp_path / "shards", key)
     assert before["train"] and before["test"] and not before["train"] & before["test"]
     manifest = read_manifest(tmp_path / "shards")
-    assert manifest["split_by"] == split_by
-    assert manifest["groups"] == {"train": len(before["train"]), "test": len(before["test"])}
+    assert manifest.document["split_by"] == split_by
+    assert manifest.document["groups"] == {"train": len(before["train"]), "test": len(before["test"])}
     if split_by == "folder":
-        assert manifest["rows"]["test"] == 3 * len(before["test"])
+        assert manifest.rows["test"] == 3 * len(before["test"])
 
     write_identity_folders(folder, range(40, 80))
     write_shards(cfg)
@@ -476,7 +476,7 @@ def test_faces_of_one_photo_share_a_split(tmp_path):
     """With align's index, `photo` groups every face of one source photo (faces=all of a group photo)."""
     import pyarrow as pa
 
-    from pipelines.align import INDEX_SCHEMA
+    from pipelines.stages.align import INDEX_SCHEMA
     from tests.pipeline_helpers import face_like_png
 
     aligned = tmp_path / "aligned"

@@ -56,13 +56,13 @@ def test_every_stage_depends_on_all_the_code_it_runs():
         code = code_closure("pipelines.cli", COMMANDS[command].module)
         missing = sorted(f for f in code if not covered(f, stage["deps"]))
         assert not missing, f"stage {name} runs {missing} but does not depend on them"
-        assert f"pipelines/{command}.py" in code
+        assert f"pipelines/stages/{command}.py" in code
 
 
 def test_the_closure_sees_lazy_imports():
     """invert aligns an unaligned folder through a function-level import of the align stage."""
-    assert "pipelines/align.py" in code_closure("pipelines.invert")
-    assert "psp_core/align.py" not in code_closure("pipelines.shard")
+    assert "pipelines/stages/align.py" in code_closure("pipelines.stages.invert")
+    assert "psp_core/data/align.py" not in code_closure("pipelines.stages.shard")
 
 
 def test_evaluate_and_invert_default_to_the_version_train_registered():

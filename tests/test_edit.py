@@ -17,16 +17,16 @@ import yaml
 from PIL import Image
 
 from pipeline_helpers import run_psp
-from pipelines import tracking
+from pipelines.services import tracking
 from pipelines.cli import main
-from pipelines.edit import build_directions
-from pipelines.io import OUTPUT_MARKER
-from pipelines.sections import EditConfig
-from pipelines.tracking import resolve_model
+from pipelines.stages.edit import build_directions
+from pipelines.services.storage import OUTPUT_MARKER
+from pipelines.params.schema import EditConfig
+from pipelines.services.tracking import resolve_model
 from psp_core import PSP, PSPArchitecture, load_psp, save_psp
-from psp_core.editing import FFHQ_DIRECTIONS, GanspacePCA, ganspace, sefa_directions
+from psp_core.editing.directions import FFHQ_DIRECTIONS, GanspacePCA, ganspace, sefa_directions
 from psp_core.errors import InputError
-from psp_core.shards import LATENT_TYPE, MODEL_METADATA_KEY
+from psp_core.data.shards import LATENT_TYPE, MODEL_METADATA_KEY
 
 ROOT = Path(__file__).resolve().parent.parent
 N_STYLES = 6   # a 16 px generator
@@ -54,7 +54,7 @@ def write_inversion(folder: Path, net: PSP, model_ref: str) -> dict[str, torch.T
     per unit with rows {id, variant, source_path, latent, reconstruction, l2, lpips, error, model}; each unit also holds a
     style-mixed variant row and a rejected image (its error set), which are not edited, and the manifest
     lists an empty unit (invert writes no file for it). Returns the codes to edit by id. The rejected row's
-    latent is null, as invert writes it (`psp_core.shards.LATENT_TYPE`)."""
+    latent is null, as invert writes it (`psp_core.data.shards.LATENT_TYPE`)."""
     folder.mkdir(parents=True)
     (folder / OUTPUT_MARKER).write_text(json.dumps({"stage": "invert"}))
     generator = torch.Generator().manual_seed(1)

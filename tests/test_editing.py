@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from psp_core.editing import (
-    FFHQ_DIRECTIONS, GanspaceEdit, GanspacePCA, InterfaceganEdit, SefaEdit, edit_grid, ganspace, interfacegan,
+from psp_core.viz import edit_grid
+from psp_core.editing.directions import (
+    FFHQ_DIRECTIONS, GanspaceEdit, GanspacePCA, InterfaceganEdit, SefaEdit, ganspace, interfacegan,
     load_interfacegan, sefa, sefa_directions,
 )
 from psp_core.errors import InputError
-from psp_core.stylegan2 import Generator
+from psp_core.nets.stylegan2 import Generator
 
 
 @pytest.fixture(scope="module")

@@ -14,17 +14,17 @@ import torch.nn.functional as F
 
 from pipeline_helpers import noisy_psp, smooth_images
 from psp_core import PSPArchitecture, load_psp
-from psp_core.engine import (
+from psp_core.training.engine import (
     BEST_CHECKPOINT,
     LAST_CHECKPOINT,
     NullCallback,
     Trainer,
     TrainingConfig,
-    comparison_grid,
     prepare_for_training,
 )
-from psp_core.losses import LossWeights, PSPLoss
-from psp_core.presets import PresetTransform, get_preset
+from psp_core.training.losses import LossWeights, PSPLoss
+from psp_core.viz import comparison_grid
+from psp_core.data.presets import PresetTransform, get_preset
 
 TINY = PSPArchitecture(output_size=16, encoder_input_size=64)
 
@@ -205,7 +205,7 @@ def test_bf16_step_and_fp16_refused_on_cpu(tiny_model):
 def test_comparison_grid_shows_any_input_kind():
     """Sketch (1 channel) and one-hot (19 channel) inputs are drawn as RGB tiles beside target and output:
     each input tile is the input (grey levels, or each class's palette colour) blown up 2x by pixel repetition."""
-    from psp_core.transforms import SEGMENTATION_PALETTE
+    from psp_core.data.transforms import SEGMENTATION_PALETTE
 
     target = output = torch.zeros(2, 3, 32, 32)
     sketch = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(7))

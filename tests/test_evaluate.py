@@ -13,12 +13,12 @@ import yaml
 from PIL import Image
 
 from pipeline_helpers import make_shards, per_image_metrics, reference_lpips
-from pipelines import tracking
+from pipelines.services import tracking
 from pipelines.cli import main
-from pipelines.tracking import import_checkpoint
+from pipelines.services.tracking import import_checkpoint
 from psp_core import PSP, PSPArchitecture, load_psp, save_psp
-from psp_core.presets import PresetTransform, get_preset
-from psp_core.shards import iter_shard_batches, read_manifest, shard_paths
+from psp_core.data.presets import PresetTransform, get_preset
+from psp_core.data.shards import iter_shard_batches, read_manifest, shard_paths
 
 NAME = tracking.DEFAULT_REGISTERED_MODEL
 
@@ -68,7 +68,7 @@ def direct_metrics(checkpoint: Path, shards: Path) -> dict[str, dict[str, float]
 def test_evaluate_registered_version(workspace):
     assert evaluate(workspace) == 0
     report = json.loads((workspace / "reports/eval.json").read_text())
-    n_test = read_manifest(workspace / "shards")["rows"]["test"]
+    n_test = read_manifest(workspace / "shards").rows["test"]
     assert report["n_images"] == n_test > 0
     assert report["model_version"] == "1" and report["registered_model"] == NAME
     assert report["lpips_backbone"] == "random" and "lpips_alexnet" in report["random_weights"]

@@ -8,9 +8,9 @@ import torch.nn.functional as F
 
 from parity_rule import e4e_training_state
 from psp_core import CheckpointError, InputError, PSPArchitecture, load_psp, refine, save_psp
-from psp_core.encoders import ENCODERS
+from psp_core.nets.encoders import ENCODERS
 from psp_core.options import ENCODER_TYPES
-from psp_core.psp import PSP
+from psp_core.nets.psp import PSP
 
 TINY = {"output_size": 16, "encoder_input_size": 32}   # 6 styles; 32 px encoder input
 

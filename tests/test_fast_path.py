@@ -18,7 +18,7 @@ import torch
 
 from parity_rule import FIXTURES, rule_state_dict, write_released_psp
 from psp_core import Generator, load_psp
-from psp_core.devices import (COMPILE_CACHE_ENV, MEASURED_PAYOFF, MEASURED_TRAINING_PAYOFF, CompilePayoff, autocast,
+from psp_core.runtime.devices import (COMPILE_CACHE_ENV, MEASURED_PAYOFF, MEASURED_TRAINING_PAYOFF, CompilePayoff, autocast,
                               compile_cache_dir, compile_model, resolve_compile, resolve_precision, use_ieee_fp32)
 from psp_core.errors import InputError
 

@@ -15,8 +15,8 @@ from PIL import Image
 from pipeline_helpers import PSP, check_mixed_variants, clean_env, make_shards, per_image_metrics, reference_lpips
 from psp_core import PSP as PSPNet
 from psp_core import PSPArchitecture, load_psp, save_psp
-from psp_core.presets import PresetTransform, get_preset
-from psp_core.shards import decode_image
+from psp_core.data.presets import PresetTransform, get_preset
+from psp_core.data.shards import decode_image
 
 pytestmark = pytest.mark.slow
 

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 import torchvision
 
 from parity_rule import FIXTURES, rule_state_dict
-from psp_core.checkpoints import CheckpointError
-from psp_core.losses import (
+from psp_core.nets.checkpoints import CheckpointError
+from psp_core.training.losses import (
     ALEXNET_CACHE_FILE,
     IdentityLoss,
     LossWeights,
@@ -115,7 +115,7 @@ def test_lpips_missing_backbone_says_where(tmp_path, monkeypatch, no_network):
 
 def test_lpips_random_backbone_warns(caplog, no_network):
     """`backbone: random` is allowed only loudly."""
-    with caplog.at_level(logging.WARNING, logger="psp_core.losses"):
+    with caplog.at_level(logging.WARNING, logger="psp_core.training.losses"):
         LPIPSLoss("random")
     assert any(r.levelno == logging.WARNING and "RANDOM" in r.getMessage() for r in caplog.records)
 

@@ -15,8 +15,8 @@ from skimage import data
 
 from parity_rule import rule_state_dict
 from psp_core import load_irse50
-from psp_core.align import FaceFinder, align_face
-from psp_core.metrics import (
+from psp_core.data.align import FaceFinder, align_face
+from psp_core.evaluation.metrics import (
     ArcFaceIdentity,
     DlibIdentity,
     MetricSuite,
@@ -25,8 +25,8 @@ from psp_core.metrics import (
     l2_per_image,
     lpips_network,
     ms_ssim_per_image,
-    reconstruction_grid,
 )
+from psp_core.viz import reconstruction_grid
 
 
 def signed(image: np.ndarray) -> torch.Tensor:
@@ -126,7 +126,7 @@ def test_arcface_identity_from_the_parity_rule_weights_matches_a_direct_computat
 
 
 def test_identity_falls_back_to_dlib_loudly_without_the_irse50_file(tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="psp_core.metrics"):
+    with caplog.at_level(logging.WARNING, logger="psp_core.evaluation.metrics"):
         identity = identity_backend(tmp_path / "model_ir_se50.pth")
     assert isinstance(identity, DlibIdentity) and identity.name == "dlib_resnet_v1"
     assert "dlib_resnet_v1" in caplog.text

@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from psp_core import Generator, IRSEBackbone, PSPArchitecture
-from psp_core.encoders import (BackboneEncoderUsingLastLayerIntoW, BackboneEncoderUsingLastLayerIntoWPlus,
+from psp_core.nets.encoders import (BackboneEncoderUsingLastLayerIntoW, BackboneEncoderUsingLastLayerIntoWPlus,
                                GradualStyleEncoder)
-from psp_core.ops import upfirdn2d
+from psp_core.nets.ops import upfirdn2d
 from psp_core.options import n_styles_for
-from psp_core.psp import PSP, mix_styles
+from psp_core.nets.psp import PSP, mix_styles
 
 
 @pytest.mark.parametrize("size", [16, 32, 128, 1024])

@@ -28,13 +28,13 @@ from PIL import Image
 
 from pipeline_helpers import (PSP, TINY_TRAIN, clean_env, face_like_png, free_port, ray_train_workers, run_psp,
                               wait_until)
-from pipelines import storage
+from pipelines.services import storage
 from pipelines.cli import main
-from pipelines.lineage import WEIGHTS_TAG_PREFIX
-from pipelines.sections import TrainConfig
-from pipelines.shard import ShardConfig, write_shards
+from pipelines.services.tracking import WEIGHTS_TAG_PREFIX
+from pipelines.params.schema import TrainConfig
+from pipelines.stages.shard import ShardConfig, write_shards
 from psp_core import load_psp
-from psp_core.psp import PSP as PSPNet
+from psp_core.nets.psp import PSP as PSPNet
 from test_edit import UNITS, model_file, registered, write_edit_params, write_inversion  # noqa: F401 (fixtures)
 
 MAX_STEPS, SAVE_INTERVAL = 8, 4
@@ -47,7 +47,7 @@ BIN = Path(sys.executable).parent
 def test_shard_readers_work_on_a_bucket_and_check_it(tmp_path, s3_server, monkeypatch):
     """psp_core's one shard reader, given the store's filesystem: the manifest, the listed files (size and
     sha256 checked), decoded batches equal to the local copy's; a replaced shard is caught."""
-    from psp_core.shards import ShardError, iter_shard_batches, read_manifest, shard_paths
+    from psp_core.data.shards import ShardError, iter_shard_batches, read_manifest, shard_paths
 
     for name, value in s3_server.env().items():
         monkeypatch.setenv(name, value)
@@ -58,13 +58,13 @@ def test_shard_readers_work_on_a_bucket_and_check_it(tmp_path, s3_server, monkey
                                  rows_per_shard=4, test_fraction=0.5))
     filesystem, folder = storage.reader_filesystem(uri)
     remote_manifest, local_manifest = read_manifest(folder, filesystem), read_manifest(tmp_path / "shards")
-    drop_names = lambda m: {**m, "shards": [{k: v for k, v in e.items() if k != "file"} for e in m["shards"]]}  # noqa: E731
+    drop_names = lambda m: {**m.document, "shards": [{k: v for k, v in e.items() if k != "file"} for e in m.shards]}  # noqa: E731
     assert drop_names(remote_manifest) == drop_names(local_manifest)   # same bytes; in the bucket under a generation prefix
     remote = list(iter_shard_batches(shard_paths(folder, verify=True, filesystem=filesystem), 4, filesystem=filesystem))
     local = list(iter_shard_batches(shard_paths(tmp_path / "shards"), 4))
     assert [b.ids for b in remote] == [b.ids for b in local] and len(remote) == 2
     assert all(np.array_equal(r.images, l.images) for r, l in zip(remote, local))
-    first = remote_manifest["shards"][0]["file"]
+    first = remote_manifest.shards[0]["file"]
     storage.write_bytes_atomic(f"{uri}/{first}", b"not the shard")
     with pytest.raises(ShardError, match="not the size the manifest records"):
         shard_paths(folder, filesystem=filesystem)
@@ -156,8 +156,8 @@ def run_stages(driver: Path, head: Path, worker_node: Path, bucket: str, s3_serv
     shard = run_psp(["shard"], driver)
     assert shard.returncode == 0, shard.stderr[-3000:]
     manifest = json.loads(storage.read_bytes(f"{bucket}/shards/manifest.json"))
-    assert manifest["rows"]["total"] == 16 and manifest["rows"]["test"] >= 2
-    assert all(storage.exists(f"{bucket}/shards/{e['file']}") for e in manifest["shards"])
+    assert manifest.rows["total"] == 16 and manifest.rows["test"] >= 2
+    assert all(storage.exists(f"{bucket}/shards/{e['file']}") for e in manifest.shards)
 
     # a wrong secret key and a missing bucket: one line naming the URI, exit 2, before any work
     wrong = run_psp(["train"], driver, env={**s3_server.env(), "AWS_SECRET_ACCESS_KEY": "wrong-secret-key"})

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from psp_core.optim import Ranger, build_optimizer, centralize_gradient
+from psp_core.training.optim import Ranger, build_optimizer, centralize_gradient
 
 
 def reference_ranger(params, grads_per_step, lr, betas, eps, alpha, k):

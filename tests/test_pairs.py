@@ -1,4 +1,4 @@
-"""Paired sources (label maps, sketches) from shards to the encoder: one decoder in psp_core.shards feeds
+"""Paired sources (label maps, sketches) from shards to the encoder: one decoder in psp_core.data.shards feeds
 evaluate, invert and training the same (source, target) pair for every input kind."""
 from __future__ import annotations
 
@@ -15,13 +15,14 @@ from PIL import Image
 
 from pipeline_helpers import face_like_png
 from pipelines.cli import main
-from pipelines.invert import Inverter, read_unit
-from pipelines.sections import InvertConfig, ShardConfig
-from pipelines.shard import write_shards
+from pipelines.stages.invert import Inverter, read_unit
+from pipelines.params.schema import InvertConfig, ShardConfig
+from pipelines.stages.shard import write_shards
 from psp_core import PSP, PSPArchitecture, save_psp
-from psp_core.presets import PresetTransform, get_preset
-from psp_core.shards import (
-    ShardError, has_paired_sources, iter_shard_batches, pair_tensors, read_manifest, shard_paths,
+from psp_core.data.presets import PresetTransform, get_preset
+from psp_core.data.tensors import batch_pair, pair_tensors
+from psp_core.data.shards import (
+    ShardError, iter_shard_batches, read_manifest, shard_paths,
 )
 
 N_IMAGES = 6
@@ -65,15 +66,15 @@ def tiny_seg_model(root: Path) -> tuple[PSP, Path]:
 
 def test_label_maps_decode_as_class_ids(seg_shards):
     manifest = read_manifest(seg_shards / "shards")
-    assert has_paired_sources(manifest) and manifest["rows"]["total"] == N_IMAGES
+    assert manifest.paired_sources and manifest.rows["total"] == N_IMAGES
     batch = next(iter_shard_batches(shard_paths(seg_shards / "shards"), N_IMAGES, source_kind="segmentation"))
-    source, target = batch.pair("segmentation")
+    source, target = batch_pair(batch, "segmentation")
     assert source.dtype == torch.int64 and source.shape == (N_IMAGES, 1, 48, 48)
     assert target.dtype == torch.uint8 and target.shape == (N_IMAGES, 3, 48, 48)
     for i, path in enumerate(batch.source_paths):
         np.testing.assert_array_equal(source[i, 0].numpy(), labels_of(path, seg_shards))
     sketches = next(iter_shard_batches(shard_paths(seg_shards / "shards"), 2, source_kind="sketch"))
-    assert sketches.pair("sketch")[0].shape == (2, 1, 48, 48)
+    assert batch_pair(sketches, "sketch")[0].shape == (2, 1, 48, 48)
     with pytest.raises(ShardError, match="needs paired label maps"):
         pair_tensors(batch.images, None, "segmentation")
 

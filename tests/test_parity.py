@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from parity_rule import FIXTURES, e4e_training_state, rule_state_dict, write_released_family, write_released_psp
 from psp_core import load_generator, load_irse50, load_psp, refine
-from psp_core.devices import use_ieee_fp32
+from psp_core.runtime.devices import use_ieee_fp32
 from psp_core.inference import average_image
 
 DEVICE = torch.device(os.environ.get("PSP_TEST_DEVICE", "cpu"))

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from psp_core.losses import LossWeights
-from psp_core.presets import PRESETS, PresetTransform, get_preset
-from psp_core.transforms import (
+from psp_core.training.losses import LossWeights
+from psp_core.data.presets import PRESETS, PresetTransform, get_preset
+from psp_core.data.transforms import (
     degrade_resolution,
     grayscale,
     one_hot_labels,

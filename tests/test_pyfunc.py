@@ -18,10 +18,10 @@ import pytest
 import torch
 
 from pipeline_helpers import clean_env, free_port
-from pipelines import tracking
+from pipelines.services import tracking
 from psp_core import PSP, PSPArchitecture, refine, save_psp
 from psp_core.errors import InputError
-from psp_core.presets import PresetTransform, get_preset
+from psp_core.data.presets import PresetTransform, get_preset
 
 NAME = "restyle-encoder"
 

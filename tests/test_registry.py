@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from parity_rule import FIXTURES, write_released_psp
-from pipelines import tracking
+from pipelines.services import tracking
 from pipelines.cli import main
-from pipelines.tracking import SOURCE_TAG
+from pipelines.services.tracking import SOURCE_TAG
 
 NAME = tracking.DEFAULT_REGISTERED_MODEL
 

@@ -13,14 +13,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from pipeline_helpers import make_shards, noisy_psp, run_psp, smooth_images, write_params
-from pipelines.config import ConfigError, load_section
-from pipelines.sections import TrainConfig
+from pipelines.params.loading import ConfigError, load_section
+from pipelines.params.schema import TrainConfig
 from psp_core import PSPArchitecture, build_psp, load_psp
-from psp_core.engine import LAST_CHECKPOINT, Trainer, TrainingConfig, prepare_for_training
-from psp_core.irse import IRSEBackbone
-from psp_core.losses import LossWeights, PSPLoss
-from psp_core.presets import PresetTransform, get_preset
-from psp_core.psp import PSP
+from psp_core.training.engine import LAST_CHECKPOINT, Trainer, TrainingConfig, prepare_for_training
+from psp_core.nets.irse import IRSEBackbone
+from psp_core.training.losses import LossWeights, PSPLoss
+from psp_core.data.presets import PresetTransform, get_preset
+from psp_core.nets.psp import PSP
 from test_engine import Recorder, perturbed, scramble_rngs, shuffled_epochs
 
 TINY_RESTYLE = PSPArchitecture(encoder_type="BackboneEncoder", family="restyle_psp", input_nc=6, output_size=16,

@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipelines.align import AlignConfig, align_folder
-from pipelines.sample import MANIFEST_FILE, Augmentation, SampleConfig, build_sample
+from pipelines.stages.align import AlignConfig, align_folder
+from pipelines.stages.sample import MANIFEST_FILE, Augmentation, SampleConfig, build_sample
 
 
 @pytest.fixture(scope="module")

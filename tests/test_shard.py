@@ -11,15 +11,15 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.align import write_index
-from pipelines.shard import ShardConfig, write_shards
-from psp_core.shards import (
+from pipelines.stages.align import write_index
+from pipelines.stages.shard import ShardConfig, write_shards
+from psp_core.data.tensors import images_to_tensor
+from psp_core.data.shards import (
     SHARD_SCHEMA,
     ShardError,
     assign_split,
     content_id,
     decode_images,
-    images_to_tensor,
     iter_shard_batches,
     read_manifest,
     shard_paths,
@@ -65,8 +65,8 @@ def test_round_trip_is_lossless_and_bytes_are_stored_as_is(tmp_path):
     files = make_folder(tmp_path / "aligned", range(20))
     report = write_shards(config(tmp_path, tmp_path / "aligned"))
     manifest = read_manifest(tmp_path / "shards")
-    assert manifest["rows"]["total"] == 20 == report["rows"]["train"] + report["rows"]["test"]
-    assert [s["rows"] for s in manifest["shards"]] == [7, 7, 6]
+    assert manifest.rows["total"] == 20 == report["rows"]["train"] + report["rows"]["test"]
+    assert [s["rows"] for s in manifest.shards] == [7, 7, 6]
     shard = pq.ParquetFile(tmp_path / "shards" / "shard-00000.parquet")
     assert shard.schema_arrow.remove_metadata() == SHARD_SCHEMA.remove_metadata()
     assert shard.metadata.num_row_groups == 3  # 7 rows in groups of 3
@@ -104,9 +104,9 @@ def test_duplicates_dropped_and_bad_files_reported(tmp_path):
     report = write_shards(config(tmp_path, tmp_path / "aligned"))
     manifest = read_manifest(tmp_path / "shards")
     assert report["rows"]["total"] == 5
-    assert report["duplicates_dropped"] == 1 and manifest["duplicates"] == [
+    assert report["duplicates_dropped"] == 1 and manifest.document["duplicates"] == [
         {"file": "img001.png", "source_path": "img001.png", "same_as": "copy_of_img001.png"}]
-    assert report["rejected"] == 1 and manifest["rejects"][0]["file"] == "broken.png"
+    assert report["rejected"] == 1 and manifest.document["rejects"][0]["file"] == "broken.png"
 
 
 def test_jpeg_setting_reencodes_and_keeps_jpegs(tmp_path):
@@ -144,7 +144,7 @@ def test_landmarks_from_align_index_and_paired_sources(tmp_path):
 
     (sources / "photo001.png").unlink()
     report = write_shards(config(tmp_path, folder, source_dir=str(sources)))
-    rejects = read_manifest(tmp_path / "shards")["rejects"]
+    rejects = read_manifest(tmp_path / "shards").document["rejects"]
     assert report["rows"]["total"] == 3 and "no paired source" in rejects[0]["reason"]
 
 

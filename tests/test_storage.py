@@ -1,4 +1,4 @@
-"""pipelines.storage against a real S3-compatible server (SeaweedFS, started by the `s3_server` fixture):
+"""pipelines.services.storage.objects against a real S3-compatible server (SeaweedFS, started by the `s3_server` fixture):
 round trips, atomic publishing, access checks, the weights cache, Parquet through an S3 URI."""
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import storage
+from pipelines.services import storage, tracking
 from psp_core.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -320,7 +320,7 @@ FETCH_SCRIPT = textwrap.dedent("""
     import logging, sys, time
     from pathlib import Path
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from pipelines.storage import cached_weights
+    from pipelines.services.storage import cached_weights
     go = Path(sys.argv[3])
     while not go.exists():
         time.sleep(0.01)
@@ -380,9 +380,9 @@ def test_cached_weights_from_an_mlflow_run(tmp_path, monkeypatch, caplog):
         mlflow.log_artifact(str(weights), artifact_path="pretrained")
     uri = f"runs:/{run.info.run_id}/pretrained/ir_se50.pth"
     cache = tmp_path / "cache"
-    with caplog.at_level("INFO", logger="pipelines.storage"):
-        first = storage.cached_weights(uri, cache_dir=cache)
-        second = storage.cached_weights(uri, cache_dir=cache)
+    with caplog.at_level("INFO", logger="pipelines.services.storage.cache"):
+        first = tracking.fetch_weights(uri, cache_dir=cache)
+        second = tracking.fetch_weights(uri, cache_dir=cache)
     assert first == second == cache / "sha256" / hashlib.sha256(b"irse50 weights").hexdigest() / "ir_se50.pth"
     assert first.read_bytes() == b"irse50 weights"
     assert caplog.text.count("fetching") == 1 and caplog.text.count("using the cached copy") == 1

@@ -14,11 +14,11 @@ import torch
 
 from pipeline_helpers import noisy_psp, smooth_images
 from psp_core import PSPArchitecture
-from psp_core.devices import MEASURED_TRAINING_PAYOFF, CompilePayoff
-from psp_core.engine import LAST_CHECKPOINT, Trainer, TrainingConfig, training_compiles
+from psp_core.runtime.devices import MEASURED_TRAINING_PAYOFF, CompilePayoff
+from psp_core.training.engine import LAST_CHECKPOINT, Trainer, TrainingConfig, training_compiles
 from psp_core.errors import InputError
-from psp_core.losses import LossWeights, PSPLoss
-from psp_core.presets import PresetTransform, get_preset
+from psp_core.training.losses import LossWeights, PSPLoss
+from psp_core.data.presets import PresetTransform, get_preset
 
 TINY = PSPArchitecture(output_size=16, encoder_input_size=64)
 

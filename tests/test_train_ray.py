@@ -133,7 +133,7 @@ def test_two_workers_survive_a_killed_worker_and_a_killed_driver_and_register(tm
     assert sorted(steps) == sorted(first + second + third) and set(steps) == set(range(1, max_steps + 1))
     assert "val_loss" in run.data.metrics and "images_per_s" in run.data.metrics
     assert run.data.tags["psp.random_weights"] == "generator,encoder_backbone_irse50,lpips_alexnet"
-    assert len(run.data.tags["psp.shard_manifest_sha256"]) == 64
+    assert len(run.data.tags["psp.shard_manifest_digest"]) == 32
     assert run.data.params["loss.lpips_lambda"] == "0.8" and run.data.params["num_workers"] == "2"
     artifacts = [a.path for a in client.list_artifacts(run.info.run_id)]
     assert "images" in artifacts, artifacts

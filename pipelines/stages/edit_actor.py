@@ -1,0 +1,113 @@
+"""`psp edit`'s Ray Data side: a direction to move codes along, and the actor that moves and decodes them.
+Kept apart from the driver so the actors import only what decoding needs."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from pipelines.services import storage
+from psp_core.data.tensors import png_bytes
+from psp_core.editing.directions import LatentEdit
+from psp_core.inference import InferenceModel
+
+LATENTS, IMAGES, GRIDS = "latents", "images", "grids"
+IMAGE_PATH = re.compile(rf"^{IMAGES}/[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*_[+-][0-9.e+-]+\.png$")
+"""What an image path recorded in an output file looks like (checked before a stale image is removed)."""
+
+
+@dataclass(frozen=True)
+class Direction:
+    """One grid's worth of edits: a named direction, its strengths (grid columns) and the edit applying it."""
+
+    name: str
+    edit: str
+    kind: str
+    index: int | None
+    strengths: tuple[float, ...]
+    latent_edit: LatentEdit
+
+    def moved(self, codes: torch.Tensor) -> torch.Tensor:
+        """W+ codes [N, S, 512] at every strength: [F, N, S, 512]."""
+        return self.latent_edit(codes, self.strengths)
+
+    def image_path(self, image_id: str, column: int) -> str:
+        """The edited image's path in the output folder, named by code id and strength."""
+        return f"{IMAGES}/{self.name}/{image_id}_{self.strengths[column]:+g}.png"
+
+    def describe(self) -> dict[str, Any]:
+        """The direction as the report and manifest list it."""
+        return {"name": self.name, "edit": self.edit, "kind": self.kind, "index": self.index,
+                "strengths": list(self.strengths), "grid": grid_path(self.name)}
+
+
+def grid_path(direction: str) -> str:
+    """A direction's grid in the output folder."""
+    return f"{GRIDS}/{direction}.png"
+
+
+def read_codes(item: pa.Table) -> pa.Table:
+    """One invert file's codes to edit: variant 0 rows without an error."""
+    unit, path = item.column("unit")[0].as_py(), item.column("path")[0].as_py()
+    table = storage.parquet_columns(path, ["id", "source_path", "latent", "variant", "error"])
+    table = table.filter(pc.and_(pc.equal(table.column("variant"), 0), pc.is_null(table.column("error"))))
+    table = table.drop(["variant", "error"])
+    return table.add_column(0, "unit", pa.array([unit] * table.num_rows, pa.string()))
+
+
+class Editor:
+    """Ray Data actor: loads the generator once, then edits batches of W+ codes along every direction at
+    every strength and decodes them (stored noise, so an unchanged code gives its reconstruction)."""
+
+    def __init__(self, checkpoint: str, directions: list[Direction], batch_size: int, use_gpu: bool, cpus: float,
+                 precision: str = "fp32", compile: str | bool = False, compile_cache: str | None = None,
+                 n_images: int = 0):
+        device = "cuda" if use_gpu else "cpu"
+        if device == "cpu":
+            torch.set_num_threads(max(1, int(cpus)))
+        self.model = InferenceModel.load(checkpoint, None, device, precision, compile, compile_cache, n_images)
+        self.device = self.model.device
+        self.n_styles = self.model.n_styles
+        self.directions = directions
+        self.batch_size = batch_size
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        n, styles = table.num_rows, self.n_styles
+        flat = table.column("latent").combine_chunks().flatten().flatten().to_numpy(zero_copy_only=False)
+        codes = torch.from_numpy(flat.reshape(n, styles, 512).copy()).to(self.device)   # [N, S, 512]
+        ids = table.column("id").to_pylist()
+        parts = []
+        with torch.inference_mode():
+            for direction in self.directions:
+                moved = direction.moved(codes)                                        # [F, N, S, 512]
+                f = len(direction.strengths)
+                assert moved.shape == (f, n, styles, 512), moved.shape
+                latents = moved.reshape(f * n, styles * 512).float().cpu().numpy()
+                rows = pa.array(np.tile(np.arange(n), f))
+                parts.append(pa.table({
+                    "unit": table.column("unit").take(rows), "id": table.column("id").take(rows),
+                    "source_path": table.column("source_path").take(rows),
+                    "edit": pa.array([direction.edit] * (f * n), pa.string()),
+                    "kind": pa.array([direction.kind] * (f * n), pa.string()),
+                    "direction": pa.array([direction.name] * (f * n), pa.string()),
+                    "index": pa.array([direction.index] * (f * n), pa.int32()),
+                    "strength": pa.array(np.repeat(np.asarray(direction.strengths, np.float32), n), pa.float32()),
+                    "latent": pa.FixedSizeListArray.from_arrays(
+                        pa.FixedSizeListArray.from_arrays(pa.array(latents.reshape(-1)), 512), styles),
+                    "image": pa.array([direction.image_path(ids[i], k) for k in range(f) for i in range(n)], pa.string()),
+                    "png": pa.array(self.decode(moved.flatten(0, 1)), pa.binary()),
+                }))
+        return pa.concat_tables(parts)
+
+    def decode(self, codes: torch.Tensor) -> list[bytes]:
+        """W+ codes [M, S, 512] -> PNG bytes of their images, decoded `batch_size` at a time."""
+        pngs = []
+        for start in range(0, codes.shape[0], self.batch_size):
+            images = self.model.decode(codes[start:start + self.batch_size])          # [B, 3, H, W]
+            pngs.extend(png_bytes(image) for image in images)
+        return pngs

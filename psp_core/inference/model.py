@@ -1,0 +1,175 @@
+"""The inference model: everything between a checkpoint and W+ codes, images and scores, for every stage.
+
+`InferenceModel` loads any supported checkpoint onto a device and precision, turns decoded images into
+encoder input with the preset's transform, runs the encoder (one pass for pSp and e4e, ReStyle's
+iterative `refine` for the ReStyle families), pools outputs to 256 for scoring, and makes style-mixed
+variants. `psp evaluate`, `psp invert`, `psp edit` and the MLflow pyfunc all call it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from psp_core.data.presets import PresetTransform, get_preset
+from psp_core.errors import InputError
+from psp_core.inference.refine import refine
+from psp_core.nets.checkpoints import load_psp
+from psp_core.nets.psp import POOLED_SIZE, PSP, mix_styles
+from psp_core.options import REFINED_CHANNELS, RESTYLE_FAMILIES, Precision
+from psp_core.runtime.devices import (
+    CompileChoice,
+    autocast,
+    compile_model,
+    keep_freed_memory,
+    resolve_compile,
+    resolve_precision,
+)
+
+DEFAULT_REFINE_ITERS = 5
+"""ReStyle's refinement steps at inference when none are asked for (the papers' and reference's 5)."""
+
+FINE_LAYERS_FROM = 8
+"""Multi-modal synthesis mixes the W+ layers from this one up (the reference's latent_mask 8-17)."""
+
+
+def choose_device(choice: str = "auto") -> torch.device:
+    """`auto`: the first CUDA device when there is one, else the CPU; `cuda` without one is an InputError."""
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.device(choice).type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {choice} asked for, but no CUDA device is available")
+    return torch.device(choice)
+
+
+def image_channels(net: PSP) -> int:
+    """The channels of the images the caller gives (a ReStyle encoder also sees its last output: 3 more)."""
+    refined = REFINED_CHANNELS if net.arch.family in RESTYLE_FAMILIES else 0
+    return net.arch.input_nc - refined
+
+
+def default_mix_layers(n_styles: int) -> list[int]:
+    """The W+ layers style mixing replaces by default: 8 and up, or the upper half for smaller generators."""
+    return list(range(FINE_LAYERS_FROM, n_styles)) or list(range(n_styles // 2, n_styles))
+
+
+def scored(images: Tensor) -> Tensor:
+    """Generator images [N, 3, S, S] as they are scored, shown and saved: float32, clamped to [-1, 1],
+    pooled to 256x256 (the size the losses and the reference's metrics use)."""
+    return F.adaptive_avg_pool2d(images.float(), (POOLED_SIZE, POOLED_SIZE)).clamp(-1, 1)
+
+
+def should_compile(net: PSP, device: torch.device, choice: CompileChoice, n_images: int,
+                   n_iters: int | None = None) -> bool:
+    """The compile decision for `n_images` images through this model (`auto`: when the forward passes,
+    ReStyle's steps included, repay the compile at this generator size; see `resolve_compile`)."""
+
+    passes = n_images * ((n_iters or DEFAULT_REFINE_ITERS) if net.arch.family in RESTYLE_FAMILIES else 1)
+    return resolve_compile(choice, passes, device, net.arch.output_size)
+
+
+@dataclass(frozen=True)
+class Inversion:
+    """One pass of the encoder: generator images [N, 3, S, S] and W+ codes [N, n_styles, 512]."""
+
+    images: Tensor
+    latents: Tensor
+
+
+class InferenceModel:
+    """A loaded encoder ready for inference: the network on its device, the forward precision (`auto`
+    resolved for the hardware), optionally compiled, and the preset's input transform (the same one
+    evaluation and training validation use)."""
+
+    def __init__(self, net: PSP, preset: str | None = "encode", device: torch.device | str = "cpu",
+                 precision: Precision = "fp32", compile: bool = False, compile_cache: str | Path | None = None) -> None:
+        """`preset` None: only the generator is used (`decode`, e.g. for editing codes), no images are encoded.
+        On a CPU it sets `keep_freed_memory`, which is fully effective only when set before the process
+        allocated its models, as `load` does."""
+
+        task = get_preset(preset or "encode")
+        if preset is not None and image_channels(net) != task.input_nc:
+            raise InputError(f"the model takes {image_channels(net)}-channel images; preset {preset} gives "
+                             f"{task.input_nc} channels")
+        self.device = torch.device(device)
+        if self.device.type == "cpu":
+            keep_freed_memory()
+        self.net = net.to(self.device).eval()
+        self.precision = resolve_precision(precision, self.device)
+        self.compiled = compile
+        if compile:   # the two networks, so the one-pass call, `refine` and `decode` all run compiled
+            self.net.encoder = compile_model(self.net.encoder, compile_cache)
+            self.net.decoder = compile_model(self.net.decoder, compile_cache)
+        self.input_kind = task.input_kind
+        self.transform = PresetTransform(task, net.arch.encoder_input_size, train=False)
+
+    @classmethod
+    def load(cls, checkpoint: str | Path, preset: str = "encode", device: str = "auto",
+             precision: Precision = "fp32", compile: CompileChoice = False,
+             compile_cache: str | Path | None = None, n_images: int = 0,
+             n_iters: int | None = None) -> "InferenceModel":
+        """Load any supported checkpoint (pSp, ReStyle-pSp, ReStyle-e4e, e4e) strictly, weights only.
+        `compile="auto"` compiles when `n_images` forward passes (times the ReStyle steps) repay it. On a CPU
+        the process keeps freed memory (`keep_freed_memory`), set before the weights are read: set after a
+        process has allocated its models, glibc still trims what the batches free."""
+
+        chosen = choose_device(device)
+        if chosen.type == "cpu":
+            keep_freed_memory()
+        net = load_psp(checkpoint, chosen)
+        return cls(net, preset, chosen, precision, should_compile(net, chosen, compile, n_images, n_iters),
+                   compile_cache)
+
+    @property
+    def iterative(self) -> bool:
+        """Whether the encoder refines its own output (ReStyle) rather than encoding in one pass."""
+        return self.net.arch.family in RESTYLE_FAMILIES
+
+    @property
+    def n_styles(self) -> int:
+        return self.net.n_styles
+
+    def prepare(self, source: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        """Decoded (source, target) NCHW (uint8 / label maps) -> encoder input [N, C, E, E] and target
+        [N, 3, 256, 256] in [-1, 1], on the model's device. Deterministic: evaluation draws nothing."""
+        source, target = self.transform(source, target, torch.Generator().manual_seed(0))
+        return source.to(self.device), target.to(self.device)
+
+    @torch.inference_mode()
+    def invert(self, source: Tensor, n_iters: int | None = None) -> list[Inversion]:
+        """Encoder input [N, C, E, E] -> one Inversion per refinement step (`n_iters`, default 5), or a
+        single one for pSp and e4e, which run in one pass whatever `n_iters` says; stored noise, as the
+        reference's inference."""
+
+        with autocast(self.device, self.precision):
+            if self.iterative:
+                steps = refine(self.net, source, n_iters or DEFAULT_REFINE_ITERS)
+                return [Inversion(images, latents) for images, latents in steps]
+            images, latents = self.net(source, resize=False, randomize_noise=False, return_latents=True)
+        return [Inversion(images, latents)]
+
+    @torch.inference_mode()
+    def decode(self, latents: Tensor) -> Tensor:
+        """W+ codes [N, n_styles, 512] -> generator images [N, 3, S, S] (stored noise)."""
+
+        with autocast(self.device, self.precision):
+            images, _ = self.net.decoder([latents.to(self.device)], input_is_latent=True, randomize_noise=False)
+        return images
+
+    @torch.inference_mode()
+    def style_mix(self, latents: Tensor, seeds: Sequence[int], layers: Sequence[int] | None = None,
+                  alpha: float | None = None) -> Inversion:
+        """Multi-modal synthesis: the `layers` of each code [N, n_styles, 512] replaced by (or blended by
+        `alpha` toward) the W code of a random z drawn from that image's seed, then decoded."""
+
+        z = torch.stack([torch.randn(self.net.arch.style_dim, generator=torch.Generator().manual_seed(seed))
+                         for seed in seeds]).to(self.device)
+        with autocast(self.device, self.precision):
+            inject = self.net.decoder.get_latent(z).unsqueeze(1).expand_as(latents)
+            codes = mix_styles(latents, layers if layers is not None else default_mix_layers(self.n_styles),
+                               inject, alpha)
+        return Inversion(self.decode(codes), codes)

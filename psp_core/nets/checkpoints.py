@@ -1,0 +1,282 @@
+"""Reading and writing the public checkpoint formats, strictly and without unpickling code.
+
+- StyleGAN2 generator: `{'g_ema': state_dict, 'latent_avg': [512] (optional), ...}`
+- ArcFace IR-SE50: a bare state dict (`model_ir_se50.pth`)
+- pSp: `{'state_dict': encoder.* + decoder.*, 'opts': dict, 'latent_avg': [512] or [n_styles, 512]}`,
+  and the same layout for ReStyle-pSp, ReStyle-e4e and e4e (family read from `opts`; entries beside
+  these three, such as `optimizer` or e4e's `discriminator_state_dict`, are not part of the model)
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import pickletools
+import re
+import tempfile
+import warnings
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from psp_core.errors import InputError
+from psp_core.nets.irse import IRSEBackbone
+from psp_core.nets.psp import PSP, PSPArchitecture
+from psp_core.nets.stylegan2 import Generator
+from psp_core.options import RESTYLE_FAMILIES
+
+log = logging.getLogger(__name__)
+
+MEAN_LATENT_SAMPLES = 10_000   # w samples averaged for latent_avg when the generator file has none
+MEAN_LATENT_SEED = 0
+STEM_WEIGHT = "input_layer.0.weight"   # IR-SE50's first convolution, [64, 3, 3, 3]
+
+
+class CheckpointError(InputError):
+    """A checkpoint file that cannot be used: unreadable, unsafe, or of the wrong architecture."""
+
+
+def read_checkpoint(path: str | Path) -> Any:
+    """`torch.load(path, weights_only=True)` on CPU, with one-line errors for the usual failures."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on pickle protocols: the verdict below says it all
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        imported = pickled_imports(path)
+        if imported:
+            raise CheckpointError(f"{path}: refused (weights_only=True): it would import {imported[0]} when loaded: "
+                                  "Python objects, possibly code, not only tensors") from None
+        raise CheckpointError(f"{path}: truncated or not a PyTorch checkpoint (corrupt data or another format)") from None
+    except Exception as err:  # torch.load surfaces a corrupt file as many exception types
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: truncated or not a PyTorch checkpoint ({first})") from None
+
+
+SAFE_PICKLE_MODULES = ("torch", "collections", "_codecs")
+
+
+def pickled_imports(path: Path) -> list[str]:
+    """The `module.name` globals outside torch and plain containers that a (torch zip or raw)
+    pickle would import, read from its opcodes without running them; [] for data that is not a pickle."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                data = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
+        else:
+            data = path.read_bytes()
+        strings: list[str] = []
+        found = []
+        for opcode, arg, _ in pickletools.genops(data):
+            if isinstance(arg, str):
+                strings.append(arg)
+            if opcode.name == "GLOBAL":
+                found.append(str(arg).replace(" ", "."))
+            elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                found.append(f"{strings[-2]}.{strings[-1]}")
+    except Exception:  # not a pickle at all (random bytes, a truncated archive): nothing it would import
+        return []
+    return [name for name in found if name.split(".")[0] not in SAFE_PICKLE_MODULES]
+
+
+def check_state_dict(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], what: str) -> None:
+    """Raise one CheckpointError naming the first missing, unexpected and mis-shaped keys, if any."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
+                  if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    problems = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+        if items:
+            more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
+            problems.append(f"{len(items)} {label}: {', '.join(items[:3])}{more}")
+    if problems:
+        raise CheckpointError(f"{what} does not match the architecture: " + "; ".join(problems))
+
+
+def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
+    """Load every tensor of `state` into `module`, all keys and shapes matching."""
+    check_state_dict(module.state_dict(), state, what)
+    module.load_state_dict(state, strict=True)
+
+
+def sub_state(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries under `prefix.` with the prefix removed (e.g. `encoder.` of a pSp state dict)."""
+    return {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
+
+
+def _require(ckpt: Any, key: str, path: str | Path) -> Any:
+    if not isinstance(ckpt, dict) or key not in ckpt:
+        keys = sorted(ckpt)[:5] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(f"{path}: no {key!r} entry (found {keys}); is this the right kind of checkpoint?")
+    return ckpt[key]
+
+
+def generator_architecture(state: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """Size, style_dim, n_mlp and channel multiplier of a `g_ema` state dict, read from its tensors."""
+    n_rgbs = sum(1 for k in state if re.fullmatch(r"to_rgbs\.\d+\.bias", k))
+    size = 2 ** (n_rgbs + 2)
+    n_mlp = sum(1 for k in state if re.fullmatch(r"style\.\d+\.weight", k))
+    style_dim = state["conv1.conv.modulation.weight"].shape[1] if "conv1.conv.modulation.weight" in state else 512
+    multiplier = 2
+    if size >= 64 and "convs.6.conv.weight" in state:
+        multiplier = max(1, state["convs.6.conv.weight"].shape[1] // 256)
+    return {"size": size, "style_dim": style_dim, "n_mlp": n_mlp, "channel_multiplier": multiplier}
+
+
+@dataclass
+class GeneratorCheckpoint:
+    """A generator and the average latent stored beside it (None when the file has none)."""
+
+    generator: Generator
+    latent_avg: torch.Tensor | None
+
+
+def read_generator_checkpoint(path: str | Path) -> GeneratorCheckpoint:
+    """Load a rosinality-layout generator checkpoint; the architecture is read from the tensors."""
+    ckpt = read_checkpoint(path)
+    state = _require(ckpt, "g_ema", path)
+    generator = Generator(**generator_architecture(state))
+    load_strict(generator, state, f"{path} g_ema")
+    latent_avg = ckpt.get("latent_avg")
+    return GeneratorCheckpoint(generator.eval(), None if latent_avg is None else latent_avg.float())
+
+
+def load_generator(path: str | Path) -> Generator:
+    """StyleGAN2 generator (`g_ema`) from a public checkpoint, in eval mode."""
+    return read_generator_checkpoint(path).generator
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """Eval mode and no gradients: for networks used only as fixed functions."""
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+def load_irse50(path: str | Path) -> IRSEBackbone:
+    """Frozen ArcFace IR-SE50 identity network from `model_ir_se50.pth`: [N,3,112,112] -> [N,512], unit norm."""
+    state = read_checkpoint(path)
+    if not isinstance(state, dict) or "input_layer.0.weight" not in state:
+        raise CheckpointError(f"{path}: not an IR-SE50 state dict (no 'input_layer.0.weight')")
+    net = IRSEBackbone(112, 50, "ir_se")
+    load_strict(net, state, str(path))
+    return freeze(net)
+
+
+def load_psp(path: str | Path, device: str | torch.device = "cpu") -> PSP:
+    """A pSp, ReStyle or e4e checkpoint (released or ours) -> model in eval mode, architecture and
+    family read from its `opts`; only `state_dict`, `opts` and `latent_avg` are read."""
+    ckpt = read_checkpoint(path)
+    state = _require(ckpt, "state_dict", path)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: 'state_dict' must be a dict of tensors, got {type(state).__name__}")
+    opts = ckpt.get("opts", {})
+    latent_avg = ckpt.get("latent_avg")
+    if latent_avg is not None and not isinstance(latent_avg, torch.Tensor):
+        raise CheckpointError(f"{path}: 'latent_avg' must be a tensor, got {type(latent_avg).__name__}")
+    try:
+        arch = PSPArchitecture.from_opts(opts, has_latent_avg=latent_avg is not None)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: unusable 'opts': {err}") from None
+    if latent_avg is None and arch.start_from_latent_avg:
+        raise CheckpointError(f"{path}: a {arch.family} model that starts from latent_avg, but the file has no "
+                              "'latent_avg'")
+    net = PSP(arch)
+    load_strict(net.encoder, sub_state(state, "encoder"), f"{path} encoder")
+    load_strict(net.decoder, sub_state(state, "decoder"), f"{path} decoder")
+    extra = [k for k in state if not k.startswith(("encoder.", "decoder."))]
+    if extra:
+        raise CheckpointError(f"{path}: state_dict has keys outside encoder/decoder: {extra[:3]}")
+    try:
+        net.set_latent_avg(latent_avg)
+    except ValueError as err:
+        raise CheckpointError(f"{path}: {err}") from None
+    return net.to(device).eval()
+
+
+def psp_checkpoint(net: PSP, **extra: Any) -> dict[str, Any]:
+    """The reference layout of a pSp checkpoint (plus any `extra` entries, e.g. training state)."""
+    ckpt: dict[str, Any] = {"state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+                            "opts": net.opts}
+    if net.latent_avg is not None:
+        ckpt["latent_avg"] = net.latent_avg.detach().cpu()
+    ckpt.update(extra)
+    return ckpt
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> Path:
+    """torch.save to a temporary file in the same folder, then rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_psp(net: PSP, path: str | Path, extra: Mapping[str, Any] | None = None) -> Path:
+    """Write `net` in the layout `load_psp` (and the reference code) reads, atomically."""
+    return atomic_torch_save(psp_checkpoint(net, **dict(extra or {})), path)
+
+
+def build_psp(arch: PSPArchitecture, generator_path: str | Path | None = None,
+              irse50_path: str | Path | None = None, mean_latent_samples: int = MEAN_LATENT_SAMPLES) -> PSP:
+    """A fresh pSp for training: encoder body from IR-SE50 (its stem too for RGB input, and widened for
+    ReStyle's target + last output), generator and latent_avg from the generator checkpoint (latent_avg
+    from `mean_latent` with a fixed seed when the file has none). A None path leaves that network at random init."""
+    net = PSP(arch)
+    if irse50_path is not None:
+        with_stem = arch.input_nc == 3 or arch.family in RESTYLE_FAMILIES
+        init_encoder_from_irse50(net.encoder, read_checkpoint(irse50_path), irse50_path, with_stem)
+    latent_avg = None
+    if generator_path is not None:
+        ckpt = read_generator_checkpoint(generator_path)
+        if ckpt.generator.size != arch.output_size:
+            raise CheckpointError(f"{generator_path}: generator outputs {ckpt.generator.size}px, "
+                                  f"the model wants output_size={arch.output_size}")
+        load_strict(net.decoder, ckpt.generator.state_dict(), f"{generator_path} g_ema")
+        latent_avg = ckpt.latent_avg
+    if latent_avg is None and arch.start_from_latent_avg:
+        rng = torch.Generator().manual_seed(MEAN_LATENT_SEED)
+        latent_avg = net.decoder.mean_latent(mean_latent_samples, generator=rng)
+    net.set_latent_avg(latent_avg)
+    return net
+
+
+def init_encoder_from_irse50(encoder: nn.Module, state: Any, path: str | Path, with_stem: bool) -> None:
+    """Copy the IR-SE50 body (and the stem when `with_stem`) into an encoder; the encoder's own heads
+    stay at their initialisation. A stem wider than RGB gets `widened_stem` (the ReStyle reference's)."""
+    if not isinstance(state, dict) or "input_layer.0.weight" not in state:
+        raise CheckpointError(f"{path}: not an IR-SE50 state dict (no 'input_layer.0.weight')")
+    prefixes = ("body.", "input_layer.") if with_stem else ("body.",)
+    wanted = {k: v for k, v in encoder.state_dict().items() if k.startswith(prefixes)}
+    source = {k: v for k, v in state.items() if k.startswith(prefixes)}
+    if with_stem and STEM_WEIGHT in wanted:
+        source[STEM_WEIGHT] = widened_stem(source[STEM_WEIGHT], wanted[STEM_WEIGHT].shape[1])
+    check_state_dict(wanted, source, f"{path} (as encoder body)")
+    encoder.load_state_dict(source, strict=False)
+
+
+def widened_stem(weight: torch.Tensor, input_nc: int) -> torch.Tensor:
+    """IR-SE50's RGB stem convolution [64, 3, k, k] for `input_nc` >= 3 input channels, as the ReStyle
+    reference initialises it: the released filters on the first 3 channels, N(0, 1) draws (global torch
+    RNG) on the others."""
+    if input_nc <= weight.shape[1]:
+        return weight
+    widened = torch.randn(weight.shape[0], input_nc, *weight.shape[2:], dtype=weight.dtype)
+    widened[:, :weight.shape[1]] = weight
+    return widened

@@ -1,0 +1,362 @@
+"""The pSp training engine: steps, validation, best-model selection, image grids and exactly resumable checkpoints."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from psp_core.inference import average_image, refinement_step
+from psp_core.nets.checkpoints import load_strict, read_checkpoint, save_psp
+from psp_core.nets.psp import POOLED_SIZE, PSP
+from psp_core.options import RESTYLE_FAMILIES, PSPArchitecture, TrainingConfig
+from psp_core.runtime.devices import (
+    MEASURED_TRAINING_PAYOFF,
+    autocast,
+    compile_model,
+    keep_freed_memory,
+    resolve_compile,
+    resolve_precision,
+)
+from psp_core.training.losses import PSPLoss
+from psp_core.training.optim import build_optimizer
+from psp_core.training.state import rng_state, seed_everything, set_rng_state
+from psp_core.viz import comparison_grid
+
+logger = logging.getLogger(__name__)
+
+Batch = tuple[Tensor, Tensor]
+"""A training batch: (source [N, C, H, W] for the encoder, target [N, 3, 256, 256] in [-1, 1])."""
+
+BatchSource = Iterable[Batch] | Callable[[int], Iterable[Batch]]
+"""Training data: a re-iterable of batches, or `epoch -> batches` (the caller seeds the epoch's order from it)."""
+
+BatchTransform = Callable[[Tensor, Tensor, torch.Generator], Batch]
+"""Per-batch augmentation `(source, target, generator) -> (source, target)`, drawing only from `generator`."""
+
+LAST_CHECKPOINT = "last.pt"
+BEST_CHECKPOINT = "best_model.pt"
+
+
+class TrainingCallback(Protocol):
+    """What the engine reports; the pipeline plugs a tracker (MLflow) in here, psp_core stays free of it."""
+
+    def on_step(self, step: int, metrics: dict[str, float]) -> None:
+        """Training losses of one step (every `log_interval` steps)."""
+
+    def on_validation(self, step: int, metrics: dict[str, float]) -> None:
+        """Mean validation losses over the test split."""
+
+    def on_images(self, step: int, name: str, grid: Tensor) -> None:
+        """An input | target | output grid [3, H, W] in [0, 1]."""
+
+    def on_checkpoint(self, step: int, path: Path, is_best: bool) -> None:
+        """A checkpoint was written (is_best: the new best validation loss)."""
+
+
+class NullCallback:
+    """Reports nothing."""
+
+    def on_step(self, step: int, metrics: dict[str, float]) -> None:
+        """Ignore."""
+
+    def on_validation(self, step: int, metrics: dict[str, float]) -> None:
+        """Ignore."""
+
+    def on_images(self, step: int, name: str, grid: Tensor) -> None:
+        """Ignore."""
+
+    def on_checkpoint(self, step: int, path: Path, is_best: bool) -> None:
+        """Ignore."""
+
+
+def prepare_for_training(model: PSP, train_decoder: bool) -> list[nn.Parameter]:
+    """Freeze the decoder unless it trains (call before wrapping in DDP); return the trainable parameters.
+
+    The mapping network stays frozen either way: pSp feeds W+ codes straight to the synthesis
+    network, so it gets no gradient (and DDP would stall waiting for one).
+    """
+    model.encoder.requires_grad_(True)
+    model.decoder.requires_grad_(train_decoder)
+    model.decoder.style.requires_grad_(False)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def training_compiles(config: TrainingConfig, arch: PSPArchitecture, batch_size: int,
+                      device: torch.device | str) -> bool:
+    """Whether a training process compiles its forward: `config.compile` when explicit; `auto` when the passes
+    it will run (max_steps x its batch, x n_iters_per_batch for ReStyle) repay a training compile at the
+    generator's size on `device` (`psp_core.runtime.devices.MEASURED_TRAINING_PAYOFF`)."""
+    passes_per_image = config.n_iters_per_batch if arch.family in RESTYLE_FAMILIES else 1
+    return resolve_compile(config.compile, config.max_steps * batch_size * passes_per_image, device, arch.output_size,
+                           MEASURED_TRAINING_PAYOFF)
+
+
+def mean_metrics(batches: list[dict[str, float]]) -> dict[str, float]:
+    """Average each metric over the batches that report it."""
+    keys = {k for metrics in batches for k in metrics}
+    return {k: float(np.mean([m[k] for m in batches if k in m])) for k in sorted(keys)}
+
+
+class Trainer:
+    """Trains a pSp encoder with the pSp objective; the model may arrive wrapped (DDP), `module` is always the PSP.
+    A ReStyle model trains as its reference coach: `n_iters_per_batch` refinement iterations per batch.
+
+    Construction seeds the global RNGs from `config.seed` (noise draws use them); `resume` restores them instead.
+    On a CPU the process keeps freed memory for the next step (`psp_core.runtime.devices.keep_freed_memory`; a process
+    that calls it before building its models gets all of the gain).
+    Whether to compile is decided at the first batch (`compile: auto` needs its size, see `training_compiles`);
+    compiled or not, the weights, optimiser and RNG streams are the same objects, so checkpoints and resume are too.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: PSPLoss,
+        config: TrainingConfig,
+        *,
+        checkpoint_dir: str | Path | None = None,
+        batch_transform: BatchTransform | None = None,
+        val_transform: BatchTransform | None = None,
+        callback: TrainingCallback | None = None,
+        is_main_process: bool = True,
+    ) -> None:
+        self.model = model
+        self.module: PSP = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        self.device = self.module.decoder.input.input.device
+        if self.device.type == "cpu":
+            keep_freed_memory()
+        self.loss = loss.to(self.device)
+        self.config = config
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.batch_transform = batch_transform
+        self.val_transform = val_transform
+        self.callback = callback or NullCallback()
+        self.is_main_process = is_main_process
+        self.precision = resolve_precision(config.precision, self.device)   # fp16 (a GradScaler) only on CUDA
+        self.optimizer = build_optimizer(
+            config.optimizer, prepare_for_training(self.module, config.train_decoder), config.learning_rate
+        )
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
+        self.augment_rng = torch.Generator().manual_seed(config.seed)
+        seed_everything(config.seed)
+        self.step = 0
+        self.epoch = 0
+        self.batches_done = 0
+        self.best_val_loss = math.inf
+        self.cached_average_image: Tensor | None = None
+        self.compiled: bool | None = None
+        self.forward_model: nn.Module = model
+
+    def autocast(self):
+        """Mixed-precision context for the configured precision (a no-op for fp32)."""
+        return autocast(self.device, self.precision)
+
+    def decide_compile(self, batch_size: int) -> None:
+        """At the first batch: decide whether to compile (`training_compiles`) and, if so, route the pSp forward
+        through torch.compile with the persistent cache (`config.compile_cache`). The loss networks stay eager:
+        they are under a tenth of a 256 px step, and compiling them too (IR-SE50 and LPIPS, forward and
+        backward) took minutes more and, in bf16, ~20 GB of host memory on CPU. A DDP model is
+        compiled as a whole, wrapper included, as PyTorch's DDP + compile guidance has it: Dynamo splits the
+        graph at DDP's bucket boundaries so gradient all-reduce still overlaps the backward."""
+        if self.compiled is not None:
+            return
+        self.compiled = training_compiles(self.config, self.module.arch, batch_size, self.device)
+        if self.compiled:
+            self.forward_model = compile_model(self.model, self.config.compile_cache)
+
+    def set_train_mode(self) -> None:
+        """Encoder in train mode; decoder too only when it trains; loss networks always eval."""
+        self.module.train()
+        self.module.decoder.train(self.config.train_decoder)
+        self.loss.eval()
+
+    def prepare_batch(self, batch: Batch) -> Batch:
+        """Move to the device, then apply the batch transform with the engine's resumable generator."""
+        source, target = (t.to(self.device, non_blocking=True) for t in batch)
+        if self.batch_transform is not None:
+            source, target = self.batch_transform(source, target, self.augment_rng)
+        return source, target
+
+    def train_step(self, source: Tensor, target: Tensor) -> tuple[dict[str, float], Tensor]:
+        """One optimisation step: the batch's losses back-propagated (every ReStyle iteration's), then one
+        optimiser step. Returns the loss terms and the detached output images [N, 3, 256, 256]."""
+        self.set_train_mode()
+        self.optimizer.zero_grad(set_to_none=True)
+        metrics, output = self.batch_losses(source, target, backward=True)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.step += 1
+        return metrics, output
+
+    def batch_losses(self, source: Tensor, target: Tensor, backward: bool) -> tuple[dict[str, float], Tensor]:
+        """The loss terms of one batch and its detached output [N, 3, 256, 256]: one forward pass, or ReStyle's
+        refinement iterations; with `backward`, each pass's loss is back-propagated."""
+        self.decide_compile(source.shape[0])
+        if self.module.arch.family in RESTYLE_FAMILIES:
+            return self.refinement_losses(source, target, backward)
+        with self.autocast():
+            output, latent = self.forward_model(source, return_latents=True)
+            total, metrics = self.loss(output.float(), target, source, latent.float(), self.module.latent_avg)
+        if backward:
+            self.scaler.scale(total).backward()
+        return metrics, output.detach()
+
+    def refinement_losses(self, source: Tensor, target: Tensor, backward: bool) -> tuple[dict[str, float], Tensor]:
+        """ReStyle's iterations on one batch, as its reference coach trains them: iteration 0 encodes the source
+        [N, C, H, W] beside the average image and starts from latent_avg, each later one beside the last output
+        and from the last latent (both detached in between); every iteration's loss is computed and, with
+        `backward`, back-propagated (under DDP gradients are all-reduced once, at the last). Metrics: the last
+        iteration's terms plus `loss_iter{i}`, iteration i's total loss; the output is the last iteration's."""
+        n_iters = self.config.n_iters_per_batch
+        image, latent = self.average_image(source.shape[-2:]), None
+        per_iteration: dict[str, float] = {}
+        for index in range(n_iters):
+            with self.gradient_sync(index == n_iters - 1 or not backward):
+                with self.autocast():
+                    image, latent = refinement_step(self.forward_model, source, image, latent, randomize_noise=True)
+                    output = F.adaptive_avg_pool2d(image, (POOLED_SIZE, POOLED_SIZE))
+                    total, metrics = self.loss(output.float(), target, source, latent.float(),
+                                                       self.module.latent_avg)
+                if backward:
+                    self.scaler.scale(total).backward()
+            image, latent = image.detach(), latent.detach()
+            per_iteration[f"loss_iter{index}"] = metrics["loss"]
+        return {**metrics, **per_iteration}, output.detach()
+
+    def average_image(self, size: tuple[int, int]) -> Tensor:
+        """ReStyle's first "last output": the generator's image of latent_avg pooled to `size`, [1, 3, *size]
+        float32 without gradient; computed once unless the decoder trains (then every batch)."""
+        cached = self.cached_average_image
+        if cached is None or self.config.train_decoder or tuple(cached.shape[-2:]) != tuple(size):
+            with torch.no_grad():
+                cached = average_image(self.module, tuple(size)).float()
+            self.cached_average_image = cached
+        return cached
+
+    def gradient_sync(self, sync: bool) -> contextlib.AbstractContextManager:
+        """The context of one backward pass: under DDP, gradients accumulate locally unless `sync` (then the
+        accumulated sum is all-reduced); without DDP, nothing."""
+        if sync or not isinstance(self.model, nn.parallel.DistributedDataParallel):
+            return contextlib.nullcontext()
+        return self.model.no_sync()
+
+    def validate(self, batches: Iterable[Batch]) -> dict[str, float]:
+        """Mean loss terms over the test batches (ReStyle: the last iteration's, and `loss_iter{i}`), with fixed
+        random draws that leave the training RNG untouched."""
+        self.module.eval()
+        collected: list[dict[str, float]] = []
+        transform_rng = torch.Generator().manual_seed(self.config.seed)
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            torch.manual_seed(self.config.seed)
+            for index, (source, target) in enumerate(batches):
+                if self.config.max_val_batches is not None and index >= self.config.max_val_batches:
+                    break
+                source, target = source.to(self.device), target.to(self.device)
+                if self.val_transform is not None:
+                    source, target = self.val_transform(source, target, transform_rng)
+                metrics, output = self.batch_losses(source, target, backward=False)
+                collected.append(metrics)
+                if index == 0 and self.is_main_process:
+                    self.callback.on_images(self.step, "test", self.grid(source, target, output))
+        if not collected:
+            raise ValueError("validation data yielded no batches")
+        return mean_metrics(collected)
+
+    def grid(self, source: Tensor, target: Tensor, output: Tensor) -> Tensor:
+        """The comparison grid, with per-image identity similarity when the loss has an identity network."""
+        similarities = None
+        if self.loss.identity is not None:
+            with torch.no_grad():
+                similarities = self.loss.identity.similarities(output.float(), target).cpu()
+        return comparison_grid(source, target, output, similarities)
+
+    def epoch_batches(self, data: BatchSource) -> Iterable[Batch]:
+        """The current epoch's batches, resuming after the ones already consumed."""
+        batches = data(self.epoch) if callable(data) else data
+        seen = 0
+        for seen, batch in enumerate(batches, start=1):
+            if seen > self.batches_done:
+                self.batches_done = seen
+                yield batch
+        if seen == 0:
+            raise ValueError(f"training data yielded no batches in epoch {self.epoch}")
+
+    def fit(self, train_data: BatchSource, val_data: Iterable[Batch] | None = None) -> dict[str, float]:
+        """Train until `max_steps`, validating, logging, and checkpointing on the configured intervals."""
+        cfg = self.config
+        last_val: dict[str, float] = {}
+        while self.step < cfg.max_steps:
+            for batch in self.epoch_batches(train_data):
+                source, target = self.prepare_batch(batch)
+                metrics, output = self.train_step(source, target)
+                final = self.step == cfg.max_steps
+                if self.is_main_process and (self.step % cfg.log_interval == 0 or final):
+                    self.callback.on_step(self.step, metrics)
+                if self.is_main_process and (self.step % cfg.image_interval == 0 or final):
+                    self.callback.on_images(self.step, "train", self.grid(source, target, output))
+                if val_data is not None and (self.step % cfg.val_interval == 0 or final):
+                    last_val = self.validate(val_data)
+                    if self.is_main_process:
+                        self.callback.on_validation(self.step, last_val)
+                    if last_val["loss"] < self.best_val_loss:
+                        self.best_val_loss = last_val["loss"]
+                        self.save(BEST_CHECKPOINT, is_best=True)
+                if self.step % cfg.save_interval == 0 or final:
+                    self.save(LAST_CHECKPOINT, is_best=False)
+                if final:
+                    break
+            else:
+                self.epoch += 1
+                self.batches_done = 0
+        return last_val
+
+    def training_state(self) -> dict[str, Any]:
+        """Everything besides the weights that a resumed run needs to continue identically."""
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "batches_done": self.batches_done,
+            "best_val_loss": self.best_val_loss,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "augment_rng": self.augment_rng.get_state(),
+            "rng": rng_state(self.device),
+        }
+
+    def save(self, name: str, is_best: bool) -> Path | None:
+        """Write a pSp-layout checkpoint into checkpoint_dir (main process only); the best model
+        carries only weights and step, the others also the `training_state` needed to resume."""
+        if self.checkpoint_dir is None or not self.is_main_process:
+            return None
+        extra: dict[str, Any] = {"step": self.step, "best_val_loss": self.best_val_loss}
+        if not is_best:
+            extra["training_state"] = self.training_state()
+        path = save_psp(self.module, self.checkpoint_dir / name, extra=extra)
+        self.callback.on_checkpoint(self.step, path, is_best)
+        return path
+
+    def resume(self, path: str | Path) -> None:
+        """Load weights and training state from a checkpoint written by `save`, to continue where it stopped."""
+        ckpt = read_checkpoint(path)
+        if "training_state" not in ckpt:
+            raise ValueError(f"{path}: no training_state; it is a model checkpoint, not a resumable one")
+        load_strict(self.module, ckpt["state_dict"], str(path))
+        self.module.set_latent_avg(ckpt.get("latent_avg"))
+        self.cached_average_image = None
+        state = ckpt["training_state"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.augment_rng.set_state(state["augment_rng"])
+        set_rng_state(state["rng"], self.device)
+        self.step, self.epoch, self.batches_done = state["step"], state["epoch"], state["batches_done"]
+        self.best_val_loss = state["best_val_loss"]
