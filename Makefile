@@ -9,7 +9,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONUNBUFFERED := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup test demo clean
+.PHONY: setup lint test demo clean
 
 setup: $(STAMP)
 
@@ -19,8 +19,14 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-test: setup
-	$(PY) -m pytest
+lint: setup
+	$(VENV)/bin/ruff check .
+
+# The unit tests run on two processes; the end-to-end runs (`slow`: real Ray instances, servers, dvc repro)
+# one at a time, as each starts its own Ray instance.
+test: lint
+	$(PY) -m pytest -m "not slow" -n 2
+	$(PY) -m pytest -m slow
 
 demo: setup
 	dvc repro

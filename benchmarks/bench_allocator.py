@@ -28,9 +28,9 @@ import pyarrow as pa
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_invert import make_inputs  # noqa: E402
 from common import command_line, hardware  # noqa: E402
 
-from bench_invert import make_inputs  # noqa: E402
 from pipelines.stages.invert import InvertConfig, Inverter, read_unit  # noqa: E402
 from psp_core import PSP, PSPArchitecture, devices, engine, save_psp  # noqa: E402
 

@@ -32,8 +32,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import command_line, hardware  # noqa: E402
 
-from pipelines.stages.invert import InvertConfig, Inverter, input_units, inverted, read_unit, rows_dataset  # noqa: E402
 from pipelines.services.ray.cluster import connect  # noqa: E402
+from pipelines.stages.invert import InvertConfig, Inverter, input_units, inverted, read_unit, rows_dataset  # noqa: E402
 from pipelines.stages.shard import ShardConfig, write_shards  # noqa: E402
 from psp_core import PSP, PSPArchitecture, save_psp  # noqa: E402
 from psp_core.runtime.devices import keep_freed_memory  # noqa: E402

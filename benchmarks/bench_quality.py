@@ -36,20 +36,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import command_line, hardware  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipelines.services.storage import atomic_path, write_json_atomic  # noqa: E402
 from pipelines.params.schema import ShardConfig  # noqa: E402
+from pipelines.services.storage import atomic_path, write_json_atomic  # noqa: E402
 from pipelines.stages.shard import write_shards  # noqa: E402
 from psp_core import PSPArchitecture, PSPLoss, Trainer, TrainingConfig, build_psp, get_preset  # noqa: E402
-from psp_core.nets.checkpoints import atomic_torch_save, read_generator_checkpoint  # noqa: E402
-from psp_core.runtime.devices import resolve_precision  # noqa: E402
-from psp_core.training.engine import NullCallback  # noqa: E402
-from psp_core.errors import InputError  # noqa: E402
-from psp_core.inference import InferenceModel, choose_device  # noqa: E402
-from psp_core.evaluation.metrics import l2_per_image, ms_ssim_per_image  # noqa: E402
 from psp_core.data.presets import PresetTransform, TaskPreset  # noqa: E402
 from psp_core.data.shards import iter_shard_batches, shard_paths  # noqa: E402
-from psp_core.nets.stylegan2 import Generator  # noqa: E402
 from psp_core.data.transforms import to_signed, to_unit_float  # noqa: E402
+from psp_core.errors import InputError  # noqa: E402
+from psp_core.evaluation.metrics import l2_per_image, ms_ssim_per_image  # noqa: E402
+from psp_core.inference import InferenceModel, choose_device  # noqa: E402
+from psp_core.nets.checkpoints import atomic_torch_save, read_generator_checkpoint  # noqa: E402
+from psp_core.nets.stylegan2 import Generator  # noqa: E402
+from psp_core.runtime.devices import resolve_precision  # noqa: E402
+from psp_core.training.engine import NullCallback  # noqa: E402
 
 TRUNCATION = 0.7
 """Samples are w_avg + 0.7 (w - w_avg): the usual truncation for a generator's typical images."""

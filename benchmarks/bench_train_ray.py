@@ -18,8 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import mlflow
 import torch
+
+import mlflow
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import command_line, hardware  # noqa: E402
@@ -29,10 +30,10 @@ from pipeline_helpers import make_shards  # noqa: E402
 
 from pipelines.stages.train import TrainConfig, resolve_paths, train  # noqa: E402
 from psp_core import build_psp  # noqa: E402
-from psp_core.training.engine import Trainer, prepare_for_training  # noqa: E402
-from psp_core.training.losses import PSPLoss  # noqa: E402
 from psp_core.data.presets import PresetTransform, get_preset  # noqa: E402
 from psp_core.data.shards import iter_shard_batches, shard_paths  # noqa: E402
+from psp_core.training.engine import Trainer, prepare_for_training  # noqa: E402
+from psp_core.training.losses import PSPLoss  # noqa: E402
 
 
 def single_process(cfg: TrainConfig, threads: int) -> float:

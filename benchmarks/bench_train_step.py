@@ -29,11 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import command_line, hardware  # noqa: E402
 
 from psp_core import IRSEBackbone, PSPArchitecture, build_psp  # noqa: E402
+from psp_core.data.presets import PresetTransform, get_preset  # noqa: E402
+from psp_core.options import TrainingConfig  # noqa: E402
 from psp_core.runtime.devices import autocast  # noqa: E402
 from psp_core.training.engine import Trainer  # noqa: E402
-from psp_core.options import TrainingConfig  # noqa: E402
 from psp_core.training.losses import IdentityLoss, PSPLoss  # noqa: E402
-from psp_core.data.presets import PresetTransform, get_preset  # noqa: E402
 
 CONFIGS = {
     "full": PSPArchitecture(output_size=256, encoder_input_size=256),

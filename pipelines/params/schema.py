@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import re
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -18,7 +17,15 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, create_model, model_validator
 
 from pipelines.services.storage.locations import Location, reference_kind
-from psp_core.options import Precision, PresetName, PSPArchitecture, TrainingConfig, encoder_input_nc, preset_family
+from psp_core.options import (
+    CompileSwitch,
+    Precision,
+    PresetName,
+    PSPArchitecture,
+    TrainingConfig,
+    encoder_input_nc,
+    preset_family,
+)
 
 
 def _data_path(value: Any) -> Any:
@@ -190,7 +197,24 @@ COMPILE_DESCRIPTION = ("torch.compile the networks: auto (when the job repays th
 COMPILE_CACHE_DESCRIPTION = "compiled-kernel cache folder (null: $PSP_COMPILE_CACHE_DIR, else ~/.cache/psp-pipeline/inductor)"
 
 
-class EvaluateConfig(StageConfig):
+class RuntimeSection(StageConfig):
+    """The runtime switches every stage that runs an encoder shares: forward precision, compilation, its cache."""
+
+    precision: Precision = Field("auto", description=PRECISION_DESCRIPTION)
+    compile: CompileSwitch = Field("auto", description=COMPILE_DESCRIPTION)
+    compile_cache: CacheFolder = Field(None, description=COMPILE_CACHE_DESCRIPTION)
+
+
+class ActorPoolSection(RuntimeSection):
+    """The runtime of a Ray Data stage: an actor pool holding the model, and what each actor gets."""
+
+    batch_size: int = Field(8, ge=1, description="rows per actor call")
+    num_actors: int = Field(1, ge=1, description="Ray Data actors, each holding the model")
+    cpus_per_actor: float = Field(2.0, gt=0, description="logical CPUs (and torch threads) per actor")
+    use_gpu: bool = Field(False, description="one GPU per actor")
+
+
+class EvaluateConfig(RuntimeSection):
     """`evaluate`: reconstruction quality on a split of the shards."""
 
     model: str = Field("reports/train.json", description=MODEL_DESCRIPTION)
@@ -204,9 +228,6 @@ class EvaluateConfig(StageConfig):
     lpips_backbone: Literal["pretrained", "random"] = Field(
         "pretrained", description="AlexNet of LPIPS: pretrained (torch hub cache) or random (not LPIPS)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available")
-    precision: Precision = Field("auto", description=PRECISION_DESCRIPTION)
-    compile: Literal["auto"] | bool = Field("auto", description=COMPILE_DESCRIPTION)
-    compile_cache: CacheFolder = Field(None, description=COMPILE_CACHE_DESCRIPTION)
     report: Path = Field(Path("reports/eval.json"), description="mean metrics (a DVC metric)")
     per_image: Path = Field(Path("reports/eval_images.csv"), description="one row per image (DVC plots)")
     grid: Path = Field(Path("reports/eval_grid.png"), description="inputs over reconstructions (every ReStyle step)")
@@ -217,7 +238,7 @@ class EvaluateConfig(StageConfig):
     log_to_mlflow: bool = Field(True, description="for registry models: log to the version's run and eval_* tags")
 
 
-class InvertConfig(StageConfig):
+class InvertConfig(ActorPoolSection):
     """`invert`: batch inversion into W+ with Ray Data."""
 
     model: str = Field("reports/train.json", description=MODEL_DESCRIPTION)
@@ -226,14 +247,7 @@ class InvertConfig(StageConfig):
     split: Literal["train", "test"] | None = Field(None, description="shard input: only this split (null: all rows)")
     output_dir: DataPath = Field(Path("data/latents"), description="latent Parquet files + manifest (a new or own folder)")
     report: Path = Field(Path("reports/invert.json"), description="counts and speed")
-    batch_size: int = Field(8, ge=1, description="images per actor call")
     images_per_file: int = Field(256, ge=1, description="image-folder input: rows per output file")
-    num_actors: int = Field(1, ge=1, description="Ray Data actors, each holding the model")
-    cpus_per_actor: float = Field(2.0, gt=0, description="logical CPUs (and torch threads) per actor")
-    use_gpu: bool = Field(False, description="one GPU per actor")
-    precision: Precision = Field("auto", description=PRECISION_DESCRIPTION)
-    compile: Literal["auto"] | bool = Field("auto", description=COMPILE_DESCRIPTION)
-    compile_cache: CacheFolder = Field(None, description=COMPILE_CACHE_DESCRIPTION)
     n_iters: int | None = Field(None, ge=1, le=20, description=N_ITERS_DESCRIPTION + "; the last step is stored")
     reconstructions: bool = Field(True, description="store each reconstruction as PNG bytes")
     n_outputs: int = Field(0, ge=0, description="style-mixed variants per image (multi-modal synthesis)")
@@ -307,7 +321,7 @@ class SefaParams(StrengthRange):
 EditEntry = typing.Annotated[InterfaceganParams | GanspaceParams | SefaParams, Field(discriminator="kind")]
 
 
-class EditConfig(StageConfig):
+class EditConfig(ActorPoolSection):
     """`edit`: InterFaceGAN / GANSpace / SeFa edits of invert's W+ codes with Ray Data."""
 
     input: DataPath = Field(Path("data/latents"), description="invert's output folder (manifest.json + Parquet)")
@@ -319,13 +333,6 @@ class EditConfig(StageConfig):
                     "directions: [[pca_index, start, end, strength], ...]} | {kind: sefa, styles, top_k, start, end, steps}")
     output_dir: DataPath = Field(Path("data/edits"), description="edited images, latents, grids, manifest (a new or own folder)")
     report: Path = Field(Path("reports/edit.json"), description="counts, speed, directions and grid files")
-    batch_size: int = Field(8, ge=1, description="codes per actor call (each decoded at every strength)")
-    num_actors: int = Field(1, ge=1, description="Ray Data actors, each holding the generator")
-    cpus_per_actor: float = Field(2.0, gt=0, description="logical CPUs (and torch threads) per actor")
-    use_gpu: bool = Field(False, description="one GPU per actor")
-    precision: Precision = Field("auto", description=PRECISION_DESCRIPTION)
-    compile: Literal["auto"] | bool = Field("auto", description=COMPILE_DESCRIPTION)
-    compile_cache: CacheFolder = Field(None, description=COMPILE_CACHE_DESCRIPTION)
     grid_images: int = Field(8, ge=1, le=64, description="rows of each grid: the first codes by id")
     grid_tile: int = Field(256, ge=16, le=1024, description="side of a grid cell in pixels")
 

@@ -440,7 +440,7 @@ def log_edits(cfg: EditConfig, out: storage.Location, report: dict[str, Any]) ->
     settings = cfg.model_dump(mode="json", exclude={"edits", "model"})
     params = ({k: str(v) for k, v in settings.items()} | {"model": report["model"]}
               | {f"edit_{i}": json.dumps(e) for i, e in enumerate(cfg.model_dump(mode="json")["edits"])})
-    tags = {tracking.MODEL_VERSION_TAG: report["model"], "psp.units_skipped": str(report["units_skipped"]),
-            "psp.images_written": str(report["images_written"])}
+    tags = {tracking.MODEL_VERSION_TAG: report["model"], tracking.UNITS_SKIPPED_TAG: str(report["units_skipped"]),
+            tracking.IMAGES_WRITTEN_TAG: str(report["images_written"])}
     tracking.record_job(tracking.EDIT_EXPERIMENT, f"edit-{storage.Location.of(cfg.input).name}", params, tags,
                         {"images_per_s": report["images_per_s"]}, [cfg.report], folders={GRIDS: out / GRIDS})

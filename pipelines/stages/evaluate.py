@@ -190,11 +190,10 @@ def write_grid(path: Path, inputs: Tensor, rows: list[Tensor]) -> None:
 def comparison_markdown(reports: list[dict[str, Any]]) -> str:
     """The comparison as a Markdown table: one row per model (its final step), best value in bold."""
     columns = (*METRICS, "seconds_per_image")
-    higher = {"ms_ssim", "id_similarity"}
     best = {}
     for c in columns:
         values = [r[c] for r in reports if r[c] is not None]
-        best[c] = (max if c in higher else min)(values) if values else None
+        best[c] = (max if tracking.higher_is_better(c) else min)(values) if values else None
     lines = ["| model | family | steps | " + " | ".join(columns) + " |", "|" + " --- |" * (3 + len(columns))]
     for r in reports:
         cells = [("**%.4g**" if r[c] == best[c] and len(reports) > 1 else "%.4g") % r[c] if r[c] is not None else "n/a"

@@ -174,8 +174,8 @@ def log_inversion(cfg: InvertConfig, source: storage.StageInput, report: dict[st
     the shards it read (an MLflow dataset, context `inference`), speed and counts, the report."""
     params = {k: str(v) for k, v in cfg.model_dump(mode="json").items() if k != "model"} | {"model": report["model"]}
     tags = {tracking.MODEL_VERSION_TAG: report["model"], tracking.PRECISION_TAG: report["precision"],
-            tracking.COMPILED_TAG: str(report["compiled"]).lower(), "psp.units_skipped": str(report["units_skipped"]),
-            "psp.images_written": str(report["images_written"])}
+            tracking.COMPILED_TAG: str(report["compiled"]).lower(), tracking.UNITS_SKIPPED_TAG: str(report["units_skipped"]),
+            tracking.IMAGES_WRITTEN_TAG: str(report["images_written"])}
     dataset = None
     if source.is_shards:
         dataset = (tracking.shard_datasets(source.location, source.shards())[cfg.split or "total"], "inference")

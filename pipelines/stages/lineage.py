@@ -54,7 +54,7 @@ def lineage(model_uri: str, repo: Path = Path(".")) -> dict[str, Any]:
         raise InputError(f"{model_uri}: version {version.version} has no MLflow run to trace")
     run = client.get_run(version.run_id)
     tags, params = run.data.tags, run.data.params
-    commit = tags.get("psp.git_commit", "unknown")
+    commit = tags.get(tracking.GIT_COMMIT_TAG, "unknown")
     datasets = [dataset_link(item) for item in run.inputs.dataset_inputs]
     sources = sorted({d["source"] for d in datasets})
     return {

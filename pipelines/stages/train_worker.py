@@ -18,7 +18,7 @@ import torch.distributed as dist
 from pipelines.params.schema import TrainConfig
 from pipelines.services.tracking import fetch_weights
 from pipelines.services.tracking.callback import MLflowCallback
-from pipelines.services.tracking.vocabulary import COMPILED_TAG, PRECISION_TAG
+from pipelines.services.tracking.vocabulary import COMPILED_TAG, NODES_TAG, PRECISION_TAG
 from psp_core import build_psp
 from psp_core.data.presets import PresetTransform
 from psp_core.data.shards import SourceKind, decode_images, decode_sources
@@ -56,7 +56,7 @@ def train_worker(config: dict[str, Any]) -> None:
     callback = MLflowCallback(config["tracking_uri"], config["run_id"]) if rank == 0 else None
     nodes = worker_nodes()
     if callback is not None:
-        callback.set_tag("psp.nodes", str(len(set(nodes))))
+        callback.set_tag(NODES_TAG, str(len(set(nodes))))
     # one folder per run and rank, emptied first: a killed worker's files are reused by its restart, not left behind
     local_dir = Path(tempfile.gettempdir()) / "psp-train" / f"{config['run_name']}-rank{rank}"
     shutil.rmtree(local_dir, ignore_errors=True)

@@ -20,9 +20,8 @@ from psp_core.errors import InputError
 from psp_core.inference.refine import refine
 from psp_core.nets.checkpoints import load_psp
 from psp_core.nets.psp import POOLED_SIZE, PSP, mix_styles
-from psp_core.options import REFINED_CHANNELS, RESTYLE_FAMILIES, Precision
+from psp_core.options import REFINED_CHANNELS, RESTYLE_FAMILIES, CompileSwitch, Precision
 from psp_core.runtime.devices import (
-    CompileChoice,
     autocast,
     compile_model,
     keep_freed_memory,
@@ -63,7 +62,7 @@ def scored(images: Tensor) -> Tensor:
     return F.adaptive_avg_pool2d(images.float(), (POOLED_SIZE, POOLED_SIZE)).clamp(-1, 1)
 
 
-def should_compile(net: PSP, device: torch.device, choice: CompileChoice, n_images: int,
+def should_compile(net: PSP, device: torch.device, choice: CompileSwitch, n_images: int,
                    n_iters: int | None = None) -> bool:
     """The compile decision for `n_images` images through this model (`auto`: when the forward passes,
     ReStyle's steps included, repay the compile at this generator size; see `resolve_compile`)."""
@@ -109,7 +108,7 @@ class InferenceModel:
 
     @classmethod
     def load(cls, checkpoint: str | Path, preset: str = "encode", device: str = "auto",
-             precision: Precision = "fp32", compile: CompileChoice = False,
+             precision: Precision = "fp32", compile: CompileSwitch = False,
              compile_cache: str | Path | None = None, n_images: int = 0,
              n_iters: int | None = None) -> "InferenceModel":
         """Load any supported checkpoint (pSp, ReStyle-pSp, ReStyle-e4e, e4e) strictly, weights only.

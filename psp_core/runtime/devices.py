@@ -17,11 +17,10 @@ import torch
 from torch import nn
 
 from psp_core.errors import InputError
-from psp_core.options import Precision
+from psp_core.options import CompileSwitch, Precision
 
 ComputePrecision = Literal["fp32", "bf16", "fp16"]
 """A precision a forward runs in: what `resolve_precision` turns a `Precision` choice into."""
-CompileChoice = Literal["auto"] | bool
 
 COMPILE_CACHE_ENV = "PSP_COMPILE_CACHE_DIR"
 """Environment variable naming the persistent compile cache folder (when no folder is configured)."""
@@ -146,7 +145,7 @@ MEASURED_TRAINING_PAYOFF: dict[str, CompilePayoff] = {
 """Measured payoff of compiling a training step, per device type (as `MEASURED_PAYOFF`)."""
 
 
-def resolve_compile(choice: CompileChoice, n_images: int, device: torch.device | str, output_size: int,
+def resolve_compile(choice: CompileSwitch, n_images: int, device: torch.device | str, output_size: int,
                     payoffs: dict[str, CompilePayoff] = MEASURED_PAYOFF) -> bool:
     """Whether to compile: an explicit choice stands; `auto` compiles when this process will run at
     least the break-even number of images measured for its device type (in `payoffs`), counting a

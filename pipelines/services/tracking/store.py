@@ -6,10 +6,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import mlflow.artifacts
 from mlflow.exceptions import MlflowException
 
 import mlflow
+import mlflow.artifacts
 from mlflow import MlflowClient
 from pipelines.services.storage import cached_copy, cached_weights, is_registry_reference, scrub
 from psp_core.errors import InputError

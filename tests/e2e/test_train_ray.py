@@ -1,0 +1,237 @@
+"""`psp train` for real: local Ray with 2 DDP workers, a killed worker and a killed driver, the registered
+model loading back, and `psp submit` to a Ray head. (Two nodes tracked by an `mlflow server`:
+tests/test_object_storage.py.)"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import torch
+
+import mlflow
+from helpers import REPO
+from helpers.pipelines import (
+    PSP,
+    TINY_TRAIN,
+    clean_env,
+    descendants,
+    free_port,
+    make_shards,
+    ray_train_workers,
+    run_psp,
+    wait_until,
+    write_params,
+)
+from psp_core import load_psp
+
+pytestmark = pytest.mark.slow
+
+
+def finished_runs(uri: str, experiment: str = "psp") -> list:
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id])
+
+
+def logged_steps(root: Path) -> list[tuple[int, int]]:
+    """(step, timestamp ms) of every `loss` value in the run's MLflow store so far, read-only."""
+    db = root / "mlflow" / "mlflow.db"
+    if not db.is_file():
+        return []
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
+            return con.execute("SELECT step, timestamp FROM metrics WHERE key = 'loss'").fetchall()
+    except sqlite3.OperationalError:     # the tables are not created yet
+        return []
+
+
+def registered_checkpoint_steps(root: Path) -> list[int]:
+    """Steps of the checkpoints Ray Train has registered (its checkpoint manager snapshot), oldest first."""
+    steps = []
+    for snapshot in (root / "ray_results").glob("*/checkpoint_manager_snapshot.json"):
+        try:
+            results = json.loads(snapshot.read_text()).get("checkpoint_results", [])
+        except (OSError, ValueError):
+            continue
+        steps += [int(r["metrics"]["step"]) for r in results if "step" in r.get("metrics", {})]
+    return sorted(steps)
+
+
+def attempt(history: list[tuple[int, int]], start_s: float, end_s: float) -> list[int]:
+    """Steps logged (in time order) between two moments (seconds since the epoch)."""
+    return [step for step, stamp in sorted(history, key=lambda e: (e[1], e[0])) if start_s * 1000 <= stamp < end_s * 1000]
+
+
+def check_resumed(before: list[int], after: list[int], save_interval: int, max_steps: int) -> int:
+    """`before` ran steps 1..k (or N0+1..k) and stopped before the end; `after` continues from a checkpoint
+    step N (a multiple of save_interval, > 0, <= k) to a later step, re-running at most save_interval
+    steps. Returns N."""
+    assert before and after, (before, after)
+    assert before == list(range(before[0], before[-1] + 1)) and before[-1] < max_steps, before
+    resumed_from = after[0] - 1
+    assert resumed_from > 0 and resumed_from % save_interval == 0, f"resumed from step {resumed_from}: {after}"
+    assert after == list(range(after[0], after[-1] + 1)), after
+    assert before[0] <= resumed_from + 1 <= before[-1] + 1, (before, after)
+    assert before[-1] - resumed_from <= save_interval, f"{before[-1] - resumed_from} steps ran twice"
+    return resumed_from
+
+
+def test_two_workers_survive_a_killed_worker_and_a_killed_driver_and_register(tmp_path):
+    """2 DDP workers. One is SIGKILLed once Ray has registered the first checkpoint: Ray restarts the
+    workers from that checkpoint. Once they train again the `psp train` driver itself is SIGKILLed, and
+    the same command run again resumes from the latest checkpoint. Each time at most save_interval steps
+    run twice; the run ends at max_steps in one MLflow run, registered as @candidate, and the registered
+    model reproduces the checkpoint. Only processes below this test's own child are killed."""
+    make_shards(tmp_path)
+    max_steps, save_interval = 6, TINY_TRAIN["save_interval"]
+    write_params(tmp_path, max_steps=max_steps)
+    log = tmp_path / "killed_driver.log"
+    with log.open("w") as out:   # a file, not a pipe: a full pipe would stall the driver
+        proc = subprocess.Popen([PSP, "train"], cwd=tmp_path, env=clean_env(), stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        wait_until(lambda: registered_checkpoint_steps(tmp_path), proc, 300, "the first checkpoint", log)
+        workers = wait_until(lambda: ray_train_workers(proc.pid), proc, 60, "a training worker", log)
+        first_workers = {w.pid for w in workers}
+        steps_at_worker_kill = max(step for step, _ in logged_steps(tmp_path))
+        assert steps_at_worker_kill < max_steps, "the worker must die before the last step"
+        workers[-1].kill()
+        workers[-1].wait(timeout=30)
+        worker_killed = time.time()
+
+        # the restarted workers (new processes) train again: then the driver goes, SIGKILL
+        wait_until(lambda: {w.pid for w in ray_train_workers(proc.pid)} - first_workers, proc, 300, "restarted workers", log)
+        wait_until(lambda: attempt(logged_steps(tmp_path), worker_killed + 5, time.time() + 60), proc, 300,
+                   "a step of the restarted workers", log)
+        assert max(step for step, _ in logged_steps(tmp_path)) < max_steps, "the driver must die before the end"
+        tree = descendants(proc.pid)
+        proc.kill()
+        proc.wait(timeout=30)
+        _, alive = psutil.wait_procs(tree, timeout=20)   # the stage's reaper ends what Ray leaves behind
+        assert not alive, f"left behind by the killed driver: {[(p.pid, p.name()) for p in alive]}"
+        driver_killed = time.time()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    rerun = run_psp(["train"], tmp_path)
+    assert rerun.returncode == 0, rerun.stderr[-4000:]
+    history = logged_steps(tmp_path)
+    first = attempt(history, 0, worker_killed + 5)
+    second = attempt(history, worker_killed + 5, driver_killed)
+    third = attempt(history, driver_killed, time.time() + 60)
+    assert first[0] == 1
+    after_worker = check_resumed(first, second, save_interval, max_steps)
+    after_driver = check_resumed(second, third, save_interval, max_steps)
+    assert after_driver >= after_worker and third[-1] == max_steps
+
+    uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
+    runs = finished_runs(uri)
+    assert len(runs) == 1, "neither restarted workers nor a rerun driver may fork a second MLflow run"
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+    assert sorted(steps) == sorted(first + second + third) and set(steps) == set(range(1, max_steps + 1))
+    assert "val_loss" in run.data.metrics and "images_per_s" in run.data.metrics
+    assert run.data.tags["psp.random_weights"] == "generator,encoder_backbone_irse50,lpips_alexnet"
+    assert len(run.data.tags["psp.shard_manifest_digest"]) == 32
+    assert run.data.params["loss.lpips_lambda"] == "0.8" and run.data.params["num_workers"] == "2"
+    artifacts = [a.path for a in client.list_artifacts(run.info.run_id)]
+    assert "images" in artifacts, artifacts
+
+    report = json.loads((tmp_path / "reports" / "train.json").read_text())
+    assert report["steps"] == max_steps and report["mlflow_run_id"] == run.info.run_id
+    # the killed worker's and driver's local checkpoint folders were reused by the restarts and removed at the end
+    import tempfile
+    assert not list((Path(tempfile.gettempdir()) / "psp-train").glob(f"{report['run_name']}-rank*"))
+    version = client.get_model_version_by_alias("psp-encoder", "candidate")
+    assert version.run_id == run.info.run_id and str(version.version) == report["model_version"]
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    model = mlflow.pyfunc.load_model("models:/psp-encoder@candidate")
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    chosen = run.data.tags["psp.registered_checkpoint"]
+    checkpoint = next((tmp_path / "ray_results").glob(f"*/checkpoint_*/{chosen}"))
+    net = load_psp(sorted((tmp_path / "ray_results").glob(f"*/checkpoint_*/{chosen}"))[-1])
+    with torch.no_grad():
+        expected = net.encode(torch.from_numpy(x)).numpy()
+    assert checkpoint.is_file()
+    np.testing.assert_allclose(model.predict(x), expected, rtol=1e-5, atol=1e-5)
+
+    # the same command again: the run is complete, nothing is trained or registered twice
+    again = run_psp(["train"], tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert len(finished_runs(uri)) == 1
+    assert len(client.search_model_versions("name='psp-encoder'")) == 1
+
+
+def stop_ray_instance(temp_dir: Path, gcs_port: int, started: float) -> None:
+    """Stop the Ray instance started with `--temp-dir temp_dir --port gcs_port` (its processes name that
+    folder or that GCS port in their command line; workers are their children), and nothing else:
+    SIGTERM, then SIGKILL after 5 s (some of Ray's processes never end on SIGTERM: waiting longer only
+    costs time)."""
+    folder = str(temp_dir)
+    names_it = lambda arg: (arg == folder or arg.endswith("=" + folder) or folder + "/" in arg  # noqa: E731
+                            or (arg.startswith("--") and arg.endswith(f":{gcs_port}")))
+    ours: dict[int, psutil.Process] = {}
+    for p in psutil.process_iter(["cmdline", "create_time"]):
+        try:
+            if p.info["create_time"] >= started - 1 and any(names_it(a) for a in p.info["cmdline"] or []):
+                ours[p.pid] = p
+                ours.update({c.pid: c for c in p.children(recursive=True)})
+        except psutil.Error:
+            pass
+    for p in ours.values():
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(list(ours.values()), timeout=5)
+    for p in alive:
+        p.kill()
+
+
+def test_psp_submit_runs_as_a_ray_job_on_a_local_head(tmp_path):
+    """`ray start --head` (token authentication on) and `psp submit`: the job uploads the code only,
+    trains, and tracks into this repository's MLflow store."""
+    import shutil
+
+    repo = REPO
+    for package in ("pipelines", "psp_core"):
+        shutil.copytree(repo / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
+    make_shards(tmp_path)
+    write_params(tmp_path, max_steps=2, num_workers=1)
+    bin_dir = str(Path(PSP).parent)
+    env = clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}")
+    env.pop("RAY_ADDRESS", None)
+    dashboard = free_port()
+    ray_tmp = Path("/tmp") / f"psp-ray-{os.getpid()}"
+    started, gcs_port = time.time(), free_port()
+    # every listening port its own, so that another Ray on this machine (default ports) cannot take them
+    start = subprocess.run([f"{bin_dir}/ray", "start", "--head", "--port", str(gcs_port), "--dashboard-port",
+                            str(dashboard), "--dashboard-agent-listen-port", str(free_port()),
+                            "--ray-client-server-port", str(free_port()), "--num-cpus", "4", "--temp-dir", str(ray_tmp),
+                            "--disable-usage-stats"],
+                           env=env, capture_output=True, text=True, timeout=180)
+    try:
+        assert start.returncode == 0, start.stderr[-2000:]
+        done = run_psp(["submit", "--address", f"http://127.0.0.1:{dashboard}"], tmp_path, env=env)
+    finally:
+        stop_ray_instance(ray_tmp, gcs_port, started)   # this head only: `ray stop` would stop every Ray on the machine
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert "succeeded" in done.stdout + done.stderr
+    runs = finished_runs(f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert json.loads((tmp_path / "reports" / "train.json").read_text())["steps"] == 2

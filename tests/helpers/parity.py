@@ -1,0 +1,91 @@
+"""The parity fixtures' weight rule: every tensor of a state dict filled from its key alone."""
+from __future__ import annotations
+
+import json
+import math
+import re
+import zlib
+from pathlib import Path
+
+import torch
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+_DTYPES = {"float32": torch.float32, "int64": torch.int64}
+
+
+def rule_tensor(key: str, shape: list[int], dtype: str = "float32") -> torch.Tensor:
+    """The tensor the parity rule assigns to `key` (seeded by crc32 of the key)."""
+    g = torch.Generator().manual_seed(zlib.crc32(key.encode()))
+    if key.endswith("num_batches_tracked"):
+        return torch.zeros(shape, dtype=_DTYPES[dtype])
+    if key.endswith("running_var"):
+        return 0.5 + torch.rand(shape, generator=g)
+    t = torch.randn(shape, generator=g)
+    if re.search(r"(^|\.)style\.\d+\.weight$", key):
+        return t * 100.0
+    if t.ndim < 2 and key.endswith("weight"):
+        return 1.0 + 0.1 * t
+    if key.endswith("bias") or t.ndim < 2:
+        return 0.1 * t
+    if t.ndim == 5 or key.endswith("modulation.weight") or ".noises." in key or key.endswith("input.input"):
+        return t
+    return t / math.sqrt(t.numel() / shape[0])
+
+
+def fixture_keys(name: str) -> list[tuple[str, list[int], str]]:
+    """`[name, shape, dtype]` of a fixture's checkpoint, in the checkpoint's order."""
+    return [tuple(k) for k in json.loads((FIXTURES / f"{name}.json").read_text())["keys"]]
+
+
+def fixture_meta(name: str) -> dict:
+    """A fixture's `.json` beside its keys: `config` (the reference opts), `post_scale`, ..."""
+    return {k: v for k, v in json.loads((FIXTURES / f"{name}.json").read_text()).items() if k != "keys"}
+
+
+def rule_state_dict(name: str) -> dict[str, torch.Tensor]:
+    """The full state dict of fixture `name` (e.g. 'ref_gradual64') built by the rule, then the
+    fixture's `post_scale` (keys matching its pattern multiplied by its factor), if it has one."""
+    state = {key: rule_tensor(key, shape, dtype) for key, shape, dtype in fixture_keys(name)}
+    post_scale = fixture_meta(name).get("post_scale")
+    if post_scale:
+        for key in state:
+            if re.search(post_scale["pattern"], key):
+                state[key] = state[key] * post_scale["factor"]
+    return state
+
+
+GRADUAL64_OPTS = {"encoder_type": "GradualStyleEncoder", "input_nc": 3, "output_size": 64,
+                  "start_from_latent_avg": True, "learn_in_w": False}
+
+
+def write_released_psp(path: Path) -> Path:
+    """The `ref_gradual64` pSp network saved in the released checkpoint layout
+    (`{'state_dict', 'opts', 'latent_avg' [512]}`), weights by the rule."""
+    import numpy as np
+
+    latent_avg = torch.from_numpy(np.load(FIXTURES / "ref_gradual64.npz")["latent_avg"])
+    torch.save({"state_dict": rule_state_dict("ref_gradual64"), "opts": dict(GRADUAL64_OPTS),
+                "latent_avg": latent_avg}, path)
+    return path
+
+
+def write_released_family(name: str, path: Path, **extra) -> Path:
+    """A ReStyle / e4e fixture network (`ref_restyle_psp64`, `ref_restyle_e4e64`, `ref_e4e64`) saved in its
+    released layout: `{'state_dict', 'opts': the reference opts, 'latent_avg' [n_styles, 512]}` plus `extra`
+    entries (training state such as `optimizer` or e4e's `discriminator_state_dict`)."""
+    import numpy as np
+
+    latent_avg = torch.from_numpy(np.load(FIXTURES / f"{name}.npz")["latent_avg"])
+    torch.save({"state_dict": rule_state_dict(name), "opts": dict(fixture_meta(name)["config"]),
+                "latent_avg": latent_avg, **extra}, path)
+    return path
+
+
+def e4e_training_state() -> dict:
+    """Entries e4e's coach saves beside the model: the latent discriminator and optimiser states."""
+    discriminator = {f"mlp.{i}.{kind}": torch.randn(512, 512) if kind == "weight" else torch.zeros(512)
+                     for i in (0, 2, 4) for kind in ("weight", "bias")}
+    optimizer = {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.zeros(4)}},
+                 "param_groups": [{"lr": 1e-4, "betas": (0.9, 0.999), "params": [0]}]}
+    return {"discriminator_state_dict": discriminator, "discriminator_optimizer_state_dict": optimizer,
+            "optimizer": optimizer, "global_step": 3, "best_val_loss": 0.5}

@@ -1,0 +1,65 @@
+"""Training-engine test tools: a recording callback, reshuffled epochs, scrambled RNGs, a perturbed model."""
+from __future__ import annotations
+
+import copy
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from psp_core.training.engine import (
+    NullCallback,
+    Trainer,
+)
+
+
+class Recorder(NullCallback):
+    """Keeps everything the engine reports."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[int, dict[str, float]]] = []
+        self.validations: list[tuple[int, dict[str, float]]] = []
+        self.images: list[tuple[int, str, torch.Tensor]] = []
+        self.checkpoints: list[tuple[int, Path, bool]] = []
+
+    def on_step(self, step, metrics):
+        self.steps.append((step, metrics))
+
+    def on_validation(self, step, metrics):
+        self.validations.append((step, metrics))
+
+    def on_images(self, step, name, grid):
+        self.images.append((step, name, grid))
+
+    def on_checkpoint(self, step, path, is_best):
+        self.checkpoints.append((step, path, is_best))
+
+
+def shuffled_epochs(batches: list[tuple[torch.Tensor, torch.Tensor]]):
+    """`epoch -> batches` in an order drawn from the epoch number, like a sampler's set_epoch."""
+
+    def epoch_batches(epoch: int):
+        order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(epoch))
+        return [batches[i] for i in order]
+
+    return epoch_batches
+
+
+def scramble_rngs(trainer: Trainer) -> None:
+    """Global torch / numpy / Python RNGs and the augmentation generator somewhere else than the seed put them."""
+    torch.manual_seed(12345)
+    np.random.seed(12345)
+    random.seed(12345)
+    trainer.augment_rng.manual_seed(54321)
+
+
+def perturbed(model):
+    """A copy of the model with every weight moved: only a real resume can bring the checkpoint's back."""
+    other = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(99)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.01)
+    other.set_latent_avg(other.latent_avg + 0.01 * torch.randn(other.latent_avg.shape, generator=g))
+    return other

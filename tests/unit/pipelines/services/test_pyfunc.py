@@ -1,0 +1,113 @@
+"""The registered MLflow pyfunc model: both image layouts, the `n_iters` / `return_images` params, and
+the model served by a real `mlflow models serve` process answering an HTTP request."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import mlflow
+from helpers.pipelines import clean_env, free_port
+from helpers.tracking import tracking_store
+from pipelines.services import tracking
+from psp_core import PSP, PSPArchitecture, refine, save_psp
+from psp_core.data.presets import PresetTransform, get_preset
+from psp_core.errors import InputError
+
+NAME = "restyle-encoder"
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory):
+    """A tiny ReStyle-pSp checkpoint (random weights) imported as version 1 into a fresh SQLite store."""
+    root = tmp_path_factory.mktemp("pyfunc")
+    with tracking_store(root) as uri:
+        torch.manual_seed(0)
+        net = PSP(PSPArchitecture(encoder_type="BackboneEncoder", family="restyle_psp", input_nc=6,
+                                  output_size=16, encoder_input_size=32))
+        net.set_latent_avg(0.1 * torch.randn(net.n_styles, 512))
+        checkpoint = save_psp(net.eval(), root / "restyle.pt")
+        tracking.import_checkpoint(checkpoint, NAME)
+        yield root, uri, net
+
+
+def expected(net: PSP, pixels: np.ndarray, n_iters: int) -> tuple[np.ndarray, np.ndarray]:
+    """ReStyle's answer computed here: the evaluation transform, then `refine`'s last step."""
+    images = torch.from_numpy(pixels).permute(0, 3, 1, 2)
+    source, _ = PresetTransform(get_preset("encode"), 32, train=False)(images, images, torch.Generator())
+    with torch.no_grad():
+        output, latents = refine(net, source, n_iters)[-1]
+    return latents.numpy(), torch.nn.functional.adaptive_avg_pool2d(output, 256).clamp(-1, 1).numpy()
+
+
+def test_pyfunc_takes_pixels_and_floats_and_params(registered):
+    _, uri, net = registered
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}/1")
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 48, 48, 3), dtype=np.uint8)
+
+    latents = model.predict(pixels, params={"n_iters": 2})
+    want, want_images = expected(net, pixels, 2)
+    assert latents.shape == (2, net.n_styles, 512)
+    np.testing.assert_allclose(latents, want, rtol=0, atol=1e-5)
+    assert not np.allclose(model.predict(pixels, params={"n_iters": 1}), want, atol=1e-3), "n_iters is ignored"
+
+    both = model.predict(pixels, params={"n_iters": 2, "return_images": True})
+    np.testing.assert_allclose(both["latents"], want, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(both["images"], want_images, rtol=0, atol=1e-5)
+
+    floats = pixels.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1   # the same images, [N, 3, H, W] in [-1, 1]
+    np.testing.assert_allclose(model.predict(floats, params={"n_iters": 2}), want, rtol=0, atol=1e-4)
+
+    with pytest.raises(InputError, match=r"pixels \[N, H, W, 3\] in 0..255"):
+        model.predict(np.full((1, 8, 8, 3), 300, dtype=np.int64))
+    with pytest.raises(InputError, match=r"\[N, 3, H, W\]"):
+        model.predict(np.zeros((1, 8, 8, 3), dtype=np.float32))
+
+
+@pytest.mark.slow
+def test_served_model_answers_a_request(registered):
+    root, uri, net = registered
+    port = free_port()
+    venv_bin = str(Path(sys.executable).parent)   # the server runs `uvicorn` from the environment's PATH
+    env = clean_env(MLFLOW_TRACKING_URI=uri, PATH=f"{venv_bin}{os.pathsep}{os.environ['PATH']}")
+    mlflow_cli = str(Path(venv_bin) / "mlflow")
+    server = subprocess.Popen([mlflow_cli, "models", "serve", "-m", f"models:/{NAME}/1", "--env-manager", "local",
+                               "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
+                              cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=open(root / "serve.log", "w"),
+                              start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert server.poll() is None, (root / "serve.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5) as answer:
+                    if answer.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            assert time.monotonic() < deadline, "the model server did not start:\n" + (root / "serve.log").read_text()[-3000:]
+            time.sleep(1)
+        pixels = np.random.default_rng(1).integers(0, 256, (1, 40, 40, 3), dtype=np.uint8)
+        body = json.dumps({"inputs": pixels.tolist(), "params": {"n_iters": 3}}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            predictions = np.asarray(json.loads(answer.read())["predictions"], dtype=np.float32)
+        want, _ = expected(net, pixels, 3)
+        np.testing.assert_allclose(predictions, want, rtol=0, atol=1e-5)
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)

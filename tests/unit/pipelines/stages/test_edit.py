@@ -1,0 +1,199 @@
+"""`psp edit`: InterFaceGAN / GANSpace / SeFa edits of an inversion's codes through Ray Data, its outputs,
+the MLflow run, resuming, and one-line errors for directions that do not fit the model."""
+from __future__ import annotations
+
+import io
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+import mlflow
+from helpers.editing import N_STYLES, ROOT, UNITS, decode_png, write_edit_params, write_inversion
+from helpers.pipelines import run_psp
+from pipelines.cli import main
+from pipelines.params.schema import EditConfig
+from pipelines.services.tracking import resolve_model
+from pipelines.stages.edit import build_directions
+from psp_core import PSP, PSPArchitecture, load_psp, save_psp
+from psp_core.editing.directions import FFHQ_DIRECTIONS, GanspacePCA, ganspace, sefa_directions
+from psp_core.errors import InputError
+
+
+def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.slow
+def test_edits_decode_log_and_resume(tmp_path, model_file, registered):
+    env = registered
+    net = load_psp(model_file)
+    codes = write_inversion(tmp_path / "latents", net, "models:/psp-encoder/1")
+    ig = torch.randn(1, N_STYLES, 512, generator=torch.Generator().manual_seed(2))
+    torch.save(ig, tmp_path / "wplus.pt")
+    comp = torch.linalg.qr(torch.randn(512, 4, generator=torch.Generator().manual_seed(3)))[0].T.reshape(4, 1, 512)
+    torch.save({"mean": torch.zeros(1, 512), "comp": comp, "std": torch.full((4,), 2.0)}, tmp_path / "pca.pt")
+    edits = [{"kind": "sefa", "top_k": 2, "start": -6.0, "end": 6.0, "steps": 3},
+             {"kind": "interfacegan", "direction": str(tmp_path / "wplus.pt"), "start": 0.0, "end": 1.5, "steps": 2},
+             {"kind": "ganspace", "pca": str(tmp_path / "pca.pt"), "directions": [[1, 0, 3, -2.0], [1, 0, 3, 2.0]]}]
+    write_edit_params(tmp_path, edits=edits)
+
+    done = run_psp(["edit"], tmp_path, env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "edits"
+    report = json.loads((tmp_path / "reports" / "edit.json").read_text())
+    names = ["sefa-0", "sefa-1", "wplus", "ganspace-pc1-0-3"]
+    assert [d["name"] for d in report["directions"]] == names
+    per_code = 3 + 3 + 2 + 2
+    assert report["images_written"] == len(codes) * per_code and report["codes_edited"] == len(codes) == 5
+
+    # latents: one file per invert file, the codes of variant 0 without error only, each edit as specified
+    rows = pq.read_table(sorted((out / "latents").glob("*.parquet"))).to_pylist()
+    assert sorted({p.stem for p in (out / "latents").glob("*.parquet")}) == sorted(UNITS)
+    assert {r["id"] for r in rows} == set(codes) and len(rows) == len(codes) * per_code
+    _, vectors = sefa_directions(net.decoder, range(N_STYLES - 1))
+    pca = GanspacePCA.load(tmp_path / "pca.pt")
+    unedited = {image_id: decode_png(net, code) for image_id, code in codes.items()}
+    for row in rows:
+        latent, code, s = torch.tensor(row["latent"]), codes[row["id"]], row["strength"]
+        assert latent.shape == (N_STYLES, 512)
+        if row["kind"] == "sefa":
+            expected = code.clone()
+            expected[:N_STYLES - 1] += s * vectors[row["index"]]
+        elif row["kind"] == "interfacegan":
+            expected = code + s * ig[0]
+        else:
+            expected = ganspace(code[None], pca, 1, 0, 3, s)[0]
+        torch.testing.assert_close(latent, expected, rtol=1e-5, atol=1e-5)
+        stored = np.asarray(Image.open(out / row["image"]))
+        assert stored.shape == (16, 16, 3)
+        if row["kind"] == "sefa" and s == 0:
+            # strength 0: the code itself, decoded into its reconstruction
+            assert torch.equal(latent, code)
+            assert np.abs(stored.astype(int) - unedited[row["id"]].astype(int)).max() <= 1
+        elif row["kind"] == "sefa":
+            assert np.abs(stored.astype(int) - unedited[row["id"]].astype(int)).mean() > 2, "a visible edit"
+    assert len(list((out / "images").rglob("*.png"))) == len(rows)
+
+    # one grid per direction: the first 4 codes by id as rows, the strengths as columns
+    for direction in report["directions"]:
+        grid = Image.open(out / direction["grid"])
+        assert grid.size == (len(direction["strengths"]) * 34 + 2, 4 * 34 + 2), direction["name"]
+    first = sorted(codes)[0]
+    cell = np.asarray(Image.open(out / "grids/sefa-0.png"))[2:34, 34 + 2:34 + 34]   # row 0, column 1 (strength 0)
+    expected_cell = np.asarray(Image.fromarray(unedited[first]).resize((32, 32), Image.NEAREST))
+    assert np.abs(cell.astype(int) - expected_cell.astype(int)).max() <= 1
+
+    # MLflow: a run in psp-edits with the model version and the grids
+    client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("psp-edits")
+    run = client.search_runs([experiment.experiment_id])[0]
+    assert run.data.tags["psp.model_version"] == "models:/psp-encoder/1"
+    assert sorted(a.path for a in client.list_artifacts(run.info.run_id, "grids")) == [f"grids/{n}.png" for n in sorted(names)]
+
+    # a rerun writes nothing: every file is left exactly as it was
+    before = snapshot(out)
+    again = run_psp(["edit"], tmp_path, env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "(2 files already done)" in again.stdout
+    assert snapshot(out) == before
+    assert json.loads((tmp_path / "reports" / "edit.json").read_text())["images_written"] == 0
+
+    # a run stopped half-way (one unit's latents file and one of its images missing) redoes that unit only
+    (out / "latents" / "shard-00001.parquet").unlink()
+    lost = next(p for p in (out / "images" / "sefa-1").glob("1*.png"))
+    lost.unlink()
+    resumed = run_psp(["edit"], tmp_path, env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    report = json.loads((tmp_path / "reports" / "edit.json").read_text())
+    assert report["units_skipped"] == 1 and report["images_written"] == UNITS["shard-00001"] * per_code
+    after = snapshot(out)
+    assert set(after) == set(before)
+    redone = {name for name in before if name == "latents/shard-00001.parquet"
+              or (name.startswith("images/") and name.rsplit("/", 1)[1].startswith("1"))}
+    assert len(redone) == 1 + UNITS["shard-00001"] * per_code
+    assert all(after[name] == before[name] for name in set(before) - redone), "the rest is left exactly as it was"
+    assert all(after[name][0] == before[name][0] for name in redone if name.endswith(".png")), "the same images again"
+    assert pq.read_table(out / "latents" / "shard-00001.parquet").equals(pq.read_table(io.BytesIO(
+        before["latents/shard-00001.parquet"][0])))
+
+
+def test_directions_that_do_not_fit_the_model_are_one_line_errors(tmp_path, model_file, capsys):
+    net = load_psp(model_file)
+    write_inversion(tmp_path / "latents", net, resolve_model(str(model_file)).pinned)
+    torch.save(torch.zeros(3, 7), tmp_path / "odd.pt")
+    cases = [
+        ({"kind": "interfacegan", "direction": str(tmp_path / "odd.pt")}, r"odd\.pt: direction of shape \[3, 7\]"),
+        ({"kind": "interfacegan", "direction": "age"}, r"interfacegan_age\.pt: an FFHQ direction .* 6 styles"),
+        ({"kind": "ganspace", "directions": [[0, 0, 4, 1.0]]}, r"ganspace_ffhq_pca\.pt: an FFHQ direction .* 6 styles"),
+    ]
+    params = tmp_path / "params.yaml"
+    for entry, message in cases:
+        write_edit_params(tmp_path, model=str(model_file), edits=[entry], input=str(tmp_path / "latents"),
+                          output_dir=str(tmp_path / "edits"))
+        assert main(["edit", "--params", str(params)]) == 2
+        error = capsys.readouterr().err.strip()
+        assert error.startswith("psp edit: error: ") and "\n" not in error, error
+        assert re.search(message, error), error
+        assert not (tmp_path / "edits").exists(), "nothing is written before the edits are checked"
+
+    # the codes decode only with the generator that made them
+    other = PSP(PSPArchitecture(output_size=16, encoder_input_size=32))
+    other.set_latent_avg(torch.zeros(512))
+    save_psp(other, tmp_path / "other.pt")
+    write_edit_params(tmp_path, model=str(tmp_path / "other.pt"), input=str(tmp_path / "latents"),
+                      output_dir=str(tmp_path / "edits"))
+    assert main(["edit", "--params", str(params)]) == 2
+    assert "were made by file:tiny.pt@sha256:" in capsys.readouterr().err
+
+
+def test_direction_files_and_styles_are_checked_against_the_model(tmp_path, model_file):
+    net = load_psp(model_file)
+    torch.save(torch.zeros(1, 18, 512), tmp_path / "ffhq_wplus.pt")
+    torch.save({"mean": torch.zeros(1, 512), "comp": torch.zeros(4, 1, 512), "std": torch.ones(4)}, tmp_path / "pca.pt")
+    cases = [
+        ({"kind": "interfacegan", "direction": str(tmp_path / "ffhq_wplus.pt")},
+         r"ffhq_wplus\.pt: direction of shape \[1, 18, 512\]; expected \[1, 512\] or \[1, 6, 512\]"),
+        ({"kind": "ganspace", "pca": str(tmp_path / "pca.pt"), "directions": [[4, 0, 2, 1.0]]},
+         r"pca\.pt: has 4 components, edit\.edits asks for pca_index 4"),
+        ({"kind": "ganspace", "pca": str(tmp_path / "pca.pt"), "directions": [[0, 3, 7, 1.0]]},
+         r"styles 3\.\.6 outside the model's 0\.\.5"),
+        ({"kind": "sefa", "styles": [5]}, r"SeFa styles must be in 0\.\.4"),
+    ]
+    for entry, message in cases:
+        with pytest.raises(InputError, match=message):
+            build_directions(EditConfig(edits=[entry]), net.decoder, net.n_styles)
+    torch.save(torch.ones(1, 512), tmp_path / "w.pt")
+    twice = [{"kind": "interfacegan", "direction": str(tmp_path / "w.pt")}] * 2
+    with pytest.raises(InputError, match="two edits make a direction named w: give one of them another name"):
+        build_directions(EditConfig(edits=twice), net.decoder, net.n_styles)
+
+
+def test_the_shipped_ffhq_directions_fit_the_ffhq_generator():
+    cfg = EditConfig(edits=[{"kind": "interfacegan", "direction": name} for name in ("age", "smile", "pose")]
+                     + [{"kind": "ganspace", "pca": "ffhq", "directions": [[54, 7, 8, 20], [54, 7, 8, -20]]}])
+    directions = build_directions(cfg, generator=None, n_styles=18)
+    assert [d.name for d in directions] == ["age", "smile", "pose", "ganspace-pc54-7-8"]
+    for direction in directions[:3]:
+        assert direction.latent_edit.direction.shape == (1, 18, 512)
+    raw = {name: torch.load(FFHQ_DIRECTIONS / f"interfacegan_{name}.pt", map_location="cpu", weights_only=True)
+           for name in ("age", "smile", "pose")}
+    assert raw["age"].shape == raw["smile"].shape == (1, 512) and raw["pose"].shape == (1, 18, 512)
+    pca = directions[3].latent_edit.pca
+    assert pca.mean.shape == (1, 512) and pca.comp.shape == (80, 1, 512) and pca.std.shape == (80,)
+    assert directions[3].strengths == (20.0, -20.0)
+    codes = torch.randn(2, 18, 512)
+    assert directions[3].moved(codes).shape == (2, 2, 18, 512)
+
+
+def test_the_demo_edits_with_sefa_what_invert_wrote():
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    cfg = EditConfig.model_validate(params["edit"])
+    assert str(cfg.input) == params["invert"]["output_dir"] and cfg.model is None
+    assert [e.kind for e in cfg.edits] == ["sefa"]

@@ -1,0 +1,95 @@
+"""The house rules the layout keeps: imports only downward (no cycle), MLflow imported only by the tracking
+service and Ray only by the Ray service and the stage code that runs inside Ray, no module over 450 lines,
+and at most 8 modules directly in each package root."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from helpers import REPO
+
+ROOT = REPO
+PACKAGES = ("psp_core", "pipelines")
+RAY_USERS = ("pipelines/services/ray/", "pipelines/stages/train.py", "pipelines/stages/train_worker.py")
+
+
+def modules() -> dict[str, Path]:
+    found = {}
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return found
+
+
+def imports(path: Path) -> set[str]:
+    """Every module a file imports (absolute names), anywhere in it."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+    return names
+
+
+def project_graph() -> dict[str, set[str]]:
+    known = modules()
+    return {name: {i for i in imports(path) if i in known and i != name} for name, path in known.items()}
+
+
+def test_no_import_cycle():
+    graph = project_graph()
+    state: dict[str, int] = {}
+
+    def visit(node: str, trail: list[str]) -> None:
+        state[node] = 1
+        for nxt in graph[node]:
+            if state.get(nxt) == 1 and not nxt.startswith(node + ".") and not node.startswith(nxt + "."):
+                raise AssertionError("import cycle: " + " -> ".join(trail[trail.index(nxt):] + [nxt])
+                                     if nxt in trail else f"import cycle through {node} -> {nxt}")
+            if nxt not in state:
+                visit(nxt, trail + [nxt])
+        state[node] = 2
+
+    for name in graph:
+        if name not in state:
+            visit(name, [name])
+
+
+def test_psp_core_imports_no_service():
+    for name, path in modules().items():
+        if name.startswith("psp_core"):
+            heavy = {i.split(".")[0] for i in imports(path)} & {"ray", "mlflow", "dvc", "pipelines"}
+            assert not heavy, f"{path.relative_to(ROOT)} imports {sorted(heavy)}"
+
+
+def test_mlflow_and_ray_have_one_owner_each():
+    for path in modules().values():
+        relative = path.relative_to(ROOT).as_posix()
+        top = {i.split(".")[0] for i in imports(path)}
+        if "mlflow" in top:
+            assert relative.startswith("pipelines/services/tracking/"), f"{relative} imports mlflow"
+        if "ray" in top:
+            assert relative.startswith(RAY_USERS), f"{relative} imports ray"
+
+
+def test_modules_stay_small_and_roots_stay_few():
+    for path in modules().values():
+        lines = len(path.read_text().splitlines())
+        assert lines <= 450, f"{path.relative_to(ROOT)} has {lines} lines"
+    for package in PACKAGES:
+        direct = sorted(p.name for p in (ROOT / package).glob("*.py"))
+        assert len(direct) <= 8, f"{package}/ holds {len(direct)} modules: {direct}"
+
+
+def test_the_cycle_check_sees_a_cycle(monkeypatch):
+    """The cycle check fails on a graph with a loop (a check that cannot fail checks nothing)."""
+    monkeypatch.setattr(__import__(__name__), "project_graph",
+                        lambda: {"pipelines.a": {"pipelines.b"}, "pipelines.b": {"pipelines.a"}})
+    try:
+        test_no_import_cycle()
+    except AssertionError as err:
+        assert "pipelines.a" in str(err)
+    else:
+        raise AssertionError("the cycle went unnoticed")
