@@ -37,7 +37,7 @@ run_step() {
 }
 
 # 1. Parity on the GPU (under a minute on a fast CPU: most of it builds the fixtures' weights).
-run_step parity 100 env PSP_TEST_DEVICE=cuda "$PY" -m pytest -q -p no:cacheprovider tests/test_parity.py
+run_step parity 100 env PSP_TEST_DEVICE=cuda "$PY" -m pytest -q -p no:cacheprovider tests/unit/psp_core/nets/test_parity.py
 
 # 2. Forward throughput at 1024 px, batch 8.
 run_step forward_eager 95 "$PY" benchmarks/bench_forward.py --sizes 1024 --batches 8 --precisions fp32 bf16 \

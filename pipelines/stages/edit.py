@@ -66,7 +66,7 @@ SHIPPED_GANSPACE = {"ffhq": FFHQ_DIRECTIONS / "ganspace_ffhq_pca.pt"}
 
 
 @dataclass(frozen=True)
-class Unit:
+class EditUnit:
     """One input Parquet file of invert and the edit output file made from it."""
 
     name: str
@@ -76,7 +76,7 @@ class Unit:
 
 
 @dataclass(frozen=True)
-class Inversion:
+class InvertedFolder:
     """What an invert output folder holds: the model that made the codes and its Parquet files."""
 
     folder: storage.Location
@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def read_inversion(path: str | Path) -> Inversion:
+def read_inversion(path: str | Path) -> InvertedFolder:
     """The invert output folder's manifest, checked: the folder is invert's, and every file it lists with
     rows is there and was written by the manifest's model (a half-rerun inversion is refused)."""
     folder = storage.Location.of(path)
@@ -132,10 +132,10 @@ def read_inversion(path: str | Path) -> Inversion:
             raise InputError(f"{path} was written by {written_by or 'an unknown model'}, the manifest names {model}: "
                              "finish `psp invert` first")
         files.append(path)
-    return Inversion(folder, model, tuple(files))
+    return InvertedFolder(folder, model, tuple(files))
 
 
-def edit_model(cfg: EditConfig, inversion: Inversion) -> ResolvedModel:
+def edit_model(cfg: EditConfig, inversion: InvertedFolder) -> ResolvedModel:
     """The model whose generator decodes the codes: the one that made them, by reference or checked by hash."""
     if cfg.model is None:
         if not inversion.model.startswith("models:/"):
@@ -149,7 +149,7 @@ def edit_model(cfg: EditConfig, inversion: Inversion) -> ResolvedModel:
     return model
 
 
-def check_codes(inversion: Inversion, n_styles: int) -> None:
+def check_codes(inversion: InvertedFolder, n_styles: int) -> None:
     """Every input file holds W+ codes of the generator's `n_styles` (a mismatched folder is one error naming it)."""
     for path in inversion.files:
         schema = storage.parquet_schema(path)
@@ -231,7 +231,7 @@ def edits_key(model_ref: str, cfg: EditConfig) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
 
-def plan_units(inversion: Inversion, key: str) -> list[Unit]:
+def plan_units(inversion: InvertedFolder, key: str) -> list[EditUnit]:
     """Each input file as a unit: the ids of its codes (variant 0, no error) and its own key (edits + its bytes)."""
     units = []
     for path in inversion.files:
@@ -242,7 +242,7 @@ def plan_units(inversion: Inversion, key: str) -> list[Unit]:
         if bad is not None:
             raise InputError(f"{path}: id {bad!r} cannot name an image file")
         unit_key = hashlib.sha256(f"{key}:{storage.digest(path)}".encode()).hexdigest()
-        units.append(Unit(Path(path.name).stem, path, ids, unit_key))
+        units.append(EditUnit(Path(path.name).stem, path, ids, unit_key))
     return units
 
 
@@ -263,7 +263,7 @@ def edit(cfg: EditConfig) -> dict[str, Any]:
         return edit_units(cfg, out, units, directions, model, inversion.model)
 
 
-def edit_units(cfg: EditConfig, out: storage.Location, units: list[Unit], directions: list[Direction],
+def edit_units(cfg: EditConfig, out: storage.Location, units: list[EditUnit], directions: list[Direction],
                model: ResolvedModel, model_ref: str) -> dict[str, Any]:
     """Edit every unit not yet written for its key into the output folder `out`, then the grids, manifest,
     report (and MLflow run)."""
@@ -300,7 +300,7 @@ def edit_units(cfg: EditConfig, out: storage.Location, units: list[Unit], direct
     return report
 
 
-def unit_done(out: storage.Location, unit: Unit, present: set[str]) -> bool:
+def unit_done(out: storage.Location, unit: EditUnit, present: set[str]) -> bool:
     """Whether a unit's output file exists, was made for this unit's key, and every image it lists is there
     (`present`: the files in `out`, relative to it)."""
     name = f"{LATENTS}/{unit.name}.parquet"
@@ -345,7 +345,7 @@ def remove_stale_units(out: storage.Location, current: set[str]) -> None:
             log.info("removed %s: its input file is gone", path)
 
 
-def edited(cfg: EditConfig, todo: list[Unit], directions: list[Direction], model: ResolvedModel, n_images: int):
+def edited(cfg: EditConfig, todo: list[EditUnit], directions: list[Direction], model: ResolvedModel, n_images: int):
     """The pending units' codes through the editing actor pool (`n_images` decodes in all: `compile: auto`
     decides on them): result batches as they finish."""
     items = [{"unit": u.name, "path": str(u.path)} for u in todo]
@@ -356,7 +356,7 @@ def edited(cfg: EditConfig, todo: list[Unit], directions: list[Direction], model
     return map_units(items, read_codes, Editor, pool, actor_kwargs=editor)
 
 
-def write_outputs(out: storage.Location, batches, todo: list[Unit], directions: list[Direction], model_ref: str) -> int:
+def write_outputs(out: storage.Location, batches, todo: list[EditUnit], directions: list[Direction], model_ref: str) -> int:
     """Stream the result `batches` into `out`: write each edited image as it arrives and each unit's latents
     file once all its rows are in; returns the number of images written."""
     per_code = sum(len(d.strengths) for d in directions)
@@ -375,7 +375,7 @@ def write_outputs(out: storage.Location, batches, todo: list[Unit], directions: 
     return written
 
 
-def write_unit(out: storage.Location, unit: Unit, rows: pa.Table, model_ref: str) -> None:
+def write_unit(out: storage.Location, unit: EditUnit, rows: pa.Table, model_ref: str) -> None:
     """One unit's latents file, rows sorted by (id, direction, strength), model and key in the schema metadata,
     atomically; then the images an earlier version of the file listed and this one does not are removed."""
     path = out / LATENTS / f"{unit.name}.parquet"

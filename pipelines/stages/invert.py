@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Unit:
+class InputUnit:
     """One output file's worth of input: a shard file, or a chunk of image files."""
 
     name: str
@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def input_units(cfg: InvertConfig, source: storage.StageInput) -> list[Unit]:
+def input_units(cfg: InvertConfig, source: storage.StageInput) -> list[InputUnit]:
     """The input split into output units: one per shard, or sorted image files in chunks. Every shard
     is checked first (bytes against the manifest's sha256, footer and columns), so a damaged file
     is one error naming it before any work starts."""
@@ -74,7 +74,7 @@ def input_units(cfg: InvertConfig, source: storage.StageInput) -> list[Unit]:
             if cfg.split is not None:
                 splits = shard.read(columns=["split"]).column("split").to_pylist()
                 rows = sum(s == cfg.split for s in splits)
-            units.append(Unit(Path(str(path)).stem, (str(path),), rows))
+            units.append(InputUnit(Path(str(path)).stem, (str(path),), rows))
         return units
     if not source.location.is_local:
         raise InputError(f"invert.input {cfg.input}: not a shard folder (no manifest.json); an image folder must be local")
@@ -85,7 +85,7 @@ def input_units(cfg: InvertConfig, source: storage.StageInput) -> list[Unit]:
     if not files:
         raise InputError(f"invert.input {cfg.input}: no image files")
     size = cfg.images_per_file
-    return [Unit(f"images-{i // size:05d}", tuple(files[i:i + size]), len(files[i:i + size]))
+    return [InputUnit(f"images-{i // size:05d}", tuple(files[i:i + size]), len(files[i:i + size]))
             for i in range(0, len(files), size)]
 
 
@@ -100,7 +100,7 @@ def aligned_copy(cfg: InvertConfig) -> InvertConfig:
     return cfg.model_copy(update={"input": target, "aligned": True})
 
 
-def done_units(units: list[Unit], output_dir: storage.Location, model_ref: str) -> set[str]:
+def done_units(units: list[InputUnit], output_dir: storage.Location, model_ref: str) -> set[str]:
     """Units whose output file exists and was written by the same model (others are redone)."""
     done = set()
     present = set(storage.list_files(output_dir))
@@ -138,7 +138,7 @@ def invert(cfg: InvertConfig) -> dict[str, Any]:
         return invert_units(cfg, source, folder, units, model.checkpoint, model.pinned, checked)
 
 
-def invert_units(cfg: InvertConfig, source: storage.StageInput, folder: storage.Location, units: list[Unit],
+def invert_units(cfg: InvertConfig, source: storage.StageInput, folder: storage.Location, units: list[InputUnit],
                  checkpoint: Path, model_ref: str,
                  model: InferenceModel) -> dict[str, Any]:
     """Invert every unit not yet written for this model into the output folder `folder`."""
@@ -183,7 +183,7 @@ def log_inversion(cfg: InvertConfig, source: storage.StageInput, report: dict[st
                         {"images_per_s": report["images_per_s"]}, [cfg.report], dataset=dataset)
 
 
-def inverted(cfg: InvertConfig, source: storage.StageInput, todo: list[Unit], checkpoint: Path, model_ref: str,
+def inverted(cfg: InvertConfig, source: storage.StageInput, todo: list[InputUnit], checkpoint: Path, model_ref: str,
              n_images: int = 0):
     """The pending units' rows (one block per unit: each unit's results reach the driver, and its file is
     written, as soon as that unit is done) through the inversion actor pool (`n_images` in all: `compile:
@@ -197,7 +197,7 @@ def inverted(cfg: InvertConfig, source: storage.StageInput, todo: list[Unit], ch
     return map_units(items, read_unit, Inverter, pool, read_kwargs=reader, actor_kwargs=inverter)
 
 
-def write_outputs(cfg: InvertConfig, folder: storage.Location, batches, todo: list[Unit], model_ref: str) -> int:
+def write_outputs(cfg: InvertConfig, folder: storage.Location, batches, todo: list[InputUnit], model_ref: str) -> int:
     """Stream the result `batches`, group them by unit, and write each unit's file once all its rows are in;
     returns the number of images inverted."""
     collector = UnitCollector({u.name: u.rows * (1 + cfg.n_outputs) for u in todo})

@@ -552,7 +552,7 @@ def test_a_stopped_invert_leaves_no_ray_process_and_reruns_write_only_the_rest(t
     files = lambda: {p.name: (p.read_bytes(), p.stat().st_mtime_ns)  # noqa: E731
                      for p in (tmp_path / "latents").glob("shard-*.parquet")}
 
-    # SIGTERM with Ray running (SIGKILL and the reaper: tests/test_train_ray.py kills a training driver)
+    # SIGTERM with Ray running (SIGKILL and the reaper: tests/e2e/test_train_ray.py kills a training driver)
     stderr = stop_invert_midway(tmp_path, signal.SIGTERM, at_least=2)
     assert stderr.rstrip().splitlines()[-1] == "psp invert: terminated; finished work is kept and a rerun resumes"
     after_stop = files()

@@ -1,4 +1,4 @@
-"""`psp invert`: Ray Data batch inversion and its outputs (stopping and resuming: tests/test_data_safety.py)."""
+"""`psp invert`: Ray Data batch inversion and its outputs (stopping and resuming: tests/e2e/test_data_safety.py)."""
 from __future__ import annotations
 
 import io

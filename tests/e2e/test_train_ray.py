@@ -1,6 +1,6 @@
 """`psp train` for real: local Ray with 2 DDP workers, a killed worker and a killed driver, the registered
 model loading back, and `psp submit` to a Ray head. (Two nodes tracked by an `mlflow server`:
-tests/test_object_storage.py.)"""
+tests/e2e/test_object_storage.py.)"""
 from __future__ import annotations
 
 import json

@@ -18,7 +18,7 @@ from mlflow.models import ModelSignature
 from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
 import mlflow
-from pipelines.services.storage import file_digest, reference_kind
+from pipelines.services.storage import file_digest
 from pipelines.services.tracking import pyfunc
 from pipelines.services.tracking.registry import describe_version, parse_registry_uri, resolve_version
 from pipelines.services.tracking.store import cached_artifact, ensure_experiment
@@ -147,7 +147,7 @@ def resolve_model(reference: str) -> ResolvedModel:
     if ref is not None:
         version = resolve_version(ref)
         return ResolvedModel(reference, model_checkpoint(f"models:/{ref.name}/{version.version}"), version)
-    if reference_kind(reference) != "local" or reference.startswith("models:"):
+    if "://" in reference or reference.startswith(("models:", "runs:")):
         raise InputError(f"model {reference!r}: use models:/NAME@ALIAS, models:/NAME/VERSION, a train report "
                          "(.json) or a .pt file path")
     path = Path(reference)

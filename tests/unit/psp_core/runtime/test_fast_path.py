@@ -2,7 +2,7 @@
 rules, the persistent compile cache (two real processes), and bf16 / compiled outputs against fp32
 eager on the parity fixtures' networks.
 
-Run as a script (`python tests/test_fast_path.py CACHE_DIR OUT`) it is the compiling process of the
+Run as a script (`python tests/unit/psp_core/runtime/test_fast_path.py CACHE_DIR OUT`) it is the compiling process of the
 cache test: it compiles the tiny generator with `CACHE_DIR` as the cache and saves what it saw to OUT.
 """
 from __future__ import annotations
