@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests"))
 from common import command_line, hardware  # noqa: E402
-from parity_rule import FIXTURES, rule_state_dict, write_released_family, write_released_psp  # noqa: E402
 
+from helpers.parity import FIXTURES, rule_state_dict, write_released_family, write_released_psp  # noqa: E402
 from pipelines.services.storage import write_json_atomic  # noqa: E402
 from psp_core import Generator, load_psp, refine  # noqa: E402
 from psp_core.runtime.devices import autocast, compile_model, use_ieee_fp32  # noqa: E402

@@ -31,8 +31,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_invert import make_inputs  # noqa: E402
 from common import command_line, hardware  # noqa: E402
 
-from pipelines.stages.invert import InvertConfig, Inverter, read_unit  # noqa: E402
-from psp_core import PSP, PSPArchitecture, devices, engine, save_psp  # noqa: E402
+from pipelines.params.schema import InvertConfig  # noqa: E402
+from pipelines.stages.invert_actor import Inverter, read_unit  # noqa: E402
+from psp_core import PSP, PSPArchitecture, save_psp  # noqa: E402
+from psp_core.inference import model as inference_model  # noqa: E402
+from psp_core.runtime import devices  # noqa: E402
+from psp_core.training import engine  # noqa: E402
 
 
 def measure(args: argparse.Namespace) -> dict[str, float]:
@@ -48,7 +52,8 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
                        lpips_backbone="random", precision=args.precision, compile=args.compile)
     inverter = Inverter(str(checkpoint), cfg.model_dump(mode="json"), "bench")
     shard = next(cfg.input.glob("*.parquet"))
-    rows = read_unit(pa.table({"unit": [shard.stem], "paths": [[str(shard)]]}), shards=True, split=None, paired=False)
+    rows = read_unit(pa.table({"unit": [shard.stem], "paths": [[str(shard)]]}), shards=True, split=None,
+                     columns=["id", "image", "source_path", "split"])
     return timed(lambda index: inverter(rows.slice(index * args.batch, args.batch)), args.iters)
 
 
@@ -79,7 +84,7 @@ def run_child(args: argparse.Namespace, keep: bool) -> dict[str, float]:
     if keep:
         assert devices.keep_freed_memory(), "glibc's mallopt is not available here"
     else:
-        devices.keep_freed_memory = engine.keep_freed_memory = lambda: False
+        devices.keep_freed_memory = engine.keep_freed_memory = inference_model.keep_freed_memory = lambda: False
     return measure_train(args) if args.workload == "train" else measure(args)
 
 

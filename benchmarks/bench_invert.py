@@ -32,8 +32,11 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import command_line, hardware  # noqa: E402
 
+from pipelines.params.schema import InvertConfig  # noqa: E402
 from pipelines.services.ray.cluster import connect  # noqa: E402
-from pipelines.stages.invert import InvertConfig, Inverter, input_units, inverted, read_unit, rows_dataset  # noqa: E402
+from pipelines.services.storage import StageInput  # noqa: E402
+from pipelines.stages.invert import input_units, inverted  # noqa: E402
+from pipelines.stages.invert_actor import Inverter, read_unit  # noqa: E402
 from pipelines.stages.shard import ShardConfig, write_shards  # noqa: E402
 from psp_core import PSP, PSPArchitecture, save_psp  # noqa: E402
 from psp_core.runtime.devices import keep_freed_memory  # noqa: E402
@@ -60,7 +63,7 @@ def loop_seconds(cfg: InvertConfig, checkpoint: Path) -> float:
     inverter = Inverter(str(checkpoint), cfg.model_dump(mode="json"), "bench")
     for path in sorted(cfg.input.glob("*.parquet")):
         item = pa.table({"unit": [path.stem], "paths": [[str(path)]]})
-        table = read_unit(item, shards=True, split=None, paired=False)
+        table = read_unit(item, shards=True, split=None, columns=["id", "image", "source_path", "split"])
         for offset in range(0, table.num_rows, cfg.batch_size):
             inverter(table.slice(offset, cfg.batch_size))
     return time.perf_counter() - start
@@ -69,8 +72,8 @@ def loop_seconds(cfg: InvertConfig, checkpoint: Path) -> float:
 def ray_seconds(cfg: InvertConfig, checkpoint: Path) -> float:
     """The stage's Ray Data pipeline over every row (actor pool of one), consumed to the end."""
     start = time.perf_counter()
-    dataset = inverted(cfg, rows_dataset(cfg, input_units(cfg)), checkpoint, "bench")
-    for _ in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+    source = StageInput.of(cfg.input)
+    for _ in inverted(cfg, source, input_units(cfg, source), checkpoint, "bench"):
         pass
     return time.perf_counter() - start
 

@@ -26,8 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import command_line, hardware  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from pipeline_helpers import make_shards  # noqa: E402
-
+from helpers.pipelines import make_shards  # noqa: E402
 from pipelines.stages.train import TrainConfig, resolve_paths, train  # noqa: E402
 from psp_core import build_psp  # noqa: E402
 from psp_core.data.presets import PresetTransform, get_preset  # noqa: E402
