@@ -18,9 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 import mlflow
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import command_line, hardware  # noqa: E402

@@ -97,11 +97,11 @@ def test_repro_twice_then_experiment(repo):
 def check_training_evaluation_and_inversion(root: Path, manifest: dict) -> None:
     """train registered @candidate, evaluate scored it, invert wrote every image's W+ code, and a
     stored code decodes (with the registered model's generator) to the stored reconstruction."""
+    import mlflow
     import numpy as np
     import pyarrow.parquet as pq
     import torch
 
-    import mlflow
     from psp_core import load_psp
 
     train = json.loads((root / "reports/train.json").read_text())

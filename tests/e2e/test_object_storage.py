@@ -17,6 +17,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -25,7 +26,6 @@ import torch
 import yaml
 from PIL import Image
 
-import mlflow
 from helpers.editing import UNITS, write_edit_params, write_inversion
 from helpers.pipelines import (
     PSP,

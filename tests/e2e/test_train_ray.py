@@ -11,12 +11,12 @@ import subprocess
 import time
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import psutil
 import pytest
 import torch
 
-import mlflow
 from helpers import REPO
 from helpers.pipelines import (
     PSP,

@@ -7,12 +7,12 @@ import logging
 import time
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import torch
 from mlflow.entities import Metric
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-import mlflow
 from pipelines.services.tracking.vocabulary import BEST_STEP_TAG
 
 log = logging.getLogger(__name__)

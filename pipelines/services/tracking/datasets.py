@@ -7,13 +7,13 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import mlflow
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import DatasetInput, InputTag
 from mlflow.types import ColSpec, DataType, Schema
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-import mlflow
 from pipelines.services.storage import Location
 from psp_core.data.shards import SHARD_SCHEMA, ShardManifest
 

@@ -10,6 +10,7 @@ from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Any, Mapping
 
+import mlflow
 import numpy as np
 import torch
 from mlflow.entities import Param
@@ -17,7 +18,6 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.models import ModelSignature
 from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
-import mlflow
 from pipelines.services.storage import file_digest
 from pipelines.services.tracking import pyfunc
 from pipelines.services.tracking.registry import describe_version, parse_registry_uri, resolve_version

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import mlflow
 import numpy as np
 import torch
 
-import mlflow
 from psp_core.errors import InputError
 from psp_core.inference import DEFAULT_REFINE_ITERS, InferenceModel, image_channels, scored
 from psp_core.nets.checkpoints import load_psp

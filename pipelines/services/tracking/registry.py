@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+import mlflow
 from mlflow.entities import Metric, RunTag
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-import mlflow
 from pipelines.services.tracking.datasets import log_datasets
 from pipelines.services.tracking.store import use_tracking_store
 from pipelines.services.tracking.vocabulary import (

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+import mlflow
 from mlflow.entities import Param
 from mlflow.entities.model_registry import ModelVersion
 
-import mlflow
 from pipelines.services.storage import Location, list_files, read_bytes
 from pipelines.services.tracking.datasets import ShardDataset, log_datasets
 from pipelines.services.tracking.models import log_encoder

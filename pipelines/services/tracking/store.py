@@ -6,11 +6,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from mlflow.exceptions import MlflowException
-
 import mlflow
 import mlflow.artifacts
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
 from pipelines.services.storage import cached_copy, cached_weights, is_registry_reference, scrub
 from psp_core.errors import InputError
 

@@ -12,11 +12,11 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pytest
 import torch
 
-import mlflow
 from helpers.pipelines import clean_env, free_port
 from helpers.tracking import tracking_store
 from pipelines.services import tracking

@@ -4,11 +4,11 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pytest
 import torch
 
-import mlflow
 from helpers.parity import FIXTURES, write_released_psp
 from helpers.tracking import tracking_store
 from pipelines.cli import main

@@ -14,13 +14,13 @@ import time
 import uuid
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-import mlflow
 from helpers import REPO
 from helpers.pipelines import wait_until
 from pipelines.services import storage, tracking

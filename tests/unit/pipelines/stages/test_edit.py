@@ -7,6 +7,7 @@ import json
 import re
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -14,7 +15,6 @@ import torch
 import yaml
 from PIL import Image
 
-import mlflow
 from helpers.editing import N_STYLES, ROOT, UNITS, decode_png, write_edit_params, write_inversion
 from helpers.pipelines import run_psp
 from pipelines.cli import main

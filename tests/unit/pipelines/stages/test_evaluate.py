@@ -6,12 +6,12 @@ import json
 import math
 from pathlib import Path
 
+import mlflow
 import pytest
 import torch
 import yaml
 from PIL import Image
 
-import mlflow
 from helpers.pipelines import make_shards, per_image_metrics, reference_lpips
 from helpers.tracking import tracking_store
 from pipelines.cli import main

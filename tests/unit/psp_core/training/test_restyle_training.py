@@ -6,12 +6,12 @@ from __future__ import annotations
 import copy
 import json
 
+import mlflow
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-import mlflow
 from helpers.pipelines import make_shards, noisy_psp, run_psp, smooth_images, write_params
 from helpers.training import Recorder, perturbed, scramble_rngs, shuffled_epochs
 from pipelines.params.loading import ConfigError, load_section
