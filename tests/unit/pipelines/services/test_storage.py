@@ -377,6 +377,7 @@ def test_cached_weights_fetches_once_per_node(prefix, tmp_path, s3_env):
 
 def test_cached_weights_from_an_mlflow_run(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    tracking.use_tracking_store()          # this test's store, as every `psp` process selects it
     weights = tmp_path / "ir_se50.pth"
     weights.write_bytes(b"irse50 weights")
     experiment = mlflow.create_experiment("weights", artifact_location=str(tmp_path / "artifacts"))

@@ -16,7 +16,7 @@ from PIL import Image
 from helpers.pipelines import face_like_png
 from pipelines.cli import main
 from pipelines.params.schema import InvertConfig, ShardConfig
-from pipelines.stages.invert import Inverter, read_unit
+from pipelines.stages.invert_actor import Inverter, read_unit
 from pipelines.stages.shard import write_shards
 from psp_core import PSP, PSPArchitecture, save_psp
 from psp_core.data.presets import PresetTransform, get_preset
@@ -105,7 +105,8 @@ def test_evaluate_and_invert_feed_label_maps_to_a_seg_model(seg_shards):
     result = json.loads(report.read_text())
 
     shard = shard_paths(seg_shards / "shards")[0]
-    table = read_unit(pa.table({"unit": ["u"], "paths": [[str(shard)]]}), shards=True, split="test", paired=True)
+    table = read_unit(pa.table({"unit": ["u"], "paths": [[str(shard)]]}), shards=True, split="test",
+                      columns=read_manifest(seg_shards / "shards").columns)
     labels = [labels_of(p, seg_shards) for p in table.column("source_path").to_pylist()]
     latents, l2 = by_hand(net, labels, table.column("image").to_pylist())
     assert result["n_images"] == table.num_rows > 0
