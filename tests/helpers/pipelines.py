@@ -133,7 +133,7 @@ def check_mixed_variants(net, rows: list[dict], mask: list[int], alpha: float | 
     (run seed, image id, variant); returns how many variants were checked."""
     import torch
 
-    from pipelines.stages.invert import seed_for
+    from pipelines.stages.invert_actor import seed_for
 
     by_id: dict[str, dict[int, dict]] = {}
     for row in rows:
