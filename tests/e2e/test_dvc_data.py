@@ -71,7 +71,7 @@ def test_repro_twice_then_experiment(repo):
     align = json.loads((root / "reports/align.json").read_text())
     assert align["photos"] == 2 * 3 + 4 + 12 and align["faces_aligned"] == align["photos_aligned"] == 2 * 3 + 4 + 7  # 7 awkward files hold a usable face
     manifest = json.loads((root / "data/shards/manifest.json").read_text())
-    assert manifest.rows["total"] == align["faces_aligned"]
+    assert manifest["rows"]["total"] == align["faces_aligned"]
     assert "/raw" in (root / "data/.gitignore").read_text()  # DVC git-ignores the stage outputs
     check_training_evaluation_and_inversion(root, manifest)
     first_lock = (root / "dvc.lock").read_text()
@@ -107,12 +107,12 @@ def check_training_evaluation_and_inversion(root: Path, manifest: dict) -> None:
     train = json.loads((root / "reports/train.json").read_text())
     assert train["steps"] == 3 and train["model_version"] == "1"
     evaluation = json.loads((root / "reports/eval.json").read_text())
-    assert evaluation["n_images"] == manifest.rows["test"] and evaluation["model_version"] == "1"
+    assert evaluation["n_images"] == manifest["rows"]["test"] and evaluation["model_version"] == "1"
     assert evaluation["l2"] > 0 and evaluation["seconds_per_image"] > 0
     assert Image.open(root / "reports/eval_grid.png").size[0] > 0
     rows = pq.read_table(sorted((root / "data/latents").glob("*.parquet"))).to_pylist()
     originals = [r for r in rows if r["variant"] == 0]
-    assert len(rows) == 2 * manifest.rows["total"] and len({r["id"] for r in originals}) == len(originals)
+    assert len(rows) == 2 * manifest["rows"]["total"] and len({r["id"] for r in originals}) == len(originals)
     assert {r["model"] for r in rows} == {"models:/psp-encoder/1"}
 
     store = f"sqlite:///{root / 'mlflow' / 'mlflow.db'}"
@@ -187,9 +187,9 @@ def check_lineage(root: Path, env: dict, manifest: dict) -> None:
                                                                     "shards/test": "evaluation"}
     for split in ("train", "test"):
         dataset = datasets[f"shards/{split}"]
-        assert dataset["digest"] == digest[:32] and dataset["rows"] == manifest.rows[split]
+        assert dataset["digest"] == digest[:32] and dataset["rows"] == manifest["rows"][split]
         assert Path(dataset["source"]) == (root / "data/shards").resolve()
-        assert len(dataset["checks"]) == 1 + len(manifest.shards)
+        assert len(dataset["checks"]) == 1 + len(manifest["shards"])
         assert {c["verdict"] for c in dataset["checks"]} == {"matches"}
     lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
     stages = chain["dvc_stages"]["stages"]
@@ -205,7 +205,7 @@ def check_lineage(root: Path, env: dict, manifest: dict) -> None:
     assert "RANDOM WEIGHTS: GENERATOR" in chain["version"]["description"]
     assert digest[:16] in chain["version"]["description"] and "Evaluation: " in chain["version"]["description"]
 
-    shard = root / "data/shards" / manifest.shards[0]["file"]
+    shard = root / "data/shards" / manifest["shards"][0]["file"]
     original = shard.read_bytes()
     tampered = bytearray(original)
     tampered[len(tampered) // 2] ^= 0xFF

@@ -164,8 +164,8 @@ def run_stages(driver: Path, head: Path, worker_node: Path, bucket: str, s3_serv
     shard = run_psp(["shard"], driver)
     assert shard.returncode == 0, shard.stderr[-3000:]
     manifest = json.loads(storage.read_bytes(f"{bucket}/shards/manifest.json"))
-    assert manifest.rows["total"] == 16 and manifest.rows["test"] >= 2
-    assert all(storage.exists(f"{bucket}/shards/{e['file']}") for e in manifest.shards)
+    assert manifest["rows"]["total"] == 16 and manifest["rows"]["test"] >= 2
+    assert all(storage.exists(f"{bucket}/shards/{e['file']}") for e in manifest["shards"])
 
     # a wrong secret key and a missing bucket: one line naming the URI, exit 2, before any work
     wrong = run_psp(["train"], driver, env={**s3_server.env(), "AWS_SECRET_ACCESS_KEY": "wrong-secret-key"})
