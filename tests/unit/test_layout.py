@@ -3,10 +3,10 @@ service and Ray only by the Ray service and the stage code that runs inside Ray,
 and at most 8 modules directly in each package root."""
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 from helpers import REPO
+from helpers.code import imported_names
 
 ROOT = REPO
 PACKAGES = ("psp_core", "pipelines")
@@ -22,15 +22,7 @@ def modules() -> dict[str, Path]:
     return found
 
 
-def imports(path: Path) -> set[str]:
-    """Every module a file imports (absolute names), anywhere in it."""
-    names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            names |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
-    return names
+imports = imported_names
 
 
 def project_graph() -> dict[str, set[str]]:

@@ -35,7 +35,7 @@ class StageInput:
         """Whether this is a shard folder (it has a manifest)."""
         return self.manifest is not None
 
-    def shards(self, verify: bool = False) -> ShardManifest:
+    def shards(self) -> ShardManifest:
         """The manifest, or a one-line error when this is no shard folder."""
         if self.manifest is None:
             raise FileNotFoundError(f"{self.location / MANIFEST_FILE} not found: run `psp shard` first")

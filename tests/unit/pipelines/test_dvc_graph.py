@@ -1,12 +1,12 @@
 """The DVC graph is honest: every module a stage's command can run is one of that stage's deps."""
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import yaml
 
 from helpers import REPO
+from helpers.code import imported_names
 from pipelines.cli import COMMANDS
 
 ROOT = REPO
@@ -23,13 +23,7 @@ def module_file(name: str) -> Path | None:
 
 def imported_modules(path: Path) -> set[str]:
     """Project modules a file imports anywhere (top level and inside functions: lazy imports run too)."""
-    found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            found |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
-    return {name for name in found if name.split(".")[0] in PACKAGES and module_file(name) is not None}
+    return {name for name in imported_names(path) if name.split(".")[0] in PACKAGES and module_file(name) is not None}
 
 
 def code_closure(*modules: str) -> set[str]:
