@@ -1,5 +1,17 @@
-"""Shared test set-up: no analytics, no telemetry, no system-metrics threads; the S3 test server fixture."""
+"""Shared test set-up: no analytics, no telemetry, no system-metrics threads, the cores shared among pytest-xdist
+workers; the S3 test server fixture."""
 import os
+
+
+def _threads_per_worker() -> int:
+    """The CPU cores divided among the xdist workers: two workers each running torch on every core spin
+    against each other (OpenMP busy-waits) and run several times slower than one after the other."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+if "PYTEST_XDIST_WORKER" in os.environ:   # before torch is first imported, so its thread pool takes it
+    os.environ["OMP_NUM_THREADS"] = str(_threads_per_worker())
 
 import pytest
 

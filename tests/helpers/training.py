@@ -1,4 +1,5 @@
-"""Training-engine test tools: a recording callback, reshuffled epochs, scrambled RNGs, a perturbed model."""
+"""Training-engine test tools: a recording callback, reshuffled epochs, scrambled RNGs, a perturbed model, and
+the comparison of a resumed run with an uninterrupted one."""
 from __future__ import annotations
 
 import copy
@@ -6,6 +7,7 @@ import random
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from psp_core.training.engine import (
@@ -63,3 +65,23 @@ def perturbed(model):
             p.add_(torch.randn(p.shape, generator=g) * 0.01)
     other.set_latent_avg(other.latent_avg + 0.01 * torch.randn(other.latent_avg.shape, generator=g))
     return other
+
+
+# CPU kernels may round the same sum differently for two allocations of one tensor (vectorised loops peel at
+# the data's alignment), so a resumed run equals an uninterrupted one to float32 rounding, not always bit for bit.
+# 1e-5 relative is far below what a missed piece of state moves: a step at lr 1e-3 moves weights by ~1e-3.
+RESUME_RTOL = 1e-5
+RESUME_ATOL = 1e-7
+
+
+def assert_same_metrics(got: list[dict[str, float]], expected: list[dict[str, float]]) -> None:
+    """The same metric names, step by step, with values equal to float32 rounding."""
+    assert [m.keys() for m in got] == [m.keys() for m in expected]
+    assert got == [pytest.approx(m, rel=RESUME_RTOL, abs=RESUME_ATOL) for m in expected]
+
+
+def assert_same_weights(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    """The same state-dict keys, each tensor equal to float32 rounding."""
+    assert got.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=RESUME_RTOL, atol=RESUME_ATOL, msg=key)

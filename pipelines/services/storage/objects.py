@@ -3,6 +3,7 @@ in one line naming the URI, where an object store cannot be used."""
 from __future__ import annotations
 
 import hashlib
+import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,7 +19,8 @@ from pipelines.services.storage.locations import Location
 from pipelines.services.storage.s3 import s3_endpoint
 from psp_core.errors import InputError
 
-READ_ATTEMPTS = 5
+READ_ATTEMPTS = 8
+READ_RETRY_SECONDS = 0.02  # the first pause before a reread; doubled on each further try
 """Tries of `read_bytes` on an object replaced while it is read."""
 
 def reader_filesystem(path: str | Path | Location) -> tuple[pafs.FileSystem | None, str]:
@@ -127,8 +129,11 @@ def _read_whole_object(fs: pafs.FileSystem, key: str) -> bytes:
     pyarrow reads an object as a size lookup and then a ranged GET of that many bytes: an object replaced
     in between by one of another size would come back cut or padded. The object's size and modification
     time before and after the read must agree with what was read; a replacement of the same size is no
-    harm (the one ranged GET returns one version whole)."""
-    for _ in range(READ_ATTEMPTS):
+    harm (the one ranged GET returns one version whole). Rereads back off exponentially so that a reader
+    racing a busy writer gets a quiet moment."""
+    for attempt in range(READ_ATTEMPTS):
+        if attempt:
+            time.sleep(READ_RETRY_SECONDS * 2 ** (attempt - 1))
         before = fs.get_file_info(key)
         if before.type != pafs.FileType.File:
             raise FileNotFoundError(f"{key}: no such file")

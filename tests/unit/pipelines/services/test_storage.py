@@ -153,6 +153,7 @@ def test_an_object_being_replaced_is_read_whole(prefix):
     try:
         for i in range(40):
             storage.write_bytes_atomic(target, versions[i % 2 == 0])
+            time.sleep(0.005)  # a writer that never pauses would starve any reader; a real one pauses
     finally:
         stop.set()
         thread.join()
