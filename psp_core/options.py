@@ -16,7 +16,7 @@ Family = Literal["psp", "restyle_psp", "restyle_e4e", "e4e"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 CompileSwitch = Literal["auto"] | bool
 PresetName = Literal["encode", "frontalize", "sketch_to_face", "seg_to_face", "super_resolution", "toonify",
-                     "restyle_encode"]
+                     "restyle_encode", "e4e_encode"]
 OptimizerName = Literal["ranger", "adam"]
 
 FAMILY_ENCODERS = {
@@ -40,7 +40,7 @@ FAMILY_NAMES = {"psp": "pSp", "restyle_psp": "ReStyle-pSp", "restyle_e4e": "ReSt
 REFINED_CHANNELS = 3   # ReStyle's extra input channels: the previous output (RGB)
 W_ENCODER = "BackboneEncoderUsingLastLayerIntoW"
 
-PRESET_FAMILIES: dict[str, Family] = {"restyle_encode": "restyle_psp"}
+PRESET_FAMILIES: dict[str, Family] = {"restyle_encode": "restyle_psp", "e4e_encode": "e4e"}
 """The task presets that train another encoder family than pSp, and that family. It lives here, torch-free,
 so the params schema checks a preset against its encoder; `psp_core.data.presets.TaskPreset.family` reads it."""
 
@@ -168,6 +168,17 @@ class TrainingConfig:
     seed: int = _doc(0, "seed of weights, data order and augmentation")
     n_iters_per_batch: int = _doc(5, "ReStyle encoders: refinement iterations per batch, each loss back-propagated, "
                                      "then one optimiser step (pSp and e4e run one pass)")
+    progressive_start: int | None = _doc(None, "e4e: step at which layer 1's delta joins, one more layer every "
+                                               "progressive_step_every steps after (w alone before it; the released "
+                                               "run: 20000); null: every delta from the start")
+    progressive_step_every: int = _doc(2000, "e4e: steps between progressive stages")
+    w_discriminator_lr: float = _doc(2e-5, "e4e: Adam learning rate of the latent discriminator")
+    r1: float = _doc(10.0, "e4e: weight of the discriminator's R1 penalty")
+    d_reg_every: int = _doc(16, "e4e: steps between R1 updates of the discriminator")
+    use_w_pool: bool = _doc(True, "e4e: feed the discriminator through pools of earlier codes (the released run's "
+                                  "setting; the reference's default is off)")
+    w_pool_size: int = _doc(50, "e4e: codes each pool holds")
+    delta_norm: float = _doc(2.0, "e4e: p of the delta regulariser's norm ||w_i - w_0||_p")
 
     def __post_init__(self) -> None:
         """Reject non-positive step counts, intervals and iteration counts."""
@@ -179,6 +190,16 @@ class TrainingConfig:
             raise InputError(f"compile must be auto, true or false, got {self.compile!r}")
         if not self.learning_rate > 0:
             raise InputError(f"learning_rate must be > 0, got {self.learning_rate}")
+        for name in ("progressive_step_every", "d_reg_every"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.progressive_start is not None and self.progressive_start < 0:
+            raise InputError(f"progressive_start must be >= 0 or null, got {self.progressive_start}")
+        if self.w_pool_size < 0 or self.r1 < 0:
+            raise InputError(f"w_pool_size and r1 must be >= 0, got {self.w_pool_size} and {self.r1}")
+        if not (self.w_discriminator_lr > 0 and self.delta_norm > 0):
+            raise InputError(f"w_discriminator_lr and delta_norm must be > 0, got {self.w_discriminator_lr} "
+                             f"and {self.delta_norm}")
 
 
 @dataclass(frozen=True)
@@ -192,6 +213,8 @@ class LossWeights:
     l2_lambda_crop: float = 0.0
     lpips_lambda_crop: float = 0.0
     moco_lambda: float = 0.0
+    w_discriminator_lambda: float = 0.0   # e4e: the latent discriminator's adversarial term (e4e encoders only)
+    delta_norm_lambda: float = 0.0        # e4e: the delta regulariser, while training progressively (e4e's 2e-4)
 
     def __post_init__(self) -> None:
         """Reject negative weights and the identity/MoCo combination, which the reference also forbids."""

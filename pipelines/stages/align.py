@@ -23,6 +23,7 @@ import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -151,7 +152,7 @@ def reusable_record(record: dict | None, photo: Path, key: str, output_dir: Path
         stat = photo.stat()
     except OSError:
         return None
-    same = (record.get("version") == RECORD_VERSION and record.get("config") == key
+    same = (not record.get("pending") and record.get("version") == RECORD_VERSION and record.get("config") == key
             and record.get("size") == stat.st_size and record.get("mtime_ns") == stat.st_mtime_ns)
     if same and all((output_dir / face["file"]).is_file() for face in record["faces"]):
         return record
@@ -236,7 +237,10 @@ def init_worker(cfg: AlignConfig, foreign: frozenset[str], in_process: bool = Fa
 
 
 def align_one(rel: str, name: str, key: str) -> dict:
-    """Align one photo in a worker: write its face PNGs and its record; never raises."""
+    """Align one photo in a worker: write its face PNGs and its record; never raises.
+
+    The images it will write are claimed in a pending record first, so a worker killed between an
+    image and the final record leaves files a rerun knows as this stage's own (and replaces)."""
     cfg: AlignConfig = _WORKER["cfg"]
     source = Path(cfg.input_dir) / rel
     output_dir = Path(cfg.output_dir)
@@ -251,9 +255,17 @@ def align_one(rel: str, name: str, key: str) -> dict:
         digest = hashlib.sha256(data).hexdigest()
         photo = load_photo(NamedBytes(data, printable_path(rel)), cfg.max_pixels)
         if cfg.skip_alignment:
-            faces.append(save_face(output_dir, f"{name}.png", 0, None, resize_square(photo, cfg.output_size), None))
+            planned = [AlignedFace(f"{name}.png", 0, None, resize_square(photo, cfg.output_size), None)]
         else:
-            faces, rejects = align_faces(photo, name, cfg, output_dir)
+            planned, rejects = align_faces(photo, name, cfg)
+        for face in planned:
+            if face.file in _WORKER.get("foreign", ()):
+                raise PhotoRejected("output_exists", f"{output_dir / face.file} exists and was not written by psp align")
+        if planned:
+            write_json_atomic(output_dir / RECORDS_DIR / f"{name}.json",
+                              {"version": RECORD_VERSION, "source": rel, "pending": True,
+                               "faces": [{"file": face.file} for face in planned]})
+        faces = [save_face(output_dir, face) for face in planned]
     except PhotoRejected as err:
         rejects.append((err.reason, err.detail))
     except Exception as err:  # one bad photo must not stop the stage: record it and go on
@@ -271,9 +283,17 @@ class NamedBytes(io.BytesIO):
         self.name = name
 
 
-def align_faces(
-    photo: Image.Image, name: str, cfg: AlignConfig, output_dir: Path
-) -> tuple[list[dict], list[tuple[str, str]]]:
+@dataclass(frozen=True)
+class AlignedFace:
+    """One output image before it is written: its file name, face number, detector score and landmarks."""
+    file: str
+    number: int
+    score: float | None
+    image: Image.Image
+    landmarks: np.ndarray | None
+
+
+def align_faces(photo: Image.Image, name: str, cfg: AlignConfig) -> tuple[list[AlignedFace], list[tuple[str, str]]]:
     """Find, filter and crop the faces of one RGB photo as `faces` and `min_face_size` say."""
     found = _WORKER["finder"].find(np.asarray(photo))
     chosen = found if cfg.faces == "all" else found[:1]
@@ -287,27 +307,22 @@ def align_faces(
             rejects.append(("too_small", f"face {number + 1} is {face.width} px wide, min_face_size is {cfg.min_face_size}"))
             continue
         image, landmarks = align_face(photo, face.landmarks, cfg.output_size, cfg.supersample)
-        faces.append(save_face(output_dir, f"{name}-f{number}.png", number, face.score, image, landmarks))
+        faces.append(AlignedFace(f"{name}-f{number}.png", number, face.score, image, landmarks))
     return faces, rejects
 
 
-def save_face(
-    output_dir: Path, file: str, number: int, score: float | None, image: Image.Image, landmarks: np.ndarray | None
-) -> dict:
-    """Write one aligned image as PNG (atomically) and describe it for the record; a file of that
-    name that this stage did not write is never replaced."""
-    if file in _WORKER.get("foreign", ()):
-        raise PhotoRejected("output_exists", f"{output_dir / file} exists and was not written by psp align")
+def save_face(output_dir: Path, face: AlignedFace) -> dict:
+    """Write one aligned image as PNG (atomically) and describe it for the record."""
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    write_bytes_atomic(output_dir / file, buffer.getvalue())
+    face.image.save(buffer, format="PNG")
+    write_bytes_atomic(output_dir / face.file, buffer.getvalue())
     return {
-        "file": file,
-        "face": number,
-        "score": score,
-        "width": image.width,
-        "height": image.height,
-        "landmarks": None if landmarks is None else np.round(landmarks, 3).tolist(),
+        "file": face.file,
+        "face": face.number,
+        "score": face.score,
+        "width": face.image.width,
+        "height": face.image.height,
+        "landmarks": None if face.landmarks is None else np.round(face.landmarks, 3).tolist(),
     }
 
 

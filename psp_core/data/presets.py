@@ -53,7 +53,7 @@ class TaskPreset:
 
     @property
     def family(self) -> Family:
-        """The encoder family this preset trains (psp, or restyle_psp for restyle_encode)."""
+        """The encoder family this preset trains (psp; restyle_psp for restyle_encode, e4e for e4e_encode)."""
         return preset_family(self.name)
 
     @property
@@ -90,6 +90,11 @@ PRESETS: dict[str, TaskPreset] = {
         TaskPreset("restyle_encode", "StyleGAN inversion by ReStyle-pSp: the encoder refines its own last output "
                    "(the released model: encoder_type BackboneEncoder)", "rgb", "joint",
                    LossWeights(l2_lambda=1.0, lpips_lambda=0.8, id_lambda=0.1)),
+        TaskPreset("e4e_encode", "StyleGAN inversion by e4e: codes kept near W by progressive deltas, the delta "
+                   "regulariser and a latent discriminator (encoder_type Encoder4Editing; the released run also sets "
+                   "progressive_start 20000)", "rgb", "joint",
+                   LossWeights(l2_lambda=1.0, lpips_lambda=0.8, id_lambda=0.5, w_discriminator_lambda=0.1,
+                               delta_norm_lambda=2e-4)),
     )
 }
 

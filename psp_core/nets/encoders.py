@@ -189,10 +189,36 @@ class ResNetProgressiveBackboneEncoder(ResNetBackboneEncoder):
 
 
 class Encoder4Editing(GradualStyleEncoder):
-    """e4e's encoder: GradualStyleEncoder's styles read as w (from the coarse map) plus per-layer deltas."""
+    """e4e's encoder: GradualStyleEncoder's heads read as w (head 0, from the coarse map) repeated on every
+    layer plus per-layer deltas (heads 1..). Progressive training: at stage s only the deltas of layers
+    1..s are added (the layers above stay copies of w, their heads are not run); stage None, the
+    inference stage, adds them all."""
+
+    progressive_stage: int | None = None
+
+    def set_progressive_stage(self, stage: int | None) -> None:
+        """Add the deltas of layers 1..stage (0: w alone on every layer; None: every delta, as trained models run)."""
+        if stage is not None and (isinstance(stage, bool) or not isinstance(stage, int) or stage < 0):
+            raise ValueError(f"progressive stage must be an integer >= 0 or None (inference), got {stage!r}")
+        self.progressive_stage = stage
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return w_plus_deltas(super().forward(x))
+        c1, c2, c3 = self.features(x)
+        n_styles = len(self.styles)
+        last = n_styles - 1 if self.progressive_stage is None else min(self.progressive_stage, n_styles - 1)
+        codes = self.styles[0](c3)[:, None].repeat(1, n_styles, 1)   # [N, n_styles, 512]
+        features = c3
+        for i in range(1, last + 1):
+            if i == COARSE_STYLES:
+                features = p2 = upsample_add(c3, self.latlayer1(c2))
+            elif i == MIDDLE_STYLES:
+                features = upsample_add(p2, self.latlayer2(c1))
+            codes[:, i] += self.styles[i](features)
+        return codes
+
+    def unused_parameters(self) -> bool:
+        """Always True: below the last progressive stage the heads above it get no gradient."""
+        return True
 
 
 class BackboneEncoderUsingLastLayerIntoW(nn.Module):

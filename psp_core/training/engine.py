@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 from collections.abc import Callable, Iterable
@@ -11,9 +12,11 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from psp_core.errors import InputError
 from psp_core.inference import average_image, refinement_step
 from psp_core.nets.checkpoints import load_strict, read_checkpoint, save_psp
 from psp_core.nets.psp import POOLED_SIZE, PSP
@@ -26,6 +29,7 @@ from psp_core.runtime.devices import (
     resolve_compile,
     resolve_precision,
 )
+from psp_core.training.e4e import E4EObjective
 from psp_core.training.losses import PSPLoss
 from psp_core.training.optim import build_optimizer
 from psp_core.training.state import rng_state, seed_everything, set_rng_state
@@ -106,9 +110,16 @@ def mean_metrics(batches: list[dict[str, float]]) -> dict[str, float]:
     return {k: float(np.mean([m[k] for m in batches if k in m])) for k in sorted(keys)}
 
 
+def process_rank() -> int:
+    """This process's rank in the process group (0 without one)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 class Trainer:
     """Trains a pSp encoder with the pSp objective; the model may arrive wrapped (DDP), `module` is always the PSP.
-    A ReStyle model trains as its reference coach: `n_iters_per_batch` refinement iterations per batch.
+    A ReStyle model trains as its reference coach: `n_iters_per_batch` refinement iterations per batch; an e4e
+    model as its reference coach too: progressive stages, the delta regulariser and the latent discriminator
+    (`psp_core.training.e4e.E4EObjective`), its checkpoints in the reference's training layout.
 
     Construction seeds the global RNGs from `config.seed` (noise draws use them); `resume` restores them instead.
     On a CPU the process keeps freed memory for the next step (`psp_core.runtime.devices.keep_freed_memory`; a process
@@ -148,6 +159,13 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         self.augment_rng = torch.Generator().manual_seed(config.seed)
         seed_everything(config.seed)
+        family = self.module.arch.family
+        if family != "e4e" and (loss.weights.w_discriminator_lambda > 0 or loss.weights.delta_norm_lambda > 0
+                                or config.progressive_start is not None):
+            raise InputError(f"w_discriminator_lambda, delta_norm_lambda and progressive_start train e4e encoders; "
+                             f"this is a {family} encoder")
+        self.e4e = (E4EObjective(config, loss.weights, self.module.n_styles, self.device, process_rank())
+                    if family == "e4e" else None)
         self.step = 0
         self.epoch = 0
         self.batches_done = 0
@@ -190,12 +208,23 @@ class Trainer:
         """One optimisation step: the batch's losses back-propagated (every ReStyle iteration's), then one
         optimiser step. Returns the loss terms and the detached output images [N, 3, 256, 256]."""
         self.set_train_mode()
+        adversary = self.train_discriminator(source) if self.e4e is not None else {}
         self.optimizer.zero_grad(set_to_none=True)
         metrics, output = self.batch_losses(source, target, backward=True)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.step += 1
-        return metrics, output
+        return {**adversary, **metrics}, output
+
+    def train_discriminator(self, source: Tensor) -> dict[str, float]:
+        """e4e, before the encoder's step: move the encoder to this step's progressive stage, then one update of
+        the latent discriminator on the generator's mapped codes against the encoder's (no encoder gradient)."""
+        stage = self.e4e.stage(self.step)
+        self.module.encoder.set_progressive_stage(stage)
+        with torch.no_grad(), self.autocast():
+            fake = self.module.encode(source).float()
+        logs = self.e4e.discriminator_step(self.step, self.module.decoder.get_latent, fake, stage)
+        return logs if stage is None else {**logs, "progressive_stage": float(stage)}
 
     def batch_losses(self, source: Tensor, target: Tensor, backward: bool) -> tuple[dict[str, float], Tensor]:
         """The loss terms of one batch and its detached output [N, 3, 256, 256]: one forward pass, or ReStyle's
@@ -206,6 +235,13 @@ class Trainer:
         with self.autocast():
             output, latent = self.forward_model(source, return_latents=True)
             total, metrics = self.loss(output.float(), target, source, latent.float(), self.module.latent_avg)
+        if self.e4e is not None:
+            stage = self.module.encoder.progressive_stage
+            e4e_total, e4e_terms = self.e4e.encoder_loss(latent.float(), stage)
+            total = total + e4e_total
+            metrics = {**metrics, **e4e_terms, "loss": float(total.detach())}
+            if not backward:
+                metrics.update(self.e4e.discriminator_losses(self.module.decoder.get_latent, latent.float(), stage))
         if backward:
             self.scaler.scale(total).backward()
         return metrics, output.detach()
@@ -335,15 +371,31 @@ class Trainer:
 
     def save(self, name: str, is_best: bool) -> Path | None:
         """Write a pSp-layout checkpoint into checkpoint_dir (main process only); the best model
-        carries only weights and step, the others also the `training_state` needed to resume."""
+        carries only weights and step, the others also the `training_state` needed to resume.
+        An e4e checkpoint also has the reference coach's entries (`e4e_checkpoint_entries`)."""
         if self.checkpoint_dir is None or not self.is_main_process:
             return None
         extra: dict[str, Any] = {"step": self.step, "best_val_loss": self.best_val_loss}
         if not is_best:
             extra["training_state"] = self.training_state()
+        if self.e4e is not None:
+            extra.update(self.e4e_checkpoint_entries(extra.get("training_state")))
         path = save_psp(self.module, self.checkpoint_dir / name, extra=extra)
         self.callback.on_checkpoint(self.step, path, is_best)
         return path
+
+    def e4e_checkpoint_entries(self, training_state: dict[str, Any] | None) -> dict[str, Any]:
+        """What e4e's reference coach saves and resumes from: its training `opts`, `global_step` (the 0-based
+        index of the last step done: it resumes at the next), the encoder `optimizer` (moved here from the
+        training state, not stored twice) and the discriminator with its optimiser."""
+        entries = {"opts": {**self.module.opts, **dataclasses.asdict(self.loss.weights), **self.e4e.reference_opts(),
+                            "learning_rate": self.config.learning_rate, "optim_name": self.config.optimizer,
+                            "max_steps": self.config.max_steps, "train_decoder": self.config.train_decoder},
+                   "global_step": self.step - 1, **self.e4e.checkpoint_entries()}
+        if training_state is not None:
+            entries["optimizer"] = training_state.pop("optimizer")
+            training_state["e4e"] = self.e4e.state_dict()
+        return entries
 
     def resume(self, path: str | Path) -> None:
         """Load weights and training state from a checkpoint written by `save`, to continue where it stopped."""
@@ -354,7 +406,9 @@ class Trainer:
         self.module.set_latent_avg(ckpt.get("latent_avg"))
         self.cached_average_image = None
         state = ckpt["training_state"]
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(state["optimizer"] if "optimizer" in state else ckpt["optimizer"])
+        if self.e4e is not None:
+            self.e4e.load(ckpt, state["e4e"], self.device)
         self.scaler.load_state_dict(state["scaler"])
         self.augment_rng.set_state(state["augment_rng"])
         set_rng_state(state["rng"], self.device)

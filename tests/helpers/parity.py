@@ -81,11 +81,16 @@ def write_released_family(name: str, path: Path, **extra) -> Path:
     return path
 
 
+def rule_discriminator_state(name: str = "ref_e4e_train64") -> dict[str, torch.Tensor]:
+    """The latent discriminator of an e4e training fixture, by the rule on `discriminator.` + each key."""
+    meta = fixture_meta(name)["discriminator"]
+    return {key: rule_tensor(meta["fill_prefix"] + key, shape, dtype) for key, shape, dtype in meta["keys"]}
+
+
 def e4e_training_state() -> dict:
-    """Entries e4e's coach saves beside the model: the latent discriminator and optimiser states."""
-    discriminator = {f"mlp.{i}.{kind}": torch.randn(512, 512) if kind == "weight" else torch.zeros(512)
-                     for i in (0, 2, 4) for kind in ("weight", "bias")}
+    """Entries e4e's coach saves beside the model: the latent discriminator (keys and shapes of
+    `LatentCodesDiscriminator(512, 4)`), optimiser states, step and best loss."""
     optimizer = {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.zeros(4)}},
                  "param_groups": [{"lr": 1e-4, "betas": (0.9, 0.999), "params": [0]}]}
-    return {"discriminator_state_dict": discriminator, "discriminator_optimizer_state_dict": optimizer,
+    return {"discriminator_state_dict": rule_discriminator_state(), "discriminator_optimizer_state_dict": optimizer,
             "optimizer": optimizer, "global_step": 3, "best_val_loss": 0.5}

@@ -348,6 +348,27 @@ def test_an_unexpected_failure_is_an_error_row_not_a_crash(tmp_path, astronaut, 
     assert read_rejects(out) == {"a.jpg": ["error"], "b.png": ["error"]}
 
 
+def test_images_of_a_photo_stopped_before_its_record_are_the_stages_own_on_rerun(tmp_path, astronaut, monkeypatch):
+    import pipelines.stages.align
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    astronaut.save(folder / "a.png")
+    cfg = AlignConfig(input_dir=str(folder), output_dir=str(tmp_path / "out"), report=str(tmp_path / "r.json"),
+                      output_size=64, skip_alignment=True, workers=1)
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt  # the image is written, the final record is not
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pipelines.stages.align, "photo_record", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            align_folder(cfg)
+    assert len(list((tmp_path / "out").glob("*.png"))) == 1
+    report = align_folder(cfg)
+    assert report["faces_aligned"] == 1 and report["reject_reasons"] == {}
+
+
 def test_output_folder_must_not_overlap_the_photos(tmp_path):
     (tmp_path / "photos").mkdir()
     with pytest.raises(ValueError, match="must not contain each other"):

@@ -29,6 +29,8 @@ PAPER_WEIGHTS = {
     "super_resolution": dict(l2_lambda=1, lpips_lambda=0.8, id_lambda=0.1, w_norm_lambda=0.005),
     "toonify": dict(l2_lambda=1, lpips_lambda=0.8, id_lambda=1, w_norm_lambda=0.025),
     "restyle_encode": dict(l2_lambda=1, lpips_lambda=0.8, id_lambda=0.1),   # restyle-encoder's README command
+    "e4e_encode": dict(l2_lambda=1, lpips_lambda=0.8, id_lambda=0.5, w_discriminator_lambda=0.1,
+                       delta_norm_lambda=2e-4),   # encoder4editing's README command and option defaults
 }
 
 

@@ -11,8 +11,25 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers.parity import FIXTURES, e4e_training_state, rule_state_dict, write_released_family, write_released_psp
-from psp_core import load_generator, load_irse50, load_psp, refine
+from helpers.parity import (
+    FIXTURES,
+    e4e_training_state,
+    fixture_meta,
+    rule_discriminator_state,
+    rule_state_dict,
+    write_released_family,
+    write_released_psp,
+)
+from psp_core import (
+    LatentDiscriminator,
+    discriminator_terms,
+    e4e_encoder_terms,
+    load_generator,
+    load_irse50,
+    load_psp,
+    r1_penalty,
+    refine,
+)
 from psp_core.inference import average_image
 from psp_core.runtime.devices import use_ieee_fp32
 
@@ -211,4 +228,49 @@ def test_e4e_encode_and_generate(family_files):
     failures = parity_errors([("latent_avg", net.latent_avg, ref["latent_avg"]),
                               ("encoder_out", net.encoder(x), ref["encoder_out"]), ("latent", latent, ref["latent"]),
                               ("image", image, ref["image"]), ("image_resized", resized, ref["image_resized"])])
+    assert not failures, "; ".join(failures)
+
+
+def scalar_errors(ours: dict[str, torch.Tensor | float], ref: dict[str, float]) -> list[str]:
+    """Each reference scalar against ours, by the fixtures' rule |ours - ref| <= 1e-4 * max(1, |ref|)."""
+    missing = sorted(set(ref) - set(ours))
+    errors = [f"{name}: missing" for name in missing]
+    for name in sorted(set(ref) & set(ours)):
+        value = float(ours[name])
+        if not abs(value - ref[name]) <= 1e-4 * max(1.0, abs(ref[name])):
+            errors.append(f"{name}: {value:.7g} != {ref[name]:.7g}")
+    return errors
+
+
+def test_e4e_training_objective(tmp_path):
+    """e4e's coach (ref_e4e_train64): the encoder's codes and images at progressive stages 0, 3, 7 and inference,
+    the encoder's loss terms at stage 3 against a discriminator of known weights (strict load of its
+    reference keys), and that discriminator's losses and R1 penalty on given real and fake codes."""
+    ref, meta = fixture("ref_e4e_train64"), fixture_meta("ref_e4e_train64")
+    net = load_psp(write_released_family("ref_e4e_train64", tmp_path / "e4e.pt"), DEVICE)
+    discriminator = LatentDiscriminator().to(DEVICE)
+    discriminator.load_state_dict(rule_discriminator_state())
+    x = on_device(ref["input"])
+    pairs = []
+    for stage in meta["stages_forward"]:
+        net.encoder.set_progressive_stage(None if stage == 18 else stage)
+        image, latent = net(x, resize=True, randomize_noise=False, return_latents=True)
+        pairs += [(f"latent_stage{stage}", latent, ref[f"latent_stage{stage}"]),
+                  (f"image_stage{stage}", image, ref[f"image_stage{stage}"])]
+    failures = parity_errors(pairs)
+
+    stage = meta["stage"]
+    latent = on_device(ref["latent_at_stage"])
+    encoder = e4e_encoder_terms(latent, stage, discriminator, delta_norm=meta["config"]["delta_norm"])
+    encoder["loss_l2"] = F.mse_loss(on_device(ref[f"image_stage{stage}"]), on_device(ref["target"]))
+    cfg = meta["config"]
+    encoder["loss"] = (cfg["w_discriminator_lambda"] * encoder["encoder_discriminator_loss"]
+                       + cfg["delta_norm_lambda"] * encoder["total_delta_loss"] + cfg["l2_lambda"] * encoder["loss_l2"])
+    real_w, fake_w = on_device(ref["real_w"]), on_device(ref["fake_w"])
+    adversary = discriminator_terms(discriminator, real_w, fake_w)
+    with torch.enable_grad():
+        adversary["r1_penalty"] = r1_penalty(discriminator, real_w)
+    adversary["discriminator_r1_loss"] = cfg["r1"] / 2 * adversary["r1_penalty"] * cfg["d_reg_every"]
+    failures += scalar_errors(encoder, meta["scalars"]["encoder"])
+    failures += scalar_errors(adversary, meta["scalars"]["discriminator"])
     assert not failures, "; ".join(failures)
