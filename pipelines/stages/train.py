@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 import subprocess
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -199,7 +199,21 @@ def version_description(cfg: TrainConfig, preset: TaskPreset, steps: int, manife
     return (f"{family} encoder ({cfg.encoder_type}), preset {cfg.preset}: "
             f"{cfg.encoder_input_size} px input, {cfg.output_size} px generator, trained {steps} steps by "
             f"`psp train` on shards {manifest.digest[:16]} ({rows.get('train', 0)} train / "
-            f"{rows.get('test', 0)} test rows). {weights}.")
+            f"{rows.get('test', 0)} test rows). {objective_description(cfg, preset)} {weights}.")
+
+
+def objective_description(cfg: TrainConfig, preset: TaskPreset) -> str:
+    """The training objective in a sentence: the loss weights, and for e4e its schedule and discriminator."""
+    w = preset.loss
+    terms = ", ".join(f"{f.name} {getattr(w, f.name):g}" for f in fields(w) if getattr(w, f.name) > 0)
+    if preset.family != "e4e":
+        return f"Objective: {terms}."
+    schedule = ("every delta from the start" if cfg.progressive_start is None else
+                f"progressive deltas from step {cfg.progressive_start}, one layer every {cfg.progressive_step_every}")
+    adversary = (f"latent discriminator (lr {cfg.w_discriminator_lr:g}, R1 {cfg.r1:g} every {cfg.d_reg_every} steps, "
+                 f"code pools of {cfg.w_pool_size if cfg.use_w_pool else 0})" if w.w_discriminator_lambda > 0
+                 else "no latent discriminator")
+    return f"Objective: e4e's ({terms}; {schedule}; delta norm p={cfg.delta_norm:g}; {adversary})."
 
 
 def weights_used(cfg: TrainConfig) -> dict[str, str]:

@@ -121,7 +121,7 @@ class E4EObjective:
 
     def __init__(self, config: TrainingConfig, weights: LossWeights, n_styles: int, device: torch.device,
                  rank: int = 0) -> None:
-        self.config, self.weights = config, weights
+        self.config, self.weights, self.rank = config, weights, rank
         self.steps = (None if config.progressive_start is None else
                       progressive_steps(n_styles, config.progressive_start, config.progressive_step_every))
         self.discriminator: LatentDiscriminator | None = None
@@ -201,21 +201,30 @@ class E4EObjective:
                 "discriminator_optimizer_state_dict": self.optimizer.state_dict()}
 
     def state_dict(self) -> dict[str, Any]:
-        """What a resumed run needs beyond `checkpoint_entries`: the pools and the real-code generator."""
+        """What a resumed run needs beyond `checkpoint_entries`: each rank's pools and real-code generator, gathered
+        from every rank (a collective under a process group: every rank calls it)."""
         if self.discriminator is None:
             return {}
-        return {"real_pool": self.real_pool.state_dict(), "fake_pool": self.fake_pool.state_dict(),
-                "z_generator": self.z_generator.get_state()}
+        local = {"real_pool": self.real_pool.state_dict(), "fake_pool": self.fake_pool.state_dict(),
+                 "z_generator": self.z_generator.get_state().cpu()}
+        if not (dist.is_available() and dist.is_initialized()):
+            return {"ranks": [local]}
+        ranks: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(ranks, local)
+        return {"ranks": ranks}
 
     def load(self, entries: dict[str, Any], state: dict[str, Any], device: torch.device) -> None:
-        """Restore from a checkpoint's `checkpoint_entries` and the training state's `state_dict`."""
+        """Restore from a checkpoint's `checkpoint_entries` and the training state's `state_dict` (this rank's
+        part; a rank the saved run did not have keeps its fresh pools and generator)."""
         if self.discriminator is None:
             return
         self.discriminator.load_state_dict(entries["discriminator_state_dict"])
         self.optimizer.load_state_dict(entries["discriminator_optimizer_state_dict"])
-        self.real_pool.load_state_dict(state["real_pool"], device)
-        self.fake_pool.load_state_dict(state["fake_pool"], device)
-        self.z_generator.set_state(state["z_generator"])
+        if self.rank < len(state["ranks"]):
+            mine = state["ranks"][self.rank]
+            self.real_pool.load_state_dict(mine["real_pool"], device)
+            self.fake_pool.load_state_dict(mine["fake_pool"], device)
+            self.z_generator.set_state(mine["z_generator"])
 
     def reference_opts(self) -> dict[str, Any]:
         """The e4e options of the reference's training `opts`, for the checkpoint."""

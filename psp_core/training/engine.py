@@ -221,10 +221,12 @@ class Trainer:
         the latent discriminator on the generator's mapped codes against the encoder's (no encoder gradient)."""
         stage = self.e4e.stage(self.step)
         self.module.encoder.set_progressive_stage(stage)
-        with torch.no_grad(), self.autocast():
-            fake = self.module.encode(source).float()
-        logs = self.e4e.discriminator_step(self.step, self.module.decoder.get_latent, fake, stage)
-        return logs if stage is None else {**logs, "progressive_stage": float(stage)}
+        logs = {} if stage is None else {"progressive_stage": float(stage)}
+        if self.e4e.discriminator is not None:
+            with torch.no_grad(), self.autocast():
+                fake = self.module.encode(source).float()
+            logs.update(self.e4e.discriminator_step(self.step, self.module.decoder.get_latent, fake, stage))
+        return logs
 
     def batch_losses(self, source: Tensor, target: Tensor, backward: bool) -> tuple[dict[str, float], Tensor]:
         """The loss terms of one batch and its detached output [N, 3, 256, 256]: one forward pass, or ReStyle's
@@ -373,28 +375,31 @@ class Trainer:
         """Write a pSp-layout checkpoint into checkpoint_dir (main process only); the best model
         carries only weights and step, the others also the `training_state` needed to resume.
         An e4e checkpoint also has the reference coach's entries (`e4e_checkpoint_entries`)."""
+        e4e_state = self.e4e.state_dict() if self.e4e is not None and not is_best else None   # every rank's
         if self.checkpoint_dir is None or not self.is_main_process:
             return None
         extra: dict[str, Any] = {"step": self.step, "best_val_loss": self.best_val_loss}
         if not is_best:
             extra["training_state"] = self.training_state()
         if self.e4e is not None:
-            extra.update(self.e4e_checkpoint_entries(extra.get("training_state")))
+            extra.update(self.e4e_checkpoint_entries(extra.get("training_state"), e4e_state))
         path = save_psp(self.module, self.checkpoint_dir / name, extra=extra)
         self.callback.on_checkpoint(self.step, path, is_best)
         return path
 
-    def e4e_checkpoint_entries(self, training_state: dict[str, Any] | None) -> dict[str, Any]:
+    def e4e_checkpoint_entries(self, training_state: dict[str, Any] | None,
+                               e4e_state: dict[str, Any] | None) -> dict[str, Any]:
         """What e4e's reference coach saves and resumes from: its training `opts`, `global_step` (the 0-based
         index of the last step done: it resumes at the next), the encoder `optimizer` (moved here from the
-        training state, not stored twice) and the discriminator with its optimiser."""
+        training state, not stored twice) and the discriminator with its optimiser; the training state gets
+        every rank's pools and real-code generator (`e4e_state`)."""
         entries = {"opts": {**self.module.opts, **dataclasses.asdict(self.loss.weights), **self.e4e.reference_opts(),
                             "learning_rate": self.config.learning_rate, "optim_name": self.config.optimizer,
                             "max_steps": self.config.max_steps, "train_decoder": self.config.train_decoder},
                    "global_step": self.step - 1, **self.e4e.checkpoint_entries()}
         if training_state is not None:
             entries["optimizer"] = training_state.pop("optimizer")
-            training_state["e4e"] = self.e4e.state_dict()
+            training_state["e4e"] = e4e_state
         return entries
 
     def resume(self, path: str | Path) -> None:

@@ -235,3 +235,66 @@ def test_psp_submit_runs_as_a_ray_job_on_a_local_head(tmp_path):
     runs = finished_runs(f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert json.loads((tmp_path / "reports" / "train.json").read_text())["steps"] == 2
+
+
+E4E_TERMS = ("encoder_discriminator_loss", "total_delta_loss", "delta1_loss", "d_real_loss", "d_fake_loss",
+             "discriminator_loss", "discriminator_r1_loss", "progressive_stage", "loss_l2", "loss")
+
+
+def test_e4e_on_two_workers_logs_its_terms_and_resumes_exactly_after_a_killed_worker(tmp_path):
+    """`psp train train.preset=e4e_encode` on 2 DDP workers, progressive from step 2 with R1 every 2 steps. A worker is
+    SIGKILLed once step 3 is logged after step 2's checkpoint: the restart re-runs the steps after that checkpoint
+    and logs the same values for every term (discriminator, pools and real-code draws restored too). Every e4e term is in MLflow and
+    finite, the version's description names the objective, and the checkpoint has the reference coach's layout."""
+    make_shards(tmp_path)
+    write_params(tmp_path, preset="e4e_encode", encoder_type="Encoder4Editing", loss={"id_lambda": 0.0},
+                 max_steps=5, progressive_start=2, progressive_step_every=1, d_reg_every=2, w_pool_size=2,
+                 val_interval=5, image_interval=5)
+    log = tmp_path / "train.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([PSP, "train"], cwd=tmp_path, env=clean_env(), stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        wait_until(lambda: registered_checkpoint_steps(tmp_path) and 3 in {s for s, _ in logged_steps(tmp_path)},
+                   proc, 300, "step 3 after the first checkpoint", log, every=0.05)
+        workers = ray_train_workers(proc.pid)
+        workers[-1].kill()
+        assert proc.wait(timeout=400) == 0, log.read_text()[-4000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
+    run = finished_runs(uri)[0]
+    for name in E4E_TERMS:
+        history = client.get_metric_history(run.info.run_id, name)
+        assert history and all(np.isfinite(m.value) for m in history), name
+    stages = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "progressive_stage")}
+    assert stages == {1: 0, 2: 0, 3: 1, 4: 2, 5: 3}
+    losses = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss")]
+    twice = sorted({step for step, _ in losses if [s for s, _ in losses].count(step) == 2})
+    assert twice and set(twice) <= {3, 4}, losses   # the steps after step 2's checkpoint, up to the kill
+    for name in E4E_TERMS:
+        values = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, name) if m.step in twice]
+        for step in twice:
+            logged = [value for s, value in values if s == step]
+            assert len(logged) in ((0, 2) if name == "discriminator_r1_loss" else (2,)), (name, step, logged)
+            assert logged[:1] == pytest.approx(logged[1:], rel=1e-5, abs=1e-7), (name, step)
+    report = json.loads((tmp_path / "reports" / "train.json").read_text())
+    version = client.get_model_version("psp-encoder", report["model_version"])
+    assert version.description.startswith("e4e encoder (Encoder4Editing), preset e4e_encode")
+    assert "Objective: e4e's (l2_lambda 1, lpips_lambda 0.8, w_discriminator_lambda 0.1, delta_norm_lambda 0.0002; " \
+           "progressive deltas from step 2, one layer every 1" in version.description
+
+    chosen = run.data.tags["psp.registered_checkpoint"]
+    path = sorted((tmp_path / "ray_results").glob(f"*/checkpoint_*/{chosen}"))[-1]
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    assert {"state_dict", "opts", "latent_avg", "global_step", "best_val_loss", "discriminator_state_dict"} <= set(ckpt)
+    opts = ckpt["opts"]
+    assert (opts["encoder_type"], opts["stylegan_size"], opts["progressive_steps"]) == ("Encoder4Editing", 16,
+                                                                                      [0, 2, 3, 4, 5, 6])
+    assert sorted(ckpt["discriminator_state_dict"]) == sorted(f"mlp.{i}.{k}" for i in (0, 2, 4, 6)
+                                                              for k in ("weight", "bias"))
+    assert load_psp(path).arch.family == "e4e"
