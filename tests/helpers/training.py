@@ -69,9 +69,15 @@ def perturbed(model):
 
 # CPU kernels may round the same sum differently for two allocations of one tensor (vectorised loops peel at
 # the data's alignment), so a resumed run equals an uninterrupted one to float32 rounding, not always bit for bit.
-# 1e-5 relative is far below what a missed piece of state moves: a step at lr 1e-3 moves weights by ~1e-3.
+# Ranger and Adam divide by the root of the second moment, so on a weight whose gradient is near zero a rounding
+# difference can move the update by up to the learning rate: measured, 5 of the ReStyle run's 2.4 M weights off by
+# up to 1.5e-5 (the rest within 1e-7), and in one pSp run 0.23 % of 77 M weights beyond 1e-7. Weights are therefore compared element by element with a tiny share allowed
+# off (at most OUTLIER_SHARE, by at most OUTLIER_ABS); a missed piece of state (an RNG, the optimiser's moments)
+# moves nearly every weight, by ~1e-3 per step at lr 1e-3.
 RESUME_RTOL = 1e-5
 RESUME_ATOL = 1e-7
+OUTLIER_SHARE = 1e-2
+OUTLIER_ABS = 1e-2
 
 
 def assert_same_metrics(got: list[dict[str, float]], expected: list[dict[str, float]]) -> None:
@@ -81,7 +87,16 @@ def assert_same_metrics(got: list[dict[str, float]], expected: list[dict[str, fl
 
 
 def assert_same_weights(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
-    """The same state-dict keys, each tensor equal to float32 rounding."""
+    """The same state-dict keys; all but OUTLIER_SHARE of the elements equal to float32 rounding, none off by more
+    than OUTLIER_ABS."""
     assert got.keys() == expected.keys()
+    off, total = 0, 0
     for key in expected:
-        torch.testing.assert_close(got[key], expected[key], rtol=RESUME_RTOL, atol=RESUME_ATOL, msg=key)
+        a, b = got[key].double(), expected[key].double()
+        assert a.shape == b.shape, key
+        diff = (a - b).abs()
+        worst = float(diff.max()) if diff.numel() else 0.0
+        assert worst <= OUTLIER_ABS, f"{key}: off by {worst:.3g}"
+        off += int((diff > RESUME_ATOL + RESUME_RTOL * b.abs()).sum())
+        total += b.numel()
+    assert off <= OUTLIER_SHARE * total, f"{off} of {total} weights differ beyond float32 rounding"
