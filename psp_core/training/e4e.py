@@ -119,9 +119,9 @@ class E4EObjective:
     discriminator with its Adam, R1 and code pools. On several processes every rank holds the same
     discriminator (broadcast from rank 0, gradients averaged) and draws its own real codes."""
 
-    def __init__(self, config: TrainingConfig, weights: LossWeights, n_styles: int, device: torch.device,
-                 rank: int = 0) -> None:
-        self.config, self.weights, self.rank = config, weights, rank
+    def __init__(self, config: TrainingConfig, weights: LossWeights, n_styles: int, device: torch.device) -> None:
+        self.config, self.weights = config, weights
+        self.rank = rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         self.steps = (None if config.progressive_start is None else
                       progressive_steps(n_styles, config.progressive_start, config.progressive_step_every))
         self.discriminator: LatentDiscriminator | None = None

@@ -12,7 +12,6 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -110,11 +109,6 @@ def mean_metrics(batches: list[dict[str, float]]) -> dict[str, float]:
     return {k: float(np.mean([m[k] for m in batches if k in m])) for k in sorted(keys)}
 
 
-def process_rank() -> int:
-    """This process's rank in the process group (0 without one)."""
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
 class Trainer:
     """Trains a pSp encoder with the pSp objective; the model may arrive wrapped (DDP), `module` is always the PSP.
     A ReStyle model trains as its reference coach: `n_iters_per_batch` refinement iterations per batch; an e4e
@@ -164,7 +158,7 @@ class Trainer:
                                 or config.progressive_start is not None):
             raise InputError(f"w_discriminator_lambda, delta_norm_lambda and progressive_start train e4e encoders; "
                              f"this is a {family} encoder")
-        self.e4e = (E4EObjective(config, loss.weights, self.module.n_styles, self.device, process_rank())
+        self.e4e = (E4EObjective(config, loss.weights, self.module.n_styles, self.device)
                     if family == "e4e" else None)
         self.step = 0
         self.epoch = 0
