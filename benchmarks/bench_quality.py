@@ -6,7 +6,7 @@ setting with ground truth that needs none. A frozen generator (seeded random wei
 checkpoint) draws training and validation images from W (truncation 0.7 around `w_avg`; `--mixing`:
 W+ with per-layer mixing of two codes); they are written as PNG files and packed by `psp shard`'s own
 writer into Parquet shards, read back with the shard reader, and each encoder is trained by the engine
-(`build_psp` loading the generator file, `Trainer`, the `encode` / `restyle_encode` presets, `PSPLoss`)
+(`build_psp` loading the generator file, `Trainer`, the `encode` / `restyle_encode` / `e4e_encode` presets, `PSPLoss`)
 for the same optimiser steps and batch size. Reported per encoder: validation image L2 and MS-SSIM
 before and after training (at the generator's resolution, outputs clamped to [-1, 1]), the error to the
 true W+ codes, the codes' distance from W (their variance across styles, e4e's editability proxy) and
@@ -80,9 +80,9 @@ ENCODERS: dict[str, EncoderSpec] = {
     "psp": EncoderSpec("encode", "psp", "GradualStyleEncoder", "pSp objective"),
     "restyle_psp": EncoderSpec("restyle_encode", "restyle_psp", "BackboneEncoder",
                                "pSp objective at every refinement iteration (ReStyle's coach)"),
-    "e4e": EncoderSpec("encode", "e4e", "Encoder4Editing",
-                       "pSp objective: e4e's encoder trained without its delta regulariser, latent "
-                       "discriminator or progressive stages"),
+    "e4e": EncoderSpec("e4e_encode", "e4e", "Encoder4Editing",
+                       "e4e's objective: progressive deltas, the delta regulariser and the latent discriminator "
+                       "(schedule and discriminator learning rate scaled to the run, `e4e_schedule`)"),
 }
 """The encoders, in report order: pSp; ReStyle-pSp with its released encoder; e4e's encoder."""
 
@@ -380,6 +380,18 @@ def benchmark_preset(spec: EncoderSpec) -> TaskPreset:
     return dataclasses.replace(preset, flip="none")
 
 
+REFERENCE_LEARNING_RATE = 1e-4
+"""The encoder learning rate of the released pSp and e4e runs; this benchmark's is `cfg.learning_rate`."""
+
+
+def e4e_schedule(cfg: QualityConfig) -> dict[str, Any]:
+    """e4e's schedule scaled to a run of `cfg.steps`: the first delta joins at a tenth of the run and one more
+    every hundredth (the released run's 20000 and 2000 in the same ratio), and the latent discriminator's learning
+    rate scaled like the encoder's (2e-5 at the reference's 1e-4)."""
+    return {"progressive_start": max(1, cfg.steps // 10), "progressive_step_every": max(1, cfg.steps // 100),
+            "w_discriminator_lr": 2e-5 * cfg.learning_rate / REFERENCE_LEARNING_RATE}
+
+
 def train_encoder(name: str, generator_path: Path, data: KnownData, cfg: QualityConfig,
                   device: torch.device) -> tuple[dict[str, Any], Evaluation]:
     """Train one encoder with the engine for `cfg.steps` steps in `cfg.precision`; scores before, during
@@ -398,7 +410,8 @@ def train_encoder(name: str, generator_path: Path, data: KnownData, cfg: Quality
     config = TrainingConfig(max_steps=cfg.steps, learning_rate=cfg.learning_rate,
                             precision=resolve_precision(cfg.precision, device),
                             log_interval=cfg.eval_every, image_interval=never, val_interval=never,
-                            save_interval=never, seed=cfg.seed, n_iters_per_batch=n_iters)
+                            save_interval=never, seed=cfg.seed, n_iters_per_batch=n_iters,
+                            **(e4e_schedule(cfg) if spec.family == "e4e" else {}))
     trainer = Trainer(net, PSPLoss(preset.loss), config,
                       batch_transform=PresetTransform(preset, cfg.encoder_size, train=True), callback=probe)
     start = time.perf_counter()

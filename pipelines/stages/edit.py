@@ -268,8 +268,7 @@ def edit_units(cfg: EditConfig, out: storage.Location, units: list[EditUnit], di
     """Edit every unit not yet written for its key into the output folder `out`, then the grids, manifest,
     report (and MLflow run)."""
     if out.is_local:
-        for stale in out.path.rglob(".*.tmp"):   # left by a run that was killed mid-write
-            stale.unlink()
+        storage.remove_own_temporaries(out.path, recursive=True)   # left by a run that was killed mid-write
     remove_stale_units(out, {u.name for u in units if u.ids})
     present = set(storage.list_files(out))
     skip = {u.name for u in units if unit_done(out, u, present)}

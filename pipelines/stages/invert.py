@@ -143,8 +143,7 @@ def invert_units(cfg: InvertConfig, source: storage.StageInput, folder: storage.
                  model: InferenceModel) -> dict[str, Any]:
     """Invert every unit not yet written for this model into the output folder `folder`."""
     if folder.is_local:
-        for stale in folder.path.glob(".*.parquet.*.tmp"):   # left by a run that was killed mid-write
-            stale.unlink()
+        storage.remove_own_temporaries(folder.path)   # left by a run that was killed mid-write
     skip = done_units(units, folder, model_ref)
     todo = [u for u in units if u.name not in skip and u.rows > 0]
     log.info("%d of %d output files to write (%d already done for %s)", len(todo), len(units), len(skip), model_ref)

@@ -112,6 +112,8 @@ def flat_params(cfg: TrainConfig, preset: TaskPreset) -> dict[str, str]:
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run (or resume) the training described by `cfg` to the end; return the summary written to the report."""
     # inputs
+    tracking.check_registry_names(cfg.registered_model, cfg.alias, setting="train.registered_model",
+                                  alias_setting="train.alias")
     check_data_access(cfg)
     preset = get_preset(cfg.preset).with_loss(**cfg.loss)
     if cfg.lpips_backbone == "pretrained":

@@ -571,6 +571,9 @@ def test_a_stopped_invert_leaves_no_ray_process_and_reruns_write_only_the_rest(t
     for name in after_stop:   # every file under its final name is complete
         pq.read_table(tmp_path / "latents" / name)
 
+    foreign = {".backup.tmp", ".shard-00001.parquet.bak.tmp", ".notes.tmp"}   # a user's files: the rerun keeps them
+    for name in foreign:
+        (tmp_path / "latents" / name).write_text("the user's")
     result = subprocess.run([PSP_CLI, "invert"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "invert.json").read_text())
@@ -581,4 +584,4 @@ def test_a_stopped_invert_leaves_no_ray_process_and_reruns_write_only_the_rest(t
     for shard in (tmp_path / "shards").glob("*.parquet"):   # each output file holds its shard's rows, once each
         written = ids(tmp_path / "latents" / shard.name)
         assert sorted(set(written)) == sorted(ids(shard)) and len(written) == 3 * len(set(written)), shard.name
-    assert not list((tmp_path / "latents").glob(".*.tmp"))
+    assert {p.name for p in (tmp_path / "latents").glob(".*.tmp")} == foreign   # the stopped run's own are gone

@@ -1,5 +1,5 @@
-"""`psp train` for real: local Ray with 2 DDP workers, a killed worker and a killed driver, the registered
-model loading back, and `psp submit` to a Ray head. (Two nodes tracked by an `mlflow server`:
+"""`psp train` for real: local Ray with 2 DDP workers training e4e with its objective, a killed worker and a
+killed driver, the registered model loading back, and `psp submit` to a Ray head. (Two nodes tracked by an `mlflow server`:
 tests/e2e/test_object_storage.py.)"""
 from __future__ import annotations
 
@@ -84,25 +84,32 @@ def check_resumed(before: list[int], after: list[int], save_interval: int, max_s
     return resumed_from
 
 
+E4E_TERMS = ("encoder_discriminator_loss", "total_delta_loss", "delta1_loss", "d_real_loss", "d_fake_loss",
+             "discriminator_loss", "discriminator_r1_loss", "progressive_stage", "loss_l2", "loss")
+
+
 def test_two_workers_survive_a_killed_worker_and_a_killed_driver_and_register(tmp_path):
-    """2 DDP workers. One is SIGKILLed once Ray has registered the first checkpoint: Ray restarts the
-    workers from that checkpoint. Once they train again the `psp train` driver itself is SIGKILLed, and
-    the same command run again resumes from the latest checkpoint. Each time at most save_interval steps
-    run twice; the run ends at max_steps in one MLflow run, registered as @candidate, and the registered
-    model reproduces the checkpoint. Only processes below this test's own child are killed."""
+    """`psp train train.preset=e4e_encode` on 2 DDP workers, progressive from step 2 with R1 every 2 steps. One
+    worker is SIGKILLed once step 3 is logged after step 2's checkpoint: Ray restarts the workers from that
+    checkpoint. Once they train again the `psp train` driver itself is SIGKILLed, and the same command run again
+    resumes from the latest checkpoint. Each time at most save_interval steps run twice, and a step run twice logs
+    the same value for every e4e term (discriminator, pools and real-code draws restored too). The run ends at
+    max_steps in one MLflow run, registered as @candidate with the reference coach's checkpoint layout, and the
+    registered model reproduces the checkpoint. Only processes below this test's own child are killed."""
     make_shards(tmp_path)
     max_steps, save_interval = 6, TINY_TRAIN["save_interval"]
-    write_params(tmp_path, max_steps=max_steps)
+    write_params(tmp_path, preset="e4e_encode", encoder_type="Encoder4Editing", max_steps=max_steps,
+                 progressive_start=2, progressive_step_every=1, d_reg_every=2, w_pool_size=2)
     log = tmp_path / "killed_driver.log"
     with log.open("w") as out:   # a file, not a pipe: a full pipe would stall the driver
         proc = subprocess.Popen([PSP, "train"], cwd=tmp_path, env=clean_env(), stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     try:
-        wait_until(lambda: registered_checkpoint_steps(tmp_path), proc, 300, "the first checkpoint", log)
+        wait_until(lambda: registered_checkpoint_steps(tmp_path) and 3 in {s for s, _ in logged_steps(tmp_path)},
+                   proc, 300, "step 3 after the first checkpoint", log, every=0.05)
         workers = wait_until(lambda: ray_train_workers(proc.pid), proc, 60, "a training worker", log)
         first_workers = {w.pid for w in workers}
-        steps_at_worker_kill = max(step for step, _ in logged_steps(tmp_path))
-        assert steps_at_worker_kill < max_steps, "the worker must die before the last step"
+        assert max(step for step, _ in logged_steps(tmp_path)) < max_steps, "the worker must die before the last step"
         workers[-1].kill()
         workers[-1].wait(timeout=30)
         worker_killed = time.time()
@@ -110,7 +117,7 @@ def test_two_workers_survive_a_killed_worker_and_a_killed_driver_and_register(tm
         # the restarted workers (new processes) train again: then the driver goes, SIGKILL
         wait_until(lambda: {w.pid for w in ray_train_workers(proc.pid)} - first_workers, proc, 300, "restarted workers", log)
         wait_until(lambda: attempt(logged_steps(tmp_path), worker_killed + 5, time.time() + 60), proc, 300,
-                   "a step of the restarted workers", log)
+                   "a step of the restarted workers", log, every=0.05)
         assert max(step for step, _ in logged_steps(tmp_path)) < max_steps, "the driver must die before the end"
         tree = descendants(proc.pid)
         proc.kill()
@@ -142,6 +149,7 @@ def test_two_workers_survive_a_killed_worker_and_a_killed_driver_and_register(tm
     client = mlflow.MlflowClient(uri, registry_uri=uri)
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
     assert sorted(steps) == sorted(first + second + third) and set(steps) == set(range(1, max_steps + 1))
+    check_repeated_steps_log_the_same_terms(client, run.info.run_id, steps, max_steps)
     assert "val_loss" in run.data.metrics and "images_per_s" in run.data.metrics
     assert run.data.tags["psp.random_weights"] == "generator,encoder_backbone_irse50,lpips_alexnet"
     assert len(run.data.tags["psp.shard_manifest_digest"]) == 32
@@ -156,17 +164,21 @@ def test_two_workers_survive_a_killed_worker_and_a_killed_driver_and_register(tm
     assert not list((Path(tempfile.gettempdir()) / "psp-train").glob(f"{report['run_name']}-rank*"))
     version = client.get_model_version_by_alias("psp-encoder", "candidate")
     assert version.run_id == run.info.run_id and str(version.version) == report["model_version"]
+    assert version.description.startswith("e4e encoder (Encoder4Editing), preset e4e_encode")
+    assert "Objective: e4e's (l2_lambda 1, lpips_lambda 0.8, w_discriminator_lambda 0.1, delta_norm_lambda 0.0002; " \
+           "progressive deltas from step 2, one layer every 1" in version.description
 
+    chosen = run.data.tags["psp.registered_checkpoint"]
+    path = sorted((tmp_path / "ray_results").glob(f"*/checkpoint_*/{chosen}"))[-1]
+    check_reference_coach_layout(path)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     model = mlflow.pyfunc.load_model("models:/psp-encoder@candidate")
     x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
-    chosen = run.data.tags["psp.registered_checkpoint"]
-    checkpoint = next((tmp_path / "ray_results").glob(f"*/checkpoint_*/{chosen}"))
-    net = load_psp(sorted((tmp_path / "ray_results").glob(f"*/checkpoint_*/{chosen}"))[-1])
+    net = load_psp(path)
+    assert net.arch.family == "e4e"
     with torch.no_grad():
         expected = net.encode(torch.from_numpy(x)).numpy()
-    assert checkpoint.is_file()
     np.testing.assert_allclose(model.predict(x), expected, rtol=1e-5, atol=1e-5)
 
     # the same command again: the run is complete, nothing is trained or registered twice
@@ -174,6 +186,36 @@ def test_two_workers_survive_a_killed_worker_and_a_killed_driver_and_register(tm
     assert again.returncode == 0, again.stderr[-3000:]
     assert len(finished_runs(uri)) == 1
     assert len(client.search_model_versions("name='psp-encoder'")) == 1
+
+
+def check_repeated_steps_log_the_same_terms(client: mlflow.MlflowClient, run_id: str, steps: list[int],
+                                            max_steps: int) -> None:
+    """Every e4e term is logged and finite, the progressive stage follows the schedule, and a step that ran
+    more than once (after a restart) logged the same value of every term each time."""
+    stages = {m.step: m.value for m in client.get_metric_history(run_id, "progressive_stage")}
+    assert stages == {step: max(0, step - 2) for step in range(1, max_steps + 1)}
+    repeated = sorted({step for step in steps if steps.count(step) > 1})
+    assert repeated, steps
+    for name in E4E_TERMS:
+        history = client.get_metric_history(run_id, name)
+        assert history and all(np.isfinite(m.value) for m in history), name
+        for step in repeated:
+            logged = [m.value for m in history if m.step == step]
+            if name == "discriminator_r1_loss" and not logged:
+                continue   # R1 runs every d_reg_every steps only
+            assert len(logged) == steps.count(step), (name, step, logged)
+            assert logged[:1] * len(logged) == pytest.approx(logged, rel=1e-5, abs=1e-7), (name, step)
+
+
+def check_reference_coach_layout(path: Path) -> None:
+    """The checkpoint has the keys the reference e4e coach saves, its opts and its discriminator's layout."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    assert {"state_dict", "opts", "latent_avg", "global_step", "best_val_loss", "discriminator_state_dict"} <= set(ckpt)
+    opts = ckpt["opts"]
+    assert (opts["encoder_type"], opts["stylegan_size"], opts["progressive_steps"]) == ("Encoder4Editing", 16,
+                                                                                      [0, 2, 3, 4, 5, 6])
+    assert sorted(ckpt["discriminator_state_dict"]) == sorted(f"mlp.{i}.{k}" for i in (0, 2, 4, 6)
+                                                              for k in ("weight", "bias"))
 
 
 def stop_ray_instance(temp_dir: Path, gcs_port: int, started: float) -> None:
@@ -203,15 +245,18 @@ def stop_ray_instance(temp_dir: Path, gcs_port: int, started: float) -> None:
 
 
 def test_psp_submit_runs_as_a_ray_job_on_a_local_head(tmp_path):
-    """`ray start --head` (token authentication on) and `psp submit`: the job uploads the code only,
-    trains, and tracks into this repository's MLflow store."""
+    """`ray start --head` (token authentication on) and `psp submit` of `psp train preset=restyle_encode` (2
+    iterations per batch): the job uploads the code only, trains, and tracks into this repository's MLflow
+    store, which holds each iteration's training and validation loss at every step; the registered version is
+    a 6-channel ReStyle-pSp that loads strictly."""
     import shutil
 
     repo = REPO
     for package in ("pipelines", "psp_core"):
         shutil.copytree(repo / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
     make_shards(tmp_path)
-    write_params(tmp_path, max_steps=2, num_workers=1)
+    write_params(tmp_path, preset="restyle_encode", encoder_type="BackboneEncoder", n_iters_per_batch=2,
+                 max_steps=2, val_interval=2, save_interval=2, image_interval=2, num_workers=1)
     bin_dir = str(Path(PSP).parent)
     env = clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}")
     env.pop("RAY_ADDRESS", None)
@@ -232,69 +277,21 @@ def test_psp_submit_runs_as_a_ray_job_on_a_local_head(tmp_path):
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     assert "succeeded" in done.stdout + done.stderr
-    runs = finished_runs(f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}")
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    assert json.loads((tmp_path / "reports" / "train.json").read_text())["steps"] == 2
-
-
-E4E_TERMS = ("encoder_discriminator_loss", "total_delta_loss", "delta1_loss", "d_real_loss", "d_fake_loss",
-             "discriminator_loss", "discriminator_r1_loss", "progressive_stage", "loss_l2", "loss")
-
-
-def test_e4e_on_two_workers_logs_its_terms_and_resumes_exactly_after_a_killed_worker(tmp_path):
-    """`psp train train.preset=e4e_encode` on 2 DDP workers, progressive from step 2 with R1 every 2 steps. A worker is
-    SIGKILLed once step 3 is logged after step 2's checkpoint: the restart re-runs the steps after that checkpoint
-    and logs the same values for every term (discriminator, pools and real-code draws restored too). Every e4e term is in MLflow and
-    finite, the version's description names the objective, and the checkpoint has the reference coach's layout."""
-    make_shards(tmp_path)
-    write_params(tmp_path, preset="e4e_encode", encoder_type="Encoder4Editing", loss={"id_lambda": 0.0},
-                 max_steps=5, progressive_start=2, progressive_step_every=1, d_reg_every=2, w_pool_size=2,
-                 val_interval=5, image_interval=5)
-    log = tmp_path / "train.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen([PSP, "train"], cwd=tmp_path, env=clean_env(), stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    try:
-        wait_until(lambda: registered_checkpoint_steps(tmp_path) and 3 in {s for s, _ in logged_steps(tmp_path)},
-                   proc, 300, "step 3 after the first checkpoint", log, every=0.05)
-        workers = ray_train_workers(proc.pid)
-        workers[-1].kill()
-        assert proc.wait(timeout=400) == 0, log.read_text()[-4000:]
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
     uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
-    client = mlflow.MlflowClient(uri, registry_uri=uri)
-    run = finished_runs(uri)[0]
-    for name in E4E_TERMS:
-        history = client.get_metric_history(run.info.run_id, name)
-        assert history and all(np.isfinite(m.value) for m in history), name
-    stages = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "progressive_stage")}
-    assert stages == {1: 0, 2: 0, 3: 1, 4: 2, 5: 3}
-    losses = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss")]
-    twice = sorted({step for step, _ in losses if [s for s, _ in losses].count(step) == 2})
-    assert twice and set(twice) <= {3, 4}, losses   # the steps after step 2's checkpoint, up to the kill
-    for name in E4E_TERMS:
-        values = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, name) if m.step in twice]
-        for step in twice:
-            logged = [value for s, value in values if s == step]
-            assert len(logged) in ((0, 2) if name == "discriminator_r1_loss" else (2,)), (name, step, logged)
-            assert logged[:1] == pytest.approx(logged[1:], rel=1e-5, abs=1e-7), (name, step)
+    runs = finished_runs(uri)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     report = json.loads((tmp_path / "reports" / "train.json").read_text())
-    version = client.get_model_version("psp-encoder", report["model_version"])
-    assert version.description.startswith("e4e encoder (Encoder4Editing), preset e4e_encode")
-    assert "Objective: e4e's (l2_lambda 1, lpips_lambda 0.8, w_discriminator_lambda 0.1, delta_norm_lambda 0.0002; " \
-           "progressive deltas from step 2, one layer every 1" in version.description
+    assert report["steps"] == 2
 
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
+    run = client.get_run(report["mlflow_run_id"])
+    assert {"loss_iter0", "loss_iter1", "val_loss_iter0", "val_loss_iter1"} <= set(run.data.metrics)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss_iter1")] == [1, 2]
+    assert run.data.metrics["val_loss"] == run.data.metrics["val_loss_iter1"]
+    assert {"loss_iter0", "val_loss_iter1"} <= set(report["metrics"])
+    assert (run.data.params["preset"], run.data.params["n_iters_per_batch"]) == ("restyle_encode", "2")
+    version = client.get_model_version("psp-encoder", report["model_version"])
+    assert version.description.startswith("ReStyle-pSp encoder (BackboneEncoder), preset restyle_encode")
     chosen = run.data.tags["psp.registered_checkpoint"]
-    path = sorted((tmp_path / "ray_results").glob(f"*/checkpoint_*/{chosen}"))[-1]
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    assert {"state_dict", "opts", "latent_avg", "global_step", "best_val_loss", "discriminator_state_dict"} <= set(ckpt)
-    opts = ckpt["opts"]
-    assert (opts["encoder_type"], opts["stylegan_size"], opts["progressive_steps"]) == ("Encoder4Editing", 16,
-                                                                                      [0, 2, 3, 4, 5, 6])
-    assert sorted(ckpt["discriminator_state_dict"]) == sorted(f"mlp.{i}.{k}" for i in (0, 2, 4, 6)
-                                                              for k in ("weight", "bias"))
-    assert load_psp(path).arch.family == "e4e"
+    net = load_psp(sorted((tmp_path / "ray_results").glob(f"*/checkpoint_*/{chosen}"))[-1])
+    assert (net.arch.family, net.arch.input_nc, net.arch.encoder_type) == ("restyle_psp", 6, "BackboneEncoder")

@@ -11,7 +11,7 @@ message this module raises.
 Publishing on an object store. S3 has no rename, and a pyarrow upload that fails half-way is still
 completed under its name (closing the stream commits it). So:
 - one object (`atomic_output`, `write_bytes_atomic`): written under a hidden temporary key beside its
-  final name (`.<name>.<random>.tmp`), then moved (server-side copy + delete) to the final key; a failed
+  final name (`.<name>.psp-partial-<random>.tmp`), then moved (server-side copy + delete) to the final key; a failed
   write deletes the temporary key. Readers never see a partial object under a final name.
 - a folder of files and its manifest (`published_folder`): the files go under a fresh generation
   prefix (`<folder>/<generation>/<name>`), the manifest (`<folder>/<manifest>`) is written last and lists
@@ -36,6 +36,8 @@ from pipelines.services.storage.files import (
     list_folder,
     output_folder,
     read_regular_file,
+    remove_own_temporaries,
+    temporary_prefix,
 )
 from pipelines.services.storage.locations import (
     Location,
@@ -71,6 +73,7 @@ __all__ = [
     "check_access", "claimed_folder", "delete_file", "digest", "exists", "file_digest", "is_image_name",
     "is_registry_reference", "is_remote", "is_uri", "json_document", "list_files", "list_folder", "open_input_file",
     "output_folder", "parquet_columns", "parquet_schema", "published_folder", "read_bytes", "read_regular_file",
+    "remove_own_temporaries", "temporary_prefix",
     "reader_filesystem", "reference_kind", "CHECK_TIMEOUT_S", "CONNECT_TIMEOUT_S", "s3_filesystem", "scrub", "write_bytes_atomic", "write_json_atomic",
 ]
 from pipelines.services.storage.inputs import StageInput

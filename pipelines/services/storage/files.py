@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -22,7 +23,28 @@ from psp_core.data.shards import IMAGE_EXTENSIONS
 from psp_core.errors import InputError
 
 OUTPUT_MARKER = ".psp-output.json"
+
+TEMPORARY_TOKEN = "psp-partial"
+"""In the name of every temporary file and folder the stages write (`.<final name>.psp-partial-<random>.tmp`):
+what proves a leftover of a killed run is the stage's own, so cleaning up never touches a user's `.x.tmp`."""
+_OWN_TEMPORARY = re.compile(rf"^\..+\.{TEMPORARY_TOKEN}-[A-Za-z0-9_]+\.tmp$")
 """Written first into every output folder a stage creates: whose folder it is."""
+
+
+def temporary_prefix(name: str) -> str:
+    """The start of the temporary name under which `name` is written (the random part and `.tmp` follow)."""
+    return f".{name}.{TEMPORARY_TOKEN}-"
+
+
+def remove_own_temporaries(folder: Path, recursive: bool = False) -> int:
+    """Delete the temporary files a killed run of a stage left in `folder` (below it too if `recursive`), and only
+    those: names carrying TEMPORARY_TOKEN. Returns how many went."""
+    removed = 0
+    for path in folder.rglob("*") if recursive else folder.iterdir():
+        if _OWN_TEMPORARY.match(path.name) and path.is_file() and not path.is_symlink():
+            path.unlink()
+            removed += 1
+    return removed
 
 
 @contextmanager
@@ -30,7 +52,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it replaces `path`, on error it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(path.name), suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     os.chmod(tmp_path, 0o666 & ~_umask())
@@ -57,7 +79,7 @@ def atomic_dir(path: str | Path, marker: str) -> Iterator[Path]:
     if path.is_dir() and any(path.iterdir()) and not (path / marker).is_file():
         raise InputError(f"{path} exists and is not an output of this stage (no {marker}); refusing to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=temporary_prefix(path.name), suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp

@@ -14,7 +14,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipelines.services.storage.credentials import scrub
-from pipelines.services.storage.files import atomic_path, file_digest, json_document
+from pipelines.services.storage.files import atomic_path, file_digest, json_document, temporary_prefix
 from pipelines.services.storage.locations import Location
 from pipelines.services.storage.s3 import s3_endpoint
 from psp_core.errors import InputError
@@ -181,7 +181,7 @@ def atomic_output(path: str | Path | Location) -> Iterator[BinaryIO]:
         return
     fs, key = location.filesystem()
     folder, _, name = key.rpartition("/")
-    tmp = f"{folder}/.{name}.{uuid.uuid4().hex[:12]}.tmp"
+    tmp = f"{folder}/{temporary_prefix(name)}{uuid.uuid4().hex[:12]}.tmp"
     try:
         with fs.open_output_stream(tmp) as out:
             yield out

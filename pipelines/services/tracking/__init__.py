@@ -16,6 +16,7 @@ from pipelines.services.tracking.models import (
 from pipelines.services.tracking.registry import (
     Promotion,
     VersionRef,
+    check_registry_names,
     compare_evaluations,
     parse_registry_uri,
     promote,
@@ -38,7 +39,7 @@ from pipelines.services.tracking.vocabulary import *  # noqa: F403 - the names o
 
 __all__ = [
     "DEFAULT_TRACKING_URI", "Promotion", "ResolvedModel", "ShardDataset", "TrainingRun", "VersionRef",
-    "cached_artifact", "checkpoint_opts", "client", "compare_evaluations", "dataset_context", "describe_version",
+    "cached_artifact", "check_registry_names", "checkpoint_opts", "client", "compare_evaluations", "dataset_context", "describe_version",
     "ensure_experiment", "fetch_weights", "import_checkpoint", "log_datasets", "log_encoder", "model_checkpoint",
     "parse_registry_uri", "promote", "record_evaluation", "record_job", "registered_by", "require_eval",
     "resolve_model", "resolve_version", "shard_datasets", "tracking_uri", "use_tracking_store", "version_eval",

@@ -20,7 +20,12 @@ from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
 from pipelines.services.storage import file_digest
 from pipelines.services.tracking import pyfunc
-from pipelines.services.tracking.registry import describe_version, parse_registry_uri, resolve_version
+from pipelines.services.tracking.registry import (
+    check_registry_names,
+    describe_version,
+    parse_registry_uri,
+    resolve_version,
+)
 from pipelines.services.tracking.store import cached_artifact, ensure_experiment
 from pipelines.services.tracking.vocabulary import (
     DEFAULT_REGISTERED_MODEL,
@@ -101,6 +106,7 @@ def import_checkpoint(path: str | Path, name: str = DEFAULT_REGISTERED_MODEL,
                       alias: str | None = None) -> ModelVersion:
     """Validate a released pSp checkpoint strictly, then register it as a new version of `name` from a
     run in experiment `psp-imports` that records its opts and its file hash."""
+    check_registry_names(name, alias, setting="--name", alias_setting="--alias")
     path = Path(path)
     net = load_psp(path)  # strict: a wrong architecture raises CheckpointError before anything is logged
     opts = checkpoint_opts(path)

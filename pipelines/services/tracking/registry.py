@@ -15,6 +15,11 @@ import mlflow
 from mlflow.entities import Metric, RunTag
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
+from mlflow.utils.validation import (  # MLflow's own rules, checked before any work instead of after it
+    _validate_model_alias_name,
+    _validate_model_alias_name_reserved,
+    _validate_model_name,
+)
 
 from pipelines.services.tracking.datasets import log_datasets
 from pipelines.services.tracking.store import use_tracking_store
@@ -49,6 +54,21 @@ class VersionRef:
 
     def __str__(self) -> str:
         return f"models:/{self.name}@{self.ref}" if self.is_alias else f"models:/{self.name}/{self.ref}"
+
+
+def check_registry_names(name: str, alias: str | None = None, setting: str = "name",
+                         alias_setting: str = "alias") -> None:
+    """A registered model name and an alias MLflow will accept, else an InputError naming the setting: a stage
+    checks them before it works, so a bad alias never fails after a training run or a registered version."""
+    checks = [(setting, name, [_validate_model_name])]
+    if alias is not None:
+        checks.append((alias_setting, alias, [_validate_model_alias_name, _validate_model_alias_name_reserved]))
+    for what, value, rules in checks:
+        try:
+            for rule in rules:
+                rule(value)
+        except MlflowException as err:
+            raise InputError(f"{what} {value!r}: {err.message}") from None
 
 
 def parse_registry_uri(uri: str) -> VersionRef | None:
@@ -126,6 +146,7 @@ def promote(ref: VersionRef, to: str = DEFAULT_CHAMPION, if_better: str | None =
     if if_better is not None and eval_key(if_better)[len(EVAL_PREFIX):] not in COMPARABLE_METRICS:
         raise InputError(f"--if-better {if_better}: not an evaluation metric; one of "
                          f"{', '.join(EVAL_PREFIX + m for m in COMPARABLE_METRICS)}")
+    check_registry_names(ref.name, to, setting="--name", alias_setting="--to")
     candidate = resolve_version(ref)
     client = mlflow.MlflowClient()
     try:

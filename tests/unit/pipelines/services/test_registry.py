@@ -134,3 +134,35 @@ def test_promote_if_better_moves_only_on_improvement(imported, capsys):
     assert main(["promote", elsewhere, "--to", "best", "--if-better", "eval_lpips"]) == 2
     assert "cannot compare eval_lpips" in capsys.readouterr().err
     assert alias_version("best") == better
+
+
+@pytest.mark.parametrize("argv, setting, rule", [
+    (["--alias", "latest"], "--alias 'latest'", "is reserved"),
+    (["--alias", "v7"], "--alias 'v7'", "is reserved"),
+    (["--alias", "new champion"], "--alias 'new champion'", "may only contain alphanumerics"),
+    (["--name", "bad/name:x"], "--name 'bad/name:x'", "cannot contain '/' or ':'"),
+])
+def test_a_name_or_alias_mlflow_refuses_is_one_line_before_anything_is_registered(imported, parity_checkpoint,
+                                                                                  capsys, argv, setting, rule):
+    before = len(client().search_runs([client().get_experiment_by_name("psp-imports").experiment_id]))
+    assert main(["import-checkpoint", str(parity_checkpoint), *argv]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"psp import-checkpoint: error: {setting}: ") and rule in error
+    assert len(error.splitlines()) == 1
+    assert len(client().search_runs([client().get_experiment_by_name("psp-imports").experiment_id])) == before
+
+
+def test_promote_to_a_reserved_alias_is_one_line(imported, capsys):
+    assert main(["promote", imported, "--to", "latest"]) == 2
+    assert capsys.readouterr().err.strip() == ("psp promote: error: --to 'latest': 'latest' alias name "
+                                               "(case insensitive) is reserved.")
+
+
+def test_train_refuses_a_bad_alias_before_reading_data_or_opening_mlflow(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/store/mlflow.db")
+    (tmp_path / "params.yaml").write_text("train:\n  shards: absent\n")
+    assert main(["train", "train.alias=v2"]) == 2
+    assert capsys.readouterr().err.strip() == ("psp train: error: train.alias 'v2': Version alias name 'v2' "
+                                               "is reserved.")
+    assert not (tmp_path / "store").exists() and not (tmp_path / "mlflow").exists()

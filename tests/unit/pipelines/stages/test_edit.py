@@ -19,6 +19,7 @@ from helpers.editing import N_STYLES, ROOT, UNITS, decode_png, write_edit_params
 from helpers.pipelines import run_psp
 from pipelines.cli import main
 from pipelines.params.schema import EditConfig
+from pipelines.services import storage
 from pipelines.services.tracking import resolve_model
 from pipelines.stages.edit import build_directions
 from psp_core import PSP, PSPArchitecture, load_psp, save_psp
@@ -97,12 +98,19 @@ def test_edits_decode_log_and_resume(tmp_path, model_file, registered):
     assert run.data.tags["psp.model_version"] == "models:/psp-encoder/1"
     assert sorted(a.path for a in client.list_artifacts(run.info.run_id, "grids")) == [f"grids/{n}.png" for n in sorted(names)]
 
-    # a rerun writes nothing: every file is left exactly as it was
+    # a rerun writes nothing: every file is left exactly as it was, a user's temporary-looking files too; only a
+    # temporary file of a killed edit goes
+    for foreign in (".backup.tmp", "images/.draft.tmp", "images/mine/.x.tmp", "latents/.shard-00001.parquet.x.tmp",
+                    "images/sefa-0/.mine.png.abc.tmp"):
+        (out / foreign).parent.mkdir(parents=True, exist_ok=True)
+        (out / foreign).write_text("the user's")
     before = snapshot(out)
+    ours = out / "images" / "sefa-0" / f"{storage.temporary_prefix('1.png')}k3x9q2.tmp"
+    ours.write_bytes(b"half a png")
     again = run_psp(["edit"], tmp_path, env)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "(2 files already done)" in again.stdout
-    assert snapshot(out) == before
+    assert snapshot(out) == before and not ours.exists()
     assert json.loads((tmp_path / "reports" / "edit.json").read_text())["images_written"] == 0
 
     # a run stopped half-way (one unit's latents file and one of its images missing) redoes that unit only

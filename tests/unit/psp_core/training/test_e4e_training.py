@@ -1,4 +1,4 @@
-"""e4e's training objective (64 px encoder input, 16 px generator: 6 styles, CPU): the progressive schedule, the
+"""e4e's training objective (32 px encoder input, 16 px generator: 6 styles, CPU): the progressive schedule, the
 encoder at a stage, the delta regulariser, the discriminator's losses and R1 against hand computations, the code
 pool, and the engine training, checkpointing (reference layout) and resuming an e4e run exactly."""
 from __future__ import annotations
@@ -37,7 +37,7 @@ from psp_core.training.e4e import LatentCodesPool, progressive_steps, stage_at
 from psp_core.training.engine import BEST_CHECKPOINT, LAST_CHECKPOINT, Trainer, TrainingConfig
 from psp_core.training.losses import LossWeights, PSPLoss
 
-TINY_E4E = PSPArchitecture(encoder_type="Encoder4Editing", family="e4e", output_size=16, encoder_input_size=64)
+TINY_E4E = PSPArchitecture(encoder_type="Encoder4Editing", family="e4e", output_size=16, encoder_input_size=32)
 N_STYLES = TINY_E4E.n_styles   # 6
 E4E_L2 = LossWeights(l2_lambda=1.0, lpips_lambda=0.0, w_discriminator_lambda=0.1, delta_norm_lambda=2e-4)
 
@@ -65,7 +65,7 @@ def test_encoder_at_a_stage_adds_only_the_deltas_of_layers_up_to_it(e4e_model):
     """At stage s layers 1..s carry their deltas, layers above are copies of w (their heads not run, so no
     gradient); stage None and the last stage add every delta; a bad stage is refused."""
     net = copy.deepcopy(e4e_model).train()
-    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     net.encoder.set_progressive_stage(None)
     full = net.encoder(x)
     for stage in (0, 2, N_STYLES - 1):
@@ -184,8 +184,8 @@ def run(model: PSP, max_steps: int, data, val, checkpoint_dir=None, resume_from=
     preset = get_preset("e4e_encode")
     recorder = Recorder()
     trainer = Trainer(copy.deepcopy(model), PSPLoss(E4E_L2), config, checkpoint_dir=checkpoint_dir,
-                      batch_transform=PresetTransform(preset, encoder_size=64),
-                      val_transform=PresetTransform(preset, encoder_size=64, train=False), callback=recorder)
+                      batch_transform=PresetTransform(preset, encoder_size=32),
+                      val_transform=PresetTransform(preset, encoder_size=32, train=False), callback=recorder)
     if before_resume is not None:
         before_resume(trainer)
     if resume_from is not None:
@@ -239,7 +239,7 @@ def test_the_discriminator_moves_the_encoder_and_a_constant_one_does_not(e4e_mod
     """The adversarial term's gradient reaches the encoder through the discriminator; with a constant
     discriminator (no signal) the encoder's step is the one without the term."""
     images = smooth_images(2, seed=5)
-    source, target = F.interpolate(images, size=64, mode="area") * 2 - 1, images * 2 - 1
+    source, target = F.interpolate(images, size=32, mode="area") * 2 - 1, images * 2 - 1
 
     def step(weights: LossWeights, constant: bool) -> torch.Tensor:
         config = TrainingConfig(optimizer="adam", learning_rate=1e-3, seed=1)
@@ -275,7 +275,7 @@ def test_a_resumed_e4e_run_equals_an_uninterrupted_one_across_a_stage_boundary(e
 
 
 def test_e4e_options_are_refused_for_other_families():
-    pSp = noisy_psp(PSPArchitecture(output_size=16, encoder_input_size=64))
+    pSp = noisy_psp(PSPArchitecture(output_size=16, encoder_input_size=32))
     with pytest.raises(InputError, match="train e4e encoders; this is a psp encoder"):
         Trainer(pSp, PSPLoss(LossWeights(lpips_lambda=0.0, w_discriminator_lambda=0.1)), TrainingConfig())
     with pytest.raises(InputError, match="train e4e encoders"):

@@ -1,4 +1,4 @@
-"""The training engine on a tiny pSp (16 px generator, 64 px encoder input) on CPU: overfit, resume, checkpoints."""
+"""The training engine on a tiny pSp (16 px generator, 32 px encoder input) on CPU: overfit, resume, checkpoints."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from psp_core.training.engine import (
 from psp_core.training.losses import LossWeights, PSPLoss
 from psp_core.viz import comparison_grid
 
-TINY = PSPArchitecture(output_size=16, encoder_input_size=64)
+TINY = PSPArchitecture(output_size=16, encoder_input_size=32)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def tiny_model():
 def test_overfits_a_fixed_batch(tiny_model):
     """20 Ranger steps on one batch (L2 + LPIPS on a random backbone + W-norm) halve the total loss."""
     images = smooth_images(2, seed=1)
-    transform = PresetTransform(get_preset("encode"), encoder_size=64, train=False)
+    transform = PresetTransform(get_preset("encode"), encoder_size=32, train=False)
     recorder = Recorder()
     loss = PSPLoss(LossWeights(l2_lambda=1.0, lpips_lambda=0.8, w_norm_lambda=0.005), lpips_backbone="random")
     config = TrainingConfig(max_steps=20, learning_rate=1e-3, log_interval=1, image_interval=100)
@@ -61,10 +61,10 @@ def run(model, max_steps: int, data, val, checkpoint_dir: Path | None = None, re
     config = TrainingConfig(max_steps=max_steps, learning_rate=1e-3, val_interval=3, save_interval=max_steps,
                             image_interval=100, log_interval=1, seed=3)
     loss = PSPLoss(LossWeights(l2_lambda=1.0, lpips_lambda=0.0, w_norm_lambda=0.005))
-    transform = PresetTransform(get_preset("encode"), encoder_size=64)
+    transform = PresetTransform(get_preset("encode"), encoder_size=32)
     recorder = Recorder()
     trainer = Trainer(copy.deepcopy(model), loss, config, checkpoint_dir=checkpoint_dir, batch_transform=transform,
-                      val_transform=PresetTransform(get_preset("encode"), encoder_size=64, train=False),
+                      val_transform=PresetTransform(get_preset("encode"), encoder_size=32, train=False),
                       callback=recorder)
     if before_resume is not None:
         before_resume(trainer)
@@ -111,8 +111,8 @@ def test_checkpoints_and_reports(tiny_model, tmp_path):
     model = copy.deepcopy(tiny_model)
     decoder_before = copy.deepcopy(model.decoder.state_dict())
     trainer = Trainer(model, loss, config, checkpoint_dir=tmp_path, callback=recorder,
-                      batch_transform=PresetTransform(get_preset("encode"), encoder_size=64))
-    trainer.fit([(images, images)], [(F.interpolate(images, size=64) * 2 - 1, images * 2 - 1)])
+                      batch_transform=PresetTransform(get_preset("encode"), encoder_size=32))
+    trainer.fit([(images, images)], [(F.interpolate(images, size=32) * 2 - 1, images * 2 - 1)])
     assert [s for s, _ in recorder.steps] == [2, 3]
     assert [s for s, _ in recorder.validations] == [3]
     assert [(s, name) for s, name, _ in recorder.images] == [(2, "train"), (3, "train"), (3, "test")]
@@ -136,7 +136,7 @@ def test_bf16_step_and_fp16_refused_on_cpu(tiny_model):
     """bf16 autocast trains on CPU: the convolutions really compute in bf16 and the loss lands near, not on,
     the fp32 loss of the same step (same weights, same noise draws); fp16 (GradScaler) is CUDA-only."""
     images = smooth_images(2, seed=5)
-    source, target = F.interpolate(images, size=64) * 2 - 1, images * 2 - 1
+    source, target = F.interpolate(images, size=32) * 2 - 1, images * 2 - 1
     loss = PSPLoss(LossWeights(l2_lambda=1.0, lpips_lambda=0.0))
     results = {}
     for precision in ("fp32", "bf16"):
@@ -189,7 +189,7 @@ def test_accepts_a_ddp_wrapped_model(tiny_model, tmp_path):
         trainer = Trainer(wrapped, loss, TrainingConfig(max_steps=1), checkpoint_dir=tmp_path)
         assert trainer.module is model
         images = smooth_images(2, seed=6)
-        trainer.fit([(F.interpolate(images, size=64) * 2 - 1, images * 2 - 1)])
+        trainer.fit([(F.interpolate(images, size=32) * 2 - 1, images * 2 - 1)])
     finally:
         dist.destroy_process_group()
     assert load_psp(tmp_path / LAST_CHECKPOINT).n_styles == model.n_styles
