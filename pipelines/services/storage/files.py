@@ -23,12 +23,12 @@ from psp_core.data.shards import IMAGE_EXTENSIONS
 from psp_core.errors import InputError
 
 OUTPUT_MARKER = ".psp-output.json"
+"""Written first into every output folder a stage creates: whose folder it is."""
 
 TEMPORARY_TOKEN = "psp-partial"
 """In the name of every temporary file and folder the stages write (`.<final name>.psp-partial-<random>.tmp`):
 what proves a leftover of a killed run is the stage's own, so cleaning up never touches a user's `.x.tmp`."""
 _OWN_TEMPORARY = re.compile(rf"^\..+\.{TEMPORARY_TOKEN}-[A-Za-z0-9_]+\.tmp$")
-"""Written first into every output folder a stage creates: whose folder it is."""
 
 
 def temporary_prefix(name: str) -> str:

@@ -421,3 +421,24 @@ def test_torch_checkpoint_through_an_s3_uri(prefix):
     with storage.open_input_file(f"{prefix}/checkpoints/last.pt") as handle:
         loaded = torch.load(handle, weights_only=True)
     assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
+
+
+def test_only_temporary_files_with_the_stages_token_are_removed(tmp_path):
+    """A killed write leaves `.<name>.psp-partial-<random>.tmp`; a user's `.x.tmp` of any other shape stays."""
+    with storage.atomic_path(tmp_path / "a.png") as tmp:
+        assert tmp.name.startswith(storage.temporary_prefix("a.png")) and tmp.name.endswith(".tmp")
+        tmp.write_bytes(b"png")
+    top = tmp_path / f"{storage.temporary_prefix('b.png')}k3x9q2.tmp"
+    below = tmp_path / "sub" / f"{storage.temporary_prefix('c.parquet')}abc_12.tmp"
+    foreign = [".backup.tmp", ".a.png.abc.tmp", ".a.png.psp-partial.tmp", "a.png.psp-partial-abc.tmp",
+               ".a.png.psp-partial-abc.tmpx", "sub/.draft.tmp", "sub/mine/.x.tmp"]
+    for path in [top, below, *(tmp_path / name for name in foreign)]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("written")
+    folder = tmp_path / "sub" / "mine" / f"{storage.temporary_prefix('d')}xyz.tmp"
+    folder.mkdir()   # only files are removed
+
+    assert storage.remove_own_temporaries(tmp_path) == 1 and not top.exists() and below.exists()
+    assert storage.remove_own_temporaries(tmp_path, recursive=True) == 1 and not below.exists()
+    assert all((tmp_path / name).is_file() for name in foreign) and folder.is_dir()
+    assert (tmp_path / "a.png").read_bytes() == b"png"
