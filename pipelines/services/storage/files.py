@@ -26,9 +26,11 @@ OUTPUT_MARKER = ".psp-output.json"
 """Written first into every output folder a stage creates: whose folder it is."""
 
 TEMPORARY_TOKEN = "psp-partial"
-"""In the name of every temporary file and folder the stages write (`.<final name>.psp-partial-<random>.tmp`):
-what proves a leftover of a killed run is the stage's own, so cleaning up never touches a user's `.x.tmp`."""
+"""In the name of every temporary file and folder written through this package (`atomic_path`, `atomic_dir`,
+`atomic_output`: `.<final name>.psp-partial-<random>.tmp`): what proves a leftover of a killed run is the stage's
+own, so cleaning up never touches a user's `.x.tmp`."""
 _OWN_TEMPORARY = re.compile(rf"^\..+\.{TEMPORARY_TOKEN}-[A-Za-z0-9_]+\.tmp$")
+_OWN_TEMPORARY_GLOB = f".*.{TEMPORARY_TOKEN}-*.tmp"
 
 
 def temporary_prefix(name: str) -> str:
@@ -40,7 +42,7 @@ def remove_own_temporaries(folder: Path, recursive: bool = False) -> int:
     """Delete the temporary files a killed run of a stage left in `folder` (below it too if `recursive`), and only
     those: names carrying TEMPORARY_TOKEN. Returns how many went."""
     removed = 0
-    for path in folder.rglob("*") if recursive else folder.iterdir():
+    for path in folder.rglob(_OWN_TEMPORARY_GLOB) if recursive else folder.glob(_OWN_TEMPORARY_GLOB):
         if _OWN_TEMPORARY.match(path.name) and path.is_file() and not path.is_symlink():
             path.unlink()
             removed += 1

@@ -21,6 +21,7 @@ from mlflow.utils.validation import (  # MLflow's own rules, checked before any 
     _validate_model_name,
 )
 
+from pipelines.services.storage import scrub
 from pipelines.services.tracking.datasets import log_datasets
 from pipelines.services.tracking.store import use_tracking_store
 from pipelines.services.tracking.vocabulary import (
@@ -56,8 +57,7 @@ class VersionRef:
         return f"models:/{self.name}@{self.ref}" if self.is_alias else f"models:/{self.name}/{self.ref}"
 
 
-def check_registry_names(name: str, alias: str | None = None, setting: str = "name",
-                         alias_setting: str = "alias") -> None:
+def check_registry_names(name: str, alias: str | None, *, setting: str, alias_setting: str) -> None:
     """A registered model name and an alias MLflow will accept, else an InputError naming the setting: a stage
     checks them before it works, so a bad alias never fails after a training run or a registered version."""
     checks = [(setting, name, [_validate_model_name])]
@@ -68,7 +68,7 @@ def check_registry_names(name: str, alias: str | None = None, setting: str = "na
             for rule in rules:
                 rule(value)
         except MlflowException as err:
-            raise InputError(f"{what} {value!r}: {err.message}") from None
+            raise InputError(scrub(f"{what} {value!r}: {err.message}")) from None   # a URI pasted in keeps its secret
 
 
 def parse_registry_uri(uri: str) -> VersionRef | None:
