@@ -1,4 +1,4 @@
-"""ReStyle-pSp training with the engine (32 px encoder input, 16 px generator, CPU): the restyle_encode preset,
+"""ReStyle-pSp training with the engine (64 px encoder input, 16 px generator, CPU): the restyle_encode preset,
 the reference coach's per-batch iterations (a backward per iteration, one optimiser step), the loss falling,
 exact resume, DDP and the 6-channel IR-SE50 stem (`psp train preset=restyle_encode` on Ray: tests/e2e/test_train_ray.py)."""
 from __future__ import annotations
@@ -30,7 +30,7 @@ from psp_core.training.engine import LAST_CHECKPOINT, Trainer, TrainingConfig, p
 from psp_core.training.losses import LossWeights, PSPLoss
 
 TINY_RESTYLE = PSPArchitecture(encoder_type="BackboneEncoder", family="restyle_psp", input_nc=6, output_size=16,
-                               encoder_input_size=32)
+                               encoder_input_size=64)
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +39,9 @@ def restyle_model() -> PSP:
 
 
 def batch(seed: int, n: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
-    """(encoder input [n, 3, 32, 32], target [n, 3, 256, 256]) in [-1, 1]: the same smooth images."""
+    """(encoder input [n, 3, 64, 64], target [n, 3, 256, 256]) in [-1, 1]: the same smooth images."""
     images = smooth_images(n, seed)
-    return F.interpolate(images, size=32, mode="area") * 2 - 1, images * 2 - 1
+    return F.interpolate(images, size=64, mode="area") * 2 - 1, images * 2 - 1
 
 
 L2_WNORM = LossWeights(l2_lambda=1.0, lpips_lambda=0.0, w_norm_lambda=0.005)
@@ -84,14 +84,14 @@ def coach_gradients(model: PSP, source: torch.Tensor, target: torch.Tensor, loss
     torch.manual_seed(seed)
     with torch.no_grad():
         average, _ = model.decoder([model.latent_avg[None]], input_is_latent=True, randomize_noise=False)
-    last_image = F.adaptive_avg_pool2d(average, (32, 32)).expand(source.shape[0], -1, -1, -1)
+    last_image = F.adaptive_avg_pool2d(average, (64, 64)).expand(source.shape[0], -1, -1, -1)
     last_latent = model.latent_avg
     for _ in range(n_iters):
         latent = model.encoder(torch.cat([source, last_image], dim=1)) + last_latent
         image, _ = model.decoder([latent], input_is_latent=True, randomize_noise=True)
         total, _ = loss(F.adaptive_avg_pool2d(image, (256, 256)), target, source, latent, model.latent_avg)
         total.backward()
-        last_image, last_latent = F.adaptive_avg_pool2d(image, (32, 32)).detach(), latent.detach()
+        last_image, last_latent = F.adaptive_avg_pool2d(image, (64, 64)).detach(), latent.detach()
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
@@ -147,8 +147,8 @@ def run(model: PSP, max_steps: int, data, val, checkpoint_dir=None, resume_from=
     preset = get_preset("restyle_encode")
     recorder = Recorder()
     trainer = Trainer(copy.deepcopy(model), PSPLoss(L2_WNORM), config, checkpoint_dir=checkpoint_dir,
-                      batch_transform=PresetTransform(preset, encoder_size=32),
-                      val_transform=PresetTransform(preset, encoder_size=32, train=False), callback=recorder)
+                      batch_transform=PresetTransform(preset, encoder_size=64),
+                      val_transform=PresetTransform(preset, encoder_size=64, train=False), callback=recorder)
     if before_resume is not None:
         before_resume(trainer)
     if resume_from is not None:
@@ -244,6 +244,6 @@ def test_irse50_stem_widened_to_six_channels(tmp_path):
     for key in ("input_layer.1.weight", "input_layer.1.running_var", "input_layer.2.weight",
                 "body.0.res_layer.1.weight", "body.20.res_layer.3.weight"):
         assert torch.equal(encoder[key], released[key]), key
-    psp = build_psp(PSPArchitecture(output_size=16, encoder_input_size=32), irse50_path=tmp_path / "model_ir_se50.pth",
+    psp = build_psp(PSPArchitecture(output_size=16, encoder_input_size=64), irse50_path=tmp_path / "model_ir_se50.pth",
                     mean_latent_samples=64)
     assert torch.equal(psp.encoder.input_layer[0].weight, released["input_layer.0.weight"])
