@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import command_line, hardware  # noqa: E402
 
 from pipelines.params.schema import InvertConfig  # noqa: E402
-from pipelines.services.ray.cluster import connect  # noqa: E402
+from pipelines.services.ray.cluster import ResourceRequest, connect  # noqa: E402
 from pipelines.services.storage import StageInput  # noqa: E402
 from pipelines.stages.invert import input_units, inverted  # noqa: E402
 from pipelines.stages.invert_actor import Inverter, read_unit  # noqa: E402
@@ -102,7 +102,7 @@ def main() -> None:
         net.set_latent_avg(torch.randn(512) * 0.1)
         checkpoint = save_psp(net, root / "model.pt")
         torch.set_num_threads(args.cpus)
-        connect(worker_cpus=args.cpus)   # the stage's own Ray start (the workers' environment included)
+        connect(ResourceRequest("invert", 1, args.cpus, 0))   # the stage's own Ray start (the workers' environment included)
         seconds = {}
         switches = {"precision": args.precision, "compile": args.compile if args.compile == "auto" else args.compile == "true"}
         warmup = InvertConfig(model=str(checkpoint), input=make_inputs(root, args.batch_size, 100),

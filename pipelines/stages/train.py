@@ -23,7 +23,7 @@ from ray.train.torch import TorchTrainer
 from pipelines.params.loading import load_section
 from pipelines.params.schema import TrainConfig
 from pipelines.services import storage, tracking
-from pipelines.services.ray import check_shared_storage, connect
+from pipelines.services.ray import ResourceRequest, check_local_gpus, check_shared_storage, connect
 from pipelines.services.storage import file_digest, write_json_atomic
 from pipelines.stages.train_worker import train_worker
 from psp_core.data.presets import TaskPreset, get_preset
@@ -115,6 +115,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     tracking.check_registry_names(cfg.registered_model, cfg.alias, setting="train.registered_model",
                                   alias_setting="train.alias")
     check_data_access(cfg)
+    request = ResourceRequest("train", cfg.num_workers, cfg.cpus_per_worker, int(cfg.use_gpu))
+    check_local_gpus(request)
     preset = get_preset(cfg.preset).with_loss(**cfg.loss)
     if cfg.lpips_backbone == "pretrained":
         require_alexnet()
@@ -144,8 +146,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         return write_report(cfg, run, run.registered_version)
 
     # Ray Train
-    connect(cfg.num_workers * cfg.cpus_per_worker)
-    check_shared_storage(cfg.storage_path)
+    try:
+        connect(request)
+        check_shared_storage(cfg.storage_path)
+    except Exception:
+        run.fail()
+        raise
     shards = ray.data.read_parquet(paths, columns=[c for c in manifest.columns if c != "source_path"],
                                    filesystem=source.filesystem)
     splits = {split: shards.filter(expr=f"split == '{split}'").materialize() for split in ("train", "test")}
@@ -154,14 +160,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         del splits["test"]
     weights = {name: str(path) if weights_present(path) else None
                for name, path in (("generator", cfg.generator), ("irse50", cfg.irse50))}
-    resources = {"CPU": cfg.cpus_per_worker} | ({"GPU": 1} if cfg.use_gpu else {})
+    per_worker = {"CPU": cfg.cpus_per_worker} | ({"GPU": 1} if cfg.use_gpu else {})
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"train": cfg, "preset": preset, "run_id": run.run_id, "run_name": run_name,
                            "tracking_uri": tracking.use_tracking_store(), "paired_sources": manifest.paired_sources,
                            **weights},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker=resources, placement_strategy=cfg.placement_strategy),
+                                     resources_per_worker=per_worker, placement_strategy=cfg.placement_strategy),
         run_config=RunConfig(name=run_name, **checkpoint_storage(cfg.storage_path),
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_to_keep)),

@@ -1,8 +1,15 @@
 """The Ray service: joining the cluster or starting a local instance sized so Ray Data never starves
 (`cluster`), the watchdog that reaps a local instance with its stage (`reaper`), and the actor-pool
 job invert and edit share (`units`)."""
-from pipelines.services.ray.cluster import WORKER_ENV, check_shared_storage, connect, stage_signal_handlers
+from pipelines.services.ray.cluster import (
+    WORKER_ENV,
+    ResourceRequest,
+    check_local_gpus,
+    check_shared_storage,
+    connect,
+    stage_signal_handlers,
+)
 from pipelines.services.ray.units import ActorPool, UnitCollector, map_units
 
-__all__ = ["WORKER_ENV", "ActorPool", "UnitCollector", "check_shared_storage", "connect", "map_units",
-           "stage_signal_handlers"]
+__all__ = ["WORKER_ENV", "ActorPool", "ResourceRequest", "UnitCollector", "check_local_gpus", "check_shared_storage",
+           "connect", "map_units", "stage_signal_handlers"]

@@ -4,15 +4,19 @@ the stage ends); and the shared-storage check."""
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import threading
+import time
 import uuid
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import ray
+import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipelines.services.ray import reaper
@@ -30,9 +34,73 @@ OS; in the one main arena, `psp_core.runtime.devices.keep_freed_memory` keeps it
 page faults a batch and 1.2x the time without it, benchmarks/README.md)."""
 
 
-def connect(worker_cpus: float) -> None:
+CLUSTER_WAIT_S = 300.0
+"""How long a stage on a cluster waits for nodes that can hold its workers (an autoscaler may still be adding
+them) before it stops with the numbers; a local instance is checked at once."""
+
+
+@dataclass(frozen=True)
+class ResourceRequest:
+    """What a stage's Ray job reserves: `count` workers or actors of `cpus` logical CPUs and `gpus` GPUs each;
+    `section` is the params section whose settings asked for it, named in the errors."""
+
+    section: str
+    count: int
+    cpus: float
+    gpus: int
+
+    def describe(self) -> str:
+        gpus = f" and {self.gpus} GPU" if self.gpus else ""
+        return f"{self.count} x ({self.cpus:g} CPUs{gpus})"
+
+    def room_on(self, nodes: list[dict]) -> int:
+        """How many of the workers fit on these nodes by their total resources."""
+        def fits(node: dict) -> int:
+            have = node.get("Resources", {})
+            slots = math.floor(have.get("CPU", 0.0) / self.cpus + 1e-9)
+            return min(slots, math.floor(have.get("GPU", 0.0) / self.gpus + 1e-9)) if self.gpus else slots
+        return sum(fits(node) for node in nodes)
+
+
+def check_local_gpus(request: ResourceRequest) -> None:
+    """Without a cluster (no RAY_ADDRESS) the GPUs a request asks for must be on this machine: else one line
+    before anything starts, instead of a job Ray keeps pending for ever."""
+    if not request.gpus or os.environ.get("RAY_ADDRESS"):
+        return
+    have = torch.cuda.device_count()
+    if request.count * request.gpus > have:
+        raise InputError(f"{request.section}.use_gpu=true needs {request.count * request.gpus} GPU(s) "
+                         f"({request.describe()}), but this machine has {have} that torch can use; set "
+                         f"{request.section}.use_gpu=false, or run on a Ray cluster with GPUs (RAY_ADDRESS)")
+
+
+def require_room(request: ResourceRequest, wait_s: float) -> None:
+    """Return once the live nodes can hold every worker of `request`, waiting at most `wait_s` for nodes to
+    join; else an InputError with what was asked and what the cluster has."""
+    deadline = time.monotonic() + wait_s
+    announced = 0.0
+    while True:
+        nodes = alive_nodes()
+        room = request.room_on(nodes)
+        if room >= request.count:
+            return
+        have = ", ".join(f"{n.get('Resources', {}).get('CPU', 0):g} CPUs/{n.get('Resources', {}).get('GPU', 0):g} GPUs"
+                         for n in nodes) or "no live node"
+        shortfall = (f"{request.section} asks {request.describe()}; the cluster's nodes ({have}) hold {room} "
+                     f"of them")
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise InputError(f"{shortfall}: lower {request.section}'s workers or the CPUs/GPUs each reserves, "
+                             "or add nodes")
+        if time.monotonic() - announced >= 30:
+            log.warning("%s; waiting up to %.0f s more for nodes to join", shortfall, left)
+            announced = time.monotonic()
+        time.sleep(min(2.0, left))
+
+
+def connect(request: ResourceRequest) -> None:
     """Join the cluster named by RAY_ADDRESS (set by `ray job submit`), or start a local Ray with
-    enough logical CPUs for the workers plus `SPARE_CPUS`."""
+    enough logical CPUs for the workers plus `SPARE_CPUS`; either way the workers must fit (see `require_room`)."""
     if ray.is_initialized():
         return
     env = {"env_vars": WORKER_ENV}
@@ -40,12 +108,15 @@ def connect(worker_cpus: float) -> None:
         with stage_signal_handlers():
             ray.init(runtime_env=env, log_to_driver=True)
         log.info("connected to the Ray cluster at %s", os.environ["RAY_ADDRESS"])
+        require_room(request, CLUSTER_WAIT_S)
         return
-    cpus = max(os.cpu_count() or 1, int(worker_cpus + 0.999) + SPARE_CPUS)
+    check_local_gpus(request)
+    cpus = max(os.cpu_count() or 1, math.ceil(request.count * request.cpus) + SPARE_CPUS)
     reaper.start()   # Ray's processes would outlive a driver killed with SIGKILL
     with stage_signal_handlers():
         ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=env)
     log.info("started a local Ray instance with %d logical CPUs", cpus)
+    require_room(request, 0)
 
 
 @contextmanager

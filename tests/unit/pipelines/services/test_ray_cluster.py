@@ -1,0 +1,94 @@
+"""The Ray service's resource check: a request no node can hold is one line (exit 2) at once on this machine,
+after a bounded wait on a cluster, never a job Ray keeps pending for ever."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+
+from helpers.editing import write_edit_params, write_inversion
+from helpers.pipelines import TINY_TRAIN, make_shards, run_psp
+from pipelines.services.ray import ResourceRequest
+from pipelines.services.ray.cluster import require_room
+from pipelines.services.tracking import resolve_model
+from psp_core import load_psp
+from psp_core.errors import InputError
+
+NODES = [{"Resources": {"CPU": 8.0, "GPU": 1.0}}, {"Resources": {"CPU": 4.0}}]
+
+
+def test_room_counts_the_workers_each_node_holds_by_its_totals():
+    assert ResourceRequest("invert", 2, 2.0, 1).room_on(NODES) == 1      # one GPU in the cluster
+    assert ResourceRequest("invert", 2, 2.0, 0).room_on(NODES) == 4 + 2
+    assert ResourceRequest("train", 1, 3.0, 0).room_on(NODES) == 2 + 1   # CPUs do not add up across nodes
+    assert ResourceRequest("train", 1, 9.0, 0).room_on(NODES) == 0
+    assert ResourceRequest("edit", 1, 0.5, 0).room_on([{"Resources": {}}]) == 0
+
+
+@pytest.fixture(scope="module")
+def ray_instance():
+    """A real Ray instance declaring 3 CPUs and 1 GPU (logical: Ray does not look for the device)."""
+    ray.init(num_cpus=3, num_gpus=1, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def test_a_request_the_nodes_hold_returns_at_once(ray_instance):
+    start = time.monotonic()
+    require_room(ResourceRequest("invert", 3, 1.0, 0), wait_s=30)
+    require_room(ResourceRequest("invert", 1, 1.0, 1), wait_s=30)
+    assert time.monotonic() - start < 5
+
+
+def test_a_request_no_node_holds_fails_after_the_wait_with_the_numbers(ray_instance):
+    start = time.monotonic()
+    with pytest.raises(InputError) as error:
+        require_room(ResourceRequest("invert", 2, 1.0, 1), wait_s=2)
+    assert 2 <= time.monotonic() - start < 15
+    assert "invert asks 2 x (1 CPUs and 1 GPU)" in str(error.value)
+    assert "(3 CPUs/1 GPUs) hold 1 of them" in str(error.value)
+    with pytest.raises(InputError, match=r"train asks 1 x \(4 CPUs\).* hold 0 of them"):
+        require_room(ResourceRequest("train", 1, 4.0, 0), wait_s=0)
+
+
+NO_GPU = {"CUDA_VISIBLE_DEVICES": ""}   # torch sees no device, on any machine
+
+
+def one_line_gpu_error(done, section: str, stage: str, gpus: int = 1) -> None:
+    assert done.returncode == 2, (done.stdout + done.stderr)[-3000:]
+    error = done.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"psp {stage}: error: {section}.use_gpu=true needs {gpus} GPU(s)"), done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    assert "this machine has 0" in error
+    assert "Ray" not in done.stdout and "Started a local Ray instance" not in done.stderr
+
+
+def test_invert_with_use_gpu_on_a_machine_without_one_stops_before_ray(tmp_path: Path, model_file):
+    make_shards(tmp_path, images=4)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"invert": {
+        "model": str(model_file), "input": "shards", "output_dir": "latents", "report": "reports/invert.json",
+        "lpips_backbone": "random", "cpus_per_actor": 1, "use_gpu": True}}))
+    done = run_psp(["invert"], tmp_path, NO_GPU, timeout=120)
+    one_line_gpu_error(done, "invert", "invert")
+    assert not list((tmp_path / "latents").glob("*.parquet"))
+
+
+def test_edit_with_use_gpu_on_a_machine_without_one_stops_before_ray(tmp_path: Path, model_file):
+    write_inversion(tmp_path / "latents", load_psp(model_file), resolve_model(str(model_file)).pinned)
+    write_edit_params(tmp_path, model=str(model_file), edits=[{"kind": "sefa", "top_k": 1, "steps": 2}],
+                      use_gpu=True)
+    done = run_psp(["edit"], tmp_path, NO_GPU, timeout=120)
+    one_line_gpu_error(done, "edit", "edit")
+    assert not (tmp_path / "edits" / "latents").exists() or not list((tmp_path / "edits" / "latents").iterdir())
+
+
+def test_train_with_use_gpu_on_a_machine_without_one_stops_before_mlflow_and_ray(tmp_path: Path):
+    make_shards(tmp_path, images=8)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"train": {**TINY_TRAIN, "shards": "shards",
+                                                                    "use_gpu": True}}))
+    done = run_psp(["train"], tmp_path, NO_GPU, timeout=120)
+    one_line_gpu_error(done, "train", "train", gpus=TINY_TRAIN["num_workers"])
+    assert not (tmp_path / "mlflow").exists(), "no MLflow run is opened for a job that cannot start"
