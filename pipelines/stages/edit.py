@@ -36,7 +36,7 @@ from tqdm import tqdm
 from pipelines.params.loading import load_section
 from pipelines.params.schema import SAFE_NAME, EditConfig, GanspaceParams, InterfaceganParams, SefaParams
 from pipelines.services import storage, tracking
-from pipelines.services.ray import ActorPool, ResourceRequest, UnitCollector, connect, map_units
+from pipelines.services.ray import ActorPool, UnitCollector, connect, map_units
 from pipelines.services.storage import OUTPUT_MARKER, file_digest, write_json_atomic
 from pipelines.services.tracking import ResolvedModel, resolve_model
 from pipelines.stages.edit_actor import GRIDS, IMAGE_PATH, LATENTS, Direction, Editor, grid_path, read_codes
@@ -276,7 +276,7 @@ def edit_units(cfg: EditConfig, out: storage.Location, units: list[EditUnit], di
     log.info("%d of %d output files to write (%d already done)", len(todo), len(units), len(skip))
     written, seconds = 0, 0.0
     if todo:
-        connect(ResourceRequest("edit", cfg.num_actors, cfg.cpus_per_actor, int(cfg.use_gpu)))
+        connect(ActorPool.of(cfg).request("edit"))
         start = time.perf_counter()
         decodes = sum(len(u.ids) for u in todo) * sum(len(d.strengths) for d in directions)
         written = write_outputs(out, edited(cfg, todo, directions, model, decodes), todo, directions,
@@ -351,7 +351,7 @@ def edited(cfg: EditConfig, todo: list[EditUnit], directions: list[Direction], m
     editor = {"checkpoint": str(model.checkpoint), "directions": directions, "batch_size": cfg.batch_size,
               "use_gpu": cfg.use_gpu, "cpus": cfg.cpus_per_actor, "precision": cfg.precision, "compile": cfg.compile,
               "compile_cache": cfg.compile_cache, "n_images": n_images // cfg.num_actors}
-    pool = ActorPool(cfg.num_actors, cfg.cpus_per_actor, cfg.use_gpu, cfg.batch_size)
+    pool = ActorPool.of(cfg)
     return map_units(items, read_codes, Editor, pool, actor_kwargs=editor)
 
 

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from pipelines.params.loading import load_section
 from pipelines.params.schema import AlignConfig, InvertConfig
 from pipelines.services import storage, tracking
-from pipelines.services.ray import ActorPool, ResourceRequest, UnitCollector, connect, map_units
+from pipelines.services.ray import ActorPool, UnitCollector, connect, map_units
 from pipelines.services.storage import list_folder, write_json_atomic
 from pipelines.services.tracking import resolve_model
 from pipelines.stages.align import align_folder
@@ -149,7 +149,7 @@ def invert_units(cfg: InvertConfig, source: storage.StageInput, folder: storage.
     log.info("%d of %d output files to write (%d already done for %s)", len(todo), len(units), len(skip), model_ref)
     written, seconds, images = 0, 0.0, sum(u.rows for u in todo)
     if todo:
-        connect(ResourceRequest("invert", cfg.num_actors, cfg.cpus_per_actor, int(cfg.use_gpu)))
+        connect(ActorPool.of(cfg).request("invert"))
         start = time.perf_counter()
         written = write_outputs(cfg, folder, inverted(cfg, source, todo, checkpoint, model_ref, images), todo, model_ref)
         seconds = time.perf_counter() - start
@@ -192,7 +192,7 @@ def inverted(cfg: InvertConfig, source: storage.StageInput, todo: list[InputUnit
               "columns": source.manifest.columns if source.manifest is not None else []}
     inverter = {"checkpoint": str(checkpoint), "cfg": cfg.model_dump(mode="json"), "model_ref": model_ref,
                 "n_images": n_images}
-    pool = ActorPool(cfg.num_actors, cfg.cpus_per_actor, cfg.use_gpu, cfg.batch_size)
+    pool = ActorPool.of(cfg)
     return map_units(items, read_unit, Inverter, pool, read_kwargs=reader, actor_kwargs=inverter)
 
 

@@ -160,14 +160,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         del splits["test"]
     weights = {name: str(path) if weights_present(path) else None
                for name, path in (("generator", cfg.generator), ("irse50", cfg.irse50))}
-    per_worker = {"CPU": cfg.cpus_per_worker} | ({"GPU": 1} if cfg.use_gpu else {})
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"train": cfg, "preset": preset, "run_id": run.run_id, "run_name": run_name,
                            "tracking_uri": tracking.use_tracking_store(), "paired_sources": manifest.paired_sources,
                            **weights},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker=per_worker, placement_strategy=cfg.placement_strategy),
+                                     resources_per_worker=request.per_worker, placement_strategy=cfg.placement_strategy),
         run_config=RunConfig(name=run_name, **checkpoint_storage(cfg.storage_path),
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_to_keep)),

@@ -49,6 +49,11 @@ class ResourceRequest:
     cpus: float
     gpus: int
 
+    @property
+    def per_worker(self) -> dict[str, float]:
+        """One worker's resources, as Ray Train's `resources_per_worker` takes them."""
+        return {"CPU": self.cpus} | ({"GPU": self.gpus} if self.gpus else {})
+
     def describe(self) -> str:
         gpus = f" and {self.gpus} GPU" if self.gpus else ""
         return f"{self.count} x ({self.cpus:g} CPUs{gpus})"

@@ -4,12 +4,23 @@ gathered until the unit is complete, so a stopped run keeps every finished unit.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Protocol
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 from ray.data import ActorPoolStrategy
+
+from pipelines.services.ray.cluster import ResourceRequest
+
+
+class PoolSettings(Protocol):
+    """The actor-pool settings of a stage's params section (`ActorPoolSection`)."""
+
+    num_actors: int
+    cpus_per_actor: float
+    use_gpu: bool
+    batch_size: int
 
 
 @dataclass(frozen=True)
@@ -20,6 +31,15 @@ class ActorPool:
     cpus: float
     use_gpu: bool
     batch_size: int
+
+    @classmethod
+    def of(cls, settings: PoolSettings) -> "ActorPool":
+        """The pool a stage's settings describe."""
+        return cls(settings.num_actors, settings.cpus_per_actor, settings.use_gpu, settings.batch_size)
+
+    def request(self, section: str) -> ResourceRequest:
+        """What the pool reserves, for `connect`'s check; `section` names the settings in its errors."""
+        return ResourceRequest(section, self.size, self.cpus, int(self.use_gpu))
 
 
 def map_units(items: list[dict[str, Any]], read: Callable[..., pa.Table], actor: type, pool: ActorPool,

@@ -26,6 +26,8 @@ def test_room_counts_the_workers_each_node_holds_by_its_totals():
     assert ResourceRequest("train", 1, 3.0, 0).room_on(NODES) == 2 + 1   # CPUs do not add up across nodes
     assert ResourceRequest("train", 1, 9.0, 0).room_on(NODES) == 0
     assert ResourceRequest("edit", 1, 0.5, 0).room_on([{"Resources": {}}]) == 0
+    assert ResourceRequest("train", 2, 1.5, 1).per_worker == {"CPU": 1.5, "GPU": 1}
+    assert ResourceRequest("train", 2, 1.5, 0).per_worker == {"CPU": 1.5}
 
 
 @pytest.fixture(scope="module")
