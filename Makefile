@@ -22,11 +22,11 @@ $(STAMP): requirements.txt pyproject.toml
 lint: setup
 	$(VENV)/bin/ruff check .
 
-# The unit tests run on two processes; the end-to-end runs (`slow`: real Ray instances, servers, dvc repro)
-# one at a time, as each starts its own Ray instance.
+# One pytest run on two processes, a whole file at a time: the end-to-end runs (`slow`: real Ray instances,
+# servers, dvc repro) wait on processes and servers much of the time, and the unit files fill in beside them.
+# Each worker has its own temporary folder, so two local Ray instances never meet (tests/conftest.py).
 test: lint
-	$(PY) -m pytest -m "not slow" -n 2
-	$(PY) -m pytest -m slow
+	$(PY) -m pytest -n 2 --dist loadfile
 
 demo: setup
 	dvc repro

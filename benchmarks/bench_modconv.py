@@ -1,7 +1,8 @@
 """StyleGAN2 modulated convolution: the reference's grouped form against the fused form, in one process.
 
-float32 runs the grouped form (the reference's order of operations, needed for ReStyle's iterated
-parity); bf16 autocast runs the fused form. This measures what each choice costs, on the whole generator.
+float32 inference runs the grouped form (`ModulatedConv2d.exact`: the reference's order of operations, needed
+for ReStyle's iterated parity); float32 training (the trainer turns `exact` off) and bf16 autocast run the fused
+form. This measures what each choice costs, on the whole generator.
 Run: python benchmarks/bench_modconv.py [--size 256] [--batch 8] [--iters 2]
 """
 from __future__ import annotations

@@ -9,8 +9,8 @@ writer into Parquet shards, read back with the shard reader, and each encoder is
 (`build_psp` loading the generator file, `Trainer`, the `encode` / `restyle_encode` / `e4e_encode` presets, `PSPLoss`)
 for the same optimiser steps and batch size. Reported per encoder: validation image L2 and MS-SSIM
 before and after training (at the generator's resolution, outputs clamped to [-1, 1]), the error to the
-true W+ codes, the codes' distance from W (their variance across styles, e4e's editability proxy) and
-training images/s; ReStyle-pSp is evaluated at every refinement iteration (`psp_core.inference.refine`).
+true W+ codes, the codes' distance from W (their variance across styles, e4e's editability proxy), how well
+an edit transfers (`edit_transfer`: the same SeFa edit on the true and on the inverted code) and training images/s; ReStyle-pSp is evaluated at every refinement iteration (`psp_core.inference.refine`).
 
 Run: python benchmarks/bench_quality.py --steps 400 --size 32 --json quality.json [--plot P.png --grid G.png]
 (about 17 minutes on 2 CPU cores; `--steps 60` for a first look)
@@ -43,6 +43,7 @@ from psp_core import PSPArchitecture, PSPLoss, Trainer, TrainingConfig, build_ps
 from psp_core.data.presets import PresetTransform, TaskPreset  # noqa: E402
 from psp_core.data.shards import iter_shard_batches, shard_paths  # noqa: E402
 from psp_core.data.transforms import to_signed, to_unit_float  # noqa: E402
+from psp_core.editing.directions import sefa, sefa_directions  # noqa: E402
 from psp_core.errors import InputError  # noqa: E402
 from psp_core.evaluation.metrics import l2_per_image, ms_ssim_per_image  # noqa: E402
 from psp_core.inference import InferenceModel, choose_device  # noqa: E402
@@ -298,6 +299,33 @@ def epoch_batches(pixels: Tensor, batch_size: int, seed: int) -> Callable[[int],
 
 # ----------------------------------------------------------------------------- evaluation
 
+EDIT_DISTANCE = 3.0
+"""SeFa distance of the editability probe: the usual range of SeFa's edits is -3..3 along a unit direction."""
+
+
+def sefa_probe(generator: Generator) -> tuple[Tensor, list[int]]:
+    """The generator's strongest SeFa direction [512] over every style its convolutions take, and those styles."""
+    styles = list(range(1 + len(generator.convs)))
+    return sefa_directions(generator, styles)[1][0], styles
+
+
+def edit_transfer(generator: Generator, found: Tensor, true: Tensor) -> float:
+    """Editability, measured: the same SeFa edit (`sefa_probe`, EDIT_DISTANCE) applied to the inverted codes `found`
+    and to the true codes `true` [N, n_styles, 512]; the mean L2 between the two edited images over the mean L2
+    between the two unedited ones. 1: the edit keeps the inversion as close to the truth as it was; above 1: the
+    inverted code edits differently (it sits where the generator responds otherwise, away from W)."""
+    direction, styles = sefa_probe(generator)
+    device = next(generator.parameters()).device
+    found, true = found.to(device), true.to(device)
+    edited_found = sefa(found, direction, styles, [EDIT_DISTANCE])[0]
+    edited_true = sefa(true, direction, styles, [EDIT_DISTANCE])[0]
+    decoded = {name: torch.cat([generator([codes[i:i + EVAL_BATCH]], input_is_latent=True, randomize_noise=False)[0]
+                                for i in range(0, codes.shape[0], EVAL_BATCH)])
+               for name, codes in (("found", found), ("true", true), ("edited_found", edited_found),
+                                   ("edited_true", edited_true))}
+    apart = lambda a, b: float(l2_per_image(decoded[a].float(), decoded[b].float()).mean())  # noqa: E731
+    return apart("edited_found", "edited_true") / apart("found", "true")
+
 def style_variance(codes: Tensor) -> Tensor:
     """Distance of W+ codes [N, n_styles, 512] from W: variance across the styles, mean over the 512
     dimensions, per code [N] (0 for a code in W)."""
@@ -328,6 +356,7 @@ def evaluate(model: InferenceModel, val: Tensor, codes: Tensor, n_iters: int) ->
     and score each iteration's images against the targets at the generator's resolution. The network
     is put in eval mode first: the engine leaves it training (BatchNorm on batch statistics)."""
     model.net.eval()
+    decoder = model.net.decoder
     targets = to_images(val)
     outputs: list[list[Tensor]] = []
     latents: list[list[Tensor]] = []
@@ -345,6 +374,8 @@ def evaluate(model: InferenceModel, val: Tensor, codes: Tensor, n_iters: int) ->
         per_iter.append({**image_scores(images, targets),
                          "latent_mse": float((found - codes).pow(2).mean()),
                          "style_variance": float(style_variance(found).mean())})
+        with torch.no_grad():
+            per_iter[-1]["edit_transfer"] = edit_transfer(decoder, found, codes)
         previews.append(images[:PREVIEW_IMAGES].clamp(-1, 1))
     return Evaluation(per_iter, previews)
 
@@ -426,6 +457,7 @@ def train_encoder(name: str, generator_path: Path, data: KnownData, cfg: Quality
         "val_ms_ssim_before": before.last["ms_ssim"], "val_ms_ssim": after.last["ms_ssim"],
         "latent_mse_before": before.last["latent_mse"], "latent_mse": after.last["latent_mse"],
         "style_variance_before": before.last["style_variance"], "style_variance": after.last["style_variance"],
+        "edit_transfer_before": before.last["edit_transfer"], "edit_transfer": after.last["edit_transfer"],
         "images_per_s": cfg.steps * cfg.batch_size / train_seconds, "train_seconds": train_seconds,
         "curve": [{"step": 0, "train_loss": None, "val_l2_per_iter": [s["l2"] for s in before.per_iter]},
                   *probe.curve],
@@ -435,7 +467,7 @@ def train_encoder(name: str, generator_path: Path, data: KnownData, cfg: Quality
         for key in ("l2", "ms_ssim"):
             result[f"val_{key}_before_per_iter"] = [s[key] for s in before.per_iter]
             result[f"val_{key}_per_iter"] = [s[key] for s in after.per_iter]
-        for key in ("latent_mse", "style_variance"):
+        for key in ("latent_mse", "style_variance", "edit_transfer"):
             result[f"{key}_per_iter"] = [s[key] for s in after.per_iter]
     return result, after
 
@@ -493,11 +525,11 @@ def result_line(name: str, r: dict[str, Any]) -> str:
     """One table row of an encoder's figures."""
     return (f"{name:<12} {r['val_l2_before']:>10.4f} {r['val_l2']:>8.4f} {r['val_ms_ssim_before']:>8.3f} "
             f"{r['val_ms_ssim']:>8.3f} {r['latent_mse']:>10.4f} {r['style_variance']:>10.4f} "
-            f"{r['images_per_s']:>7.2f}")
+            f"{r['edit_transfer']:>9.3f} {r['images_per_s']:>7.2f}")
 
 
 TABLE_HEADER = (f"{'encoder':<12} {'L2 before':>10} {'L2':>8} {'SSIM bef':>8} {'MS-SSIM':>8} {'latent MSE':>10} "
-                f"{'style var':>10} {'img/s':>7}")
+                f"{'style var':>10} {'edit xfer':>9} {'img/s':>7}")
 
 
 COLOURS = {"psp": "C0", "restyle_psp": "C1", "e4e": "C2"}

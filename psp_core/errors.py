@@ -7,3 +7,7 @@ from __future__ import annotations
 
 class InputError(ValueError):
     """Input that cannot be used; the message is one line naming the file, key or value at fault."""
+
+
+class CheckpointError(InputError):
+    """A checkpoint file that cannot be used: unreadable, unsafe, or of the wrong architecture."""

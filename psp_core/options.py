@@ -39,6 +39,13 @@ FAMILY_NAMES = {"psp": "pSp", "restyle_psp": "ReStyle-pSp", "restyle_e4e": "ReSt
 """Each family as the papers write it, for descriptions people read."""
 REFINED_CHANNELS = 3   # ReStyle's extra input channels: the previous output (RGB)
 W_ENCODER = "BackboneEncoderUsingLastLayerIntoW"
+IRSE_DEPTHS = (50, 100, 152)            # the IR / IR-SE bodies there are (`psp_core.nets.irse.UNITS_PER_STAGE`)
+IRSE_MODES = ("ir", "ir_se")
+STYLE_WIDTH = 512                       # every encoder head emits 512-d styles: the generator's W must be as wide
+MAX_MAPPING_LAYERS = 8                  # StyleGAN2's mapping network (2 in some StyleGAN2-ADA configs)
+MAX_CHANNEL_MULTIPLIER = 4              # config-e 1, config-f 2
+MAX_ENCODER_INPUT = 1024
+MAX_REFINE_ITERS = 20                   # ReStyle refinement steps a stage or a served model runs at most
 
 PRESET_FAMILIES: dict[str, Family] = {"restyle_encode": "restyle_psp", "e4e_encode": "e4e"}
 """The task presets that train another encoder family than pSp, and that family. It lives here, torch-free,
@@ -77,7 +84,7 @@ class PSPArchitecture:
     output_size: int = _doc(1024, "generator output size in pixels (a power of two, 16..1024)")
     start_from_latent_avg: bool = _doc(True, "the encoder predicts codes relative to the generator's average latent")
     learn_in_w: bool = _doc(False, "one W code for every style (set by encoder_type)")
-    encoder_input_size: int = _doc(256, "side of the encoder's input image (a power of two >= 32)")
+    encoder_input_size: int = _doc(256, "side of the encoder's input image (a power of two in 32..1024)")
     encoder_num_layers: int = _doc(50, "IR-SE backbone depth: 50, 100 or 152")
     encoder_mode: str = _doc("ir_se", "IR backbone blocks: ir or ir_se")
     stylegan_channel_multiplier: int = _doc(2, "StyleGAN2 channel multiplier (2 for config-f)")
@@ -86,12 +93,31 @@ class PSPArchitecture:
     family: Family = _doc("psp", f"encoder family, how the model is run: one of {', '.join(FAMILY_ENCODERS)}")
 
     def __post_init__(self) -> None:
-        """Refuse values no network can be built from, naming the option."""
+        """Refuse values no network of the family can be built from (they may come from an untrusted file's
+        opts, so sizes are bounded before anything is allocated), naming the option."""
         for name in ("input_nc", "output_size", "encoder_input_size", "encoder_num_layers", "style_dim", "n_mlp",
                      "stylegan_channel_multiplier"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InputError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("start_from_latent_avg", "learn_in_w"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("encoder_type", "encoder_mode", "family"):
+            if not isinstance(getattr(self, name), str):
+                raise InputError(f"unknown {name} {getattr(self, name)!r}")
+        if self.encoder_num_layers not in IRSE_DEPTHS:
+            raise InputError(f"encoder_num_layers must be one of {', '.join(map(str, IRSE_DEPTHS))}, "
+                             f"got {self.encoder_num_layers}")
+        if self.encoder_mode not in IRSE_MODES:
+            raise InputError(f"encoder_mode must be one of {', '.join(IRSE_MODES)}, got {self.encoder_mode!r}")
+        if self.style_dim != STYLE_WIDTH:
+            raise InputError(f"style_dim must be {STYLE_WIDTH} (the width of the encoders' styles), got {self.style_dim}")
+        if self.n_mlp > MAX_MAPPING_LAYERS:
+            raise InputError(f"n_mlp must be in 1..{MAX_MAPPING_LAYERS}, got {self.n_mlp}")
+        if self.stylegan_channel_multiplier > MAX_CHANNEL_MULTIPLIER:
+            raise InputError(f"stylegan_channel_multiplier must be in 1..{MAX_CHANNEL_MULTIPLIER}, "
+                             f"got {self.stylegan_channel_multiplier}")
         if self.encoder_type not in ENCODER_TYPES:
             raise InputError(f"unknown encoder_type {self.encoder_type!r}; one of {', '.join(ENCODER_TYPES)}")
         if self.family not in FAMILY_ENCODERS:
@@ -107,8 +133,9 @@ class PSPArchitecture:
             raise InputError(f"learn_in_w goes with encoder_type {W_ENCODER} and only with it")
         if not 16 <= self.output_size <= 1024 or self.output_size & (self.output_size - 1):
             raise InputError(f"output_size must be a power of two in 16..1024, got {self.output_size}")
-        if self.encoder_input_size < 32 or self.encoder_input_size & (self.encoder_input_size - 1):
-            raise InputError(f"encoder_input_size must be a power of two >= 32, got {self.encoder_input_size}")
+        size = self.encoder_input_size
+        if not 32 <= size <= MAX_ENCODER_INPUT or size & (size - 1):
+            raise InputError(f"encoder_input_size must be a power of two in 32..{MAX_ENCODER_INPUT}, got {size}")
 
     @classmethod
     def from_opts(cls, opts: Mapping[str, Any], has_latent_avg: bool = True) -> "PSPArchitecture":

@@ -1,6 +1,11 @@
-"""Shared test set-up: no analytics, no telemetry, no system-metrics threads, the cores shared among pytest-xdist
-workers; the S3 test server fixture."""
+"""Shared test set-up: no analytics, no telemetry, no system-metrics threads; under pytest-xdist the cores and the
+temporary folder shared out among the workers and the longest files started first; the S3 test server fixture."""
+import ctypes
+import ctypes.util
+import gc
 import os
+import tempfile
+from pathlib import Path
 
 
 def _threads_per_worker() -> int:
@@ -12,6 +17,13 @@ def _threads_per_worker() -> int:
 
 if "PYTEST_XDIST_WORKER" in os.environ:   # before torch is first imported, so its thread pool takes it
     os.environ["OMP_NUM_THREADS"] = str(_threads_per_worker())
+    # Each worker (and every `psp` it starts) its own temporary folder. A local Ray instance keeps its sessions,
+    # sockets and its `ray_current_cluster` address file in `$TMPDIR/ray`: two workers' instances sharing it would
+    # find each other's. The name stays short, as Ray's socket paths must fit in 107 bytes.
+    _own_tmp = Path(tempfile.gettempdir()) / f"psp-{os.environ['PYTEST_XDIST_WORKER']}"
+    _own_tmp.mkdir(exist_ok=True)
+    os.environ["TMPDIR"] = str(_own_tmp)
+    tempfile.tempdir = None
 
 import pytest
 
@@ -20,6 +32,34 @@ pytest_plugins = ["helpers.editing"]   # the edit stage's fixtures (a tiny model
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
+
+LONGEST_FIRST = ("test_quality.py", "test_dvc_data.py", "test_train_ray.py", "test_object_storage.py",
+                 "test_data_safety.py", "test_invert_on_ray.py")
+"""The end-to-end files by their measured length, longest first (`make test`'s durations)."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """End-to-end files first, the longest at the head: `make test` hands whole files to its two xdist workers in
+    this order (`--dist loadfile`), so the long runs start at once and the short unit files fill in beside them."""
+    def rank(item: pytest.Item) -> tuple[int, int]:
+        name = item.path.name
+        if name in LONGEST_FIRST:
+            return 0, LONGEST_FIRST.index(name)
+        return (1 if "e2e" in item.path.parts else 2), 0
+    items.sort(key=rank)   # stable: the order within a file is kept
+
+
+@pytest.fixture(autouse=True, scope="module")
+def return_freed_memory():
+    """After each test file, hand what its tests freed back to the OS. The inference core and the trainer make the
+    process keep freed memory for the next batch (`psp_core.runtime.devices.keep_freed_memory`): a worker running
+    file after file would hold every file's peak (8.5 GB seen), and the Ray runs beside it ran short of memory (Ray
+    kills workers above 95 % of the machine's)."""
+    yield
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    if name is not None and hasattr(ctypes.CDLL(name), "malloc_trim"):   # glibc
+        ctypes.CDLL(name).malloc_trim(0)
 
 
 @pytest.fixture(scope="session")

@@ -29,7 +29,9 @@ def parse_override(pair: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as err:
-        raise ConfigError(f"override {pair!r}: value is not valid YAML ({err.problem})") from None
+        raise ConfigError(f"override {pair!r}: value is not valid YAML ({yaml_problem(err)})") from None
+    if not is_tree(value):
+        raise ConfigError(f"override {pair!r}: a YAML alias refers to itself")
     return key.strip().split("."), value
 
 
@@ -61,12 +63,47 @@ def read_params(path: str | Path = DEFAULT_PARAMS) -> dict:
     if not path.is_file():
         raise ConfigError(f"params file {path} not found (run from the repository root or pass --params)")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start})") from None
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        raise ConfigError(f"{path}: not valid YAML: {yaml_problem(err)}") from None
+    if not is_tree(data):
+        raise ConfigError(f"{path}: a YAML alias refers to itself (recursive anchors cannot be settings)")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping of stage sections")
     return data
+
+
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error in one line: what is wrong and where (PyYAML's own message spans several lines)."""
+    problem = getattr(err, "problem", None) or " ".join(str(err).split())
+    mark = getattr(err, "problem_mark", None)
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else problem
+
+
+def is_tree(value: Any) -> bool:
+    """Whether a loaded YAML value holds no cycle (an alias inside its own anchor); shared aliases are fine, and
+    each container is visited once, so an alias-heavy file costs no more than its size."""
+    done: set[int] = set()
+    stack: list[tuple[Any, bool]] = [(value, False)]
+    open_ids: set[int] = set()
+    while stack:
+        item, leaving = stack.pop()
+        if leaving:
+            open_ids.discard(id(item))
+            done.add(id(item))
+            continue
+        if not isinstance(item, (dict, list)) or id(item) in done:
+            continue
+        if id(item) in open_ids:
+            return False
+        open_ids.add(id(item))
+        stack.append((item, True))
+        stack.extend((child, False) for child in (item.values() if isinstance(item, dict) else item))
+    return True
 
 
 def load_section(

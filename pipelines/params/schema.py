@@ -18,6 +18,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 from pipelines.services.storage.locations import Location, reference_kind
 from psp_core.options import (
+    MAX_REFINE_ITERS,
     CompileSwitch,
     Precision,
     PresetName,
@@ -56,9 +57,10 @@ CacheFolder = Annotated[str | None, AfterValidator(_cache_folder)]
 
 
 class StageConfig(BaseModel):
-    """Base of every stage section: unknown keys are errors, not silently ignored."""
+    """Base of every stage section: unknown keys are errors, not silently ignored, and so is a number that is not
+    finite (`.nan`, `.inf`) wherever a section holds one (strengths, loss weights, rates)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 # ----------------------------------------------------------------------------- data stages
@@ -231,7 +233,8 @@ class EvaluateConfig(RuntimeSection):
     report: Path = Field(Path("reports/eval.json"), description="mean metrics (a DVC metric)")
     per_image: Path = Field(Path("reports/eval_images.csv"), description="one row per image (DVC plots)")
     grid: Path = Field(Path("reports/eval_grid.png"), description="inputs over reconstructions (every ReStyle step)")
-    n_iters: int | None = Field(None, ge=1, le=20, description=N_ITERS_DESCRIPTION + "; metrics are reported per step")
+    n_iters: int | None = Field(None, ge=1, le=MAX_REFINE_ITERS,
+                                description=N_ITERS_DESCRIPTION + "; metrics are reported per step")
     compare: list[str] = Field([], description="more models scored on the same images: adds a comparison table")
     comparison: Path = Field(Path("reports/eval_comparison"),
                              description="with compare: writes this path's .json, .md (a table) and .png (side by side)")
@@ -248,7 +251,8 @@ class InvertConfig(ActorPoolSection):
     output_dir: DataPath = Field(Path("data/latents"), description="latent Parquet files + manifest (a new or own folder)")
     report: Path = Field(Path("reports/invert.json"), description="counts and speed")
     images_per_file: int = Field(256, ge=1, description="image-folder input: rows per output file")
-    n_iters: int | None = Field(None, ge=1, le=20, description=N_ITERS_DESCRIPTION + "; the last step is stored")
+    n_iters: int | None = Field(None, ge=1, le=MAX_REFINE_ITERS,
+                                description=N_ITERS_DESCRIPTION + "; the last step is stored")
     reconstructions: bool = Field(True, description="store each reconstruction as PNG bytes")
     n_outputs: int = Field(0, ge=0, description="style-mixed variants per image (multi-modal synthesis)")
     latent_mask: list[int] | None = Field(None, description="layers to mix; null: layers 8 and up (upper half if fewer)")

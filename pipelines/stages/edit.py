@@ -4,8 +4,9 @@ Input is invert's output folder: its manifest names the model that made the code
 Parquet files is one unit here. Codes stream through an actor pool that loads the generator once per
 actor and decodes every code at every strength of every direction; the driver writes the edited
 images (PNG) as they arrive and each unit's edited latents (Parquet) once the unit is complete,
-atomically, then one grid per direction. A unit already written for the same model, edits and input
-bytes is skipped, so an interrupted run, rerun, writes each output exactly once. The input and the output
+atomically, then one grid per direction. A unit already written under the same unit key (model, edits,
+direction files, precision and the input file's bytes: `pipelines.services.ray.units.unit_key`) is skipped,
+so an interrupted run, rerun, writes each output exactly once, and a changed setting or input redoes it. The input and the output
 folder may be object-store URIs (see pipelines.services.storage.objects).
 
 The codes are decoded by the generator of the model that made them: `edit.model` defaults to the
@@ -15,7 +16,6 @@ needs `edit.model` set to that file, which is checked against the recorded hash.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
 import logging
@@ -37,11 +37,21 @@ from pipelines.params.loading import load_section
 from pipelines.params.schema import SAFE_NAME, EditConfig, GanspaceParams, InterfaceganParams, SefaParams
 from pipelines.services import storage, tracking
 from pipelines.services.ray import ActorPool, UnitCollector, connect, map_units
+from pipelines.services.ray.units import UNIT_KEY_METADATA, output_settings, recorded_key, unit_key
 from pipelines.services.storage import OUTPUT_MARKER, file_digest, write_json_atomic
 from pipelines.services.tracking import ResolvedModel, resolve_model
-from pipelines.stages.edit_actor import GRIDS, IMAGE_PATH, LATENTS, Direction, Editor, grid_path, read_codes
+from pipelines.stages.edit_actor import (
+    GRIDS,
+    IMAGE_PATH,
+    LATENTS,
+    Direction,
+    Editor,
+    check_codes,
+    grid_path,
+    read_codes,
+)
 from psp_core import load_psp
-from psp_core.data.shards import LATENT_TYPE, MODEL_METADATA_KEY
+from psp_core.data.shards import MODEL_METADATA_KEY
 from psp_core.editing.directions import (
     FFHQ_DIRECTIONS,
     FFHQ_N_STYLES,
@@ -54,13 +64,14 @@ from psp_core.editing.directions import (
 )
 from psp_core.errors import InputError
 from psp_core.nets.stylegan2 import Generator
-from psp_core.runtime.devices import resolve_precision
 from psp_core.viz import edit_grid
 
 log = logging.getLogger(__name__)
 
 
-EDIT_METADATA_KEY = b"psp.edit"     # the key of the model, edits and input bytes an output file was made for
+LEGACY_KEY_METADATA = b"psp.edit"   # where earlier versions recorded an output file's key: still ours
+IGNORED_SETTINGS = ("input", "output_dir", "report", "model", "grid_images", "grid_tile")
+"""Edit settings that do not enter a unit's key: paths, the model (it enters resolved) and the grids' layout."""
 SHIPPED_INTERFACEGAN = {name: FFHQ_DIRECTIONS / f"interfacegan_{name}.pt" for name in ("age", "smile", "pose")}
 SHIPPED_GANSPACE = {"ffhq": FFHQ_DIRECTIONS / "ganspace_ffhq_pca.pt"}
 
@@ -117,6 +128,7 @@ def read_inversion(path: str | Path) -> InvertedFolder:
     if owner != "invert":
         raise InputError(f"edit.input {folder} is the output folder of `psp {owner}`, not of `psp invert`")
     root = storage.Location.of(folder.path.resolve()) if folder.is_local else folder   # absolute: for the Ray workers
+    keys = {str(e["file"]): e.get("key") for e in manifest["files"] if isinstance(e, dict)}
     files = []
     for name, rows in entries:
         path = root / name
@@ -131,6 +143,9 @@ def read_inversion(path: str | Path) -> InvertedFolder:
         if written_by != model:
             raise InputError(f"{path} was written by {written_by or 'an unknown model'}, the manifest names {model}: "
                              "finish `psp invert` first")
+        if keys.get(name) is not None and recorded_key(path) != keys[name]:
+            raise InputError(f"{path} is not the file {folder / 'manifest.json'} describes (another run's settings "
+                             "or input): rerun `psp invert`")
         files.append(path)
     return InvertedFolder(folder, model, tuple(files))
 
@@ -147,20 +162,6 @@ def edit_model(cfg: EditConfig, inversion: InvertedFolder) -> ResolvedModel:
         raise InputError(f"edit.model {cfg.model} is {model.pinned}, but the codes in {inversion.folder} were made by "
                          f"{inversion.model}; they decode only with that model's generator")
     return model
-
-
-def check_codes(inversion: InvertedFolder, n_styles: int) -> None:
-    """Every input file holds W+ codes of the generator's `n_styles` (a mismatched folder is one error naming it)."""
-    for path in inversion.files:
-        schema = storage.parquet_schema(path)
-        found = schema.field("latent").type if "latent" in schema.names else None
-        styles = set()
-        if found == LATENT_TYPE:
-            latents = storage.parquet_columns(path, ["latent"]).column("latent")
-            styles = set(pc.list_value_length(latents).drop_null().to_pylist())
-        if found != LATENT_TYPE or styles - {n_styles}:
-            raise InputError(f"{path}: latent column of type {found} with {sorted(styles)} styles; the model's "
-                             f"generator takes [{n_styles} x 512] float32 codes")
 
 
 def shipped_or_file(value: str, shipped: dict[str, Path], n_styles: int) -> Path:
@@ -216,23 +217,20 @@ def build_directions(cfg: EditConfig, generator: Generator, n_styles: int) -> li
     return directions
 
 
-def edits_key(model_ref: str, cfg: EditConfig) -> str:
-    """Hash of what decides the edited outputs: the model, the edits, the precision of the decode (as
-    resolved on this hardware) and the bytes of every direction file."""
+def edit_settings(model_ref: str, cfg: EditConfig) -> dict[str, Any]:
+    """What decides the edited outputs besides each input file (`output_settings`): the model, the edits, the
+    precision of the decode (as resolved on this hardware) and the bytes of every direction file."""
     files = {}
     for entry in cfg.edits:
         if isinstance(entry, InterfaceganParams):
             files[entry.direction] = file_digest(SHIPPED_INTERFACEGAN.get(entry.direction, Path(entry.direction)))
         elif isinstance(entry, GanspaceParams):
             files[entry.pca] = file_digest(SHIPPED_GANSPACE.get(entry.pca, Path(entry.pca)))
-    precision = resolve_precision(cfg.precision, "cuda" if cfg.use_gpu else "cpu")
-    value = {"model": model_ref, "edits": [e.model_dump(mode="json") for e in cfg.edits], "files": files,
-             "precision": precision}
-    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+    return output_settings({**cfg.model_dump(mode="json"), "direction_files": files}, model_ref, IGNORED_SETTINGS)
 
 
-def plan_units(inversion: InvertedFolder, key: str) -> list[EditUnit]:
-    """Each input file as a unit: the ids of its codes (variant 0, no error) and its own key (edits + its bytes)."""
+def plan_units(inversion: InvertedFolder, settings: dict[str, Any]) -> list[EditUnit]:
+    """Each input file as a unit: the ids of its codes (variant 0, no error) and its own key (`settings` + its bytes)."""
     units = []
     for path in inversion.files:
         table = storage.parquet_columns(path, ["id", "variant", "error"])
@@ -241,8 +239,7 @@ def plan_units(inversion: InvertedFolder, key: str) -> list[EditUnit]:
         bad = next((i for i in ids if not re.match(SAFE_NAME, i)), None)
         if bad is not None:
             raise InputError(f"{path}: id {bad!r} cannot name an image file")
-        unit_key = hashlib.sha256(f"{key}:{storage.digest(path)}".encode()).hexdigest()
-        units.append(EditUnit(Path(path.name).stem, path, ids, unit_key))
+        units.append(EditUnit(Path(path.name).stem, path, ids, unit_key(settings, storage.digest(path))))
     return units
 
 
@@ -254,9 +251,10 @@ def edit(cfg: EditConfig) -> dict[str, Any]:
     inversion = read_inversion(cfg.input)
     model = edit_model(cfg, inversion)     # pinned to inversion.model from here on
     net = load_psp(model.checkpoint)
-    check_codes(inversion, net.n_styles)
+    for path in inversion.files:
+        check_codes(path, net.n_styles)
     directions = build_directions(cfg, net.decoder, net.n_styles)
-    units = plan_units(inversion, edits_key(inversion.model, cfg))
+    units = plan_units(inversion, edit_settings(inversion.model, cfg))
     if not any(u.ids for u in units):
         raise InputError(f"edit.input {cfg.input}: no codes to edit (no image of the inversion has a code)")
     with storage.claimed_folder(cfg.output_dir, "edit") as out:
@@ -305,9 +303,9 @@ def unit_done(out: storage.Location, unit: EditUnit, present: set[str]) -> bool:
     name = f"{LATENTS}/{unit.name}.parquet"
     if name not in present:
         return False
+    if recorded_key(out / name) != unit.key:
+        return False
     try:
-        if (storage.parquet_schema(out / name).metadata or {}).get(EDIT_METADATA_KEY, b"").decode() != unit.key:
-            return False
         images = storage.parquet_columns(out / name, ["image"]).column("image").to_pylist()
     except (OSError, pa.ArrowException):
         return False
@@ -315,9 +313,9 @@ def unit_done(out: storage.Location, unit: EditUnit, present: set[str]) -> bool:
 
 
 def is_ours(path: storage.Location) -> bool:
-    """Whether a Parquet file is an edit output file (its metadata holds the edit key)."""
+    """Whether a Parquet file is an edit output file (its metadata holds a unit key, or an earlier version's)."""
     try:
-        return EDIT_METADATA_KEY in (storage.parquet_schema(path).metadata or {})
+        return bool({UNIT_KEY_METADATA, LEGACY_KEY_METADATA} & set(storage.parquet_schema(path).metadata or {}))
     except (OSError, pa.ArrowException):
         return False
 
@@ -381,7 +379,7 @@ def write_unit(out: storage.Location, unit: EditUnit, rows: pa.Table, model_ref:
     previous = listed_images(path)
     table = rows.drop(["unit"]).sort_by(
         [("id", "ascending"), ("direction", "ascending"), ("strength", "ascending")])
-    table = table.replace_schema_metadata({MODEL_METADATA_KEY: model_ref.encode(), EDIT_METADATA_KEY: unit.key.encode()})
+    table = table.replace_schema_metadata({MODEL_METADATA_KEY: model_ref.encode(), UNIT_KEY_METADATA: unit.key.encode()})
     with storage.atomic_output(path) as stream:
         pq.write_table(table, stream, row_group_size=100)
     for image in previous - set(table.column("image").to_pylist()):

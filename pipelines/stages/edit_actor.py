@@ -12,8 +12,10 @@ import pyarrow.compute as pc
 import torch
 
 from pipelines.services import storage
+from psp_core.data.shards import LATENT_TYPE
 from psp_core.data.tensors import png_bytes
 from psp_core.editing.directions import LatentEdit
+from psp_core.errors import InputError
 from psp_core.inference import InferenceModel
 
 LATENTS, IMAGES, GRIDS = "latents", "images", "grids"
@@ -49,6 +51,32 @@ class Direction:
 def grid_path(direction: str) -> str:
     """A direction's grid in the output folder."""
     return f"{GRIDS}/{direction}.png"
+
+
+CODE_COLUMNS = ("id", "source_path", "latent", "variant", "error")
+"""The columns of an invert output file that editing reads (`read_codes`)."""
+
+
+def check_codes(path: storage.Location, n_styles: int) -> None:
+    """An invert output file holds what `read_codes` reads: its columns, W+ codes of the generator's `n_styles`,
+    and a code on every row to edit (variant 0, no error); else one InputError naming the file."""
+    schema = storage.parquet_schema(path)
+    for name in CODE_COLUMNS:
+        if name not in schema.names:
+            raise InputError(f"{path}: no {name!r} column; not a `psp invert` output file (rerun `psp invert`)")
+    found = schema.field("latent").type
+    styles: set[int] = set()
+    if found == LATENT_TYPE:
+        table = storage.parquet_columns(path, ["latent", "variant", "error"])
+        styles = set(pc.list_value_length(table.column("latent")).drop_null().to_pylist())
+    if found != LATENT_TYPE or styles - {n_styles}:
+        raise InputError(f"{path}: latent column of type {found} with {sorted(styles)} styles; the model's "
+                         f"generator takes [{n_styles} x 512] float32 codes")
+    edited = pc.and_(pc.equal(table.column("variant"), 0), pc.is_null(table.column("error")))
+    missing = pc.sum(pc.and_(edited, pc.is_null(table.column("latent")))).as_py() or 0
+    if missing:
+        raise InputError(f"{path}: {missing} code{'s' if missing > 1 else ''} to edit (variant 0, no error) "
+                         f"{'are' if missing > 1 else 'is'} null; rerun `psp invert`")
 
 
 def read_codes(item: pa.Table) -> pa.Table:

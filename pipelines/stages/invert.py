@@ -3,13 +3,17 @@
 Input is a folder of Parquet shards (ours) or a folder of images (aligned first by the align
 stage's code unless `aligned: true`). Rows stream through an actor pool that loads the model
 once per actor; the driver writes one output Parquet file per input unit (shard, or chunk of
-images), atomically, and skips units already written for the same model: an interrupted run,
-rerun, writes each output exactly once. Shard input and the output folder may be object-store URIs
+images), atomically, and skips a unit whose file was written under the same unit key (model, the settings
+that change the output, the unit's input content: `pipelines.services.ray.units.unit_key`): an interrupted
+run, rerun, writes each output exactly once, and a changed setting or input redoes what it changes. Shard
+input and the output folder may be object-store URIs
 (see pipelines.services.storage.objects); an image folder is local.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -25,6 +29,7 @@ from pipelines.params.loading import load_section
 from pipelines.params.schema import AlignConfig, InvertConfig
 from pipelines.services import storage, tracking
 from pipelines.services.ray import ActorPool, UnitCollector, connect, map_units
+from pipelines.services.ray.units import UNIT_KEY_METADATA, output_settings, recorded_key, unit_key
 from pipelines.services.storage import list_folder, write_json_atomic
 from pipelines.services.tracking import resolve_model
 from pipelines.stages.align import align_folder
@@ -45,6 +50,11 @@ class InputUnit:
     name: str
     paths: tuple[str, ...]
     rows: int
+    content: str   # digest of the unit's input: a shard's sha256, or an image chunk's names, sizes and mtimes
+
+
+IGNORED_SETTINGS = ("model", "input", "output_dir", "report", "images_per_file", "aligned")
+"""Invert settings that do not enter a unit's key: the model enters resolved, the input as each unit's content."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -68,25 +78,39 @@ def input_units(cfg: InvertConfig, source: storage.StageInput) -> list[InputUnit
     is one error naming it before any work starts."""
     if source.is_shards:
         units = []
-        for path in source.shard_paths(verify=True):
+        for path, entry in zip(source.shard_paths(verify=True), source.shards().shards):
             shard = open_shard(path, source.filesystem)
             rows = shard.metadata.num_rows
             if cfg.split is not None:
                 splits = shard.read(columns=["split"]).column("split").to_pylist()
                 rows = sum(s == cfg.split for s in splits)
-            units.append(InputUnit(Path(str(path)).stem, (str(path),), rows))
+            units.append(InputUnit(Path(str(path)).stem, (str(path),), rows, str(entry["sha256"])))
         return units
     if not source.location.is_local:
         raise InputError(f"invert.input {cfg.input}: not a shard folder (no manifest.json); an image folder must be local")
     folder = source.location.path
     if not folder.is_dir():
         raise FileNotFoundError(f"invert.input {cfg.input}: neither a shard folder (manifest.json) nor an image folder")
-    files = [str(folder / rel) for rel in list_folder(folder).images]
-    if not files:
+    names = list_folder(folder).images
+    if not names:
         raise InputError(f"invert.input {cfg.input}: no image files")
     size = cfg.images_per_file
-    return [InputUnit(f"images-{i // size:05d}", tuple(files[i:i + size]), len(files[i:i + size]))
-            for i in range(0, len(files), size)]
+    return [InputUnit(f"images-{i // size:05d}", tuple(str(folder / n) for n in names[i:i + size]),
+                      len(names[i:i + size]), files_fingerprint(folder, names[i:i + size]))
+            for i in range(0, len(names), size)]
+
+
+def files_fingerprint(folder: Path, names: list[str]) -> str:
+    """Digest of a chunk of image files (their names in `folder`, sizes and modification times): an image added,
+    removed or replaced changes it, without reading every image on the driver."""
+    stats = []
+    for name in names:
+        try:
+            info = (folder / name).stat()
+            stats.append([name, info.st_size, info.st_mtime_ns])
+        except OSError:
+            stats.append([name, None, None])   # unreadable: a row error in the actor, keyed as such
+    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()
 
 
 def aligned_copy(cfg: InvertConfig) -> InvertConfig:
@@ -100,20 +124,28 @@ def aligned_copy(cfg: InvertConfig) -> InvertConfig:
     return cfg.model_copy(update={"input": target, "aligned": True})
 
 
-def done_units(units: list[InputUnit], output_dir: storage.Location, model_ref: str) -> set[str]:
-    """Units whose output file exists and was written by the same model (others are redone)."""
-    done = set()
+def unit_keys(cfg: InvertConfig, units: list[InputUnit], model_ref: str) -> dict[str, str]:
+    """Each unit's key: the model, the settings that change its output file, and its input content."""
+    settings = output_settings(cfg.model_dump(mode="json"), model_ref, IGNORED_SETTINGS)
+    return {unit.name: unit_key(settings, unit.content) for unit in units}
+
+
+def done_units(units: list[InputUnit], output_dir: storage.Location, keys: dict[str, str]) -> set[str]:
+    """Units with rows whose output file exists and was written under the unit's key now (others are redone)."""
     present = set(storage.list_files(output_dir))
-    for unit in units:
-        name = f"{unit.name}.parquet"
-        if name in present:
-            try:
-                meta = storage.parquet_schema(output_dir / name).metadata or {}
-            except (OSError, pa.ArrowException):
-                continue
-            if meta.get(MODEL_METADATA_KEY, b"").decode() == model_ref:
-                done.add(unit.name)
-    return done
+    return {unit.name for unit in units
+            if unit.rows > 0 and f"{unit.name}.parquet" in present
+            and recorded_key(output_dir / f"{unit.name}.parquet") == keys[unit.name]}
+
+
+def remove_stale_outputs(folder: storage.Location, units: list[InputUnit]) -> None:
+    """Output files of ours (a unit key, or an earlier version's model entry, in their metadata) that the manifest
+    will not list: those of units with no rows now, or no longer in the input. Other files are never touched."""
+    listed = {f"{u.name}.parquet" for u in units if u.rows > 0}
+    for name in storage.list_files(folder):
+        if "/" not in name and name.endswith(".parquet") and name not in listed and written_here(folder / name):
+            storage.delete_file(folder / name)
+            log.info("removed %s: no rows of the input are in it now", folder / name)
 
 
 def invert(cfg: InvertConfig) -> dict[str, Any]:
@@ -144,17 +176,22 @@ def invert_units(cfg: InvertConfig, source: storage.StageInput, folder: storage.
     """Invert every unit not yet written for this model into the output folder `folder`."""
     if folder.is_local:
         storage.remove_own_temporaries(folder.path)   # left by a run that was killed mid-write
-    skip = done_units(units, folder, model_ref)
+    keys = unit_keys(cfg, units, model_ref)
+    skip = done_units(units, folder, keys)
     todo = [u for u in units if u.name not in skip and u.rows > 0]
     log.info("%d of %d output files to write (%d already done for %s)", len(todo), len(units), len(skip), model_ref)
+    if todo or recorded_manifest_files(folder) != manifest_files(units, keys):
+        storage.delete_file(folder / "manifest.json")   # it would describe files that are about to change
+    remove_stale_outputs(folder, units)
     written, seconds, images = 0, 0.0, sum(u.rows for u in todo)
     if todo:
         connect(ActorPool.of(cfg).request("invert"))
         start = time.perf_counter()
-        written = write_outputs(cfg, folder, inverted(cfg, source, todo, checkpoint, model_ref, images), todo, model_ref)
+        written = write_outputs(cfg, folder, inverted(cfg, source, todo, checkpoint, model_ref, images), todo, keys,
+                                model_ref)
         seconds = time.perf_counter() - start
-    manifest = {"model": model_ref, "files": [{"file": f"{u.name}.parquet", "rows": u.rows} for u in units],
-                "n_outputs": cfg.n_outputs}
+    manifest = {"model": model_ref, "files": manifest_files(units, keys), "n_outputs": cfg.n_outputs,
+                "n_iters": cfg.n_iters, "split": cfg.split}
     storage.write_json_atomic(folder / "manifest.json", manifest)
     device = torch.device("cuda" if cfg.use_gpu else "cpu")   # as the actors resolve them, on this hardware
     settings = {"precision": resolve_precision(cfg.precision, device),
@@ -166,6 +203,28 @@ def invert_units(cfg: InvertConfig, source: storage.StageInput, folder: storage.
     if model_ref.startswith("models:/"):
         log_inversion(cfg, source, report)
     return report
+
+
+def written_here(path: storage.Location) -> bool:
+    """Whether a Parquet file in the output folder is an output file of this stage (by its schema metadata)."""
+    try:
+        metadata = storage.parquet_schema(path).metadata or {}
+    except (OSError, pa.ArrowException):
+        return False
+    return UNIT_KEY_METADATA in metadata or MODEL_METADATA_KEY in metadata
+
+
+def manifest_files(units: list[InputUnit], keys: dict[str, str]) -> list[dict[str, Any]]:
+    """The manifest's entries: every unit's file, its rows and the key it was written under (none without rows)."""
+    return [{"file": f"{u.name}.parquet", "rows": u.rows, "key": keys[u.name] if u.rows else None} for u in units]
+
+
+def recorded_manifest_files(folder: storage.Location) -> Any:
+    """The file entries of the manifest an earlier run wrote (None: none, or unreadable)."""
+    try:
+        return json.loads(storage.read_bytes(folder / "manifest.json")).get("files")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def log_inversion(cfg: InvertConfig, source: storage.StageInput, report: dict[str, Any]) -> None:
@@ -196,7 +255,8 @@ def inverted(cfg: InvertConfig, source: storage.StageInput, todo: list[InputUnit
     return map_units(items, read_unit, Inverter, pool, read_kwargs=reader, actor_kwargs=inverter)
 
 
-def write_outputs(cfg: InvertConfig, folder: storage.Location, batches, todo: list[InputUnit], model_ref: str) -> int:
+def write_outputs(cfg: InvertConfig, folder: storage.Location, batches, todo: list[InputUnit], keys: dict[str, str],
+                  model_ref: str) -> int:
     """Stream the result `batches`, group them by unit, and write each unit's file once all its rows are in;
     returns the number of images inverted."""
     collector = UnitCollector({u.name: u.rows * (1 + cfg.n_outputs) for u in todo})
@@ -205,15 +265,16 @@ def write_outputs(cfg: InvertConfig, folder: storage.Location, batches, todo: li
         for batch in batches:
             bar.update(sum(v == 0 for v in batch.column("variant").to_pylist()))
             for unit, rows in collector.add(batch):
-                write_unit(folder / f"{unit}.parquet", rows, model_ref)
+                write_unit(folder / f"{unit}.parquet", rows, model_ref, keys[unit])
                 written += rows.num_rows // (1 + cfg.n_outputs)
     collector.check_complete("inversion")
     return written
 
 
-def write_unit(path: storage.Location, rows: pa.Table, model_ref: str) -> None:
-    """One output file, rows sorted by (id, variant), model reference in the schema metadata, atomically."""
+def write_unit(path: storage.Location, rows: pa.Table, model_ref: str, key: str) -> None:
+    """One output file, rows sorted by (id, variant), model reference and unit key in the schema metadata,
+    atomically (an earlier file of the unit is replaced whole)."""
     table = rows.drop(["unit"]).sort_by([("id", "ascending"), ("variant", "ascending")])
-    table = table.replace_schema_metadata({MODEL_METADATA_KEY: model_ref.encode()})
+    table = table.replace_schema_metadata({MODEL_METADATA_KEY: model_ref.encode(), UNIT_KEY_METADATA: key.encode()})
     with storage.atomic_output(path) as out:
         pq.write_table(table, out, row_group_size=100)

@@ -23,7 +23,13 @@ from ray.train.torch import TorchTrainer
 from pipelines.params.loading import load_section
 from pipelines.params.schema import TrainConfig
 from pipelines.services import storage, tracking
-from pipelines.services.ray import ResourceRequest, check_local_gpus, check_shared_storage, connect
+from pipelines.services.ray import (
+    ResourceRequest,
+    check_local_gpus,
+    check_shared_storage,
+    connect,
+    fit_keeping_signals,
+)
 from pipelines.services.storage import file_digest, write_json_atomic
 from pipelines.stages.train_worker import train_worker
 from psp_core.data.presets import TaskPreset, get_preset
@@ -173,7 +179,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         datasets=splits,
     )
     try:
-        result = trainer.fit()
+        result = fit_keeping_signals(trainer)
+    except KeyboardInterrupt:
+        step = run.stop()
+        log.warning("stopped at step %d: MLflow run %s marked KILLED; the same command resumes it", step, run.run_id)
+        raise
     except Exception:
         run.fail()
         raise

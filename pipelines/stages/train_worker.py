@@ -1,5 +1,7 @@
 """`psp train`'s Ray Train side: the loop each worker runs (DDP under Ray Train), its share of the shards,
-and the engine extended with what distribution needs. Rank 0 alone writes to MLflow, into the driver's run."""
+and the engine extended with what distribution needs. Rank 0 alone writes to MLflow, into the driver's run.
+Checkpoints reach Ray's storage whole (`pipelines.services.ray.checkpoints`), and a worker resumes from the
+newest one that reads whole."""
 from __future__ import annotations
 
 import logging
@@ -16,6 +18,8 @@ import torch
 import torch.distributed as dist
 
 from pipelines.params.schema import TrainConfig
+from pipelines.services.ray.checkpoints import copy_whole, persist_whole, remove_stopped_uploads, resume_candidates
+from pipelines.services.storage.converted import converted_generator
 from pipelines.services.tracking import fetch_weights
 from pipelines.services.tracking.callback import MLflowCallback
 from pipelines.services.tracking.vocabulary import COMPILED_TAG, NODES_TAG, PRECISION_TAG
@@ -47,6 +51,7 @@ def train_worker(config: dict[str, Any]) -> None:
 
     torch.manual_seed(cfg.seed)                           # the same initial weights on every rank
     generator, irse50 = local_weights(config["generator"]), local_weights(config["irse50"])
+    generator = None if generator is None else converted_generator(generator)   # a StyleGAN2-ADA .pkl: once per node
     net = build_psp(cfg.architecture(preset.input_nc), generator, irse50)
     prepare_for_training(net, cfg.train_decoder)           # freeze before DDP sees the parameters
     unused = getattr(net.encoder, "unused_parameters", lambda: False)()
@@ -70,15 +75,10 @@ def train_worker(config: dict[str, Any]) -> None:
         callback.set_tag(PRECISION_TAG, trainer.precision)
         compiled = training_compiles(trainer.config, net.arch, cfg.batch_size, device)
         callback.set_tag(COMPILED_TAG, str(compiled).lower())
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            for name in (BEST_CHECKPOINT, LAST_CHECKPOINT):
-                if (Path(folder) / name).is_file():
-                    shutil.copy2(Path(folder) / name, local_dir / name)
-        trainer.resume(local_dir / LAST_CHECKPOINT)
-        if rank == 0:
-            log.info("resumed at step %d", trainer.step)
+    if rank == 0:
+        remove_stopped_uploads()
+    if resume_latest_whole(trainer, resume_candidates(), local_dir) is not None and rank == 0:
+        log.info("resumed at step %d", trainer.step)
 
     paired = config["paired_sources"]
     feeder = ShardFeeder(cfg.batch_size, cfg.seed, rank, preset.input_kind, paired)
@@ -89,6 +89,25 @@ def train_worker(config: dict[str, Any]) -> None:
         if callback is not None:
             callback.close()
         shutil.rmtree(local_dir, ignore_errors=True)
+
+
+def resume_latest_whole(trainer: Trainer, candidates: list[ray.train.Checkpoint],
+                        local_dir: Path) -> ray.train.Checkpoint | None:
+    """Resume `trainer` from the first of `candidates` (newest first) whose `last.pt` reads whole, its files
+    copied into `local_dir` (the best model beside it); a partial or damaged one is passed over with a warning.
+    Returns the checkpoint resumed from, None when none could be (the run starts at step 0)."""
+    for checkpoint in candidates:
+        with checkpoint.as_directory() as folder:
+            for name in (BEST_CHECKPOINT, LAST_CHECKPOINT):
+                (local_dir / name).unlink(missing_ok=True)
+                if (Path(folder) / name).is_file():
+                    copy_whole(Path(folder) / name, local_dir / name)
+        if trainer.try_resume(local_dir / LAST_CHECKPOINT):
+            return checkpoint
+        log.warning("checkpoint %s does not read whole; trying the one before it", checkpoint.path)
+    for name in (BEST_CHECKPOINT, LAST_CHECKPOINT):
+        (local_dir / name).unlink(missing_ok=True)
+    return None
 
 
 def worker_nodes() -> list[str]:
@@ -177,5 +196,6 @@ class RayTrainer(Trainer):
         with tempfile.TemporaryDirectory(prefix="psp-report-") as folder:
             for name in (LAST_CHECKPOINT, BEST_CHECKPOINT):
                 if (self.checkpoint_dir / name).is_file():
-                    shutil.copy2(self.checkpoint_dir / name, Path(folder) / name)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+                    copy_whole(self.checkpoint_dir / name, Path(folder) / name)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
+                             checkpoint_upload_fn=persist_whole)

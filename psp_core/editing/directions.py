@@ -33,12 +33,26 @@ def _load(path: str | Path) -> object:
         raise InputError(f"{path}: not a direction file torch can load with weights_only=True ({type(err).__name__})") from None
 
 
+def real_tensor(path: str | Path, value: object, what: str) -> Tensor:
+    """`value`, read from a direction file, as float32 if it is a tensor of finite real numbers; else one
+    InputError naming the file (complex, integer or NaN / Inf values would move codes to nonsense)."""
+    if not isinstance(value, Tensor):
+        raise InputError(f"{path}: {what} is a {type(value).__name__}, not a tensor")
+    if not value.is_floating_point():
+        raise InputError(f"{path}: {what} holds {str(value.dtype).removeprefix('torch.')} values; "
+                         "a direction is real floating-point")
+    if not bool(torch.isfinite(value).all()):
+        raise InputError(f"{path}: {what} holds values that are not finite (NaN or Inf)")
+    return value.float()
+
+
 def load_interfacegan(path: str | Path, n_styles: int) -> Tensor:
     """An InterFaceGAN direction as `[1, n_styles, 512]`: a W normal `[1, 512]` (or `[512]`) broadcast
     over every style, or a per-style W+ direction `[1, n_styles, 512]`."""
     direction = _load(path)
     if not isinstance(direction, Tensor):
         raise InputError(f"{path}: an InterFaceGAN direction is a tensor, got {type(direction).__name__}")
+    direction = real_tensor(path, direction, "the direction")
     shape = tuple(direction.shape)
     if shape in ((512,), (1, 512)):
         return direction.float().reshape(1, 1, 512).expand(1, n_styles, 512).clone()
@@ -68,11 +82,13 @@ class GanspacePCA:
         data = _load(path)
         if not isinstance(data, dict) or not {"mean", "comp", "std"} <= set(data):
             raise InputError(f"{path}: a GANSpace file is a dict with mean, comp and std")
-        mean, comp, std = (data[k].float() for k in ("mean", "comp", "std"))
-        k = comp.shape[0]
-        if mean.shape[-1] != 512 or tuple(comp.shape[1:]) != (1, 512) or tuple(std.shape) != (k,):
+        mean, comp, std = (real_tensor(path, data[k], k) for k in ("mean", "comp", "std"))
+        k = comp.shape[0] if comp.dim() else 0
+        if tuple(mean.shape) not in ((512,), (1, 512)) or tuple(comp.shape[1:]) != (1, 512) or tuple(std.shape) != (k,):
             raise InputError(f"{path}: shapes mean {list(mean.shape)}, comp {list(comp.shape)}, std {list(std.shape)}; "
                              "expected [1, 512], [K, 1, 512], [K]")
+        if not bool((std > 0).all()):
+            raise InputError(f"{path}: std must be > 0 for every component (strengths are in standard deviations)")
         return cls(mean.reshape(1, 512), comp, std)
 
 

@@ -7,9 +7,10 @@ variants. `psp evaluate`, `psp invert`, `psp edit` and the MLflow pyfunc all cal
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,7 @@ from psp_core.errors import InputError
 from psp_core.inference.refine import refine
 from psp_core.nets.checkpoints import load_psp
 from psp_core.nets.psp import POOLED_SIZE, PSP, mix_styles
-from psp_core.options import REFINED_CHANNELS, RESTYLE_FAMILIES, CompileSwitch, Precision
+from psp_core.options import MAX_REFINE_ITERS, REFINED_CHANNELS, RESTYLE_FAMILIES, CompileSwitch, Precision
 from psp_core.runtime.devices import (
     autocast,
     compile_model,
@@ -31,6 +32,16 @@ from psp_core.runtime.devices import (
 
 DEFAULT_REFINE_ITERS = 5
 """ReStyle's refinement steps at inference when none are asked for (the papers' and reference's 5)."""
+
+
+def refine_iterations(n_iters: Any) -> int:
+    """The refinement steps to run for a requested `n_iters`: None asks for DEFAULT_REFINE_ITERS; anything else
+    must be an integer in 1..MAX_REFINE_ITERS (the bounds of the stages' settings), else one InputError."""
+    if n_iters is None:
+        return DEFAULT_REFINE_ITERS
+    if isinstance(n_iters, bool) or not isinstance(n_iters, numbers.Integral) or not 1 <= n_iters <= MAX_REFINE_ITERS:
+        raise InputError(f"n_iters must be an integer in 1..{MAX_REFINE_ITERS}, got {n_iters!r}")
+    return int(n_iters)
 
 FINE_LAYERS_FROM = 8
 """Multi-modal synthesis mixes the W+ layers from this one up (the reference's latent_mask 8-17)."""
@@ -144,9 +155,10 @@ class InferenceModel:
         single one for pSp and e4e, which run in one pass whatever `n_iters` says; stored noise, as the
         reference's inference."""
 
+        n_steps = refine_iterations(n_iters)
         with autocast(self.device, self.precision):
             if self.iterative:
-                steps = refine(self.net, source, n_iters or DEFAULT_REFINE_ITERS)
+                steps = refine(self.net, source, n_steps)
                 return [Inversion(images, latents) for images, latents in steps]
             images, latents = self.net(source, resize=False, randomize_noise=False, return_latents=True)
         return [Inversion(images, latents)]

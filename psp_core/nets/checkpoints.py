@@ -1,6 +1,7 @@
 """Reading and writing the public checkpoint formats, strictly and without unpickling code.
 
-- StyleGAN2 generator: `{'g_ema': state_dict, 'latent_avg': [512] (optional), ...}`
+- StyleGAN2 generator: `{'g_ema': state_dict, 'latent_avg': [512] (optional), 'conv_clamp' (optional), ...}`,
+  or NVIDIA's StyleGAN2-ADA network pickle, read as data (`psp_core.nets.ada_pickle`, `ada_generator`)
 - ArcFace IR-SE50: a bare state dict (`model_ir_se50.pth`)
 - pSp: `{'state_dict': encoder.* + decoder.*, 'opts': dict, 'latent_avg': [512] or [n_styles, 512]}`,
   and the same layout for ReStyle-pSp, ReStyle-e4e and e4e (family read from `opts`; entries beside
@@ -23,21 +24,19 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from psp_core.errors import InputError
-from psp_core.nets.irse import IRSEBackbone
+from psp_core.errors import CheckpointError
+from psp_core.nets.ada_generator import read_ada_generator
+from psp_core.nets.ada_pickle import is_network_pickle
+from psp_core.nets.irse import UNITS_PER_STAGE, IRSEBackbone
 from psp_core.nets.psp import PSP, PSPArchitecture
 from psp_core.nets.stylegan2 import Generator
-from psp_core.options import RESTYLE_FAMILIES
+from psp_core.options import RESTYLE_FAMILIES, W_ENCODER
 
 log = logging.getLogger(__name__)
 
 MEAN_LATENT_SAMPLES = 10_000   # w samples averaged for latent_avg when the generator file has none
 MEAN_LATENT_SEED = 0
 STEM_WEIGHT = "input_layer.0.weight"   # IR-SE50's first convolution, [64, 3, 3, 3]
-
-
-class CheckpointError(InputError):
-    """A checkpoint file that cannot be used: unreadable, unsafe, or of the wrong architecture."""
 
 
 def read_checkpoint(path: str | Path) -> Any:
@@ -139,14 +138,37 @@ class GeneratorCheckpoint:
     latent_avg: torch.Tensor | None
 
 
-def read_generator_checkpoint(path: str | Path) -> GeneratorCheckpoint:
-    """Load a rosinality-layout generator checkpoint; the architecture is read from the tensors."""
+def read_generator_checkpoint(path: str | Path, network: str = "G_ema") -> GeneratorCheckpoint:
+    """Load a rosinality-layout generator checkpoint (the architecture read from the tensors), or convert a
+    StyleGAN2-ADA network pickle's `network` (`G_ema`, or `G`) without running any of its code."""
+    if is_network_pickle(path):
+        converted = read_ada_generator(path, network)
+        return GeneratorCheckpoint(converted.generator, converted.latent_avg)
     ckpt = read_checkpoint(path)
     state = _require(ckpt, "g_ema", path)
-    generator = Generator(**generator_architecture(state))
+    generator = Generator(**generator_architecture(state), conv_clamp=_conv_clamp(ckpt, path))
     load_strict(generator, state, f"{path} g_ema")
     latent_avg = ckpt.get("latent_avg")
     return GeneratorCheckpoint(generator.eval(), None if latent_avg is None else latent_avg.float())
+
+
+def _conv_clamp(ckpt: Mapping[str, Any], path: str | Path) -> float | None:
+    """The generator file's `conv_clamp` entry (written for converted StyleGAN2-ADA generators), None if absent."""
+    clamp = ckpt.get("conv_clamp")
+    if clamp is not None and (isinstance(clamp, bool) or not isinstance(clamp, (int, float)) or not clamp > 0):
+        raise CheckpointError(f"{path}: 'conv_clamp' must be a positive number, got {clamp!r}")
+    return None if clamp is None else float(clamp)
+
+
+def save_generator(generator: Generator, latent_avg: torch.Tensor | None, path: str | Path) -> Path:
+    """Write a generator in the public layout `{'g_ema', 'latent_avg'}` (plus `conv_clamp` when the generator
+    clamps, which other readers ignore), atomically."""
+    ckpt: dict[str, Any] = {"g_ema": {k: v.detach().cpu() for k, v in generator.state_dict().items()}}
+    if latent_avg is not None:
+        ckpt["latent_avg"] = latent_avg.detach().cpu()
+    if generator.conv_clamp is not None:
+        ckpt["conv_clamp"] = generator.conv_clamp
+    return atomic_torch_save(ckpt, path)
 
 
 def load_generator(path: str | Path) -> Generator:
@@ -185,14 +207,20 @@ def load_psp(path: str | Path, device: str | torch.device = "cpu") -> PSP:
         raise CheckpointError(f"{path}: 'latent_avg' must be a tensor, got {type(latent_avg).__name__}")
     try:
         arch = PSPArchitecture.from_opts(opts, has_latent_avg=latent_avg is not None)
+        check_declared_architecture(arch, opts, state)
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{path}: unusable 'opts': {err}") from None
     if latent_avg is None and arch.start_from_latent_avg:
         raise CheckpointError(f"{path}: a {arch.family} model that starts from latent_avg, but the file has no "
                               "'latent_avg'")
+    with torch.device("meta"):   # shapes only, no memory: the network is built for real once the file fits it
+        shapes = PSP(arch)
+    check_state_dict(shapes.encoder.state_dict(), sub_state(state, "encoder"), f"{path} encoder")
+    check_state_dict(shapes.decoder.state_dict(), sub_state(state, "decoder"), f"{path} decoder")
     net = PSP(arch)
     load_strict(net.encoder, sub_state(state, "encoder"), f"{path} encoder")
     load_strict(net.decoder, sub_state(state, "decoder"), f"{path} decoder")
+    net.decoder.set_conv_clamp(_conv_clamp(opts, path))
     extra = [k for k in state if not k.startswith(("encoder.", "decoder."))]
     if extra:
         raise CheckpointError(f"{path}: state_dict has keys outside encoder/decoder: {extra[:3]}")
@@ -201,6 +229,54 @@ def load_psp(path: str | Path, device: str | torch.device = "cpu") -> PSP:
     except ValueError as err:
         raise CheckpointError(f"{path}: {err}") from None
     return net.to(device).eval()
+
+
+def _count(state: Mapping[str, torch.Tensor], pattern: str) -> int:
+    return len({m.group(1) for k in state if (m := re.fullmatch(pattern, k))})
+
+
+def check_declared_architecture(arch: PSPArchitecture, opts: Mapping[str, Any], state: Mapping[str, Any]) -> None:
+    """The architecture a file's `opts` declare, checked against the tensors its state dict holds (names and
+    shapes only) before any module is built: a contradiction is one error naming the option."""
+    def refuse(name: str, value: Any, found: str) -> None:
+        raise CheckpointError(f"{name} {value}: {found}")
+
+    if opts.get("n_styles") is not None and opts["n_styles"] != arch.n_styles:
+        refuse("n_styles", opts["n_styles"], f"a {arch.output_size} px generator takes {arch.n_styles} styles")
+    decoder = sub_state(state, "decoder")
+    if "to_rgb1.bias" in decoder:
+        size = 2 ** (_count(decoder, r"to_rgbs\.(\d+)\.bias") + 2)
+        if size != arch.output_size:
+            refuse("output_size", arch.output_size, f"the file's generator makes {size} px images")
+        found = generator_architecture(decoder)
+        if found["n_mlp"] != arch.n_mlp:
+            refuse("n_mlp", arch.n_mlp, f"the file's generator has {found['n_mlp']} mapping layers")
+        if found["style_dim"] != arch.style_dim:
+            refuse("style_dim", arch.style_dim, f"the file's generator has {found['style_dim']}-d styles")
+        if "convs.6.conv.weight" in decoder and found["channel_multiplier"] != arch.stylegan_channel_multiplier:
+            refuse("stylegan_channel_multiplier", arch.stylegan_channel_multiplier,
+                   f"the file's generator has multiplier {found['channel_multiplier']}")
+    encoder = sub_state(state, "encoder")
+    stem = encoder.get("input_layer.0.weight", encoder.get("conv1.weight"))
+    if isinstance(stem, torch.Tensor) and stem.dim() == 4 and stem.shape[1] != arch.input_nc:
+        refuse("input_nc", arch.input_nc, f"the file's encoder stem takes {stem.shape[1]} channels")
+    if "input_layer.0.weight" in encoder and "body.0.res_layer.0.weight" in encoder:   # an IR / IR-SE body
+        units = _count(encoder, r"body\.(\d+)\..*")
+        if units != sum(UNITS_PER_STAGE[arch.encoder_num_layers]):
+            refuse("encoder_num_layers", arch.encoder_num_layers, f"the file's encoder body has {units} residual "
+                   f"units ({', '.join(f'{n}: {sum(u)}' for n, u in UNITS_PER_STAGE.items())})")
+        se = any(re.fullmatch(r"body\.\d+\.res_layer\.5\.fc1\.weight", k) for k in encoder)
+        if se != (arch.encoder_mode == "ir_se"):
+            refuse("encoder_mode", arch.encoder_mode, "the file's encoder body has "
+                   f"{'squeeze-and-excitation units (ir_se)' if se else 'no squeeze-and-excitation units (ir)'}")
+    heads = _count(encoder, r"styles\.(\d+)\.linear\.weight")
+    if heads:
+        if heads != arch.n_styles:
+            refuse("output_size", arch.output_size, f"the file's encoder has {heads} style heads, a "
+                   f"{arch.output_size} px generator takes {arch.n_styles}")
+        side = 16 * 2 ** _count(encoder, r"styles\.0\.convs\.(\d+)\.weight")   # style 0 pools input/16 to 1x1
+        if arch.encoder_type != W_ENCODER and side != arch.encoder_input_size:
+            refuse("encoder_input_size", arch.encoder_input_size, f"the file's style heads pool a {side} px input")
 
 
 def psp_checkpoint(net: PSP, **extra: Any) -> dict[str, Any]:
@@ -248,7 +324,13 @@ def build_psp(arch: PSPArchitecture, generator_path: str | Path | None = None,
         if ckpt.generator.size != arch.output_size:
             raise CheckpointError(f"{generator_path}: generator outputs {ckpt.generator.size}px, "
                                   f"the model wants output_size={arch.output_size}")
+        multiplier = generator_architecture(ckpt.generator.state_dict())["channel_multiplier"]
+        if multiplier != arch.stylegan_channel_multiplier and arch.output_size >= 64:
+            raise CheckpointError(f"{generator_path}: generator has channel multiplier {multiplier} (StyleGAN2-ADA "
+                                  f"channel_base {16384 * multiplier}), the model wants "
+                                  f"stylegan_channel_multiplier={arch.stylegan_channel_multiplier}")
         load_strict(net.decoder, ckpt.generator.state_dict(), f"{generator_path} g_ema")
+        net.decoder.set_conv_clamp(ckpt.generator.conv_clamp)
         latent_avg = ckpt.latent_avg
     if latent_avg is None and arch.start_from_latent_avg:
         rng = torch.Generator().manual_seed(MEAN_LATENT_SEED)

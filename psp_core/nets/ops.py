@@ -22,14 +22,20 @@ def fused_leaky_relu(x: torch.Tensor, bias: torch.Tensor, negative_slope: float 
 
 
 class FusedLeakyReLU(nn.Module):
-    """Learned bias followed by the scaled leaky ReLU (state-dict key: `bias`)."""
+    """Learned bias followed by the scaled leaky ReLU (state-dict key: `bias`), the result optionally clamped
+    to +-`clamp` (StyleGAN2-ADA's `conv_clamp`; not part of the state dict)."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, clamp: float | None = None):
         super().__init__()
         self.bias = nn.Parameter(torch.zeros(channels))
+        self.clamp = clamp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fused_leaky_relu(x, self.bias)
+        out = fused_leaky_relu(x, self.bias)
+        return out if self.clamp is None else out.clamp(-self.clamp, self.clamp)
+
+    def extra_repr(self) -> str:
+        return "" if self.clamp is None else f"clamp={self.clamp:g}"
 
 
 def upfirdn2d(x: torch.Tensor, kernel: torch.Tensor, up: int = 1, down: int = 1,

@@ -83,6 +83,8 @@ class PSP(nn.Module):
                 "label_nc": 0 if self.arch.input_nc == 3 or self.arch.family != "psp" else self.arch.input_nc}
         if self.arch.family == "e4e":
             opts["stylegan_size"] = self.arch.output_size   # the e4e reference reads its output size here
+        if self.decoder.conv_clamp is not None:
+            opts["conv_clamp"] = self.decoder.conv_clamp   # a converted StyleGAN2-ADA generator's clamp
         return opts
 
 

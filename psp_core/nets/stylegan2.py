@@ -71,12 +71,14 @@ class ModulatedConv2d(nn.Module):
     """Convolution whose input channels are scaled per sample by a style, then (optionally)
     demodulated to unit output variance; optionally with 2x up- or downsampling.
 
-    In float32 it runs as the reference does, a grouped convolution with the per-sample weight
-    w * s * d, so outputs match the reference to its rounding (which matters where outputs are fed
-    back, as in ReStyle's refinement: a 1e-5 difference grows about tenfold per iteration). Under
-    bf16/fp16 it runs as conv(x * s, w) * d, mathematically the same but one ordinary convolution
-    (1.32x faster in bf16 on a 2-core AVX-512 CPU; float32 pays about 9 % for the exact form:
-    benchmarks/bench_modconv.py).
+    Two forms of the same function. `exact` (the default: loading, inference, the parity tests) runs float32
+    as the reference does, a grouped convolution with the per-sample weight w * s * d, so outputs match the
+    reference to its rounding (which matters where outputs are fed back, as in ReStyle's refinement: a 1e-5
+    difference grows about tenfold per iteration). Otherwise, and always under bf16/fp16, it runs as
+    conv(x * s, w) * d, one ordinary convolution (1.32x faster in bf16 on a 2-core AVX-512 CPU; in float32
+    the exact form costs ~9 % at 256 px, but a 16 px generator's forward and backward pass 2.3x at batch 2 and
+    6.6x at batch 8: benchmarks/bench_modconv.py). Training needs no reference rounding: the trainer switches its networks
+    to the fused form (`use_exact_modulation(net, False)`).
     """
 
     def __init__(self, in_channel: int, out_channel: int, kernel_size: int, style_dim: int,
@@ -96,10 +98,11 @@ class ModulatedConv2d(nn.Module):
         self.padding = kernel_size // 2
         self.weight = nn.Parameter(torch.randn(1, out_channel, in_channel, kernel_size, kernel_size))
         self.modulation = EqualLinear(style_dim, in_channel, bias_init=1)
+        self.exact = True
 
     def forward(self, x: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
         style = self.modulation(style)                                  # [N, in_channel]
-        if x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type):
+        if self.exact and x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type):
             return self.grouped(x, style)
         return self.fused(x, style)
 
@@ -138,6 +141,15 @@ class ModulatedConv2d(nn.Module):
         return out
 
 
+def use_exact_modulation(module: nn.Module, exact: bool) -> nn.Module:
+    """Set which form every modulated convolution in `module` runs in float32: the reference's (`exact`) or the
+    fused one (see `ModulatedConv2d`); returns `module`."""
+    for conv in module.modules():
+        if isinstance(conv, ModulatedConv2d):
+            conv.exact = exact
+    return module
+
+
 class NoiseInjection(nn.Module):
     """Add per-pixel noise with a learned per-layer strength (state-dict key: `weight`)."""
 
@@ -164,33 +176,38 @@ class ConstantInput(nn.Module):
 
 
 class StyledConv(nn.Module):
-    """Modulated convolution, noise injection, bias and leaky ReLU: one synthesis layer."""
+    """Modulated convolution, noise injection, bias and leaky ReLU (clamped to +-`clamp` if given): one
+    synthesis layer."""
 
     def __init__(self, in_channel: int, out_channel: int, kernel_size: int, style_dim: int,
-                 upsample: bool = False, blur_taps: Sequence[float] = BLUR_TAPS):
+                 upsample: bool = False, blur_taps: Sequence[float] = BLUR_TAPS, clamp: float | None = None):
         super().__init__()
         self.conv = ModulatedConv2d(in_channel, out_channel, kernel_size, style_dim,
                                     upsample=upsample, blur_taps=blur_taps)
         self.noise = NoiseInjection()
-        self.activate = FusedLeakyReLU(out_channel)
+        self.activate = FusedLeakyReLU(out_channel, clamp)
 
     def forward(self, x: torch.Tensor, style: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         return self.activate(self.noise(self.conv(x, style), noise))
 
 
 class ToRGB(nn.Module):
-    """1x1 modulated convolution to RGB, added to the upsampled RGB of the previous resolution."""
+    """1x1 modulated convolution to RGB (clamped to +-`clamp` if given), added to the upsampled RGB of the
+    previous resolution."""
 
     def __init__(self, in_channel: int, style_dim: int, upsample: bool = True,
-                 blur_taps: Sequence[float] = BLUR_TAPS):
+                 blur_taps: Sequence[float] = BLUR_TAPS, clamp: float | None = None):
         super().__init__()
         if upsample:
             self.upsample = Upsample(blur_taps)
         self.conv = ModulatedConv2d(in_channel, 3, 1, style_dim, demodulate=False)
         self.bias = nn.Parameter(torch.zeros(1, 3, 1, 1))
+        self.clamp = clamp
 
     def forward(self, x: torch.Tensor, style: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
         out = self.conv(x, style) + self.bias.to(x.dtype)
+        if self.clamp is not None:
+            out = out.clamp(-self.clamp, self.clamp)
         if skip is not None:
             out = out + self.upsample(skip)
         return out
@@ -208,10 +225,12 @@ class Generator(nn.Module):
 
     `forward(styles, ...)` keeps the reference signature: `styles` is a list of one or two
     codes (z, or w / W+ with `input_is_latent=True`); two codes mix at `inject_index`.
+    `conv_clamp` (None in the rosinality generators) clamps every synthesis layer's and ToRGB's output
+    to +-conv_clamp, as StyleGAN2-ADA's generators do (see `set_conv_clamp`).
     """
 
     def __init__(self, size: int, style_dim: int = 512, n_mlp: int = 8, channel_multiplier: int = 2,
-                 lr_mlp: float = 0.01, blur_taps: Sequence[float] = BLUR_TAPS):
+                 lr_mlp: float = 0.01, blur_taps: Sequence[float] = BLUR_TAPS, conv_clamp: float | None = None):
         super().__init__()
         if size < 4 or size & (size - 1) or size > 1024:
             raise ValueError(f"generator size must be a power of two in 4..1024, got {size}")
@@ -239,6 +258,15 @@ class Generator(nn.Module):
             self.convs.append(StyledConv(out_channel, out_channel, 3, style_dim, blur_taps=blur_taps))
             self.to_rgbs.append(ToRGB(out_channel, style_dim, blur_taps=blur_taps))
             in_channel = out_channel
+        self.set_conv_clamp(conv_clamp)
+
+    def set_conv_clamp(self, conv_clamp: float | None) -> None:
+        """Clamp each synthesis layer's activation and each ToRGB's output to +-conv_clamp (None: no clamp);
+        an attribute, not a state-dict entry, so a generator file records it beside `g_ema`."""
+        self.conv_clamp = None if conv_clamp is None else float(conv_clamp)
+        for module in self.modules():
+            if isinstance(module, (FusedLeakyReLU, ToRGB)):
+                module.clamp = self.conv_clamp
 
     def get_latent(self, z: torch.Tensor) -> torch.Tensor:
         """Map z to w through the mapping network."""

@@ -17,8 +17,9 @@ from torch import Tensor, nn
 
 from psp_core.errors import InputError
 from psp_core.inference import average_image, refinement_step
-from psp_core.nets.checkpoints import load_strict, read_checkpoint, save_psp
+from psp_core.nets.checkpoints import CheckpointError, load_strict, read_checkpoint, save_psp
 from psp_core.nets.psp import POOLED_SIZE, PSP
+from psp_core.nets.stylegan2 import use_exact_modulation
 from psp_core.options import RESTYLE_FAMILIES, PSPArchitecture, TrainingConfig
 from psp_core.runtime.devices import (
     MEASURED_TRAINING_PAYOFF,
@@ -117,7 +118,9 @@ class Trainer:
 
     Construction seeds the global RNGs from `config.seed` (noise draws use them); `resume` restores them instead.
     On a CPU the process keeps freed memory for the next step (`psp_core.runtime.devices.keep_freed_memory`; a process
-    that calls it before building its models gets all of the gain).
+    that calls it before building its models gets all of the gain). The generator's modulated convolutions run their
+    fused form in float32 too (`use_exact_modulation(model, False)`): the reference's operation order is for parity,
+    not for training, and costs a 16 px generator's pass 2.3-6.6x (batch 2-8, benchmarks/bench_modconv.py).
     Whether to compile is decided at the first batch (`compile: auto` needs its size, see `training_compiles`);
     compiled or not, the weights, optimiser and RNG streams are the same objects, so checkpoints and resume are too.
     """
@@ -136,6 +139,7 @@ class Trainer:
     ) -> None:
         self.model = model
         self.module: PSP = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        use_exact_modulation(self.module, False)
         self.device = self.module.decoder.input.input.device
         if self.device.type == "cpu":
             keep_freed_memory()
@@ -398,8 +402,22 @@ class Trainer:
 
     def resume(self, path: str | Path) -> None:
         """Load weights and training state from a checkpoint written by `save`, to continue where it stopped."""
-        ckpt = read_checkpoint(path)
-        if "training_state" not in ckpt:
+        self.load_training_checkpoint(read_checkpoint(path), path)
+
+    def try_resume(self, path: str | Path) -> bool:
+        """`resume` from `path` if it reads whole; a missing, partial or damaged file (a copy stopped mid-way) is
+        passed over with a warning and False, so the caller falls back to an earlier checkpoint."""
+        try:
+            ckpt = read_checkpoint(path)
+        except (CheckpointError, FileNotFoundError) as err:
+            logger.warning("not resuming from %s: %s", path, err)
+            return False
+        self.load_training_checkpoint(ckpt, path)
+        return True
+
+    def load_training_checkpoint(self, ckpt: Any, path: str | Path) -> None:
+        """Restore weights and training state from `ckpt`, a checkpoint `save` wrote (read from `path`)."""
+        if not isinstance(ckpt, dict) or "training_state" not in ckpt:
             raise ValueError(f"{path}: no training_state; it is a model checkpoint, not a resumable one")
         load_strict(self.module, ckpt["state_dict"], str(path))
         self.module.set_latent_avg(ckpt.get("latent_avg"))

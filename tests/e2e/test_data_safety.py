@@ -23,7 +23,7 @@ import yaml
 from PIL import Image
 
 from helpers.pipelines import PSP as PSP_CLI
-from helpers.pipelines import make_shards, wait_until
+from helpers.pipelines import interruptible, make_shards, wait_until
 from pipelines.cli import COMMANDS, main
 from pipelines.params.loading import ConfigError, load_section
 from pipelines.params.schema import SECTIONS, AlignConfig, ShardConfig, TrainConfig
@@ -257,7 +257,7 @@ def start_align(many_photos: Path, tmp_path: Path) -> tuple[subprocess.Popen, Pa
                                                 "report": str(tmp_path / "align.json"), "output_size": 256,
                                                 "supersample": 2, "workers": 2}}))
     process = subprocess.Popen([PSP_CLI, "align", "--params", str(params)], cwd=tmp_path,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=interruptible)
     wait_until(lambda: finished_records(out) >= 3, process, 120, "three aligned photos",
                every=0.05)
     return process, out, params
@@ -341,6 +341,11 @@ def test_help_lists_every_key_of_the_section_with_default_and_description(capsys
     ({"state_dict": ["a", "list"]}, "'state_dict' must be a dict of tensors"),
     ({"latent_avg": "mean"}, "'latent_avg' must be a tensor"),
     ({"opts": {"output_size": -64}}, "output_size must be a positive integer"),
+    ({"opts": {"encoder_num_layers": 34}}, "encoder_num_layers must be one of 50, 100, 152, got 34"),
+    ({"opts": {"encoder_mode": "foo"}}, "encoder_mode must be one of ir, ir_se, got 'foo'"),
+    ({"opts": {"n_mlp": 2000}}, "n_mlp must be in 1..8, got 2000"),
+    ({"opts": {"style_dim": 65536}}, "style_dim must be 512"),
+    ({"opts": {"output_size": 32, "encoder_input_size": 32}}, "output_size 32: the file's generator makes 16 px images"),
 ])
 def test_structurally_wrong_checkpoints_are_one_line_naming_the_key(tmp_path, monkeypatch, capsys, broken, named):
     net = PSP(PSPArchitecture(output_size=16, encoder_input_size=32))

@@ -24,7 +24,7 @@ COPIED = ["dvc.yaml", "params.yaml", ".dvc", ".dvcignore", ".gitignore", "pipeli
 
 
 def sh(args: list[str], cwd: Path, env: dict) -> str:
-    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=480)
+    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, f"{' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
     return done.stdout + done.stderr
 

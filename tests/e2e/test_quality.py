@@ -22,9 +22,11 @@ from helpers import REPO
 sys.path.insert(0, str(REPO / "benchmarks"))
 import bench_quality  # noqa: E402
 
-# ReStyle's 250 steps are set up inside the first test that needs them: 8 minutes on 2 cores here, over the
-# suite's 600 s per test on a slower machine.
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+from psp_core.editing.directions import sefa_directions  # noqa: E402
+
+# ReStyle's 250 steps are set up inside the first test that needs them: 5-9 minutes on 2 cores alone, longer on the
+# one core an xdist worker has, over the suite's 900 s per test.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 PSP_TINY = bench_quality.QualityConfig(
     steps=50, size=16, encoder_size=32, batch_size=8, train_images=128, val_images=16, eval_every=50,
@@ -56,6 +58,8 @@ def test_psp_validation_l2_falls_by_at_least_30_percent(psp_run):
     assert psp["val_l2"] <= 0.7 * psp["val_l2_before"], psp["curve"]
     assert psp["val_ms_ssim"] > psp["val_ms_ssim_before"]
     assert [point["step"] for point in psp["curve"]] == [0, PSP_TINY.steps]
+    assert 0 < psp["edit_transfer_before"] < float("inf") and 0 < psp["edit_transfer"] < float("inf")
+    assert psp["edit_transfer"] != psp["edit_transfer_before"]   # measured on the codes of each evaluation
 
 
 def test_restyle_last_iteration_validation_l2_falls_by_at_least_30_percent(restyle_run):
@@ -94,3 +98,27 @@ def test_baked_affine_maps_the_average_image_into_the_headroom():
     assert codes.shape == (6, known.n_styles, 512)
     assert float(bench_quality.style_variance(codes).mean()) > 0   # W+ codes: the layers differ
     assert torch.equal(bench_quality.sample_codes(known, 6, seed=0, mixing=True), codes)
+
+
+def test_edit_transfer_is_the_edited_images_distance_over_the_unedited_ones():
+    """The editability figure by hand: the generator's strongest SeFa direction on every style its convolutions
+    take, at EDIT_DISTANCE, on both codes; mean image L2 of the edited pair over that of the unedited pair."""
+    known = bench_quality.known_generator(16, seed=3, checkpoint=None)
+    generator = known.generator
+    true = bench_quality.sample_codes(known, 4, seed=0, mixing=False)
+    found = true + 0.3 * torch.randn(true.shape, generator=torch.Generator().manual_seed(1))
+    direction, styles = bench_quality.sefa_probe(generator)
+    assert styles == list(range(known.n_styles - 1))
+    assert torch.equal(direction, sefa_directions(generator, styles)[1][0])
+
+    def image(codes: torch.Tensor) -> torch.Tensor:
+        return generator([codes], input_is_latent=True, randomize_noise=False)[0]
+
+    shift = torch.zeros_like(true)
+    shift[:, styles] = bench_quality.EDIT_DISTANCE * direction
+    with torch.no_grad():
+        expected = float((image(found + shift) - image(true + shift)).pow(2).mean()
+                         / (image(found) - image(true)).pow(2).mean())
+        measured = bench_quality.edit_transfer(generator, found, true)
+    assert measured == pytest.approx(expected, rel=1e-5)
+    assert abs(measured - 1) > 1e-3   # the edit changes how far apart the two are: the figure says something

@@ -3,6 +3,7 @@ killed driver, the registered model loading back, and `psp submit` to a Ray head
 tests/e2e/test_object_storage.py.)"""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -18,12 +19,14 @@ import pytest
 import torch
 
 from helpers import REPO
+from helpers.ada import ada_generator, write_network_pickle
 from helpers.pipelines import (
     PSP,
     TINY_TRAIN,
     clean_env,
     descendants,
     free_port,
+    interruptible,
     make_shards,
     ray_train_workers,
     run_psp,
@@ -31,6 +34,7 @@ from helpers.pipelines import (
     write_params,
 )
 from psp_core import load_psp
+from psp_core.nets.checkpoints import read_generator_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -168,6 +172,11 @@ def test_two_workers_survive_a_killed_worker_and_a_killed_driver_and_register(tm
     assert "Objective: e4e's (l2_lambda 1, lpips_lambda 0.8, w_discriminator_lambda 0.1, delta_norm_lambda 0.0002; " \
            "progressive deltas from step 2, one layer every 1" in version.description
 
+    # every checkpoint file in Ray's storage reads whole (uploaded under a temporary name, then renamed) and no
+    # temporary one of a stopped upload is left (issue 24)
+    stored = list((tmp_path / "ray_results").glob("*/checkpoint_*/*.pt"))
+    assert stored and all("state_dict" in torch.load(p, map_location="cpu", weights_only=True) for p in stored)
+    assert not list((tmp_path / "ray_results").rglob(".*.psp-partial-*.tmp"))
     chosen = run.data.tags["psp.registered_checkpoint"]
     path = sorted((tmp_path / "ray_results").glob(f"*/checkpoint_*/{chosen}"))[-1]
     check_reference_coach_layout(path)
@@ -186,6 +195,71 @@ def test_two_workers_survive_a_killed_worker_and_a_killed_driver_and_register(tm
     assert again.returncode == 0, again.stderr[-3000:]
     assert len(finished_runs(uri)) == 1
     assert len(client.search_model_versions("name='psp-encoder'")) == 1
+
+
+def test_ctrl_c_is_one_line_marks_the_run_killed_at_its_step_and_a_rerun_resumes(tmp_path):
+    """`psp train` on a StyleGAN2-ADA network pickle (`train.generator=network-snapshot.pkl`, frozen), stopped with
+    Ctrl-C sent as a terminal sends it (SIGINT to the whole process group) once a checkpoint is saved: exit 130 and
+    the stage's one line (Ray Train's own handler would exit 1 and leave the run RUNNING), the MLflow run KILLED with
+    the step it reached, no process left; the same command resumes from the checkpoint, and the registered model's
+    generator is the pickle's, converted."""
+    make_shards(tmp_path)
+    max_steps = 6
+    snapshot = write_network_pickle(tmp_path / "network-snapshot-000100.pkl",
+                                    ada_generator(resolution=64, channel_base=32768, seed=1))
+    write_params(tmp_path, num_workers=1, max_steps=max_steps, output_size=64, generator=str(snapshot),
+                 train_decoder=False)
+    log = tmp_path / "interrupted.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([PSP, "train"], cwd=tmp_path, env=clean_env(), stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True, preexec_fn=interruptible)
+    try:
+        wait_until(lambda: registered_checkpoint_steps(tmp_path) and 3 in {s for s, _ in logged_steps(tmp_path)},
+                   proc, 300, "step 3 after the first checkpoint", log, every=0.05)
+        tree = descendants(proc.pid)
+        os.killpg(proc.pid, signal.SIGINT)
+        code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    output = log.read_text()
+    assert code == 130, output[-4000:]
+    # the stage's one line, no traceback (Ray's log monitor may still print a worker's last progress line after it)
+    assert "psp train: interrupted; finished work is kept and a rerun resumes" in output.splitlines()
+    assert "Traceback" not in output, output[-4000:]
+    _, alive = psutil.wait_procs(tree, timeout=20)
+    assert not alive, f"left behind: {[(p.pid, p.name()) for p in alive]}"
+    uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
+    [stopped] = finished_runs(uri)
+    reached = max(step for step, _ in logged_steps(tmp_path))
+    assert stopped.info.status == "KILLED" and stopped.data.tags["psp.stopped_at_step"] == str(reached)
+    assert f"stopped at step {reached}: MLflow run {stopped.info.run_id} marked KILLED" in output
+    interrupted_at = time.time()
+
+    rerun = run_psp(["train"], tmp_path)
+    assert rerun.returncode == 0, rerun.stderr[-4000:]
+    [run] = finished_runs(uri)
+    assert run.info.run_id == stopped.info.run_id and run.info.status == "FINISHED"
+    history = logged_steps(tmp_path)
+    check_resumed(attempt(history, 0, interrupted_at), attempt(history, interrupted_at, time.time() + 60),
+                  TINY_TRAIN["save_interval"], max_steps)
+    assert max(step for step, _ in history) == max_steps
+
+    # the generator came from the pickle: its digest recorded, not random, and registered as converted
+    assert run.data.tags["psp.weights.generator"] == f"sha256:{hashlib.sha256(snapshot.read_bytes()).hexdigest()}"
+    assert "generator" not in run.data.tags["psp.random_weights"]
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    version = mlflow.MlflowClient(uri, registry_uri=uri).get_model_version_by_alias("psp-encoder", "candidate")
+    assert version.run_id == run.info.run_id
+    folder = mlflow.artifacts.download_artifacts(f"models:/psp-encoder/{version.version}", dst_path=str(tmp_path / "m"))
+    registered = next(Path(folder).rglob("*.pt"))
+    converted = read_generator_checkpoint(snapshot)
+    decoder = load_psp(registered).decoder
+    assert decoder.conv_clamp == converted.generator.conv_clamp == 256
+    for name, tensor in converted.generator.state_dict().items():
+        assert torch.equal(decoder.state_dict()[name], tensor), name
 
 
 def check_repeated_steps_log_the_same_terms(client: mlflow.MlflowClient, run_id: str, steps: list[int],

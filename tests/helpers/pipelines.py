@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -84,6 +85,13 @@ def run_psp(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeo
     """Run the `psp` console script; the output is kept for assertion messages."""
     return subprocess.run([PSP, *args], cwd=cwd, env=clean_env(**(env or {})), capture_output=True, text=True,
                           timeout=timeout)
+
+
+def interruptible() -> None:
+    """`preexec_fn` of a `psp` that a test stops with Ctrl-C: SIGINT back to its default in the child. A test run
+    started as a background job of a non-interactive shell ignores SIGINT, an ignored signal stays ignored across
+    exec, and a Python started so never raises KeyboardInterrupt: the stage would run on to the end."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def free_port() -> int:

@@ -13,7 +13,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import ray
 import torch
@@ -138,6 +138,28 @@ def stage_signal_handlers() -> Iterator[None]:
     finally:
         for number, handler in saved.items():
             signal.signal(number, handler)
+
+
+def fit_keeping_signals(trainer: Any) -> Any:
+    """`trainer.fit()` with Ctrl-C left to the stage. Called from the main thread, Ray Train's `fit` puts in its own
+    SIGINT handler, which aborts the run and ends the process with status 1 before the stage can mark its MLflow run
+    or say a word; from another thread it leaves the handlers alone. So `fit` runs in a thread, and Ctrl-C (or
+    SIGTERM, which the CLI turns into the same KeyboardInterrupt) reaches the main thread while it waits."""
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as err:  # noqa: BLE001 - handed to the main thread as is
+            outcome["error"] = err
+
+    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)   # a stopped stage does not wait on it
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=0.5)   # a bounded join, so a signal's handler runs in the main thread meanwhile
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 def alive_nodes() -> list[dict]:

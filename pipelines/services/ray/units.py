@@ -1,17 +1,32 @@
 """The job invert and edit share: units of input (one output file each) read as one Ray block apiece, mapped
 through an actor pool that holds the model, and streamed back to the driver, where each unit's rows are
-gathered until the unit is complete, so a stopped run keeps every finished unit."""
+gathered until the unit is complete, so a stopped run keeps every finished unit.
+
+Each output file records in its schema metadata (`UNIT_KEY_METADATA`) the key of what it was made from
+(`unit_key`: the model, the settings that change the output, the unit's input content); a rerun keeps a file
+only when its recorded key is the key of the unit now (`recorded_key`), and redoes the unit otherwise."""
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping, Protocol
+from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 from ray.data import ActorPoolStrategy
 
+from pipelines.services import storage
 from pipelines.services.ray.cluster import ResourceRequest
+from psp_core.runtime.devices import resolve_precision
+
+UNIT_KEY_METADATA = b"psp.unit"
+"""The schema-metadata key under which an output file of a unit job holds its unit's key."""
+RUN_ONLY_SETTINGS = frozenset({"batch_size", "num_actors", "cpus_per_actor", "use_gpu", "compile", "compile_cache",
+                               "precision"})
+"""Actor-pool settings that decide where and how fast units run, not what they hold (the precision enters the
+key as resolved on this hardware, `output_settings`)."""
 
 
 class PoolSettings(Protocol):
@@ -53,6 +68,32 @@ def map_units(items: list[dict[str, Any]], read: Callable[..., pa.Table], actor:
         actor, fn_constructor_kwargs=dict(actor_kwargs or {}), compute=ActorPoolStrategy(size=pool.size),
         batch_size=pool.batch_size, batch_format="pyarrow", num_cpus=pool.cpus, num_gpus=1 if pool.use_gpu else 0)
     yield from mapped.iter_batches(batch_size=None, batch_format="pyarrow")
+
+
+def output_settings(settings: Mapping[str, Any], model_ref: str, ignored: Iterable[str] = ()) -> dict[str, Any]:
+    """What decides a unit job's outputs besides each unit's input: the model, the stage's `settings` (a params
+    section as JSON, plus any digests the stage adds) less the run-only ones and `ignored` (paths, reports, what
+    a unit's content already covers), and the precision as the actors resolve it on this hardware."""
+    device = "cuda" if settings.get("use_gpu") else "cpu"
+    dropped = RUN_ONLY_SETTINGS | set(ignored)
+    return {"model": model_ref, "precision": resolve_precision(settings.get("precision", "fp32"), device),
+            "settings": {k: v for k, v in settings.items() if k not in dropped}}
+
+
+def unit_key(settings: Mapping[str, Any], content: str) -> str:
+    """The "already done" key of one output unit: a hash of `settings` (`output_settings`) and of `content`, a
+    digest of the unit's input; an output file recorded under another key is stale and redone."""
+    document = json.dumps({"settings": settings, "input": content}, sort_keys=True, default=str)
+    return hashlib.sha256(document.encode()).hexdigest()
+
+
+def recorded_key(path: str | storage.Location) -> str | None:
+    """The unit key an output file was written under (None: missing, unreadable, or not a unit job's file)."""
+    try:
+        value = (storage.parquet_schema(path).metadata or {}).get(UNIT_KEY_METADATA)
+    except (OSError, pa.ArrowException):
+        return None
+    return None if value is None else value.decode(errors="replace")
 
 
 class UnitCollector:

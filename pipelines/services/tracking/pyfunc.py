@@ -39,6 +39,8 @@ def image_batch(array: np.ndarray, channels: int) -> torch.Tensor:
         return torch.from_numpy(array.astype(np.uint8)).permute(0, 3, 1, 2)
     if array.shape[1] != channels:
         raise InputError(f"float images must be [N, {channels}, H, W] in [-1, 1], got shape {array.shape}")
+    if not np.issubdtype(array.dtype, np.floating) or not np.isfinite(array).all():
+        raise InputError(f"float images must be finite numbers in [-1, 1] (no NaN or Inf), got dtype {array.dtype}")
     return (torch.from_numpy(array.astype(np.float32)) + 1) / 2
 
 
@@ -55,7 +57,7 @@ class PSPEncoderModel(mlflow.pyfunc.PythonModel):
         params = {**PARAMS, **(params or {})}
         images = image_batch(np.asarray(model_input), image_channels(self.model.net))
         source, _ = self.model.prepare(images, images)
-        final = self.model.invert(source, int(params["n_iters"]))[-1]
+        final = self.model.invert(source, params["n_iters"])[-1]   # checked there: an integer in 1..20, as the CLI's
         latents = final.latents.float().cpu().numpy()
         if not params["return_images"]:
             return latents

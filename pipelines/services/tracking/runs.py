@@ -21,6 +21,7 @@ from pipelines.services.tracking.vocabulary import (
     MLFLOW_PARAM_VALUE_LIMIT,
     REGISTERED_CHECKPOINT_TAG,
     RUN_NAME_TAG,
+    STOPPED_AT_STEP_TAG,
     VERSION_TAG,
 )
 
@@ -62,6 +63,14 @@ class TrainingRun:
     def fail(self) -> None:
         """Mark the run FAILED (training raised)."""
         client().set_terminated(self.run_id, "FAILED")
+
+    def stop(self) -> int:
+        """Mark the run KILLED (stopped by Ctrl-C or SIGTERM) with the last step it logged, as a tag; returns that
+        step. A rerun of the same command resumes the run (RUNNING again) from its latest checkpoint."""
+        step = int(client().get_run(self.run_id).data.metrics.get("step", 0))
+        client().set_tag(self.run_id, STOPPED_AT_STEP_TAG, str(step))
+        client().set_terminated(self.run_id, "KILLED")
+        return step
 
     def finish(self) -> None:
         """Mark the run FINISHED."""

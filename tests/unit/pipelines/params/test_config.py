@@ -74,3 +74,35 @@ def test_a_relative_compile_cache_is_made_absolute_where_the_command_runs(tmp_pa
     path.write_text("invert:\n  compile_cache: s3://bucket/cache\n")
     with pytest.raises(ConfigError, match=r"^invert\.compile_cache: .*a local folder .*not a URI"):
         load_section("invert", InvertConfig, [], path)
+
+
+@pytest.mark.parametrize("section, override, key", [
+    ("edit", "edits=[{kind: ganspace, directions: [[0, 0, 4, .nan]]}]", "edit.edits.0.ganspace.directions.0.3"),
+    ("edit", "edits=[{kind: ganspace, directions: [[0, 0, 4, .inf]]}]", "edit.edits.0.ganspace.directions.0.3"),
+    ("edit", "edits=[{kind: sefa, end: -.inf}]", "edit.edits.0.sefa.end"),
+    ("invert", "mix_alpha=.nan", "invert.mix_alpha"),
+    ("train", "loss={l2_lambda: .nan}", "train.loss.l2_lambda"),
+    ("train", "learning_rate=.inf", "train.learning_rate"),
+    ("align", "threshold=.nan", "align.threshold"),
+])
+def test_non_finite_numbers_are_refused_in_every_section(tmp_path, section, override, key):
+    from pipelines.params.schema import SECTIONS
+
+    path = tmp_path / "params.yaml"
+    path.write_text("{}\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)}: .*finite") as err:
+        load_section(section, SECTIONS[section], [override], path)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\xff\xfeedit:\n  grid_images: 4\n", r"params\.yaml: not UTF-8 text \(byte 0\)"),
+    (b"edit:\n  grid_images: &a [*a]\n", r"params\.yaml: a YAML alias refers to itself \(recursive"),
+    (b"edit: &a\n  x: *a\n", r"params\.yaml: a YAML alias refers to itself \(recursive"),
+    (b"edit:\n  grid_images: [1, 2\n  x: }\n", r"params\.yaml: not valid YAML: .* \(line 3, column 4\)"),
+])
+def test_a_damaged_params_file_is_one_line_and_exit_2(tmp_path, capsys, content, message):
+    (tmp_path / "params.yaml").write_bytes(content)
+    assert main(["edit", "--params", str(tmp_path / "params.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(message, err), err

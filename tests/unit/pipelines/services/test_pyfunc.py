@@ -20,9 +20,11 @@ import torch
 from helpers.pipelines import clean_env, free_port
 from helpers.tracking import tracking_store
 from pipelines.services import tracking
+from pipelines.services.tracking.pyfunc import PSPEncoderModel
 from psp_core import PSP, PSPArchitecture, refine, save_psp
 from psp_core.data.presets import PresetTransform, get_preset
 from psp_core.errors import InputError
+from psp_core.inference import InferenceModel
 
 NAME = "restyle-encoder"
 
@@ -74,6 +76,23 @@ def test_pyfunc_takes_pixels_and_floats_and_params(registered):
         model.predict(np.full((1, 8, 8, 3), 300, dtype=np.int64))
     with pytest.raises(InputError, match=r"\[N, 3, H, W\]"):
         model.predict(np.zeros((1, 8, 8, 3), dtype=np.float32))
+
+
+def test_non_finite_pixels_and_iteration_counts_outside_the_clis_bounds_are_refused(registered):
+    """NaN / Inf images gave NaN codes, `n_iters: 0` ran as 5 and 100 was accepted: the CLI's bounds (1..20)."""
+    _, _, net = registered
+    model = PSPEncoderModel()
+    model.model = InferenceModel(net, "encode")
+    floats = np.zeros((1, 3, 8, 8), dtype=np.float32)
+    for value in (np.nan, np.inf, -np.inf):
+        floats[0, 0, 0, 0] = value
+        with pytest.raises(InputError, match=r"float images must be finite"):
+            model.predict(None, floats)
+    pixels = np.zeros((1, 8, 8, 3), dtype=np.uint8)
+    for n_iters in (0, -1, 21, 100, True, 2.5, "3"):
+        with pytest.raises(InputError, match=r"n_iters must be an integer in 1\.\.20"):
+            model.predict(None, pixels, params={"n_iters": n_iters})
+    assert model.predict(None, pixels, params={"n_iters": 20}).shape == (1, net.n_styles, 512)
 
 
 @pytest.mark.slow

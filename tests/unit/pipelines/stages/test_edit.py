@@ -9,6 +9,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -21,7 +22,7 @@ from pipelines.cli import main
 from pipelines.params.schema import EditConfig
 from pipelines.services import storage
 from pipelines.services.tracking import resolve_model
-from pipelines.stages.edit import build_directions
+from pipelines.stages.edit import build_directions, edit_settings, plan_units, read_inversion
 from psp_core import PSP, PSPArchitecture, load_psp, save_psp
 from psp_core.editing.directions import FFHQ_DIRECTIONS, GanspacePCA, ganspace, sefa_directions
 from psp_core.errors import InputError
@@ -181,6 +182,58 @@ def test_direction_files_and_styles_are_checked_against_the_model(tmp_path, mode
     twice = [{"kind": "interfacegan", "direction": str(tmp_path / "w.pt")}] * 2
     with pytest.raises(InputError, match="two edits make a direction named w: give one of them another name"):
         build_directions(EditConfig(edits=twice), net.decoder, net.n_styles)
+
+
+def test_a_unit_key_covers_the_model_the_edits_the_precision_and_the_input_bytes(tmp_path, model_file):
+    net = load_psp(model_file)
+    model_ref = resolve_model(str(model_file)).pinned
+    write_inversion(tmp_path / "latents", net, model_ref)
+    inversion = read_inversion(tmp_path / "latents")
+
+    def keys(model: str = model_ref, **settings) -> list[str]:
+        cfg = EditConfig(**{"precision": "fp32", **settings})
+        return [u.key for u in plan_units(inversion, edit_settings(model, cfg))]
+
+    assert keys(batch_size=3, num_actors=2, grid_images=2, grid_tile=64, output_dir=tmp_path / "x") == keys()
+    for setting in ({"precision": "bf16"}, {"edits": [{"kind": "sefa", "top_k": 2}]},
+                    {"edits": [{"kind": "sefa", "start": -1.0}]}):
+        assert all(a != b for a, b in zip(keys(**setting), keys())), setting
+    assert all(a != b for a, b in zip(keys("models:/psp-encoder/9"), keys()))
+    before = keys()
+    table = pq.read_table(tmp_path / "latents" / "shard-00001.parquet")
+    pq.write_table(table.slice(1), tmp_path / "latents" / "shard-00001.parquet")   # that input file changed
+    inversion = read_inversion(tmp_path / "latents")
+    assert [a == b for a, b in zip(keys(), before)] == [True, False]
+
+
+def test_an_inversion_file_that_is_not_the_one_its_manifest_describes_is_refused(tmp_path, model_file):
+    net = load_psp(model_file)
+    write_inversion(tmp_path / "latents", net, resolve_model(str(model_file)).pinned)
+    manifest = json.loads((tmp_path / "latents" / "manifest.json").read_text())
+    manifest["files"][0]["key"] = "0" * 64          # the key invert wrote it under; the file has none (or another)
+    (tmp_path / "latents" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(InputError, match=r"shard-00000\.parquet is not the file .*manifest\.json describes"):
+        read_inversion(tmp_path / "latents")
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda t: t.drop(["variant"]), r"shard-00000\.parquet: no 'variant' column"),
+    (lambda t: t.drop(["error"]), r"shard-00000\.parquet: no 'error' column"),
+    (lambda t: t.set_column(t.schema.get_field_index("error"), "error", pa.nulls(t.num_rows, pa.string())),
+     r"shard-00000\.parquet: 1 code to edit \(variant 0, no error\) is null"),
+])
+def test_a_damaged_inversion_file_is_one_line_and_exit_2(tmp_path, model_file, capsys, damage, message):
+    net = load_psp(model_file)
+    write_inversion(tmp_path / "latents", net, resolve_model(str(model_file)).pinned)
+    path = tmp_path / "latents" / "shard-00000.parquet"
+    table = pq.read_table(path)
+    pq.write_table(damage(table).replace_schema_metadata(table.schema.metadata), path)
+    params = write_edit_params(tmp_path, model=str(model_file), input=str(tmp_path / "latents"),
+                               output_dir=str(tmp_path / "edits"))
+    assert main(["edit", "--params", str(params)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(message, err), err
+    assert not (tmp_path / "edits").exists()
 
 
 def test_the_shipped_ffhq_directions_fit_the_ffhq_generator():

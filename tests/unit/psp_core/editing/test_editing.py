@@ -53,6 +53,28 @@ def test_a_direction_of_the_wrong_shape_is_one_line_naming_the_file(tmp_path):
         GanspacePCA.load(tmp_path / "pca.pt")
 
 
+def test_direction_files_of_non_finite_or_complex_numbers_are_one_line_naming_the_file(tmp_path):
+    bad = {"nan": torch.full((1, 512), float("nan")), "inf": torch.full((1, 512), float("inf")),
+           "complex": torch.zeros(1, 512, dtype=torch.complex64), "int": torch.zeros(1, 512, dtype=torch.int64)}
+    for name, value in bad.items():
+        torch.save(value, tmp_path / f"{name}.pt")
+        with pytest.raises(InputError, match=rf"{name}\.pt: .*(real floating-point|not finite)") as err:
+            load_interfacegan(tmp_path / f"{name}.pt", 18)
+        assert "\n" not in str(err.value)
+    pca = {"mean": torch.zeros(1, 512), "comp": torch.zeros(4, 1, 512), "std": torch.ones(4)}
+    cases = {"nan_comp": ({"comp": torch.full((4, 1, 512), float("nan"))}, r"comp .*not finite"),
+             "inf_std": ({"std": torch.full((4,), float("inf"))}, r"std .*not finite"),
+             "zero_std": ({"std": torch.zeros(4)}, r"std .*> 0"),
+             "complex_mean": ({"mean": torch.zeros(1, 512, dtype=torch.complex64)}, r"mean .*real floating-point"),
+             "wide_mean": ({"mean": torch.zeros(2, 512)}, r"shapes mean \[2, 512\]"),        # item 9: tracebacked
+             "list_mean": ({"mean": [0.0] * 512}, r"mean is a list, not a tensor")}
+    for name, (change, message) in cases.items():
+        torch.save({**pca, **change}, tmp_path / f"{name}.pt")
+        with pytest.raises(InputError, match=rf"{name}\.pt: .*{message}") as err:
+            GanspacePCA.load(tmp_path / f"{name}.pt")
+        assert "\n" not in str(err.value)
+
+
 def test_ganspace_matches_a_hand_computation(codes):
     pca = GanspacePCA.load(FFHQ_DIRECTIONS / "ganspace_ffhq_pca.pt")
     assert pca.comp.shape == (80, 1, 512) and pca.std.shape == (80,)

@@ -31,6 +31,7 @@ from psp_core import (
     refine,
 )
 from psp_core.inference import average_image
+from psp_core.nets.stylegan2 import ModulatedConv2d
 from psp_core.runtime.devices import use_ieee_fp32
 
 DEVICE = torch.device(os.environ.get("PSP_TEST_DEVICE", "cpu"))
@@ -43,6 +44,15 @@ def no_grad():
         use_ieee_fp32()
     with torch.no_grad():
         yield
+
+
+@pytest.fixture(autouse=True)
+def reference_form_only(monkeypatch):
+    """Parity is the reference's operation order: a modulated convolution that takes the fused form fails the test
+    (`ModulatedConv2d.exact`, the default for a loaded or built network; the trainer turns it off)."""
+    def refuse(self, x, style):
+        raise AssertionError("a parity path ran the fused modulated convolution")
+    monkeypatch.setattr(ModulatedConv2d, "fused", refuse)
 
 
 def on_device(array: np.ndarray) -> torch.Tensor:

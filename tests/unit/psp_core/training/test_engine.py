@@ -22,6 +22,7 @@ from helpers.training import (
 )
 from psp_core import PSPArchitecture, load_psp
 from psp_core.data.presets import PresetTransform, get_preset
+from psp_core.nets.stylegan2 import ModulatedConv2d
 from psp_core.training.engine import (
     BEST_CHECKPOINT,
     LAST_CHECKPOINT,
@@ -155,6 +156,27 @@ def test_bf16_step_and_fp16_refused_on_cpu(tiny_model):
     assert bf16_loss != fp32_loss and bf16_loss == pytest.approx(fp32_loss, rel=0.02)
     with pytest.raises(ValueError, match="fp16"):
         Trainer(copy.deepcopy(tiny_model), loss, TrainingConfig(precision="fp16"))
+
+
+def test_float32_training_runs_the_fused_modulated_convolution(tiny_model, monkeypatch):
+    """The trainer switches the generator to the fused form: a float32 step that reached the reference's grouped
+    form fails here; the same network out of the trainer (a copy) still runs the reference's form."""
+    def refuse(self, x, style):
+        raise AssertionError("this form of the modulated convolution must not run here")
+
+    images = smooth_images(2, seed=5)
+    untouched = copy.deepcopy(tiny_model)
+    trainer = Trainer(copy.deepcopy(tiny_model), PSPLoss(LossWeights(l2_lambda=1.0, lpips_lambda=0.0)),
+                      TrainingConfig(max_steps=1, precision="fp32"))
+    convs = [m for m in trainer.module.modules() if isinstance(m, ModulatedConv2d)]
+    assert convs and not any(conv.exact for conv in convs)
+    with monkeypatch.context() as patch:
+        patch.setattr(ModulatedConv2d, "grouped", refuse)
+        metrics, _ = trainer.train_step(F.interpolate(images, size=32) * 2 - 1, images * 2 - 1)
+        assert torch.isfinite(torch.tensor(metrics["loss"]))
+    with monkeypatch.context() as patch, torch.no_grad():
+        patch.setattr(ModulatedConv2d, "fused", refuse)
+        untouched.decoder([torch.randn(1, untouched.n_styles, 512)], input_is_latent=True, randomize_noise=False)
 
 
 def test_comparison_grid_shows_any_input_kind():

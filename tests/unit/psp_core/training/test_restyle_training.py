@@ -26,6 +26,7 @@ from psp_core import PSPArchitecture, build_psp, load_psp
 from psp_core.data.presets import PresetTransform, get_preset
 from psp_core.nets.irse import IRSEBackbone
 from psp_core.nets.psp import PSP
+from psp_core.nets.stylegan2 import use_exact_modulation
 from psp_core.training.engine import LAST_CHECKPOINT, Trainer, TrainingConfig, prepare_for_training
 from psp_core.training.losses import LossWeights, PSPLoss
 
@@ -76,8 +77,9 @@ def coach_gradients(model: PSP, source: torch.Tensor, target: torch.Tensor, loss
                     seed: int) -> dict[str, torch.Tensor]:
     """The reference coach's gradients for one batch, written out here on the bare network: iteration 0 encodes
     cat(x, average image) from latent_avg, iteration i cat(x, pooled last output) from the last latent, both
-    detached; each iteration's loss back-propagated into the same .grad; no optimiser step."""
-    model = copy.deepcopy(model)
+    detached; each iteration's loss back-propagated into the same .grad; no optimiser step. The generator runs the
+    trainer's (fused) form of the modulated convolution: the procedure is compared here, not the operation order."""
+    model = use_exact_modulation(copy.deepcopy(model), False)
     prepare_for_training(model, train_decoder=False)
     model.train()
     model.decoder.eval()

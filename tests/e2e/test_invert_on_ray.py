@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 from pathlib import Path
 
@@ -83,6 +84,15 @@ def test_latents_decode_to_the_reconstruction_and_variants_mix(tmp_path, model_f
     stored = np.asarray(Image.open(io.BytesIO(row["reconstruction"])), dtype=np.int16)
     ours = ((decoded[0].clamp(-1, 1) + 1) * 127.5).round().permute(1, 2, 0).numpy().astype(np.int16)
     assert np.abs(stored - ours).max() <= 1, "a variant's image is its mixed code decoded"
+
+    # other settings redo every file (none is "already done"), and the manifest describes the files it lists
+    write_invert_params(tmp_path, model_file, n_outputs=0, split="test")
+    done = subprocess.run([PSP, "invert"], cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "(0 files already done)" in done.stdout, done.stderr[-3000:]
+    manifest = json.loads((tmp_path / "latents" / "manifest.json").read_text())
+    rows = read_outputs(tmp_path / "latents")
+    assert manifest["n_outputs"] == 0 and {r["variant"] for r in rows} == {0}
+    assert sum(e["rows"] for e in manifest["files"]) == len(rows) == sum(r["split"] == "test" for r in shard)
 
 
 def test_imported_parity_checkpoint_inverts_through_ray_data(tmp_path):
