@@ -139,6 +139,7 @@ def objects(uri: str) -> dict[str, tuple[int, int]]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)   # two Ray nodes training beside the other xdist worker's run: 4-5 min, slower under load
 def test_shard_train_invert_and_dvc_on_object_storage(tmp_path, s3_server, monkeypatch):
     for name, value in s3_server.env().items():     # Ray's nodes and every `psp` inherit the AWS environment
         monkeypatch.setenv(name, value)
@@ -304,6 +305,11 @@ class MlflowServer:
             self.proc.wait()
 
 
+WAIT_S = 600
+"""How long the two-node training may take to reach each point: a hang guard (240 s was once not enough beside the
+other xdist worker's runs)."""
+
+
 def train_with_a_killed_worker(root: Path, env: dict[str, str], checkpoints: str) -> tuple[float, float]:
     """Run `psp train`; SIGKILL one worker once Ray Train has registered a checkpoint in the bucket (its
     snapshot lists one); wait for the run to finish. Returns (when the worker was killed, when the
@@ -313,15 +319,15 @@ def train_with_a_killed_worker(root: Path, env: dict[str, str], checkpoints: str
         proc = subprocess.Popen([PSP, "train"], cwd=root, env=clean_env(**env), stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait_until(lambda: registered_checkpoints(checkpoints), proc, 240, "an S3 checkpoint", log)
+        wait_until(lambda: registered_checkpoints(checkpoints), proc, WAIT_S, "an S3 checkpoint", log)
         # this test's descendants, not the driver's: the Cluster's raylets are this process's children
-        workers = wait_until(ray_train_workers, proc, 240, "the training workers", log)
+        workers = wait_until(ray_train_workers, proc, WAIT_S, "the training workers", log)
         first = {w.pid for w in workers}
         workers[-1].kill()
         killed_at = time.time()
-        wait_until(lambda: {w.pid for w in ray_train_workers()} - first, proc, 240, "restarted workers", log)
+        wait_until(lambda: {w.pid for w in ray_train_workers()} - first, proc, WAIT_S, "restarted workers", log)
         restarted_at = time.time()
-        assert proc.wait(timeout=300) == 0, log.read_text()[-4000:]
+        assert proc.wait(timeout=WAIT_S) == 0, log.read_text()[-4000:]
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
