@@ -110,7 +110,7 @@ def test_two_workers_survive_a_killed_worker_and_a_killed_driver_and_register(tm
                                 start_new_session=True)
     try:
         wait_until(lambda: registered_checkpoint_steps(tmp_path) and 3 in {s for s, _ in logged_steps(tmp_path)},
-                   proc, 300, "step 3 after the first checkpoint", log, every=0.05)
+                   proc, 600, "step 3 after the first checkpoint", log, every=0.05)
         workers = wait_until(lambda: ray_train_workers(proc.pid), proc, 60, "a training worker", log)
         first_workers = {w.pid for w in workers}
         assert max(step for step, _ in logged_steps(tmp_path)) < max_steps, "the worker must die before the last step"
@@ -119,8 +119,8 @@ def test_two_workers_survive_a_killed_worker_and_a_killed_driver_and_register(tm
         worker_killed = time.time()
 
         # the restarted workers (new processes) train again: then the driver goes, SIGKILL
-        wait_until(lambda: {w.pid for w in ray_train_workers(proc.pid)} - first_workers, proc, 300, "restarted workers", log)
-        wait_until(lambda: attempt(logged_steps(tmp_path), worker_killed + 5, time.time() + 60), proc, 300,
+        wait_until(lambda: {w.pid for w in ray_train_workers(proc.pid)} - first_workers, proc, 600, "restarted workers", log)
+        wait_until(lambda: attempt(logged_steps(tmp_path), worker_killed + 5, time.time() + 60), proc, 600,
                    "a step of the restarted workers", log, every=0.05)
         assert max(step for step, _ in logged_steps(tmp_path)) < max_steps, "the driver must die before the end"
         tree = descendants(proc.pid)
@@ -215,7 +215,7 @@ def test_ctrl_c_is_one_line_marks_the_run_killed_at_its_step_and_a_rerun_resumes
                                 start_new_session=True, preexec_fn=interruptible)
     try:
         wait_until(lambda: registered_checkpoint_steps(tmp_path) and 3 in {s for s, _ in logged_steps(tmp_path)},
-                   proc, 300, "step 3 after the first checkpoint", log, every=0.05)
+                   proc, 600, "step 3 after the first checkpoint", log, every=0.05)
         tree = descendants(proc.pid)
         os.killpg(proc.pid, signal.SIGINT)
         code = proc.wait(timeout=60)
