@@ -37,7 +37,7 @@ from pipelines.params.loading import load_section
 from pipelines.params.schema import SAFE_NAME, EditConfig, GanspaceParams, InterfaceganParams, SefaParams
 from pipelines.services import storage, tracking
 from pipelines.services.ray import ActorPool, UnitCollector, connect, map_units
-from pipelines.services.ray.units import UNIT_KEY_METADATA, output_settings, recorded_key, unit_key
+from pipelines.services.ray.units import UNIT_KEY_METADATA, output_metadata, output_settings, recorded_key, unit_key
 from pipelines.services.storage import OUTPUT_MARKER, file_digest, write_json_atomic
 from pipelines.services.tracking import ResolvedModel, resolve_model
 from pipelines.stages.edit_actor import (
@@ -314,10 +314,7 @@ def unit_done(out: storage.Location, unit: EditUnit, present: set[str]) -> bool:
 
 def is_ours(path: storage.Location) -> bool:
     """Whether a Parquet file is an edit output file (its metadata holds a unit key, or an earlier version's)."""
-    try:
-        return bool({UNIT_KEY_METADATA, LEGACY_KEY_METADATA} & set(storage.parquet_schema(path).metadata or {}))
-    except (OSError, pa.ArrowException):
-        return False
+    return bool({UNIT_KEY_METADATA, LEGACY_KEY_METADATA} & output_metadata(path).keys())
 
 
 def listed_images(path: storage.Location) -> set[str]:

@@ -29,7 +29,7 @@ from pipelines.params.loading import load_section
 from pipelines.params.schema import AlignConfig, InvertConfig
 from pipelines.services import storage, tracking
 from pipelines.services.ray import ActorPool, UnitCollector, connect, map_units
-from pipelines.services.ray.units import UNIT_KEY_METADATA, output_settings, recorded_key, unit_key
+from pipelines.services.ray.units import UNIT_KEY_METADATA, output_metadata, output_settings, recorded_key, unit_key
 from pipelines.services.storage import list_folder, write_json_atomic
 from pipelines.services.tracking import resolve_model
 from pipelines.stages.align import align_folder
@@ -207,11 +207,7 @@ def invert_units(cfg: InvertConfig, source: storage.StageInput, folder: storage.
 
 def written_here(path: storage.Location) -> bool:
     """Whether a Parquet file in the output folder is an output file of this stage (by its schema metadata)."""
-    try:
-        metadata = storage.parquet_schema(path).metadata or {}
-    except (OSError, pa.ArrowException):
-        return False
-    return UNIT_KEY_METADATA in metadata or MODEL_METADATA_KEY in metadata
+    return bool({UNIT_KEY_METADATA, MODEL_METADATA_KEY} & output_metadata(path).keys())
 
 
 def manifest_files(units: list[InputUnit], keys: dict[str, str]) -> list[dict[str, Any]]:

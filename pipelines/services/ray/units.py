@@ -87,12 +87,18 @@ def unit_key(settings: Mapping[str, Any], content: str) -> str:
     return hashlib.sha256(document.encode()).hexdigest()
 
 
+def output_metadata(path: str | storage.Location) -> dict[bytes, bytes]:
+    """A unit job's output file's schema metadata ({}: missing, unreadable, or none): how a stage tells its own
+    files and the key each was written under."""
+    try:
+        return dict(storage.parquet_schema(path).metadata or {})
+    except (OSError, pa.ArrowException):
+        return {}
+
+
 def recorded_key(path: str | storage.Location) -> str | None:
     """The unit key an output file was written under (None: missing, unreadable, or not a unit job's file)."""
-    try:
-        value = (storage.parquet_schema(path).metadata or {}).get(UNIT_KEY_METADATA)
-    except (OSError, pa.ArrowException):
-        return None
+    value = output_metadata(path).get(UNIT_KEY_METADATA)
     return None if value is None else value.decode(errors="replace")
 
 
