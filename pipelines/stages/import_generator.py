@@ -8,14 +8,16 @@ from pathlib import Path
 
 from pipelines.services.storage import write_json_atomic
 from pipelines.services.storage.files import file_digest
+from pipelines.services.tracking import fetch_weights
 from psp_core.errors import InputError
 from psp_core.nets.ada_generator import NETWORKS, read_ada_generator
 from psp_core.nets.checkpoints import save_generator
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("pickle", type=Path, metavar="NETWORK_PKL",
-                        help="StyleGAN2-ADA network pickle, read as data: nothing in it is imported or run")
+    parser.add_argument("pickle", metavar="NETWORK_PKL",
+                        help="StyleGAN2-ADA network pickle, read as data: nothing in it is imported or run (a local "
+                             "path, or an object-store URI fetched once into the weights cache)")
     parser.add_argument("output", type=Path, metavar="OUT_PT",
                         help="generator file to write ({'g_ema', 'latent_avg'}), with OUT_PT.json beside it")
     parser.add_argument("--network", choices=NETWORKS, default="G_ema",
@@ -35,17 +37,18 @@ def sidecar_path(output: Path) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     output, sidecar = args.output, sidecar_path(args.output)
-    if output.resolve() == args.pickle.resolve():
+    source = fetch_weights(args.pickle)
+    if output.resolve() == source.resolve():
         raise InputError(f"{output}: the output would replace the pickle it is converted from")
     for existing in (output, sidecar):
         if existing.is_dir():
             raise InputError(f"{existing}: a folder; name a file to write")
         if existing.exists() and not args.force:
             raise InputError(f"{existing} exists; pass --force to replace it")
-    converted = read_ada_generator(args.pickle, args.network)
+    converted = read_ada_generator(source, args.network)
     save_generator(converted.generator, converted.latent_avg, output)
     write_json_atomic(sidecar, {
-        "source": args.pickle.name, "source_sha256": file_digest(args.pickle), "network": args.network,
+        "source": Path(source).name, "source_sha256": file_digest(source), "network": args.network,
         "format": "stylegan2-ada network pickle, read as data", "config": converted.config.as_dict(),
         "output": output.name, "output_sha256": file_digest(output), "n_latent": converted.generator.n_latent,
     })

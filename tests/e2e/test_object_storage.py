@@ -78,6 +78,29 @@ def test_shard_readers_work_on_a_bucket_and_check_it(tmp_path, s3_server, monkey
         shard_paths(folder, filesystem=filesystem)
 
 
+def test_import_generator_reads_a_pickle_from_a_bucket(tmp_path, s3_server, monkeypatch, capsys):
+    """`psp import-generator s3://.../network.pkl OUT`: the pickle comes through the weights cache, and the file
+    written is the one a local copy of the same pickle gives."""
+    from helpers.ada import ada_generator, write_network_pickle
+    from pipelines.cli import main
+
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))   # a weights cache of its own
+    local = write_network_pickle(tmp_path / "network-snapshot-000300.pkl", ada_generator(seed=3))
+    uri = f"s3://{s3_server.bucket}/weights/network-snapshot-000300.pkl"
+    storage.write_bytes_atomic(uri, local.read_bytes())
+    assert main(["import-generator", uri, str(tmp_path / "from_bucket.pt")]) == 0
+    assert main(["import-generator", str(local), str(tmp_path / "from_disk.pt")]) == 0
+    capsys.readouterr()
+    from_bucket = torch.load(tmp_path / "from_bucket.pt", weights_only=True)
+    from_disk = torch.load(tmp_path / "from_disk.pt", weights_only=True)
+    assert from_bucket.keys() == from_disk.keys()
+    assert all(torch.equal(v, from_disk["g_ema"][k]) for k, v in from_bucket["g_ema"].items())
+    sidecar = json.loads((tmp_path / "from_bucket.pt.json").read_text())
+    assert sidecar["source_sha256"] == hashlib.sha256(local.read_bytes()).hexdigest()
+
+
 def test_data_path_settings_keep_uris_and_refuse_credentials():
     train = TrainConfig(shards="s3://bucket/shards/", generator="models:/gen/1", irse50="weights/ir.pth")
     assert (train.shards, train.generator, train.irse50) == ("s3://bucket/shards", "models:/gen/1", Path("weights/ir.pth"))
