@@ -144,7 +144,8 @@ def fit_keeping_signals(trainer: Any) -> Any:
     """`trainer.fit()` with Ctrl-C left to the stage. Called from the main thread, Ray Train's `fit` puts in its own
     SIGINT handler, which aborts the run and ends the process with status 1 before the stage can mark its MLflow run
     or say a word; from another thread it leaves the handlers alone. So `fit` runs in a thread, and Ctrl-C (or
-    SIGTERM, which the CLI turns into the same KeyboardInterrupt) reaches the main thread while it waits."""
+    SIGTERM, which the CLI turns into the same KeyboardInterrupt) reaches the main thread while it waits. Stopped,
+    it leaves Ray first: the run's actors end, and the traceback a dying Ray helper prints never reaches the user."""
     outcome: dict[str, Any] = {}
 
     def fit() -> None:
@@ -155,8 +156,12 @@ def fit_keeping_signals(trainer: Any) -> Any:
 
     thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)   # a stopped stage does not wait on it
     thread.start()
-    while thread.is_alive():
-        thread.join(timeout=0.5)   # a bounded join, so a signal's handler runs in the main thread meanwhile
+    try:
+        while thread.is_alive():
+            thread.join(timeout=0.5)   # a bounded join, so a signal's handler runs in the main thread meanwhile
+    except KeyboardInterrupt:
+        ray.shutdown()   # at once: ends the run's actors and stops relaying their logs (Ray's teardown noise)
+        raise
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]
