@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from pipelines.params.schema import SECTIONS, describe
+from pipelines.services.storage.credentials import scrub
 from psp_core.errors import InputError
 
 USER_ERRORS = (InputError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
@@ -75,6 +76,13 @@ def _terminate(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+class ScrubbingFormatter(logging.Formatter):
+    """Log lines with credentials removed (`scrub`): whatever a message quotes, no secret reaches the terminal."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return scrub(super().format(record))
+
+
 def _help_epilog(name: str, command: Command, notes: str | None) -> str:
     """The notes a module gives, every key of its params section (from the schema), and an example."""
     parts = [notes] if notes else []
@@ -114,18 +122,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse the command line, run the chosen stage, and turn user errors and interrupts into one line."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser(argv).parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    handler = logging.StreamHandler()
+    handler.setFormatter(ScrubbingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler])
     logging.captureWarnings(True)
     signal.signal(signal.SIGTERM, _terminate)
     try:
         module = importlib.import_module(COMMANDS[args.command].module)
         return int(module.run(args) or 0)
     except USER_ERRORS as err:
-        print(f"psp {args.command}: error: {err}", file=sys.stderr)
+        print(f"psp {args.command}: error: {scrub(str(err))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         how, code = ("terminated", 143) if _TERMINATED else ("interrupted", 130)

@@ -8,6 +8,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from pipelines.params.schema import SECTIONS, StageConfig
+from pipelines.services.storage.credentials import has_credentials
 from psp_core.errors import InputError
 
 DEFAULT_PARAMS = Path("params.yaml")
@@ -134,7 +135,13 @@ def load_section(
 
 
 def validate_section(section: str, schema: type[Section], values: Any) -> Section:
-    """Validate a plain mapping into `schema`; errors name the key as `section.key`."""
+    """Validate a plain mapping into `schema`; errors name the key as `section.key`. A value holding credentials is
+    refused before anything else sees it, and never echoed."""
+    secret = first_credential(values, [section])
+    if secret is not None:
+        raise ConfigError(f"{secret}: holds credentials (user:password@ in a URI, or a signed URL); they never go in "
+                          "a setting: object stores take them from their environment (AWS_ACCESS_KEY_ID, "
+                          "AWS_SECRET_ACCESS_KEY, AWS_PROFILE)")
     try:
         return schema.model_validate(values if values is not None else {})
     except ValidationError as err:
@@ -145,6 +152,18 @@ def validate_section(section: str, schema: type[Section], values: Any) -> Sectio
         got = f" (got {first['input']!r})" if shown else ""
         more = f"; and {err.error_count() - 1} more" if err.error_count() > 1 else ""
         raise ConfigError(f"{where}: {message}{got}{more}") from None
+
+
+def first_credential(value: Any, where: list[str]) -> str | None:
+    """The dotted key of the first string under `value` that holds credentials (see `has_credentials`), or None."""
+    if isinstance(value, str):
+        return ".".join(where) if has_credentials(value) else None
+    children = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, child in children:
+        found = first_credential(child, [*where, str(key)])
+        if found is not None:
+            return found
+    return None
 
 
 def _deep_copy(value: Any) -> Any:

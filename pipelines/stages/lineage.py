@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
+import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,6 +25,7 @@ import yaml
 from pipelines.services import tracking
 from pipelines.services.storage import file_digest
 from pipelines.services.tracking import RANDOM, WEIGHTS_TAG_PREFIX
+from psp_core.data.shards import MANIFEST_FILE, ShardManifest
 from psp_core.errors import InputError
 
 # ----------------------------------------------------------------------------- reading it back
@@ -48,6 +50,7 @@ def lineage(model_uri: str, repo: Path = Path(".")) -> dict[str, Any]:
     ref = tracking.parse_registry_uri(model_uri)
     if ref is None:
         raise InputError(f"{model_uri!r}: give a registered version, models:/NAME/VERSION or models:/NAME@ALIAS")
+    tracking.use_tracking_store(create=False)   # a read-only command creates no store
     version = tracking.resolve_version(ref)
     client = tracking.client()
     if not version.run_id:
@@ -83,15 +86,12 @@ def dataset_link(item: Any) -> dict[str, Any]:
 
 def shard_checks(folder: Path, digest: str) -> list[Check]:
     """The manifest's sha256 against the recorded digest, and each shard file against the manifest."""
-    manifest_path = folder / "manifest.json"
+    manifest_path = folder / MANIFEST_FILE
     if not manifest_path.is_file():
         return [Check(f"{manifest_path}", digest, "absent")]
     checks = [Check(f"{manifest_path} sha256", digest, file_digest(manifest_path)[:len(digest)])]
-    try:
-        entries = json.loads(manifest_path.read_text())["shards"]
-    except (ValueError, KeyError):
-        return checks
-    for entry in entries:
+    manifest = ShardManifest.parse(manifest_path.read_bytes(), str(manifest_path))
+    for entry in manifest.shards:
         path = folder / entry["file"]
         checks.append(Check(f"{path} sha256", entry["sha256"], file_digest(path) if path.is_file() else "absent"))
     return checks
@@ -124,14 +124,16 @@ def dvc_stages(repo: Path, commit: str, sources: list[str]) -> dict[str, Any]:
     if commit != "unknown":
         shown = subprocess.run(["git", "show", f"{commit}:dvc.lock"], cwd=repo, capture_output=True, text=True)
         if shown.returncode == 0:
-            candidates.append((f"dvc.lock at commit {commit[:12]}", yaml.safe_load(shown.stdout)))
+            where = f"dvc.lock at commit {commit[:12]}"
+            candidates.append((where, lock_stages(shown.stdout, where)))
     if (repo / "dvc.lock").is_file():
-        candidates.append(("dvc.lock of the working tree", yaml.safe_load((repo / "dvc.lock").read_text())))
+        where = "dvc.lock of the working tree"
+        candidates.append((where, lock_stages((repo / "dvc.lock").read_bytes().decode("utf-8", "replace"), where)))
     root = repo.resolve()
     wanted = [_relative(Path(s), root) for s in sources]
     found: dict[str, Any] = {"from": "no dvc.lock", "verified": "no", "stages": {}}
-    for where, lock in candidates:
-        stages = producing_stages((lock or {}).get("stages", {}), set(wanted))
+    for where, stages in candidates:
+        stages = producing_stages(stages, set(wanted))
         checks = [dvc_output_check(repo, path, md5) for stage in stages.values() for path, md5 in stage["outs"].items()
                   if path in wanted]
         entry = {"from": where, "verified": "; ".join(checks) or "no", "stages": stages}
@@ -140,6 +142,26 @@ def dvc_stages(repo: Path, commit: str, sources: list[str]) -> dict[str, Any]:
         if stages and not found["stages"]:
             found = entry
     return found
+
+
+def lock_stages(text: str, where: str) -> dict[str, Any]:
+    """The `stages` of a dvc.lock's text, each with its `outs` and `deps` lists of `{path, md5}`; a file that is
+    not such a lock (garbled, or another format) is one line."""
+    try:
+        lock = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise InputError(f"{where}: not valid YAML ({' '.join(str(err).split())[:200]})") from None
+    stages = lock.get("stages", {}) if isinstance(lock, dict) else None
+
+    def entries_ok(stage: Any) -> bool:
+        return isinstance(stage, dict) and all(
+            isinstance(stage.get(kind, []), list)
+            and all(isinstance(e, dict) and isinstance(e.get("path"), str) for e in stage.get(kind, []))
+            for kind in ("outs", "deps"))
+
+    if not isinstance(stages, dict) or not all(entries_ok(stage) for stage in stages.values()):
+        raise InputError(f"{where}: not a dvc.lock (a `stages` mapping whose outs and deps have paths)")
+    return stages
 
 
 def producing_stages(stages: dict[str, Any], paths: set[str]) -> dict[str, Any]:
@@ -235,12 +257,32 @@ def render(chain: dict[str, Any]) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL_URI", help="models:/NAME/VERSION or models:/NAME@ALIAS")
     parser.add_argument("--json", action="store_true", help="print the chain as JSON (for machines)")
-    parser.epilog = ("Reads the MLflow store (MLFLOW_TRACKING_URI, else sqlite:///mlflow/mlflow.db) and, when run "
-                     "in the repository, git and dvc.lock. Exit status 1 when a recomputed hash does not match.")
+    parser.add_argument("--partial", action="store_true",
+                        help="accept links whose files are not on this machine (shards or weights elsewhere): "
+                             "shown as not checked, and exit 0 if all the others match")
+    parser.epilog = ("Reads the MLflow store (MLFLOW_TRACKING_URI, else sqlite:///mlflow/mlflow.db; it must exist) "
+                     "and, when run in the repository, git and dvc.lock; writes nothing. Exit status 1 when a "
+                     "recomputed hash does not match, or when data or weights could not be checked (absent here) "
+                     "unless --partial.")
+
+
+def outcome(chain: dict[str, Any], partial: bool) -> tuple[int, str | None]:
+    """The exit status of a traced chain and, when it is not 0, why in one line: a link that does not match, or
+    (unless `partial`) data or weights that could not be checked here."""
+    verdicts = [c["verdict"] for d in chain["datasets"] for c in d["checks"]] + [w["verdict"] for w in chain["weights"]]
+    if "DOES NOT MATCH" in verdicts or chain["dvc_stages"]["verified"].startswith("DOES NOT MATCH"):
+        return 1, "psp lineage: a recomputed hash DOES NOT MATCH the record"
+    unchecked = sum(v == "not checked (absent)" for v in verdicts)
+    if unchecked and not partial:
+        return 1, (f"psp lineage: {unchecked} recorded file(s) absent here, so not checked; "
+                   "run where the data is, or pass --partial to accept a partial check")
+    return 0, None
 
 
 def run(args: argparse.Namespace) -> int:
     chain = lineage(args.model)
     print(json.dumps(chain, indent=2) if args.json else render(chain))
-    verdicts = [c["verdict"] for d in chain["datasets"] for c in d["checks"]] + [w["verdict"] for w in chain["weights"]]
-    return 1 if "DOES NOT MATCH" in verdicts or chain["dvc_stages"]["verified"].startswith("DOES NOT MATCH") else 0
+    code, why = outcome(chain, args.partial)
+    if why:
+        print(why, file=sys.stderr)
+    return code

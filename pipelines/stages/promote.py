@@ -9,6 +9,7 @@ from pipelines.services.tracking import (
     HIGHER_IS_BETTER,
     VersionRef,
     promote,
+    use_tracking_store,
 )
 
 
@@ -26,6 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    use_tracking_store(create=False)   # versions to promote live in an existing store: none is created here
     outcome = promote(VersionRef(args.name, args.version), args.to, args.if_better)
     if outcome.moved:
         print(f"{args.name} @{args.to} -> version {outcome.version} ({outcome.reason})")

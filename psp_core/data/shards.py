@@ -364,6 +364,8 @@ class ShardManifest:
             shards = tuple(dict(entry) for entry in document["shards"])
         except (KeyError, TypeError, ValueError, AttributeError):
             raise ShardError(f"{where}: not a shard manifest (rows and shards)") from None
+        if not all(isinstance(entry.get("file"), str) and isinstance(entry.get("sha256"), str) for entry in shards):
+            raise ShardError(f"{where}: a shard entry lacks its file name or sha256")
         return cls(rows=rows, shards=shards, paired_sources=bool(document.get("paired_sources")),
                    digest=hashlib.sha256(data).hexdigest()[:MANIFEST_DIGEST_CHARS], document=document)
 

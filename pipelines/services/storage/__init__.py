@@ -24,7 +24,7 @@ completed under its name (closing the stream commits it). So:
   between is read again, so a manifest is always read whole.
 """
 from pipelines.services.storage.cache import cache_root, cached_copy, cached_weights
-from pipelines.services.storage.credentials import SECRET_ENV_VARS, scrub
+from pipelines.services.storage.credentials import SECRET_ENV_VARS, has_credentials, scrub
 from pipelines.services.storage.files import (
     OUTPUT_MARKER,
     FolderListing,
@@ -74,6 +74,6 @@ __all__ = [
     "is_registry_reference", "is_remote", "is_uri", "json_document", "list_files", "list_folder", "open_input_file",
     "output_folder", "parquet_columns", "parquet_schema", "published_folder", "read_bytes", "read_regular_file",
     "remove_own_temporaries", "temporary_prefix",
-    "reader_filesystem", "reference_kind", "CHECK_TIMEOUT_S", "CONNECT_TIMEOUT_S", "s3_filesystem", "scrub", "write_bytes_atomic", "write_json_atomic",
+    "has_credentials", "reader_filesystem", "reference_kind", "CHECK_TIMEOUT_S", "CONNECT_TIMEOUT_S", "s3_filesystem", "scrub", "write_bytes_atomic", "write_json_atomic",
 ]
 from pipelines.services.storage.inputs import StageInput

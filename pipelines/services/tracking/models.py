@@ -32,9 +32,9 @@ from pipelines.services.tracking.vocabulary import (
     IMPORT_EXPERIMENT,
     MLFLOW_BATCH_LIMIT,
     MLFLOW_PARAM_KEY_LIMIT,
-    MLFLOW_PARAM_VALUE_LIMIT,
     MODEL_NAME,
     SOURCE_TAG,
+    recorded_text,
 )
 from psp_core import PSP, load_psp
 from psp_core.errors import InputError
@@ -92,7 +92,7 @@ def model_checkpoint(model_uri: str) -> Path:
 
 def opts_params(opts: Mapping[str, Any]) -> list[Param]:
     """A checkpoint's `opts` as MLflow params: values stringified, keys and values cut to MLflow's limits."""
-    return [Param(str(key)[:MLFLOW_PARAM_KEY_LIMIT], str(value)[:MLFLOW_PARAM_VALUE_LIMIT])
+    return [Param(recorded_text(key, MLFLOW_PARAM_KEY_LIMIT), recorded_text(value))
             for key, value in sorted(opts.items(), key=lambda item: str(item[0]))]
 
 

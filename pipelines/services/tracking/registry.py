@@ -33,6 +33,7 @@ from pipelines.services.tracking.vocabulary import (
     MLFLOW_BATCH_LIMIT,
     eval_key,
     higher_is_better,
+    recorded_text,
 )
 from psp_core.errors import InputError
 
@@ -215,6 +216,7 @@ def describe_version(version: ModelVersion, text: str) -> None:
         client.update_registered_model(version.name, description=REGISTERED_MODEL_DESCRIPTION)
     current = client.get_model_version(version.name, str(version.version)).description or ""
     evaluation = current[current.index(EVALUATION_HEADING):] if EVALUATION_HEADING in current else ""
+    text = recorded_text(text, len(text))
     client.update_model_version(version.name, str(version.version), description=text + evaluation)
     if version.run_id:
         client.set_tag(version.run_id, "mlflow.note.content", text)   # the run page's Description

@@ -18,11 +18,11 @@ from pipelines.services.tracking.models import log_encoder
 from pipelines.services.tracking.store import client, ensure_experiment
 from pipelines.services.tracking.vocabulary import (
     MLFLOW_BATCH_LIMIT,
-    MLFLOW_PARAM_VALUE_LIMIT,
     REGISTERED_CHECKPOINT_TAG,
     RUN_NAME_TAG,
     STOPPED_AT_STEP_TAG,
     VERSION_TAG,
+    recorded_text,
 )
 
 log = logging.getLogger(__name__)
@@ -52,9 +52,9 @@ class TrainingRun:
                 store.update_run(run.info.run_id, status="RUNNING")
                 log.info("resuming MLflow run %s (%s)", run.info.run_id, run_name)
             return cls(run.info.run_id, run_name, version)
-        run = store.create_run(experiment_id, tags={RUN_NAME_TAG: run_name, "mlflow.runName": run_name, **tags},
-                               run_name=run_name)
-        rows = [Param(k, v[:MLFLOW_PARAM_VALUE_LIMIT]) for k, v in params.items()]
+        run = store.create_run(experiment_id, run_name=run_name, tags={
+            RUN_NAME_TAG: run_name, "mlflow.runName": run_name, **{k: recorded_text(v) for k, v in tags.items()}})
+        rows = [Param(k, recorded_text(v)) for k, v in params.items()]
         for start in range(0, len(rows), MLFLOW_BATCH_LIMIT):
             store.log_batch(run.info.run_id, params=rows[start:start + MLFLOW_BATCH_LIMIT])
         log_datasets(run.info.run_id, dict(datasets))
@@ -97,8 +97,8 @@ def record_job(experiment: str, run_name: str, params: Mapping[str, Any], tags: 
     artifacts under their key. Returns the run id."""
     experiment_id = ensure_experiment(experiment)
     with mlflow.start_run(experiment_id=experiment_id, run_name=run_name) as run:
-        mlflow.log_params({k: str(v)[:MLFLOW_PARAM_VALUE_LIMIT] for k, v in params.items()})
-        mlflow.set_tags(dict(tags))
+        mlflow.log_params({k: recorded_text(v) for k, v in params.items()})
+        mlflow.set_tags({k: recorded_text(v) for k, v in tags.items()})
         for key, value in metrics.items():
             mlflow.log_metric(key, value)
         if dataset is not None:

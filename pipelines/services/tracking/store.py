@@ -4,6 +4,8 @@ machine's weights cache."""
 from __future__ import annotations
 
 import os
+import sqlite3
+from contextlib import closing
 from pathlib import Path
 
 import mlflow
@@ -11,26 +13,50 @@ import mlflow.artifacts
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from pipelines.services.storage import cached_copy, cached_weights, is_registry_reference, scrub
+from pipelines.services.storage import cached_copy, cached_weights, has_credentials, is_registry_reference, scrub
 from psp_core.errors import InputError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow/mlflow.db"
 ARTIFACTS_FOLDER = "artifacts"
+_CHECKED_STORES: set[str] = set()
 
 
-def tracking_uri() -> str:
-    """`MLFLOW_TRACKING_URI` when set, else the repository's SQLite store (created on demand), as an absolute URI."""
+def tracking_uri(create: bool = True) -> str:
+    """`MLFLOW_TRACKING_URI` when set, else the repository's SQLite store, as an absolute URI. A SQLite store is
+    created on demand, or with `create=False` (a command that only reads) must exist: else one line."""
     uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
     if uri.startswith("sqlite:///"):
         database = Path(uri[len("sqlite:///"):]).resolve()   # absolute: workers run in other directories
-        database.parent.mkdir(parents=True, exist_ok=True)
+        if create:
+            database.parent.mkdir(parents=True, exist_ok=True)
+        elif not database.is_file():
+            raise InputError(f"no MLflow store at {database}: run in the repository that holds mlflow/mlflow.db, "
+                             "or set MLFLOW_TRACKING_URI")
         uri = f"sqlite:///{database}"
     return uri
 
 
-def use_tracking_store() -> str:
-    """Point the mlflow client at `tracking_uri()` (once per process and URI) and return it."""
-    uri = tracking_uri()
+def check_sqlite_store(database: Path) -> None:
+    """A SQLite store that exists must be a readable, undamaged database (SQLite's quick check), so a garbage or
+    corrupted file is one line, not a traceback from deep inside MLflow; a missing one is created later."""
+    if not database.is_file():
+        return
+    try:
+        with closing(sqlite3.connect(f"{database.as_uri()}?mode=ro", uri=True)) as db:
+            verdict = db.execute("PRAGMA quick_check").fetchone()[0]
+    except sqlite3.Error as err:
+        raise InputError(f"{database}: not a usable MLflow SQLite store ({err})") from None
+    if verdict != "ok":
+        raise InputError(f"{database}: a damaged SQLite database ({verdict}); restore it from a backup")
+
+
+def use_tracking_store(create: bool = True) -> str:
+    """Point the mlflow client at `tracking_uri(create)` (once per process and URI; a SQLite file checked first)
+    and return it."""
+    uri = tracking_uri(create)
+    if uri.startswith("sqlite:///") and uri not in _CHECKED_STORES:
+        check_sqlite_store(Path(uri[len("sqlite:///"):]))
+        _CHECKED_STORES.add(uri)
     if mlflow.get_tracking_uri() != uri or mlflow.get_registry_uri() != uri:
         mlflow.set_tracking_uri(uri)
         mlflow.set_registry_uri(uri)
@@ -41,6 +67,9 @@ def ensure_experiment(name: str) -> str:
     """The id of experiment `name`, created if needed. With a SQLite store its artifacts go in
     `artifacts/` beside the database file (not `./mlruns` of whatever directory the process runs
     in); a server decides its own artifact location."""
+    if has_credentials(name):
+        raise InputError("an experiment name holding credentials (user:password@ in a URI, or a signed URL) is "
+                         "refused: it would be stored and shown as it is")
     uri = use_tracking_store()
     existing = mlflow.get_experiment_by_name(name)
     if existing is not None:
@@ -49,7 +78,6 @@ def ensure_experiment(name: str) -> str:
     if uri.startswith("sqlite:///"):
         location = (Path(uri[len("sqlite:///"):]).parent / ARTIFACTS_FOLDER / name).as_uri()
     return mlflow.create_experiment(name, artifact_location=location)
-
 
 
 def client() -> MlflowClient:

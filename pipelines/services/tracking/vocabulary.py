@@ -2,6 +2,10 @@
 the stages that read or write them. No MLflow here: importing it costs nothing."""
 from __future__ import annotations
 
+from typing import Any
+
+from pipelines.services.storage.credentials import scrub
+
 DEFAULT_REGISTERED_MODEL = "psp-encoder"
 MODEL_NAME = "encoder"
 """The artifact path of a logged encoder model inside its run."""
@@ -51,6 +55,11 @@ EVAL_CONDITION_TAGS: dict[str, tuple[str, ...]] = {
 MLFLOW_PARAM_KEY_LIMIT = 250
 MLFLOW_PARAM_VALUE_LIMIT = 6000
 MLFLOW_BATCH_LIMIT = 100
+
+
+def recorded_text(value: Any, limit: int = MLFLOW_PARAM_VALUE_LIMIT) -> str:
+    """A value as MLflow records it (a param, a tag, a description): text without credentials, cut to `limit`."""
+    return scrub(str(value))[:limit]
 
 
 def eval_key(metric: str) -> str:

@@ -14,6 +14,7 @@ from helpers.tracking import tracking_store
 from pipelines.cli import main
 from pipelines.services import tracking
 from pipelines.services.tracking import SOURCE_TAG
+from psp_core.errors import InputError
 
 NAME = tracking.DEFAULT_REGISTERED_MODEL
 
@@ -167,3 +168,18 @@ def test_train_refuses_a_bad_alias_before_reading_data_or_opening_mlflow(tmp_pat
     assert capsys.readouterr().err.strip() == ("psp train: error: train.alias 'v2': Version alias name 'v2' "
                                                "is reserved.")
     assert not (tmp_path / "store").exists() and not (tmp_path / "mlflow").exists()
+
+
+def test_values_written_to_mlflow_carry_no_credentials(store, tmp_path):
+    """Whatever text reaches MLflow (a job's params and tags, a checkpoint's own opts) goes through the one
+    scrubber, and an experiment name holding credentials is refused before anything is stored."""
+    secret = "wJalrXUtnFEMIbPxRfiCYEXAMPLEKEY"
+    uri = f"s3://AKIA:{secret}@bucket/weights.pt"
+    run_id = tracking.record_job("psp-test-jobs", "job", {"model": uri}, {"psp.source": uri}, {}, [])
+    run = client().get_run(run_id)
+    assert run.data.params["model"] == run.data.tags["psp.source"] == "s3://***@bucket/weights.pt"
+    assert tracking.models.opts_params({"checkpoint_path": uri})[0].value == "s3://***@bucket/weights.pt"
+    with pytest.raises(InputError, match="holding credentials") as refused:
+        tracking.ensure_experiment(uri)
+    assert secret not in str(refused.value)
+    assert client().get_experiment_by_name(uri) is None
