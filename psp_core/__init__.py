@@ -1,6 +1,6 @@
 """psp_core: the pSp (pixel2style2pixel) library in pure PyTorch: StyleGAN2 generator, IR-SE
-encoders, the pSp model (and its ReStyle and e4e families), ReStyle's refinement and the public
-checkpoint formats. No Ray, MLflow or DVC in here.
+encoders, the pSp model (and its ReStyle, e4e and W encoder families), HyperStyle, ReStyle's and HyperStyle's
+refinement and the public checkpoint formats. No Ray, MLflow or DVC in here.
 
 Names are imported on first use, so `psp_core.data.align` or `psp_core.data.shards` alone never pay for torch.
 """
@@ -24,6 +24,10 @@ _EXPORTS = {
     "e4e_encoder_terms": "psp_core.training.e4e",
     "r1_penalty": "psp_core.training.e4e",
     "refine": "psp_core.inference",
+    "hyperstyle_steps": "psp_core.inference",
+    "refine_hyperstyle": "psp_core.inference",
+    "HyperStyle": "psp_core.nets.hyperstyle",
+    "HyperStyleArchitecture": "psp_core.options",
     "PSP": "psp_core.nets.psp",
     "PSPArchitecture": "psp_core.options",
     "n_styles_for": "psp_core.options",

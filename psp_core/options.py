@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal, Mapping
+from typing import Any, ClassVar, Literal, Mapping
 
 from psp_core.errors import InputError
 
-Family = Literal["psp", "restyle_psp", "restyle_e4e", "e4e"]
+Family = Literal["psp", "restyle_psp", "restyle_e4e", "e4e", "w_encoder", "hyperstyle"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 CompileSwitch = Literal["auto"] | bool
 PresetName = Literal["encode", "frontalize", "sketch_to_face", "seg_to_face", "super_resolution", "toonify",
@@ -31,14 +31,27 @@ FAMILY_ENCODERS = {
     "restyle_e4e": ("ProgressiveBackboneEncoder", "ResNetProgressiveBackboneEncoder"),
     # e4e: one pass, W plus per-style deltas from a feature pyramid (the editable one)
     "e4e": ("Encoder4Editing",),
+    # W encoder: one pass, one W code repeated on every style (HyperStyle's initial inversion)
+    "w_encoder": ("WEncoder",),
+    # HyperStyle: a W encoder's code, decoded with per-image offsets of the generator's convolution weights that a
+    # hypernetwork (ResNet-34 body) predicts from the target and the last output, refined over iterations
+    "hyperstyle": ("SharedWeightsHyperNetResNet",             # one linear head per non-shared layer
+                   "SharedWeightsHyperNetResNetSeparable"),   # separable (outer-product) heads
 }
 """Encoder families and the encoder types each builds; the family decides how the model is run."""
-ENCODER_TYPES = tuple(dict.fromkeys(t for types in FAMILY_ENCODERS.values() for t in types))
+HYPERSTYLE = "hyperstyle"
+PSP_FAMILIES = tuple(family for family in FAMILY_ENCODERS if family != HYPERSTYLE)
+"""The families a `PSP` (encoder + generator) holds; HyperStyle is its own network (`HyperStyleArchitecture`)."""
+ENCODER_TYPES = tuple(dict.fromkeys(t for family in PSP_FAMILIES for t in FAMILY_ENCODERS[family]))
+"""The encoder types a `PSP` builds (`psp_core.nets.encoders.ENCODERS`)."""
 RESTYLE_FAMILIES = ("restyle_psp", "restyle_e4e")
-FAMILY_NAMES = {"psp": "pSp", "restyle_psp": "ReStyle-pSp", "restyle_e4e": "ReStyle-e4e", "e4e": "e4e"}
+REFINING_FAMILIES = RESTYLE_FAMILIES + (HYPERSTYLE,)
+"""The families whose network sees the target beside its own last output and runs several iterations."""
+FAMILY_NAMES = {"psp": "pSp", "restyle_psp": "ReStyle-pSp", "restyle_e4e": "ReStyle-e4e", "e4e": "e4e",
+                "w_encoder": "W encoder", "hyperstyle": "HyperStyle"}
 """Each family as the papers write it, for descriptions people read."""
 REFINED_CHANNELS = 3   # ReStyle's extra input channels: the previous output (RGB)
-W_ENCODER = "BackboneEncoderUsingLastLayerIntoW"
+W_ENCODER = "BackboneEncoderUsingLastLayerIntoW"   # pSp's learn_in_w encoder (one code, W+ by the generator)
 IRSE_DEPTHS = (50, 100, 152)            # the IR / IR-SE bodies there are (`psp_core.nets.irse.UNITS_PER_STAGE`)
 IRSE_MODES = ("ir", "ir_se")
 STYLE_WIDTH = 512                       # every encoder head emits 512-d styles: the generator's W must be as wide
@@ -90,7 +103,7 @@ class PSPArchitecture:
     stylegan_channel_multiplier: int = _doc(2, "StyleGAN2 channel multiplier (2 for config-f)")
     style_dim: int = _doc(512, "width of W")
     n_mlp: int = _doc(8, "layers of the generator's mapping network")
-    family: Family = _doc("psp", f"encoder family, how the model is run: one of {', '.join(FAMILY_ENCODERS)}")
+    family: Family = _doc("psp", f"encoder family, how the model is run: one of {', '.join(PSP_FAMILIES)}")
 
     def __post_init__(self) -> None:
         """Refuse values no network of the family can be built from (they may come from an untrusted file's
@@ -120,8 +133,11 @@ class PSPArchitecture:
                              f"got {self.stylegan_channel_multiplier}")
         if self.encoder_type not in ENCODER_TYPES:
             raise InputError(f"unknown encoder_type {self.encoder_type!r}; one of {', '.join(ENCODER_TYPES)}")
-        if self.family not in FAMILY_ENCODERS:
-            raise InputError(f"unknown family {self.family!r}; one of {', '.join(FAMILY_ENCODERS)}")
+        if self.family == HYPERSTYLE:
+            raise InputError("a HyperStyle network is not an encoder + generator pair: HyperStyleArchitecture "
+                             "describes it")
+        if self.family not in PSP_FAMILIES:
+            raise InputError(f"unknown family {self.family!r}; one of {', '.join(PSP_FAMILIES)}")
         if self.encoder_type not in FAMILY_ENCODERS[self.family]:
             raise InputError(f"encoder_type {self.encoder_type} is not a {self.family} encoder; "
                              f"one of {', '.join(FAMILY_ENCODERS[self.family])}")
@@ -141,8 +157,8 @@ class PSPArchitecture:
     def from_opts(cls, opts: Mapping[str, Any], has_latent_avg: bool = True) -> "PSPArchitecture":
         """Read the architecture from a (reference or our) `opts` dict; absent keys take the
         reference defaults, and `start_from_latent_avg` defaults to whether a latent_avg is stored.
-        e4e's `stylegan_size` is the output size; the family is read with `family_of`; ReStyle
-        always starts from latent_avg (its reference ignores the option)."""
+        e4e's `stylegan_size` is the output size; the family is read with `family_of`; ReStyle and
+        the W encoder always start from latent_avg (their references ignore the option)."""
         if not isinstance(opts, Mapping):
             raise InputError(f"'opts' must be a dict of options, got {type(opts).__name__}")
         known = {f.name for f in fields(cls)}
@@ -150,7 +166,7 @@ class PSPArchitecture:
         if "output_size" not in values and opts.get("stylegan_size") is not None:
             values["output_size"] = opts["stylegan_size"]
         values["family"] = family_of(opts)
-        if values["family"] in RESTYLE_FAMILIES:
+        if values["family"] in RESTYLE_FAMILIES + ("w_encoder",):
             values["start_from_latent_avg"] = True
         values.setdefault("start_from_latent_avg", has_latent_avg)
         values.setdefault("learn_in_w", values.get("encoder_type") == W_ENCODER)
@@ -171,6 +187,99 @@ def family_of(opts: Mapping[str, Any]) -> str:
         return "psp"
     return next((family for family, types in FAMILY_ENCODERS.items() if family != "psp" and encoder_type in types),
                 "psp")   # an unknown encoder type: PSPArchitecture names it
+
+
+HYPERSTYLE_OUTPUTS = {256: 20, 512: 23, 1024: 26}
+"""HyperStyle's generator sizes and the hypernetwork outputs of each: one per modulated convolution, toRGBs included."""
+HYPERSTYLE_W_ENCODER = "faces_w_encoder.pt"   # the reference's W encoder file when the opts name none
+HYPERSTYLE_DEFAULT_LAYERS = (0, 2, 3, 5, 6, 8, 9, 11, 12, 14, 15, 17, 18, 20, 21, 23, 24)
+"""The reference's default `layers_to_tune`: every layer but the toRGBs (of a 1024 px generator)."""
+
+
+def parse_layers_to_tune(value: Any, n_outputs: int) -> tuple[int, ...]:
+    """The reference's `layers_to_tune` (a comma list, or a list of ints) as increasing layer indices: an empty list
+    means every layer, and indices past the generator's last layer are ignored, as the reference does."""
+    bad = InputError(f"layers_to_tune must be a comma-separated list of layer indices, got {value!r}")
+    items = (value.split(",") if value.strip() else []) if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or any(isinstance(i, bool) or not isinstance(i, (int, str)) for i in items):
+        raise bad
+    try:
+        layers = {int(item) for item in items}
+    except ValueError:
+        raise bad from None
+    if any(layer < 0 for layer in layers):
+        raise InputError(f"layers_to_tune holds a negative layer index: {value!r}")
+    return tuple(sorted(layer for layer in layers if layer < n_outputs)) if layers else tuple(range(n_outputs))
+
+
+@dataclass(frozen=True)
+class HyperStyleArchitecture:
+    """Everything that fixes the tensors of a HyperStyle checkpoint, under the reference opts' names. The generator
+    is StyleGAN2 config-f (8 mapping layers, channel multiplier 2) and the hypernetwork sees 256x256 images."""
+
+    encoder_type: str = _doc("SharedWeightsHyperNetResNet",
+                             f"hypernetwork: one of {', '.join(FAMILY_ENCODERS[HYPERSTYLE])}")
+    input_nc: int = _doc(6, "hypernetwork input channels: the target and the last output, RGB each")
+    output_size: int = _doc(1024, f"generator output size: {', '.join(map(str, HYPERSTYLE_OUTPUTS))}")
+    layers_to_tune: tuple[int, ...] = _doc(HYPERSTYLE_DEFAULT_LAYERS, "generator layers (modulated convolutions in "
+                                           "order, toRGBs included) whose weights get offsets; a comma list is read, "
+                                           "empty is every layer, indices past the last layer are ignored")
+    family: Family = _doc(HYPERSTYLE, "encoder family (always hyperstyle)")
+
+    encoder_input_size: ClassVar[int] = 256   # the hypernetwork's ResNet-34 body ends on a 16x16 map
+    style_dim: ClassVar[int] = STYLE_WIDTH
+    n_mlp: ClassVar[int] = MAX_MAPPING_LAYERS
+    stylegan_channel_multiplier: ClassVar[int] = 2
+    start_from_latent_avg: ClassVar[bool] = True   # the W encoder's code is relative to latent_avg
+    learn_in_w: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        """Refuse what no HyperStyle network is built from, naming the option."""
+        if self.family != HYPERSTYLE:
+            raise InputError(f"a HyperStyleArchitecture's family is {HYPERSTYLE}, got {self.family!r}")
+        if not isinstance(self.encoder_type, str) or self.encoder_type not in FAMILY_ENCODERS[HYPERSTYLE]:
+            raise InputError(f"unknown HyperStyle encoder_type {self.encoder_type!r}; one of "
+                             f"{', '.join(FAMILY_ENCODERS[HYPERSTYLE])}")
+        if isinstance(self.input_nc, bool) or self.input_nc != 2 * REFINED_CHANNELS:
+            raise InputError(f"input_nc must be {2 * REFINED_CHANNELS} (the target and the last output), "
+                             f"got {self.input_nc!r}")
+        if isinstance(self.output_size, bool) or self.output_size not in HYPERSTYLE_OUTPUTS:
+            raise InputError(f"HyperStyle's output_size must be one of {', '.join(map(str, HYPERSTYLE_OUTPUTS))}, "
+                             f"got {self.output_size!r}")
+        layers = parse_layers_to_tune(self.layers_to_tune, self.n_hypernet_outputs)
+        if not layers:
+            raise InputError(f"layers_to_tune {self.layers_to_tune!r}: no layer of a {self.output_size} px generator")
+        object.__setattr__(self, "layers_to_tune", layers)   # the normal form: equal networks, equal values
+
+    @classmethod
+    def from_opts(cls, opts: Mapping[str, Any]) -> "HyperStyleArchitecture":
+        """Read a released HyperStyle checkpoint's `opts` (`layers_to_tune` a comma list, empty for every layer);
+        refuses the cars models (they crop their images) and W encoders other than `WEncoder`."""
+        if not isinstance(opts, Mapping):
+            raise InputError(f"'opts' must be a dict of options, got {type(opts).__name__}")
+        if "cars" in str(opts.get("dataset_type") or ""):
+            raise InputError(f"dataset_type {opts['dataset_type']}: HyperStyle's cars models crop their images to "
+                             "192x256, which this project does not run")
+        if opts.get("w_encoder_type", "WEncoder") != "WEncoder":
+            raise InputError(f"w_encoder_type {opts['w_encoder_type']!r}: HyperStyle's W encoder is a WEncoder")
+        if "layers_to_tune" not in opts:
+            raise InputError("the opts name no layers_to_tune (the generator layers the hypernetwork tunes)")
+        values = {k: opts[k] for k in ("encoder_type", "input_nc", "output_size") if opts.get(k) is not None}
+        arch = cls(**values, layers_to_tune=opts["layers_to_tune"])
+        declared = opts.get("n_hypernet_outputs")
+        if declared is not None and declared != arch.n_hypernet_outputs:
+            raise InputError(f"n_hypernet_outputs {declared}: a {arch.output_size} px generator has "
+                             f"{arch.n_hypernet_outputs} modulated convolutions")
+        return arch
+
+    @property
+    def n_styles(self) -> int:
+        return n_styles_for(self.output_size)
+
+    @property
+    def n_hypernet_outputs(self) -> int:
+        """The generator's modulated convolutions (toRGBs included): the layers an offset can go to."""
+        return HYPERSTYLE_OUTPUTS[self.output_size]
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,9 @@
 """The inference model: everything between a checkpoint and W+ codes, images and scores, for every stage.
 
 `InferenceModel` loads any supported checkpoint onto a device and precision, turns decoded images into
-encoder input with the preset's transform, runs the encoder (one pass for pSp and e4e, ReStyle's
-iterative `refine` for the ReStyle families), pools outputs to 256 for scoring, and makes style-mixed
-variants. `psp evaluate`, `psp invert`, `psp edit` and the MLflow pyfunc all call it.
+encoder input with the preset's transform, runs the encoder (one pass for pSp, e4e and the W encoder, ReStyle's
+iterative `refine` for the ReStyle families, `hyperstyle_steps` for HyperStyle), pools outputs to 256 for scoring,
+and makes style-mixed variants. `psp evaluate`, `psp invert`, `psp edit` and the MLflow pyfunc all call it.
 """
 from __future__ import annotations
 
@@ -18,10 +18,12 @@ from torch import Tensor
 
 from psp_core.data.presets import PresetTransform, get_preset
 from psp_core.errors import InputError
+from psp_core.inference.hyperstyle import hyperstyle_steps
 from psp_core.inference.refine import refine
 from psp_core.nets.checkpoints import load_psp
+from psp_core.nets.hyperstyle import HyperStyle, WeightOffsets
 from psp_core.nets.psp import POOLED_SIZE, PSP, mix_styles
-from psp_core.options import MAX_REFINE_ITERS, REFINED_CHANNELS, RESTYLE_FAMILIES, CompileSwitch, Precision
+from psp_core.options import MAX_REFINE_ITERS, REFINED_CHANNELS, REFINING_FAMILIES, CompileSwitch, Precision
 from psp_core.runtime.devices import (
     autocast,
     compile_model,
@@ -56,9 +58,10 @@ def choose_device(choice: str = "auto") -> torch.device:
     return torch.device(choice)
 
 
-def image_channels(net: PSP) -> int:
-    """The channels of the images the caller gives (a ReStyle encoder also sees its last output: 3 more)."""
-    refined = REFINED_CHANNELS if net.arch.family in RESTYLE_FAMILIES else 0
+def image_channels(net: PSP | HyperStyle) -> int:
+    """The channels of the images the caller gives (a ReStyle encoder or HyperStyle's hypernetwork also sees its
+    last output: 3 more)."""
+    refined = REFINED_CHANNELS if net.arch.family in REFINING_FAMILIES else 0
     return net.arch.input_nc - refined
 
 
@@ -73,21 +76,23 @@ def scored(images: Tensor) -> Tensor:
     return F.adaptive_avg_pool2d(images.float(), (POOLED_SIZE, POOLED_SIZE)).clamp(-1, 1)
 
 
-def should_compile(net: PSP, device: torch.device, choice: CompileSwitch, n_images: int,
+def should_compile(net: PSP | HyperStyle, device: torch.device, choice: CompileSwitch, n_images: int,
                    n_iters: int | None = None) -> bool:
     """The compile decision for `n_images` images through this model (`auto`: when the forward passes,
     ReStyle's steps included, repay the compile at this generator size; see `resolve_compile`)."""
 
-    passes = n_images * ((n_iters or DEFAULT_REFINE_ITERS) if net.arch.family in RESTYLE_FAMILIES else 1)
+    passes = n_images * ((n_iters or DEFAULT_REFINE_ITERS) if net.arch.family in REFINING_FAMILIES else 1)
     return resolve_compile(choice, passes, device, net.arch.output_size)
 
 
 @dataclass(frozen=True)
 class Inversion:
-    """One pass of the encoder: generator images [N, 3, S, S] and W+ codes [N, n_styles, 512]."""
+    """One pass of the encoder: generator images [N, 3, S, S] and W+ codes [N, n_styles, 512]; for HyperStyle also
+    the generator's weight offsets the images were decoded with (`WeightOffsets`; `decode` takes them back)."""
 
     images: Tensor
     latents: Tensor
+    offsets: WeightOffsets | None = None
 
 
 class InferenceModel:
@@ -95,7 +100,7 @@ class InferenceModel:
     resolved for the hardware), optionally compiled, and the preset's input transform (the same one
     evaluation and training validation use)."""
 
-    def __init__(self, net: PSP, preset: str | None = "encode", device: torch.device | str = "cpu",
+    def __init__(self, net: PSP | HyperStyle, preset: str | None = "encode", device: torch.device | str = "cpu",
                  precision: Precision = "fp32", compile: bool = False, compile_cache: str | Path | None = None) -> None:
         """`preset` None: only the generator is used (`decode`, e.g. for editing codes), no images are encoded.
         On a CPU it sets `keep_freed_memory`, which is fully effective only when set before the process
@@ -111,9 +116,9 @@ class InferenceModel:
         self.net = net.to(self.device).eval()
         self.precision = resolve_precision(precision, self.device)
         self.compiled = compile
-        if compile:   # the two networks, so the one-pass call, `refine` and `decode` all run compiled
-            self.net.encoder = compile_model(self.net.encoder, compile_cache)
-            self.net.decoder = compile_model(self.net.decoder, compile_cache)
+        if compile:   # every network, so the one-pass call, the iterations and `decode` all run compiled
+            for name in ("w_encoder", "hypernet", "decoder") if isinstance(net, HyperStyle) else ("encoder", "decoder"):
+                setattr(self.net, name, compile_model(getattr(self.net, name), compile_cache))
         self.input_kind = task.input_kind
         self.transform = PresetTransform(task, net.arch.encoder_input_size, train=False)
 
@@ -121,8 +126,9 @@ class InferenceModel:
     def load(cls, checkpoint: str | Path, preset: str = "encode", device: str = "auto",
              precision: Precision = "fp32", compile: CompileSwitch = False,
              compile_cache: str | Path | None = None, n_images: int = 0,
-             n_iters: int | None = None) -> "InferenceModel":
-        """Load any supported checkpoint (pSp, ReStyle-pSp, ReStyle-e4e, e4e) strictly, weights only.
+             n_iters: int | None = None, w_encoder: str | Path | None = None) -> "InferenceModel":
+        """Load any supported checkpoint (pSp, ReStyle-pSp, ReStyle-e4e, e4e, W encoder, HyperStyle with its W
+        encoder: `w_encoder`, else found as `load_psp` says) strictly, weights only.
         `compile="auto"` compiles when `n_images` forward passes (times the ReStyle steps) repay it. On a CPU
         the process keeps freed memory (`keep_freed_memory`), set before the weights are read: set after a
         process has allocated its models, glibc still trims what the batches free."""
@@ -130,14 +136,14 @@ class InferenceModel:
         chosen = choose_device(device)
         if chosen.type == "cpu":
             keep_freed_memory()
-        net = load_psp(checkpoint, chosen)
+        net = load_psp(checkpoint, chosen, w_encoder=w_encoder)
         return cls(net, preset, chosen, precision, should_compile(net, chosen, compile, n_images, n_iters),
                    compile_cache)
 
     @property
     def iterative(self) -> bool:
-        """Whether the encoder refines its own output (ReStyle) rather than encoding in one pass."""
-        return self.net.arch.family in RESTYLE_FAMILIES
+        """Whether the encoder refines its own output (ReStyle, HyperStyle) rather than encoding in one pass."""
+        return self.net.arch.family in REFINING_FAMILIES
 
     @property
     def n_styles(self) -> int:
@@ -151,12 +157,15 @@ class InferenceModel:
 
     @torch.inference_mode()
     def invert(self, source: Tensor, n_iters: int | None = None) -> list[Inversion]:
-        """Encoder input [N, C, E, E] -> one Inversion per refinement step (`n_iters`, default 5), or a
-        single one for pSp and e4e, which run in one pass whatever `n_iters` says; stored noise, as the
-        reference's inference."""
+        """Encoder input [N, C, E, E] -> one Inversion per refinement step (`n_iters`, default 5; HyperStyle's
+        carry their weight offsets), or a single one for pSp, e4e and the W encoder, which run in one pass whatever
+        `n_iters` says; stored noise, as the reference's inference."""
 
         n_steps = refine_iterations(n_iters)
         with autocast(self.device, self.precision):
+            if isinstance(self.net, HyperStyle):
+                return [Inversion(step.images, step.latents, step.offsets)
+                        for step in hyperstyle_steps(self.net, source, n_steps)]
             if self.iterative:
                 steps = refine(self.net, source, n_steps)
                 return [Inversion(images, latents) for images, latents in steps]
@@ -164,11 +173,15 @@ class InferenceModel:
         return [Inversion(images, latents)]
 
     @torch.inference_mode()
-    def decode(self, latents: Tensor) -> Tensor:
-        """W+ codes [N, n_styles, 512] -> generator images [N, 3, S, S] (stored noise)."""
+    def decode(self, latents: Tensor, offsets: WeightOffsets | None = None) -> Tensor:
+        """W+ codes [N, n_styles, 512] -> generator images [N, 3, S, S] (stored noise); a HyperStyle model's with
+        the weight offsets of its inversion (`Inversion.offsets`; none: the plain generator)."""
 
+        if offsets is not None:
+            offsets = [None if o is None else o.to(self.device) for o in offsets]
         with autocast(self.device, self.precision):
-            images, _ = self.net.decoder([latents.to(self.device)], input_is_latent=True, randomize_noise=False)
+            images, _ = self.net.decoder([latents.to(self.device)], input_is_latent=True, randomize_noise=False,
+                                         weight_offsets=offsets)
         return images
 
     @torch.inference_mode()

@@ -4,19 +4,15 @@
   or NVIDIA's StyleGAN2-ADA network pickle, read as data (`psp_core.nets.ada_pickle`, `ada_generator`)
 - ArcFace IR-SE50: a bare state dict (`model_ir_se50.pth`)
 - pSp: `{'state_dict': encoder.* + decoder.*, 'opts': dict, 'latent_avg': [512] or [n_styles, 512]}`,
-  and the same layout for ReStyle-pSp, ReStyle-e4e and e4e (family read from `opts`; entries beside
-  these three, such as `optimizer` or e4e's `discriminator_state_dict`, are not part of the model)
+  and the same layout for ReStyle-pSp, ReStyle-e4e, e4e and the W encoder (family read from `opts`; entries
+  beside these three, such as `optimizer` or e4e's `discriminator_state_dict`, are not part of the model)
+- HyperStyle: `{'state_dict': hypernet.* + decoder.*, 'opts', 'latent_avg'}` and its W encoder file
+  (`psp_core.nets.hyperstyle_checkpoints`)
 """
 from __future__ import annotations
 
 import logging
-import os
-import pickle
-import pickletools
 import re
-import tempfile
-import warnings
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -27,95 +23,26 @@ from torch import nn
 from psp_core.errors import CheckpointError
 from psp_core.nets.ada_generator import read_ada_generator
 from psp_core.nets.ada_pickle import is_network_pickle
+from psp_core.nets.checkpoint_io import (
+    atomic_torch_save,
+    check_state_dict,
+    load_strict,
+    read_checkpoint,
+    require_entry,
+    sub_state,
+)
+from psp_core.nets.hyperstyle import HyperStyle
+from psp_core.nets.hyperstyle_checkpoints import load_hyperstyle
 from psp_core.nets.irse import UNITS_PER_STAGE, IRSEBackbone
 from psp_core.nets.psp import PSP, PSPArchitecture
 from psp_core.nets.stylegan2 import Generator
-from psp_core.options import RESTYLE_FAMILIES, W_ENCODER
+from psp_core.options import HYPERSTYLE, RESTYLE_FAMILIES, W_ENCODER, family_of
 
 log = logging.getLogger(__name__)
 
 MEAN_LATENT_SAMPLES = 10_000   # w samples averaged for latent_avg when the generator file has none
 MEAN_LATENT_SEED = 0
 STEM_WEIGHT = "input_layer.0.weight"   # IR-SE50's first convolution, [64, 3, 3, 3]
-
-
-def read_checkpoint(path: str | Path) -> Any:
-    """`torch.load(path, weights_only=True)` on CPU, with one-line errors for the usual failures."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch's notes on pickle protocols: the verdict below says it all
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        imported = pickled_imports(path)
-        if imported:
-            raise CheckpointError(f"{path}: refused (weights_only=True): it would import {imported[0]} when loaded: "
-                                  "Python objects, possibly code, not only tensors") from None
-        raise CheckpointError(f"{path}: truncated or not a PyTorch checkpoint (corrupt data or another format)") from None
-    except Exception as err:  # torch.load surfaces a corrupt file as many exception types
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: truncated or not a PyTorch checkpoint ({first})") from None
-
-
-SAFE_PICKLE_MODULES = ("torch", "collections", "_codecs")
-
-
-def pickled_imports(path: Path) -> list[str]:
-    """The `module.name` globals outside torch and plain containers that a (torch zip or raw)
-    pickle would import, read from its opcodes without running them; [] for data that is not a pickle."""
-    try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as archive:
-                data = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
-        else:
-            data = path.read_bytes()
-        strings: list[str] = []
-        found = []
-        for opcode, arg, _ in pickletools.genops(data):
-            if isinstance(arg, str):
-                strings.append(arg)
-            if opcode.name == "GLOBAL":
-                found.append(str(arg).replace(" ", "."))
-            elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
-                found.append(f"{strings[-2]}.{strings[-1]}")
-    except Exception:  # not a pickle at all (random bytes, a truncated archive): nothing it would import
-        return []
-    return [name for name in found if name.split(".")[0] not in SAFE_PICKLE_MODULES]
-
-
-def check_state_dict(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], what: str) -> None:
-    """Raise one CheckpointError naming the first missing, unexpected and mis-shaped keys, if any."""
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    mismatched = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
-                  if k in state and tuple(state[k].shape) != tuple(v.shape)]
-    problems = []
-    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
-        if items:
-            more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
-            problems.append(f"{len(items)} {label}: {', '.join(items[:3])}{more}")
-    if problems:
-        raise CheckpointError(f"{what} does not match the architecture: " + "; ".join(problems))
-
-
-def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
-    """Load every tensor of `state` into `module`, all keys and shapes matching."""
-    check_state_dict(module.state_dict(), state, what)
-    module.load_state_dict(state, strict=True)
-
-
-def sub_state(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    """The entries under `prefix.` with the prefix removed (e.g. `encoder.` of a pSp state dict)."""
-    return {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
-
-
-def _require(ckpt: Any, key: str, path: str | Path) -> Any:
-    if not isinstance(ckpt, dict) or key not in ckpt:
-        keys = sorted(ckpt)[:5] if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise CheckpointError(f"{path}: no {key!r} entry (found {keys}); is this the right kind of checkpoint?")
-    return ckpt[key]
 
 
 def generator_architecture(state: Mapping[str, torch.Tensor]) -> dict[str, int]:
@@ -145,7 +72,7 @@ def read_generator_checkpoint(path: str | Path, network: str = "G_ema") -> Gener
         converted = read_ada_generator(path, network)
         return GeneratorCheckpoint(converted.generator, converted.latent_avg)
     ckpt = read_checkpoint(path)
-    state = _require(ckpt, "g_ema", path)
+    state = require_entry(ckpt, "g_ema", path)
     generator = Generator(**generator_architecture(state), conv_clamp=_conv_clamp(ckpt, path))
     load_strict(generator, state, f"{path} g_ema")
     latent_avg = ckpt.get("latent_avg")
@@ -194,17 +121,23 @@ def load_irse50(path: str | Path) -> IRSEBackbone:
     return freeze(net)
 
 
-def load_psp(path: str | Path, device: str | torch.device = "cpu") -> PSP:
-    """A pSp, ReStyle or e4e checkpoint (released or ours) -> model in eval mode, architecture and
-    family read from its `opts`; only `state_dict`, `opts` and `latent_avg` are read."""
+def load_psp(path: str | Path, device: str | torch.device = "cpu",
+             w_encoder: str | Path | None = None) -> PSP | HyperStyle:
+    """A pSp, ReStyle, e4e, W encoder or HyperStyle checkpoint (released or ours) -> model in eval mode, architecture
+    and family read from its `opts`; only `state_dict`, `opts` and `latent_avg` are read. A HyperStyle model also
+    reads its W encoder: the file `w_encoder`, else the one its opts name (`find_w_encoder`)."""
     ckpt = read_checkpoint(path)
-    state = _require(ckpt, "state_dict", path)
+    state = require_entry(ckpt, "state_dict", path)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: 'state_dict' must be a dict of tensors, got {type(state).__name__}")
     opts = ckpt.get("opts", {})
     latent_avg = ckpt.get("latent_avg")
     if latent_avg is not None and not isinstance(latent_avg, torch.Tensor):
         raise CheckpointError(f"{path}: 'latent_avg' must be a tensor, got {type(latent_avg).__name__}")
+    if isinstance(opts, Mapping) and family_of(opts) == HYPERSTYLE:
+        return load_hyperstyle(path, state, opts, latent_avg, w_encoder).to(device)
+    if w_encoder is not None:
+        raise CheckpointError(f"{path}: a W encoder file is given, but this is not a HyperStyle checkpoint")
     try:
         arch = PSPArchitecture.from_opts(opts, has_latent_avg=latent_avg is not None)
         check_declared_architecture(arch, opts, state)
@@ -287,21 +220,6 @@ def psp_checkpoint(net: PSP, **extra: Any) -> dict[str, Any]:
         ckpt["latent_avg"] = net.latent_avg.detach().cpu()
     ckpt.update(extra)
     return ckpt
-
-
-def atomic_torch_save(obj: Any, path: str | Path) -> Path:
-    """torch.save to a temporary file in the same folder, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def save_psp(net: PSP, path: str | Path, extra: Mapping[str, Any] | None = None) -> Path:

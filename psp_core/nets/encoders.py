@@ -1,4 +1,4 @@
-"""The encoders of the pSp family (pSp, ReStyle-pSp, ReStyle-e4e, e4e): image -> W+ (or W) codes.
+"""The encoders of the pSp family (pSp, ReStyle-pSp, ReStyle-e4e, e4e, W encoder): image -> W+ (or W) codes.
 
 Most are a body (`IRSEFeatures` for faces, `ResNet34Features` for other domains) mixed with heads
 (`PyramidHeads`, `LastMapHeads`); the e4e ones read their heads' outputs as w plus deltas. Module
@@ -237,6 +237,19 @@ class BackboneEncoderUsingLastLayerIntoW(nn.Module):
         return self.linear(x.reshape(-1, 512))
 
 
+class WEncoder(BackboneEncoderUsingLastLayerIntoW):
+    """HyperStyle's W encoder (an e4e trained in W): the pooled last map's one w, repeated on every style
+    -> [N, n_styles, 512]."""
+
+    def __init__(self, num_layers: int = 50, mode: str = "ir_se", input_nc: int = 3,
+                 n_styles: int = 18, input_size: int = 256):
+        super().__init__(num_layers, mode, input_nc, n_styles, input_size)
+        self.n_styles = n_styles
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x).unsqueeze(1).repeat(1, self.n_styles, 1)
+
+
 class BackboneEncoderUsingLastLayerIntoWPlus(nn.Module):
     """Last feature map pooled to 7x7 -> linear -> all W+ styles at once [N, n_styles, 512]."""
 
@@ -259,6 +272,6 @@ ENCODERS: dict[str, type[nn.Module]] = {
     cls.__name__: cls
     for cls in (GradualStyleEncoder, BackboneEncoderUsingLastLayerIntoW, BackboneEncoderUsingLastLayerIntoWPlus,
                 BackboneEncoder, ResNetGradualStyleEncoder, ResNetBackboneEncoder,
-                ProgressiveBackboneEncoder, ResNetProgressiveBackboneEncoder, Encoder4Editing)
+                ProgressiveBackboneEncoder, ResNetProgressiveBackboneEncoder, Encoder4Editing, WEncoder)
 }
 """Encoder classes by `encoder_type` (the keys are `options.ENCODER_TYPES`)."""

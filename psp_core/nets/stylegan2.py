@@ -79,6 +79,9 @@ class ModulatedConv2d(nn.Module):
     the exact form costs ~9 % at 256 px, but a 16 px generator's forward and backward pass 2.3x at batch 2 and
     6.6x at batch 8: benchmarks/bench_modconv.py). Training needs no reference rounding: the trainer switches its networks
     to the fused form (`use_exact_modulation(net, False)`).
+
+    An `offset` [N, out, in, k, k] (HyperStyle's) scales the weight per sample, w * (1 + offset), before modulation
+    and demodulation; a per-sample weight runs in the grouped form whatever `exact` says.
     """
 
     def __init__(self, in_channel: int, out_channel: int, kernel_size: int, style_dim: int,
@@ -100,21 +103,30 @@ class ModulatedConv2d(nn.Module):
         self.modulation = EqualLinear(style_dim, in_channel, bias_init=1)
         self.exact = True
 
-    def forward(self, x: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, style: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
         style = self.modulation(style)                                  # [N, in_channel]
-        if self.exact and x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type):
-            return self.grouped(x, style)
+        if offset is not None or (self.exact and x.dtype == torch.float32
+                                  and not torch.is_autocast_enabled(x.device.type)):
+            return self.grouped(x, style, offset)
         return self.fused(x, style)
 
-    def grouped(self, x: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
-        """The reference's form: one [out, in, k, k] weight per sample, as a convolution with N groups."""
+    def grouped(self, x: torch.Tensor, style: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
+        """The reference's form: one [out, in, k, k] weight per sample, as a convolution with N groups; with an
+        `offset` [N, out, in, k, k], the weight w * (1 + offset) (HyperStyle's order of operations)."""
         batch, k = x.shape[0], self.kernel_size
-        weight = self.scale * self.weight * style.view(batch, 1, self.in_channel, 1, 1)   # [N, out, in, k, k]
+        style = style.view(batch, 1, self.in_channel, 1, 1)
+        if offset is None:
+            weight = self.scale * self.weight * style                                        # [N, out, in, k, k]
+        else:
+            assert offset.shape == (batch, *self.weight.shape[1:]), \
+                f"weight offset {list(offset.shape)} for {batch} weights {list(self.weight.shape[1:])}"
+            weight = self.scale * (self.weight * (1 + offset) * style)
         if self.demodulate:
             weight = weight * torch.rsqrt(weight.pow(2).sum((2, 3, 4)) + 1e-8).view(batch, self.out_channel, 1, 1, 1)
         if self.downsample:
             x = self.blur(x)
         x = x.reshape(1, batch * self.in_channel, *x.shape[2:])
+        weight = weight.to(x.dtype)
         if self.upsample:
             weight = weight.transpose(1, 2).reshape(batch * self.in_channel, self.out_channel, k, k)
             out = F.conv_transpose2d(x, weight, stride=2, groups=batch)
@@ -187,8 +199,9 @@ class StyledConv(nn.Module):
         self.noise = NoiseInjection()
         self.activate = FusedLeakyReLU(out_channel, clamp)
 
-    def forward(self, x: torch.Tensor, style: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-        return self.activate(self.noise(self.conv(x, style), noise))
+    def forward(self, x: torch.Tensor, style: torch.Tensor, noise: torch.Tensor | None = None,
+                offset: torch.Tensor | None = None) -> torch.Tensor:
+        return self.activate(self.noise(self.conv(x, style, offset), noise))
 
 
 class ToRGB(nn.Module):
@@ -204,8 +217,9 @@ class ToRGB(nn.Module):
         self.bias = nn.Parameter(torch.zeros(1, 3, 1, 1))
         self.clamp = clamp
 
-    def forward(self, x: torch.Tensor, style: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
-        out = self.conv(x, style) + self.bias.to(x.dtype)
+    def forward(self, x: torch.Tensor, style: torch.Tensor, skip: torch.Tensor | None = None,
+                offset: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.conv(x, style, offset) + self.bias.to(x.dtype)
         if self.clamp is not None:
             out = out.clamp(-self.clamp, self.clamp)
         if skip is not None:
@@ -224,7 +238,9 @@ class Generator(nn.Module):
     """StyleGAN2 generator: z -> (mapping) -> W -> (synthesis, one style per layer) -> image.
 
     `forward(styles, ...)` keeps the reference signature: `styles` is a list of one or two
-    codes (z, or w / W+ with `input_is_latent=True`); two codes mix at `inject_index`.
+    codes (z, or w / W+ with `input_is_latent=True`); two codes mix at `inject_index`. `weight_offsets`
+    (HyperStyle's) holds one per-sample offset [N, out, in, k, k] or None per modulated convolution, in the
+    order of `modulated_convs()`.
     `conv_clamp` (None in the rosinality generators) clamps every synthesis layer's and ToRGB's output
     to +-conv_clamp, as StyleGAN2-ADA's generators do (see `set_conv_clamp`).
     """
@@ -286,7 +302,8 @@ class Generator(nn.Module):
     def forward(self, styles: list[torch.Tensor], return_latents: bool = False, inject_index: int | None = None,
                 truncation: float = 1.0, truncation_latent: torch.Tensor | None = None,
                 input_is_latent: bool = False, noise: list[torch.Tensor | None] | None = None,
-                randomize_noise: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+                randomize_noise: bool = True, weight_offsets: Sequence[torch.Tensor | None] | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if not input_is_latent:
             styles = [self.style(s) for s in styles]
         if noise is None:
@@ -294,17 +311,30 @@ class Generator(nn.Module):
         if truncation < 1:
             styles = [truncation_latent + truncation * (s - truncation_latent) for s in styles]
         latent = self.broadcast_styles(styles, inject_index)
+        n_convs = len(self.convs) + len(self.to_rgbs) + 2
+        if weight_offsets is not None and len(weight_offsets) != n_convs:
+            raise ValueError(f"weight_offsets has {len(weight_offsets)} entries, the generator {n_convs} "
+                             "modulated convolutions")
+        offsets = iter(weight_offsets if weight_offsets is not None else [None] * n_convs)
 
         out = self.input(latent.shape[0])
-        out = self.conv1(out, latent[:, 0], noise=noise[0])
-        skip = self.to_rgb1(out, latent[:, 1])
+        out = self.conv1(out, latent[:, 0], noise=noise[0], offset=next(offsets))
+        skip = self.to_rgb1(out, latent[:, 1], offset=next(offsets))
         i = 1
         for up_conv, conv, to_rgb in zip(self.convs[::2], self.convs[1::2], self.to_rgbs):
-            out = up_conv(out, latent[:, i], noise=noise[i])
-            out = conv(out, latent[:, i + 1], noise=noise[i + 1])
-            skip = to_rgb(out, latent[:, i + 2], skip)
+            out = up_conv(out, latent[:, i], noise=noise[i], offset=next(offsets))
+            out = conv(out, latent[:, i + 1], noise=noise[i + 1], offset=next(offsets))
+            skip = to_rgb(out, latent[:, i + 2], skip, offset=next(offsets))
             i += 2
         return skip, (latent if return_latents else None)
+
+    def modulated_convs(self) -> list[ModulatedConv2d]:
+        """Every modulated convolution in the order the image flows through them (conv1, to_rgb1, then per
+        resolution the upsampling conv, the conv and the ToRGB): HyperStyle's layer indices."""
+        layers = [self.conv1.conv, self.to_rgb1.conv]
+        for up_conv, conv, to_rgb in zip(self.convs[::2], self.convs[1::2], self.to_rgbs):
+            layers += [up_conv.conv, conv.conv, to_rgb.conv]
+        return layers
 
     def broadcast_styles(self, styles: list[torch.Tensor], inject_index: int | None) -> torch.Tensor:
         """One code -> W+ [N, n_latent, dim] (a W+ code passes through); two codes -> style mixing

@@ -3,14 +3,43 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import zlib
 from pathlib import Path
 
+import numpy as np
 import torch
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 _DTYPES = {"float32": torch.float32, "int64": torch.int64}
+DEVICE = torch.device(os.environ.get("PSP_TEST_DEVICE", "cpu"))
+"""Where the parity tests run the networks (PSP_TEST_DEVICE=cuda: on the GPU)."""
+
+
+def on_device(array: np.ndarray) -> torch.Tensor:
+    """A fixture array as a tensor on the test device."""
+    return torch.from_numpy(array).to(DEVICE)
+
+
+def fixture(name: str) -> dict[str, np.ndarray]:
+    """A fixture's arrays (`<name>.npz`)."""
+    return dict(np.load(FIXTURES / f"{name}.npz"))
+
+
+def parity_errors(pairs: list[tuple[str, torch.Tensor, np.ndarray]]) -> list[str]:
+    """The arrays of `(name, ours, ref)` outside the fixtures' tolerance, max|ours - ref| <= 1e-4 * max(1, max|ref|),
+    each with its error (all of them, so a failure shows where a chain of iterations starts to drift)."""
+    failures = []
+    for name, ours, ref in pairs:
+        ours = ours.detach().float().cpu().numpy()
+        if ours.shape != ref.shape:
+            failures.append(f"{name}: shape {ours.shape} != {ref.shape}")
+            continue
+        err, tol = float(np.abs(ours - ref).max()), 1e-4 * max(1.0, float(np.abs(ref).max()))
+        if not err <= tol:
+            failures.append(f"{name}: max abs error {err:.3g} > tolerance {tol:.3g}")
+    return failures
 
 
 def rule_tensor(key: str, shape: list[int], dtype: str = "float32") -> torch.Tensor:
@@ -61,8 +90,6 @@ GRADUAL64_OPTS = {"encoder_type": "GradualStyleEncoder", "input_nc": 3, "output_
 def write_released_psp(path: Path) -> Path:
     """The `ref_gradual64` pSp network saved in the released checkpoint layout
     (`{'state_dict', 'opts', 'latent_avg' [512]}`), weights by the rule."""
-    import numpy as np
-
     latent_avg = torch.from_numpy(np.load(FIXTURES / "ref_gradual64.npz")["latent_avg"])
     torch.save({"state_dict": rule_state_dict("ref_gradual64"), "opts": dict(GRADUAL64_OPTS),
                 "latent_avg": latent_avg}, path)
@@ -73,8 +100,6 @@ def write_released_family(name: str, path: Path, **extra) -> Path:
     """A ReStyle / e4e fixture network (`ref_restyle_psp64`, `ref_restyle_e4e64`, `ref_e4e64`) saved in its
     released layout: `{'state_dict', 'opts': the reference opts, 'latent_avg' [n_styles, 512]}` plus `extra`
     entries (training state such as `optimizer` or e4e's `discriminator_state_dict`)."""
-    import numpy as np
-
     latent_avg = torch.from_numpy(np.load(FIXTURES / f"{name}.npz")["latent_avg"])
     torch.save({"state_dict": rule_state_dict(name), "opts": dict(fixture_meta(name)["config"]),
                 "latent_avg": latent_avg, **extra}, path)
@@ -94,3 +119,47 @@ def e4e_training_state() -> dict:
                  "param_groups": [{"lr": 1e-4, "betas": (0.9, 0.999), "params": [0]}]}
     return {"discriminator_state_dict": rule_discriminator_state(), "discriminator_optimizer_state_dict": optimizer,
             "optimizer": optimizer, "global_step": 3, "best_val_loss": 0.5}
+
+
+HYPERSTYLE = "ref_hyperstyle256"
+SHARED_HYPERNET = "hypernet.shared_weight_hypernet."
+
+
+def rule_hyperstyle_state(name: str = HYPERSTYLE) -> dict[str, torch.Tensor]:
+    """The HyperStyle fixture's state dict in the file's order: the rule on every canonical key, then its `post_scale`
+    and `hyper_scale`; each alias of the shared hypernetwork (`shared_aliases`) holds the canonical tensor itself,
+    as torch.save writes the one module registered under several names."""
+    meta = fixture_meta(name)
+    alias = re.compile(meta["shared_aliases"])
+    scales = {meta["post_scale"]["pattern"]: meta["post_scale"]["factor"], **meta["hyper_scale"]}
+    state: dict[str, torch.Tensor | None] = {}
+    for key, shape, dtype in fixture_keys(name):
+        if alias.search(key):
+            state[key] = None   # filled below, keeping the file's order
+            continue
+        tensor = rule_tensor(key, shape, dtype)
+        for pattern, factor in scales.items():
+            if re.search(pattern, key):
+                tensor = tensor * factor
+        state[key] = tensor
+    return {key: tensor if tensor is not None else state[SHARED_HYPERNET + key.rsplit(".", 1)[1]]
+            for key, tensor in state.items()}
+
+
+def rule_w_encoder_state(name: str = HYPERSTYLE) -> dict[str, torch.Tensor]:
+    """The HyperStyle fixture's W encoder file state dict (`encoder.*`, `decoder.*`) by the rule."""
+    return {key: rule_tensor(key, shape, dtype) for key, shape, dtype in fixture_meta(name)["w_encoder"]["keys"]}
+
+
+def write_released_hyperstyle(path: Path, w_encoder_path: Path | None = None, **opts) -> Path:
+    """The HyperStyle fixture saved in its released layout (`{'state_dict', 'opts', 'latent_avg' [14, 512]}`), its
+    opts naming the W encoder as training left them (`pretrained_models/faces_w_encoder.pt`) plus `opts`; with
+    `w_encoder_path`, the W encoder file (`{'state_dict': encoder.* + decoder.*, 'opts', 'latent_avg'}`) too."""
+    latent_avg = torch.from_numpy(np.load(FIXTURES / f"{HYPERSTYLE}.npz")["latent_avg"])
+    meta = fixture_meta(HYPERSTYLE)
+    config = {**meta["config"], "w_encoder_checkpoint_path": "pretrained_models/faces_w_encoder.pt", **opts}
+    torch.save({"state_dict": rule_hyperstyle_state(), "opts": config, "latent_avg": latent_avg}, path)
+    if w_encoder_path is not None:
+        torch.save({"state_dict": rule_w_encoder_state(), "opts": dict(meta["w_encoder"]["config"]),
+                    "latent_avg": latent_avg}, w_encoder_path)
+    return path

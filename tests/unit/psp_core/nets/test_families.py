@@ -49,8 +49,8 @@ NEW_ENCODERS = [("GradualStyleEncoder", "restyle_psp"), ("BackboneEncoder", "res
 
 def test_encoder_registry_matches_the_options():
     assert tuple(ENCODERS) == ENCODER_TYPES
-    assert {t for t, _ in NEW_ENCODERS} | {"BackboneEncoderUsingLastLayerIntoW",
-                                           "BackboneEncoderUsingLastLayerIntoWPlus"} == set(ENCODER_TYPES)
+    assert {t for t, _ in NEW_ENCODERS} | {"BackboneEncoderUsingLastLayerIntoW", "BackboneEncoderUsingLastLayerIntoWPlus",
+                                           "WEncoder"} == set(ENCODER_TYPES)
 
 
 @pytest.mark.parametrize("opts,expected", [

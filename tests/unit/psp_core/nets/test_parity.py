@@ -4,17 +4,18 @@ PSP_TEST_DEVICE=cuda runs the networks on the GPU (fp32 convolutions and matmuls
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from helpers.parity import (
-    FIXTURES,
+    DEVICE,
     e4e_training_state,
+    fixture,
     fixture_meta,
+    on_device,
+    parity_errors,
     rule_discriminator_state,
     rule_state_dict,
     write_released_family,
@@ -33,8 +34,6 @@ from psp_core import (
 from psp_core.inference import average_image
 from psp_core.nets.stylegan2 import ModulatedConv2d
 from psp_core.runtime.devices import use_ieee_fp32
-
-DEVICE = torch.device(os.environ.get("PSP_TEST_DEVICE", "cpu"))
 
 
 @pytest.fixture(autouse=True)
@@ -55,11 +54,6 @@ def reference_form_only(monkeypatch):
     monkeypatch.setattr(ModulatedConv2d, "fused", refuse)
 
 
-def on_device(array: np.ndarray) -> torch.Tensor:
-    """A fixture array as a tensor on the test device."""
-    return torch.from_numpy(array).to(DEVICE)
-
-
 def assert_parity(ours: torch.Tensor, ref: np.ndarray, name: str) -> None:
     """The fixtures' tolerance: max|ours - ref| <= 1e-4 * max(1, max|ref|)."""
     ours = ours.detach().float().cpu().numpy()
@@ -67,10 +61,6 @@ def assert_parity(ours: torch.Tensor, ref: np.ndarray, name: str) -> None:
     err = float(np.abs(ours - ref).max())
     tol = 1e-4 * max(1.0, float(np.abs(ref).max()))
     assert err <= tol, f"{name}: max abs error {err:.3g} > tolerance {tol:.3g}"
-
-
-def fixture(name: str) -> dict[str, np.ndarray]:
-    return dict(np.load(FIXTURES / f"{name}.npz"))
 
 
 @pytest.fixture(scope="module")
@@ -161,21 +151,6 @@ state). Their 4th is ill-conditioned: one thread instead of two on the machine t
 restyle_e4e's latent_3 to 222x the tolerance along the chain (0.13x at the 3rd) and to 5x in a single
 step from the reference's own 3rd output, so comparing it would test bit-identity with that machine,
 not parity within the tolerance (benchmarks/README.md, "First run on a GPU")."""
-
-
-def parity_errors(pairs: list[tuple[str, torch.Tensor, np.ndarray]]) -> list[str]:
-    """The arrays of `(name, ours, ref)` outside the fixtures' tolerance, each with its error (all of them,
-    so a failure shows where a chain of iterations starts to drift)."""
-    failures = []
-    for name, ours, ref in pairs:
-        ours = ours.detach().float().cpu().numpy()
-        if ours.shape != ref.shape:
-            failures.append(f"{name}: shape {ours.shape} != {ref.shape}")
-            continue
-        err, tol = float(np.abs(ours - ref).max()), 1e-4 * max(1.0, float(np.abs(ref).max()))
-        if not err <= tol:
-            failures.append(f"{name}: max abs error {err:.3g} > tolerance {tol:.3g}")
-    return failures
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,70 @@
+"""HyperStyle's iterative inversion (the reference's `run_inversion`): fixed W codes, weight offsets refined over
+iterations, each seeing the target beside the last output."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from psp_core.errors import InputError
+from psp_core.nets.hypernet import INPUT_SIDE
+from psp_core.nets.hyperstyle import HyperStyle, WeightOffsets
+from psp_core.nets.psp import POOLED_SIZE
+
+
+@dataclass(frozen=True)
+class HyperStyleStep:
+    """One iteration: images [N, 3, S, S] (pooled to 256x256 with `resize`), the codes [N, n_styles, 512] (the W
+    encoder's, the same every iteration) and the weight offsets accumulated so far (`WeightOffsets`): decoding
+    `latents` (or an edit of them) with `offsets` gives this image (`HyperStyle.decode`)."""
+
+    images: Tensor
+    latents: Tensor
+    offsets: WeightOffsets
+
+
+def initial_inversion(net: HyperStyle, images: Tensor) -> tuple[Tensor, Tensor]:
+    """The W encoder's codes [N, n_styles, 512] and their image without offsets (stored noise), pooled to 256x256:
+    what the first iteration's hypernetwork sees beside the target. Returns (image, codes)."""
+    codes = net.encode(images)
+    return F.adaptive_avg_pool2d(net.decode(codes), (POOLED_SIZE, POOLED_SIZE)), codes
+
+
+def add_offsets(previous: Sequence[Tensor | None] | None, new: WeightOffsets) -> WeightOffsets:
+    """Offsets accumulated over iterations: `previous` + `new` per layer (None stays None; no previous: `new`)."""
+    if previous is None:
+        return list(new)
+    return [None if old is None else old + delta for old, delta in zip(previous, new)]
+
+
+def hyperstyle_steps(net: HyperStyle, images: Tensor, n_iters: int, resize: bool = False,
+                     randomize_noise: bool = False) -> list[HyperStyleStep]:
+    """HyperStyle inference: codes = W encoder + latent_avg and the initial image (`initial_inversion`), then
+    `n_iters` iterations, each adding the hypernetwork's offsets for (target, last output pooled to 256x256) to the
+    last ones and decoding the codes with them. `images` [N, 3, 256, 256] in [-1, 1] -> one `HyperStyleStep` per
+    iteration. Stored noise unless `randomize_noise` (the initial image always has it, as in the reference)."""
+    if not isinstance(net, HyperStyle):
+        raise InputError(f"HyperStyle inference needs a HyperStyle model, this one is {net.arch.family}")
+    if images.ndim != 4 or tuple(images.shape[1:]) != (3, INPUT_SIDE, INPUT_SIDE):
+        raise InputError(f"HyperStyle takes target images [N, 3, {INPUT_SIDE}, {INPUT_SIDE}], got {list(images.shape)}")
+    if n_iters < 1:
+        raise InputError(f"n_iters must be >= 1, got {n_iters}")
+    last_output, codes = initial_inversion(net, images)
+    offsets: WeightOffsets | None = None
+    steps = []
+    for _ in range(n_iters):
+        offsets = add_offsets(offsets, net.weight_offsets(images, last_output))
+        last_output = net.decode(codes, offsets, randomize_noise=randomize_noise)
+        shown = F.adaptive_avg_pool2d(last_output, (POOLED_SIZE, POOLED_SIZE)) if resize else last_output
+        steps.append(HyperStyleStep(shown, codes, offsets))
+    return steps
+
+
+def refine_hyperstyle(net: HyperStyle, images: Tensor, n_iters: int, resize: bool = False,
+                      randomize_noise: bool = False) -> list[tuple[Tensor, Tensor]]:
+    """`hyperstyle_steps` as ReStyle's `refine` returns its iterations: one (images, latents) pair per iteration
+    (the offsets, for editing, are in `hyperstyle_steps`' results)."""
+    return [(step.images, step.latents)
+            for step in hyperstyle_steps(net, images, n_iters, resize=resize, randomize_noise=randomize_noise)]

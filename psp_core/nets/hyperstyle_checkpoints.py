@@ -1,0 +1,111 @@
+"""Reading HyperStyle's released files strictly.
+
+- HyperStyle: `{'state_dict': hypernet.* + decoder.*, 'opts': dict, 'latent_avg': [512] or [n_styles, 512]}`; the
+  shared hypernetwork's tensors (`hypernet.shared_weight_hypernet.*`) are repeated under the head of every tuned
+  shared layer (`hypernet.refinement_blocks.N.hypernet.*`): one tensor in our model, each copy checked equal.
+- Its W encoder (`faces_w_encoder.pt`, `opts.w_encoder_checkpoint_path`): `encoder.*` is read (a `decoder.*` beside
+  it is ignored), sized by the HyperStyle opts; found beside the checkpoint, else in `pretrained_models/`.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from psp_core.errors import CheckpointError
+from psp_core.nets.checkpoint_io import check_state_dict, read_checkpoint, require_entry, sub_state
+from psp_core.nets.hyperstyle import HyperStyle
+from psp_core.options import HYPERSTYLE_W_ENCODER, HyperStyleArchitecture
+
+PRETRAINED_FOLDER = Path("pretrained_models")
+"""Where the reference keeps its auxiliary weights, relative to the working directory."""
+SHARED_PREFIX = "shared_weight_hypernet."
+ALIAS = re.compile(r"(refinement_blocks\.\d+\.hypernet\.)(.+)")
+
+
+def load_hyperstyle(path: str | Path, state: Mapping[str, torch.Tensor], opts: Any, latent_avg: torch.Tensor | None,
+                    w_encoder: str | Path | None = None) -> HyperStyle:
+    """A HyperStyle checkpoint's contents (read by `load_psp`) and its W encoder file (`w_encoder`, else found by
+    `find_w_encoder`) -> the model on the CPU, in eval mode. Everything is checked on shapes before weights are
+    placed; the model's tensors are the files' own (no copy)."""
+    try:
+        arch = HyperStyleArchitecture.from_opts(opts)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: unusable 'opts': {err}") from None
+    if latent_avg is None:
+        raise CheckpointError(f"{path}: a HyperStyle model starts from latent_avg, but the file has no 'latent_avg'")
+    w_path = find_w_encoder(path, opts, w_encoder)
+    extra = [k for k in state if not k.startswith(("hypernet.", "decoder."))]
+    if extra:
+        raise CheckpointError(f"{path}: state_dict has keys outside hypernet/decoder: {extra[:3]}")
+    with torch.device("meta"):   # shapes only: the file's tensors become the parameters once they fit
+        net = HyperStyle(arch)
+    hypernet = without_shared_copies(sub_state(state, "hypernet"), net.hypernet.shared_alias_prefixes(), path)
+    decoder = sub_state(state, "decoder")
+    check_state_dict(net.hypernet.state_dict(), hypernet, f"{path} hypernet")
+    check_state_dict(net.decoder.state_dict(), decoder, f"{path} decoder")
+    encoder = read_w_encoder(w_path)
+    check_state_dict(net.w_encoder.state_dict(), encoder, f"{w_path} encoder (HyperStyle's W encoder)")
+    for module, loaded in ((net.hypernet, hypernet), (net.decoder, decoder), (net.w_encoder, encoder)):
+        expected = module.state_dict()
+        module.load_state_dict({k: v.to(expected[k].dtype) for k, v in loaded.items()}, assign=True)
+    assert not any(t.is_meta for t in (*net.parameters(), *net.buffers())), "a HyperStyle tensor was left unloaded"
+    try:
+        net.set_latent_avg(latent_avg)
+    except ValueError as err:
+        raise CheckpointError(f"{path}: {err}") from None
+    return net.eval()
+
+
+def without_shared_copies(state: Mapping[str, torch.Tensor], alias_prefixes: list[str],
+                          path: str | Path) -> dict[str, torch.Tensor]:
+    """The hypernetwork's state with the shared hypernetwork's copies under `alias_prefixes` removed, each checked
+    to be the tensor of `shared_weight_hypernet.<name>` (a copy anywhere else stays, and the strict check names it)."""
+    kept = {}
+    for key, tensor in state.items():
+        match = ALIAS.fullmatch(key)
+        if match is None or match.group(1) not in alias_prefixes or SHARED_PREFIX + match.group(2) not in state:
+            kept[key] = tensor
+        elif not same_values(tensor, state[SHARED_PREFIX + match.group(2)]):
+            raise CheckpointError(f"{path}: hypernet.{key} differs from hypernet.{SHARED_PREFIX}{match.group(2)}: "
+                                  "the shared hypernetwork is one tensor, repeated under every head that uses it")
+    return kept
+
+
+def same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors hold the same values (at once when they view the same memory, as torch.save keeps them)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.data_ptr() == b.data_ptr() and a.stride() == b.stride():
+        return True
+    return torch.equal(a, b)
+
+
+def find_w_encoder(path: str | Path, opts: Mapping[str, Any], w_encoder: str | Path | None) -> Path:
+    """The W encoder file: `w_encoder` when given, else the file named by `opts.w_encoder_checkpoint_path` (its name
+    only: the path is the training machine's) beside the checkpoint, then in `pretrained_models/`."""
+    if w_encoder is not None:
+        if not Path(w_encoder).is_file():
+            raise CheckpointError(f"{w_encoder}: HyperStyle's W encoder file not found")
+        return Path(w_encoder)
+    name = re.split(r"[\\/]", str(opts.get("w_encoder_checkpoint_path") or ""))[-1] or HYPERSTYLE_W_ENCODER
+    beside = Path(path).parent / name
+    for candidate in (beside, PRETRAINED_FOLDER / name):
+        if candidate.is_file():
+            return candidate
+    raise CheckpointError(f"{path}: HyperStyle needs its W encoder {name} (opts' w_encoder_checkpoint_path), found "
+                          f"neither beside the checkpoint ({beside}) nor in {PRETRAINED_FOLDER}/: put it in either "
+                          "place, or give its path")
+
+
+def read_w_encoder(path: Path) -> dict[str, torch.Tensor]:
+    """The `encoder.*` weights of a W encoder checkpoint (`{'state_dict': encoder.* [+ decoder.*], ...}`)."""
+    state = require_entry(read_checkpoint(path), "state_dict", path)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: 'state_dict' must be a dict of tensors, got {type(state).__name__}")
+    extra = [k for k in state if not k.startswith(("encoder.", "decoder."))]
+    if extra:
+        raise CheckpointError(f"{path}: state_dict has keys outside encoder/decoder: {extra[:3]}")
+    return sub_state(state, "encoder")
