@@ -108,18 +108,21 @@ def connect(request: ResourceRequest) -> None:
     enough logical CPUs for the workers plus `SPARE_CPUS`; either way the workers must fit (see `require_room`)."""
     if ray.is_initialized():
         return
-    env = {"env_vars": WORKER_ENV}
     if os.environ.get("RAY_ADDRESS"):
         with stage_signal_handlers():
-            ray.init(runtime_env=env, log_to_driver=True)
+            ray.init(runtime_env={"env_vars": WORKER_ENV}, log_to_driver=True)
         log.info("connected to the Ray cluster at %s", os.environ["RAY_ADDRESS"])
         require_room(request, CLUSTER_WAIT_S)
         return
     check_local_gpus(request)
     cpus = max(os.cpu_count() or 1, math.ceil(request.count * request.cpus) + SPARE_CPUS)
     reaper.start()   # Ray's processes would outlive a driver killed with SIGKILL
+    # A local instance's workers inherit this process's environment: set here, WORKER_ENV needs no runtime_env, and
+    # each worker starts at once instead of through Ray's runtime-env setup process (a second Python that imports
+    # Ray, ~1.5 CPU-s per worker; 13 CPU-s of a tiny two-worker training run).
+    os.environ.update(WORKER_ENV)
     with stage_signal_handlers():
-        ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=env)
+        ray.init(num_cpus=cpus, include_dashboard=False)
     log.info("started a local Ray instance with %d logical CPUs", cpus)
     require_room(request, 0)
 
