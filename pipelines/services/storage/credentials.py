@@ -9,7 +9,10 @@ import re
 SECRET_ENV_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN")
 """Environment variables whose values never appear in a message."""
 
-_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*:/+)[^/@\s]+@")   # `:/`: a URI folded by Path
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@"
+                       r"|(?P<folded>[A-Za-z][A-Za-z0-9+.-]*:/)[^/@\s:]+:[^/@\s]+@")
+"""Userinfo in a URL, also in one a Path has folded to `scheme:/user:password@host` (only with a password there:
+`models:/NAME@ALIAS` is a registry reference, not a user)."""
 _SIGNED_QUERY = re.compile(r"(?i)\b(X-Amz-(?:Credential|Signature|Security-Token)|Signature|AWSAccessKeyId)=[^&\s]+")
 
 
@@ -19,7 +22,7 @@ def scrub(text: str) -> str:
         value = os.environ.get(name, "")
         if len(value) >= 4:
             text = text.replace(value, "***")
-    text = _USERINFO.sub(r"\g<scheme>***@", text)
+    text = _USERINFO.sub(lambda m: f"{m.group('scheme') or m.group('folded')}***@", text)
     return _SIGNED_QUERY.sub(lambda m: f"{m.group(1)}=***", text)
 
 

@@ -160,3 +160,16 @@ def test_log_lines_are_scrubbed(capsys):
     record = logging.LogRecord("psp", logging.INFO, __file__, 1, "fetching %s", (WITH_PASSWORD,), None)
     line = ScrubbingFormatter("%(message)s").format(record)
     assert line == "fetching s3://***@bucket/x"
+
+
+def test_a_registry_alias_is_not_taken_for_credentials(tmp_path, monkeypatch):
+    """`models:/NAME@ALIAS` has an `@` after a scheme too: it stays a valid setting and is shown as it is."""
+    from pipelines.params.schema import InvertConfig
+    from pipelines.services.storage import scrub
+
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    section = load_section("invert", InvertConfig, ["invert.model=models:/psp-encoder@champion"],
+                           tmp_path / "params.yaml")
+    assert section.model == "models:/psp-encoder@champion"
+    assert scrub("models:/psp-encoder@champion and s3:/KEY:SECRET@bucket") == \
+        "models:/psp-encoder@champion and s3:/***@bucket"
