@@ -53,7 +53,7 @@ COMMANDS: dict[str, Command] = {
     "evaluate": Command("pipelines.stages.evaluate", "score an encoder on the test split: L2, LPIPS, MS-SSIM, identity, time per image",
                         "evaluate", "psp evaluate evaluate.model=models:/psp-encoder/3 evaluate.max_images=500"),
     "import-checkpoint": Command("pipelines.stages.import_checkpoint",
-                                "register a released pSp checkpoint (.pt) as a new psp-encoder version",
+                                "register a released encoder checkpoint (.pt; HyperStyle with its W encoder) as a new psp-encoder version",
                                 None, "psp import-checkpoint pretrained_models/psp_ffhq_encode.pt --alias champion"),
     "import-generator": Command("pipelines.stages.import_generator",
                                 "convert a StyleGAN2-ADA network pickle (.pkl) into a generator file, without running it",

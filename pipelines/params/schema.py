@@ -191,8 +191,9 @@ TrainConfig = create_model(
 # ----------------------------------------------------------------------------- using an encoder
 
 MODEL_DESCRIPTION = ("reports/train.json (the version that run registered), models:/NAME/VERSION, "
-                     "models:/NAME@ALIAS (moves) or a .pt file (pSp, ReStyle-pSp, ReStyle-e4e or e4e)")
-N_ITERS_DESCRIPTION = "ReStyle encoders: refinement steps (null: 5); pSp and e4e run one pass"
+                     "models:/NAME@ALIAS (moves) or a .pt file (pSp, ReStyle-pSp, ReStyle-e4e, e4e, or HyperStyle "
+                     "with its W encoder beside it or in pretrained_models/)")
+N_ITERS_DESCRIPTION = "ReStyle and HyperStyle encoders: refinement steps (null: 5); pSp and e4e run one pass"
 PRECISION_DESCRIPTION = "forward precision: auto (bf16 where the CPU/GPU computes it natively, else fp32), fp32, bf16, fp16 (CUDA)"
 COMPILE_DESCRIPTION = ("torch.compile the networks: auto (when the job repays the compile, see benchmarks/README.md), "
                        "true, false")
@@ -232,7 +233,8 @@ class EvaluateConfig(RuntimeSection):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available")
     report: Path = Field(Path("reports/eval.json"), description="mean metrics (a DVC metric)")
     per_image: Path = Field(Path("reports/eval_images.csv"), description="one row per image (DVC plots)")
-    grid: Path = Field(Path("reports/eval_grid.png"), description="inputs over reconstructions (every ReStyle step)")
+    grid: Path = Field(Path("reports/eval_grid.png"),
+                       description="inputs over reconstructions (every ReStyle or HyperStyle step)")
     n_iters: int | None = Field(None, ge=1, le=MAX_REFINE_ITERS,
                                 description=N_ITERS_DESCRIPTION + "; metrics are reported per step")
     compare: list[str] = Field([], description="more models scored on the same images: adds a comparison table")
@@ -252,7 +254,7 @@ class InvertConfig(ActorPoolSection):
     report: Path = Field(Path("reports/invert.json"), description="counts and speed")
     images_per_file: int = Field(256, ge=1, description="image-folder input: rows per output file")
     n_iters: int | None = Field(None, ge=1, le=MAX_REFINE_ITERS,
-                                description=N_ITERS_DESCRIPTION + "; the last step is stored")
+                                description=N_ITERS_DESCRIPTION + "; the last step is stored, with every step's scores")
     reconstructions: bool = Field(True, description="store each reconstruction as PNG bytes")
     n_outputs: int = Field(0, ge=0, description="style-mixed variants per image (multi-modal synthesis)")
     latent_mask: list[int] | None = Field(None, description="layers to mix; null: layers 8 and up (upper half if fewer)")

@@ -1,8 +1,8 @@
 """`psp evaluate`: reconstruction quality of encoders on the test split of the shards.
 
 Per image: L2, LPIPS, MS-SSIM and identity similarity of the 256px output against the 256px target,
-plus seconds per image of the model forward; for ReStyle encoders, at every refinement step (the
-curve of the ReStyle paper). Writes a DVC metrics file, a per-image CSV (DVC plots) and a
+plus seconds per image of the model forward; for ReStyle and HyperStyle encoders, at every refinement
+step (the curves of their papers). Writes a DVC metrics file, a per-image CSV (DVC plots) and a
 reconstruction grid; with `compare`, several models scored on the same images into one table
 (JSON, Markdown) and a side-by-side grid. For registry references, the results also go onto each
 version's MLflow run and into `eval_*` version tags, which `psp promote --if-better` compares.
@@ -144,7 +144,8 @@ def metric_values(table: MetricTable) -> dict[str, float | None]:
 
 def model_report(cfg: EvaluateConfig, manifest: ShardManifest, model: ResolvedModel, inference: InferenceModel,
                  scores: Scores, identity_name: str, n_images: int) -> dict[str, Any]:
-    """The DVC metrics file's content for one model: the final step's means, per-step means for ReStyle."""
+    """The DVC metrics file's content for one model: the final step's means, per-step means for an iterative
+    encoder (ReStyle, HyperStyle)."""
     summary = scores.final.summary()
     per_iteration = ([{"iteration": i, **metric_values(t)} for i, t in enumerate(scores.tables, start=1)]
                      if inference.iterative else [])

@@ -1,12 +1,13 @@
 """`psp invert`: batch inversion of images into W+ with Ray Data and a registered (or file) encoder.
 
 Input is a folder of Parquet shards (ours) or a folder of images (aligned first by the align
-stage's code unless `aligned: true`). Rows stream through an actor pool that loads the model
-once per actor; the driver writes one output Parquet file per input unit (shard, or chunk of
-images), atomically, and skips a unit whose file was written under the same unit key (model, the settings
-that change the output, the unit's input content: `pipelines.services.ray.units.unit_key`): an interrupted
-run, rerun, writes each output exactly once, and a changed setting or input redoes what it changes. Shard
-input and the output folder may be object-store URIs
+stage's code unless `aligned: true`). Iterative encoders (ReStyle, HyperStyle) store their last step's code
+and image and each step's scores; HyperStyle's weight offsets are not stored (`OFFSETS_NOT_STORED`).
+Rows stream through an actor pool that loads the model once per actor; the driver writes one output
+Parquet file per input unit (shard, or chunk of images), atomically, and skips a unit whose file was written
+under the same unit key (model, the settings that change the output, the unit's input content:
+`pipelines.services.ray.units.unit_key`): an interrupted run, rerun, writes each output exactly once, and a
+changed setting or input redoes what it changes. Shard input and the output folder may be object-store URIs
 (see pipelines.services.storage.objects); an image folder is local.
 """
 from __future__ import annotations
@@ -37,6 +38,7 @@ from pipelines.stages.invert_actor import Inverter, read_unit
 from psp_core.data.shards import MODEL_METADATA_KEY, open_shard
 from psp_core.errors import InputError
 from psp_core.inference import InferenceModel, should_compile
+from psp_core.options import HYPERSTYLE
 from psp_core.runtime.devices import resolve_precision
 from psp_core.training.losses import require_alexnet
 
@@ -53,6 +55,13 @@ class InputUnit:
     content: str   # digest of the unit's input: a shard's sha256, or an image chunk's names, sizes and mtimes
 
 
+OFFSETS_NOT_STORED = (
+    "not stored (about 100 MB per image for a 1024 px model): a HyperStyle image is its code decoded by a generator "
+    "whose weights the hypernetwork offsets for that input image; to edit the code, recompute the offsets from the "
+    "same input image (InferenceModel.invert: Inversion.offsets) and decode the edited code with them "
+    "(InferenceModel.decode)")
+"""What the manifest of a HyperStyle inversion says under `weight_offsets`."""
+
 IGNORED_SETTINGS = ("model", "input", "output_dir", "report", "images_per_file", "aligned")
 """Invert settings that do not enter a unit's key: the model enters resolved, the input as each unit's content."""
 
@@ -60,8 +69,9 @@ IGNORED_SETTINGS = ("model", "input", "output_dir", "report", "images_per_file",
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = ("Starts a local Ray instance unless RAY_ADDRESS is set. Outputs: one Parquet file per "
                      "input unit in invert.output_dir (id, variant, latent [n_styles x 512], reconstruction PNG, "
-                     "l2, lpips, ms_ssim, error, model; for ReStyle encoders the last of n_iters steps), "
-                     "a manifest.json, and invert.report.")
+                     "l2, lpips, ms_ssim, error, model; for ReStyle and HyperStyle encoders the last of n_iters "
+                     "steps, and per_iteration: every step's l2, lpips, ms_ssim), a manifest.json, and "
+                     "invert.report. HyperStyle's weight offsets are not stored: an edit recomputes them from the input image.")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -190,8 +200,10 @@ def invert_units(cfg: InvertConfig, source: storage.StageInput, folder: storage.
         written = write_outputs(cfg, folder, inverted(cfg, source, todo, checkpoint, model_ref, images), todo, keys,
                                 model_ref)
         seconds = time.perf_counter() - start
-    manifest = {"model": model_ref, "files": manifest_files(units, keys), "n_outputs": cfg.n_outputs,
-                "n_iters": cfg.n_iters, "split": cfg.split}
+    family = model.net.arch.family
+    manifest = {"model": model_ref, "family": family, "files": manifest_files(units, keys),
+                "n_outputs": cfg.n_outputs, "n_iters": cfg.n_iters, "split": cfg.split,
+                **({"weight_offsets": OFFSETS_NOT_STORED} if family == HYPERSTYLE else {})}
     storage.write_json_atomic(folder / "manifest.json", manifest)
     device = torch.device("cuda" if cfg.use_gpu else "cpu")   # as the actors resolve them, on this hardware
     settings = {"precision": resolve_precision(cfg.precision, device),

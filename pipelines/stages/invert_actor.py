@@ -19,6 +19,11 @@ from psp_core.data.tensors import pair_tensors, png_bytes
 from psp_core.evaluation.metrics import MetricSuite, lpips_network
 from psp_core.inference import InferenceModel, default_mix_layers, scored
 
+ROW_METRICS = ("l2", "lpips", "ms_ssim")
+"""The per-image scores of a reconstruction against its target."""
+PER_ITERATION_TYPE = pa.list_(pa.struct([(m, pa.float32()) for m in ROW_METRICS]))
+"""`per_iteration`: an iterative encoder's (ReStyle's, HyperStyle's) scores at each of its n_iters steps."""
+
 
 def read_unit(item: pa.Table, shards: bool, split: str | None, columns: list[str], filesystem: Any = None) -> pa.Table:
     """One unit's rows: a shard file's `columns` (of `split`, if given; in `filesystem` if given), or an image chunk's file bytes (decoded later, in the actor)
@@ -43,8 +48,9 @@ def read_unit(item: pa.Table, shards: bool, split: str | None, columns: list[str
 
 class Inverter:
     """Ray Data actor: loads the encoder once (the inference core), then turns batches of encoded
-    images into W+ codes, reconstructions, per-image L2 / LPIPS / MS-SSIM and style-mixed variants;
-    a row that cannot be decoded becomes a row with an error, never a crashed stage."""
+    images into W+ codes, reconstructions, per-image L2 / LPIPS / MS-SSIM (an iterative encoder's at every
+    step too) and style-mixed variants; a row that cannot be decoded becomes a row with an error, never a
+    crashed stage."""
 
     def __init__(self, checkpoint: str, cfg: dict[str, Any], model_ref: str, n_images: int = 0):
         self.cfg = InvertConfig.model_validate(cfg)
@@ -79,26 +85,29 @@ class Inverter:
         decoded = [self.decode_row(table, i) for i in range(len(ids))]
         errors = {i: d for i, d in enumerate(decoded) if isinstance(d, str)}
         good = [i for i in range(len(ids)) if i not in errors]
-        rows = {i: {"variant": 0, "latent": None, "reconstruction": None, "l2": None, "lpips": None, "ms_ssim": None}
-                for i in range(len(ids))}
+        rows = {i: {"variant": 0, "latent": None, "reconstruction": None, "per_iteration": None,
+                    **dict.fromkeys(ROW_METRICS)} for i in range(len(ids))}
         extra: list[dict] = []
         if good:
             images = stack_mixed([decoded[i][0] for i in good], TARGET_SIZE)
             sources = stack_mixed([decoded[i][1] for i in good], TARGET_SIZE) if decoded[good[0]][1] is not None else None
             source, target = self.model.prepare(*pair_tensors(images, sources, self.model.input_kind))
-            final = self.model.invert(source, self.cfg.n_iters)[-1]
-            values = self.suite(scored(final.images), target)
+            steps = self.model.invert(source, self.cfg.n_iters)
+            final = steps[-1]
+            scores = [self.suite(scored(step.images), target) for step in steps]
             for k, i in enumerate(good):
+                per_step = [{m: float(values[m][k]) for m in ROW_METRICS} for values in scores]
                 rows[i].update(latent=final.latents[k].float().cpu().numpy(),
                                reconstruction=png_bytes(final.images[k]) if self.cfg.reconstructions else None,
-                               **{m: float(values[m][k]) for m in ("l2", "lpips", "ms_ssim")})
+                               per_iteration=per_step if self.model.iterative else None, **per_step[-1])
             for variant in range(1, self.cfg.n_outputs + 1):
                 seeds = [seed_for(self.cfg.seed, ids[i], variant) for i in good]
-                mixed = self.model.style_mix(final.latents, seeds, self.latent_mask, self.cfg.mix_alpha)
+                mixed = self.model.style_mix(final.latents, seeds, self.latent_mask, self.cfg.mix_alpha,
+                                             final.offsets)
                 for k, i in enumerate(good):
                     extra.append({"index": i, "variant": variant, "latent": mixed.latents[k].float().cpu().numpy(),
                                   "reconstruction": png_bytes(mixed.images[k]) if self.cfg.reconstructions else None,
-                                  "l2": None, "lpips": None, "ms_ssim": None})
+                                  "per_iteration": None, **dict.fromkeys(ROW_METRICS)})
         ordered = [{"index": i, **rows[i]} for i in range(len(ids))] + extra
         return self.to_table(table, ordered, errors)
 
@@ -114,6 +123,7 @@ class Inverter:
             "l2": pa.array([r["l2"] for r in rows], pa.float32()),
             "lpips": pa.array([r["lpips"] for r in rows], pa.float32()),
             "ms_ssim": pa.array([r["ms_ssim"] for r in rows], pa.float32()),
+            "per_iteration": pa.array([r["per_iteration"] for r in rows], PER_ITERATION_TYPE),
             "error": pa.array([errors.get(r["index"]) for r in rows], pa.string()),
             "model": pa.array([self.model_ref] * len(rows), pa.string()),
         })

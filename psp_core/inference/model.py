@@ -186,9 +186,10 @@ class InferenceModel:
 
     @torch.inference_mode()
     def style_mix(self, latents: Tensor, seeds: Sequence[int], layers: Sequence[int] | None = None,
-                  alpha: float | None = None) -> Inversion:
+                  alpha: float | None = None, offsets: WeightOffsets | None = None) -> Inversion:
         """Multi-modal synthesis: the `layers` of each code [N, n_styles, 512] replaced by (or blended by
-        `alpha` toward) the W code of a random z drawn from that image's seed, then decoded."""
+        `alpha` toward) the W code of a random z drawn from that image's seed, then decoded (a HyperStyle model's
+        with the weight offsets of the codes' inversion)."""
 
         z = torch.stack([torch.randn(self.net.arch.style_dim, generator=torch.Generator().manual_seed(seed))
                          for seed in seeds]).to(self.device)
@@ -196,4 +197,4 @@ class InferenceModel:
             inject = self.net.decoder.get_latent(z).unsqueeze(1).expand_as(latents)
             codes = mix_styles(latents, layers if layers is not None else default_mix_layers(self.n_styles),
                                inject, alpha)
-        return Inversion(self.decode(codes), codes)
+        return Inversion(self.decode(codes, offsets), codes, offsets)

@@ -90,7 +90,7 @@ def find_w_encoder(path: str | Path, opts: Mapping[str, Any], w_encoder: str | P
         if not Path(w_encoder).is_file():
             raise CheckpointError(f"{w_encoder}: HyperStyle's W encoder file not found")
         return Path(w_encoder)
-    name = re.split(r"[\\/]", str(opts.get("w_encoder_checkpoint_path") or ""))[-1] or HYPERSTYLE_W_ENCODER
+    name = w_encoder_name(opts)
     beside = Path(path).parent / name
     for candidate in (beside, PRETRAINED_FOLDER / name):
         if candidate.is_file():
@@ -98,6 +98,13 @@ def find_w_encoder(path: str | Path, opts: Mapping[str, Any], w_encoder: str | P
     raise CheckpointError(f"{path}: HyperStyle needs its W encoder {name} (opts' w_encoder_checkpoint_path), found "
                           f"neither beside the checkpoint ({beside}) nor in {PRETRAINED_FOLDER}/: put it in either "
                           "place, or give its path")
+
+
+def w_encoder_name(opts: Mapping[str, Any]) -> str:
+    """The file name of a HyperStyle checkpoint's W encoder: that of `opts.w_encoder_checkpoint_path` (its folder is
+    the training machine's), else the reference's `faces_w_encoder.pt`; a registered version keeps it under this
+    name beside the checkpoint."""
+    return re.split(r"[\\/]", str(opts.get("w_encoder_checkpoint_path") or ""))[-1] or HYPERSTYLE_W_ENCODER
 
 
 def read_w_encoder(path: Path) -> dict[str, torch.Tensor]:

@@ -1,21 +1,26 @@
-"""Encoders in the model registry: logging a pSp checkpoint as the registered pyfunc model, describing a
-version, importing a released checkpoint, and resolving an encoder reference (a version, an alias, a train
-report or a file) to a local checkpoint."""
+"""Encoders in the model registry: logging a pSp checkpoint as the registered pyfunc model (a HyperStyle one with its
+W encoder beside it), describing a version, importing a released checkpoint, and resolving an encoder reference (a
+version, an alias, a train report or a file) to a local checkpoint."""
 from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import version as package_version
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import mlflow
 import numpy as np
 import torch
 from mlflow.entities import Param
 from mlflow.entities.model_registry import ModelVersion
-from mlflow.models import ModelSignature
+from mlflow.exceptions import MlflowException
+from mlflow.models import Model, ModelSignature
 from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
 from pipelines.services.storage import file_digest
@@ -36,15 +41,16 @@ from pipelines.services.tracking.vocabulary import (
     SOURCE_TAG,
     recorded_text,
 )
-from psp_core import PSP, load_psp
+from psp_core import PSP, HyperStyle, load_psp
 from psp_core.errors import InputError
 from psp_core.inference import image_channels
+from psp_core.nets.hyperstyle_checkpoints import find_w_encoder, w_encoder_name
 from psp_core.options import FAMILY_NAMES
 
 log = logging.getLogger(__name__)
 
 
-def encoder_signature(net: PSP) -> ModelSignature:
+def encoder_signature(net: PSP | HyperStyle) -> ModelSignature:
     """W+ [N, n_styles, 512] float32 out, and the predict params. No input schema: the model takes
     two image layouts (integer pixels [N, H, W, 3] or float [N, C, H, W]) and checks them itself."""
     codes = TensorSpec(np.dtype(np.float32), (-1, net.n_styles, net.arch.style_dim))
@@ -54,23 +60,26 @@ def encoder_signature(net: PSP) -> ModelSignature:
 
 
 def log_encoder(checkpoint: Path, registered_model: str | None = DEFAULT_REGISTERED_MODEL,
-                alias: str | None = "candidate", net: PSP | None = None) -> ModelVersion | None:
-    """Log a pSp checkpoint in the active run as pyfunc model `encoder`; register it as a new
-    version of `registered_model` and point `alias` at it. Returns the version (None if not registered).
-    `net`: the checkpoint already loaded, when the caller has it (saves reading the file again)."""
-    net = net if net is not None else load_psp(checkpoint)
+                alias: str | None = "candidate", net: PSP | HyperStyle | None = None,
+                w_encoder: Path | None = None) -> ModelVersion | None:
+    """Log a pSp checkpoint in the active run as pyfunc model `encoder` (a HyperStyle checkpoint with its `w_encoder`
+    file beside it: `encoder_artifacts`); register it as a new version of `registered_model` and point `alias` at it.
+    Returns the version (None if not registered). `net`: the checkpoint already loaded, when the caller has it
+    (saves reading the file again)."""
+    net = net if net is not None else load_psp(checkpoint, w_encoder=w_encoder)
     size = net.arch.encoder_input_size
     example = np.full((1, size, size, 3), 127, dtype=np.uint8) if image_channels(net) == 3 else \
         np.zeros((1, image_channels(net), size, size), dtype=np.float32)
-    info = mlflow.pyfunc.log_model(
-        name=MODEL_NAME,
-        python_model=pyfunc.__file__,
-        artifacts={pyfunc.CHECKPOINT_ARTIFACT: str(checkpoint)},
-        signature=encoder_signature(net),
-        input_example=example,
-        registered_model_name=registered_model,
-        pip_requirements=[f"torch=={package_version('torch')}", f"mlflow=={mlflow.__version__}", "psp-pipeline"],
-    )
+    with encoder_artifacts(checkpoint, w_encoder) as artifacts:
+        info = mlflow.pyfunc.log_model(
+            name=MODEL_NAME,
+            python_model=pyfunc.__file__,
+            artifacts=artifacts,
+            signature=encoder_signature(net),
+            input_example=(example, {"n_iters": 1}),   # MLflow predicts it when logging: one step checks enough
+            registered_model_name=registered_model,
+            pip_requirements=[f"torch=={package_version('torch')}", f"mlflow=={mlflow.__version__}", "psp-pipeline"],
+        )
     if not registered_model:
         return None
     version = info.registered_model_version
@@ -80,14 +89,42 @@ def log_encoder(checkpoint: Path, registered_model: str | None = DEFAULT_REGISTE
     return mlflow.MlflowClient().get_model_version(registered_model, str(version))
 
 
+@contextmanager
+def encoder_artifacts(checkpoint: Path, w_encoder: Path | None) -> Iterator[dict[str, str]]:
+    """The pyfunc model's artifacts: the checkpoint, and a HyperStyle checkpoint's W encoder under the name its opts
+    give (`w_encoder_name`; linked, else copied, into a temporary folder when the file is named otherwise), so that
+    MLflow stores both in one folder and `load_psp` of the stored checkpoint finds the W encoder beside it."""
+    if w_encoder is None:
+        yield {pyfunc.CHECKPOINT_ARTIFACT: str(checkpoint)}
+        return
+    name = w_encoder_name(checkpoint_opts(checkpoint))
+    if name == checkpoint.name:
+        raise InputError(f"{checkpoint}: the checkpoint has the name of its W encoder ({name}); rename it to "
+                         "register both")
+    with tempfile.TemporaryDirectory(prefix="psp-w-encoder-") as staging:
+        named = w_encoder
+        if w_encoder.name != name:
+            named = Path(staging) / name
+            try:
+                os.link(w_encoder, named)
+            except OSError:   # another file system
+                shutil.copyfile(w_encoder, named)
+        yield {pyfunc.CHECKPOINT_ARTIFACT: str(checkpoint), pyfunc.W_ENCODER_ARTIFACT: str(named)}
+
+
 def model_checkpoint(model_uri: str) -> Path:
-    """The pSp checkpoint file of a registered encoder (`models:/name@alias`, `models:/name/3`, `runs:/...`),
-    fetched once per machine into the weights cache."""
+    """The pSp checkpoint file of a registered encoder (`models:/name@alias`, `models:/name/3`, `runs:/...`): the
+    pyfunc model's `checkpoint` artifact (a HyperStyle one's W encoder lies beside it), fetched once per machine
+    into the weights cache."""
     local = cached_artifact(model_uri)
-    found = sorted((local / "artifacts").glob("*.pt")) + sorted((local / "artifacts").glob("*/*.pt"))
-    if not found:
+    try:
+        artifacts = Model.load(local).flavors["python_function"]["artifacts"]
+        found = local / artifacts[pyfunc.CHECKPOINT_ARTIFACT]["path"]
+    except (OSError, MlflowException, KeyError, TypeError):
+        found = None
+    if found is None or not found.is_file():
         raise InputError(f"{model_uri} holds no pSp checkpoint (is it a psp-encoder model?)")
-    return found[0]
+    return found
 
 
 def opts_params(opts: Mapping[str, Any]) -> list[Param]:
@@ -102,15 +139,20 @@ def checkpoint_opts(path: Path) -> Mapping[str, Any]:
     return opts if isinstance(opts, Mapping) else {}
 
 
-def import_checkpoint(path: str | Path, name: str = DEFAULT_REGISTERED_MODEL,
-                      alias: str | None = None) -> ModelVersion:
-    """Validate a released pSp checkpoint strictly, then register it as a new version of `name` from a
-    run in experiment `psp-imports` that records its opts and its file hash."""
+def import_checkpoint(path: str | Path, name: str = DEFAULT_REGISTERED_MODEL, alias: str | None = None,
+                      w_encoder: str | Path | None = None) -> ModelVersion:
+    """Validate a released checkpoint strictly (a HyperStyle one with its W encoder: `w_encoder`, else the file its
+    opts name, found as `find_w_encoder` says), then register it as a new version of `name` from a run in experiment
+    `psp-imports` that records its opts and the files' hashes; a HyperStyle version carries both files."""
     check_registry_names(name, alias, setting="--name", alias_setting="--alias")
     path = Path(path)
-    net = load_psp(path)  # strict: a wrong architecture raises CheckpointError before anything is logged
+    # strict: a wrong architecture or a missing W encoder raises CheckpointError before anything is logged
+    net = load_psp(path, w_encoder=w_encoder)
     opts = checkpoint_opts(path)
+    w_path = find_w_encoder(path, opts, w_encoder) if isinstance(net, HyperStyle) else None
     source = f"{path.name} sha256:{file_digest(path)}"
+    if w_path is not None:
+        source += f" + W encoder {w_path.name} sha256:{file_digest(w_path)}"
     experiment_id = ensure_experiment(IMPORT_EXPERIMENT)
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"import-{path.stem}") as run:
         mlflow.set_tag(SOURCE_TAG, source)
@@ -118,7 +160,7 @@ def import_checkpoint(path: str | Path, name: str = DEFAULT_REGISTERED_MODEL,
         client = mlflow.MlflowClient()
         for start in range(0, len(params), MLFLOW_BATCH_LIMIT):
             client.log_batch(run.info.run_id, params=params[start:start + MLFLOW_BATCH_LIMIT])
-        version = log_encoder(path, name, alias, net=net)
+        version = log_encoder(path, name, alias, net=net, w_encoder=w_path)
     describe_version(version, f"{FAMILY_NAMES[net.arch.family]} encoder ({net.arch.encoder_type}) imported by "
                               f"`psp import-checkpoint` from {source}: {net.arch.encoder_input_size} px input, "
                               f"{net.arch.output_size} px generator; its training data is not recorded.")

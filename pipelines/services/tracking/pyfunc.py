@@ -1,11 +1,14 @@
-"""The MLflow pyfunc model of an encoder (pSp, ReStyle or e4e), logged as "model from code" (this
+"""The MLflow pyfunc model of an encoder (pSp, ReStyle, e4e or HyperStyle), logged as "model from code" (this
 file), so that loading it runs this code and reads the checkpoint with weights_only=True: nothing is
-unpickled. It runs the inference core, as `psp invert` does.
+unpickled. It runs the inference core, as `psp invert` does. A HyperStyle version carries its W encoder as a
+second artifact, stored beside the checkpoint under the name the checkpoint's opts give, where `load_psp` finds it.
 
 Input: integer RGB pixels [N, H, W, 3] in 0..255 (what a JSON request carries), or float32 images
 [N, C, H, W] in [-1, 1] (C: 3, or the sketch / label-map channels such a model takes); any size (resized to the encoder's input). Output: W+ codes
 [N, n_styles, 512] float32; with the param `return_images=True` a dict of `latents` and `images`
-(the reconstructions, [N, 3, 256, 256] in [-1, 1]). Param `n_iters`: ReStyle refinement steps.
+(the reconstructions, [N, 3, 256, 256] in [-1, 1]). Param `n_iters`: ReStyle's and HyperStyle's refinement steps
+(1..MAX_REFINE_ITERS). HyperStyle's codes are the W encoder's; its weight offsets are not returned (an edit
+recomputes them from the image).
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from psp_core.inference import DEFAULT_REFINE_ITERS, InferenceModel, image_chann
 from psp_core.nets.checkpoints import load_psp
 
 CHECKPOINT_ARTIFACT = "checkpoint"
+W_ENCODER_ARTIFACT = "w_encoder"   # HyperStyle's W encoder, beside the checkpoint
 PARAMS = {"n_iters": DEFAULT_REFINE_ITERS, "return_images": False}
 """The predict params and their defaults (MLflow's params convention: declared in the signature)."""
 
@@ -45,7 +49,8 @@ def image_batch(array: np.ndarray, channels: int) -> torch.Tensor:
 
 
 class PSPEncoderModel(mlflow.pyfunc.PythonModel):
-    """Rebuilds the encoder from the logged checkpoint and encodes images into W+."""
+    """Rebuilds the encoder from the logged checkpoint (HyperStyle: with the W encoder beside it) and encodes images
+    into W+."""
 
     model: InferenceModel
 

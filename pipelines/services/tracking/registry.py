@@ -197,9 +197,10 @@ def compare_evaluations(candidate: ModelVersion, current: ModelVersion, metric: 
 
 
 REGISTERED_MODEL_DESCRIPTION = (
-    "pSp-family image encoders (pSp, ReStyle, e4e): each version maps face images to W+ codes of its StyleGAN2 "
-    "generator. Input: RGB pixels [N, H, W, 3] in 0..255 (integers), or float32 [N, C, H, W] in [-1, 1]; any "
-    "size. Output: W+ codes float32 [N, n_styles, 512]; params n_iters (ReStyle refinement steps, default 5) "
+    "pSp-family image encoders (pSp, ReStyle, e4e, HyperStyle): each version maps face images to W+ codes of its "
+    "StyleGAN2 generator. Input: RGB pixels [N, H, W, 3] in 0..255 (integers), or float32 [N, C, H, W] in [-1, 1]; "
+    "any size. Output: W+ codes float32 [N, n_styles, 512]; params n_iters (ReStyle and HyperStyle refinement "
+    "steps, default 5) "
     "and return_images (then a dict of latents and 256 px images). Call: "
     "mlflow.pyfunc.load_model('models:/NAME@champion').predict(images); `psp invert` and `psp evaluate` take "
     "the same URI. Versions come from `psp train` (their run holds params, datasets, weights fingerprints) or "

@@ -1,5 +1,6 @@
-"""The registered MLflow pyfunc model: both image layouts, the `n_iters` / `return_images` params, and
-the model served by a real `mlflow models serve` process answering an HTTP request."""
+"""The registered MLflow pyfunc model: both image layouts, the `n_iters` / `return_images` params, a HyperStyle
+version carrying its W encoder, and the model served by a real `mlflow models serve` process answering an HTTP
+request."""
 from __future__ import annotations
 
 import json
@@ -17,14 +18,18 @@ import numpy as np
 import pytest
 import torch
 
+from helpers.hyperstyle import W_ENCODER_NAME, write_hyperstyle
 from helpers.pipelines import clean_env, free_port
 from helpers.tracking import tracking_store
+from pipelines.cli import main
 from pipelines.services import tracking
+from pipelines.services.storage import file_digest
 from pipelines.services.tracking.pyfunc import PSPEncoderModel
 from psp_core import PSP, PSPArchitecture, refine, save_psp
 from psp_core.data.presets import PresetTransform, get_preset
 from psp_core.errors import InputError
-from psp_core.inference import InferenceModel
+from psp_core.inference import InferenceModel, scored
+from psp_core.options import MAX_REFINE_ITERS
 
 NAME = "restyle-encoder"
 
@@ -93,6 +98,45 @@ def test_non_finite_pixels_and_iteration_counts_outside_the_clis_bounds_are_refu
         with pytest.raises(InputError, match=r"n_iters must be an integer in 1\.\.20"):
             model.predict(None, pixels, params={"n_iters": n_iters})
     assert model.predict(None, pixels, params={"n_iters": 20}).shape == (1, net.n_styles, 512)
+
+
+@pytest.fixture(scope="module")
+def registered_hyperstyle(tmp_path_factory):
+    """The small HyperStyle checkpoint imported by `psp import-checkpoint --w-encoder` into a fresh store, its W
+    encoder given under another name than the opts' (with a weights cache of its own: the files weigh ~0.9 GB)."""
+    root = tmp_path_factory.mktemp("hyperstyle")
+    checkpoint, w_encoder = write_hyperstyle(root / "released")
+    w_encoder = w_encoder.rename(root / "my_w_encoder.pt")
+    with tracking_store(root) as uri, pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(root / "cache"))
+        assert main(["import-checkpoint", str(checkpoint), "--name", "hyperstyle", "--w-encoder", str(w_encoder)]) == 0
+        yield uri, checkpoint, w_encoder
+
+
+def test_a_hyperstyle_version_carries_both_files_and_serves_its_iterations(registered_hyperstyle):
+    """The version holds the checkpoint and, beside it under the name its opts give, the W encoder (its hash in the
+    source tag too); the served model computes what the inference core computes from those files, step `n_iters`."""
+    uri, checkpoint, w_encoder = registered_hyperstyle
+    resolved = tracking.resolve_model("models:/hyperstyle/1")
+    stored = {p.name: file_digest(p) for p in resolved.checkpoint.parent.iterdir()}
+    assert resolved.checkpoint.name == "hyperstyle.pt"
+    assert stored == {"hyperstyle.pt": file_digest(checkpoint), W_ENCODER_NAME: file_digest(w_encoder)}
+    run = tracking.client().get_run(resolved.version.run_id)
+    assert run.data.tags[tracking.SOURCE_TAG].endswith(f"+ W encoder my_w_encoder.pt sha256:{file_digest(w_encoder)}")
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    served = mlflow.pyfunc.load_model("models:/hyperstyle/1")
+    pixels = np.random.default_rng(0).integers(0, 256, (1, 48, 48, 3), dtype=np.uint8)
+    answer = served.predict(pixels, params={"n_iters": 2, "return_images": True})
+    core = InferenceModel.load(checkpoint, device="cpu", w_encoder=w_encoder)
+    images = torch.from_numpy(pixels).permute(0, 3, 1, 2)
+    steps = core.invert(core.prepare(images, images)[0], 2)
+    np.testing.assert_allclose(answer["latents"], steps[-1].latents.numpy(), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(answer["images"], scored(steps[-1].images).numpy(), rtol=0, atol=1e-4)
+    assert (scored(steps[0].images) - scored(steps[1].images)).abs().max() > 1e-3, "step 2 alone proves n_iters"
+    with pytest.raises(InputError, match=rf"n_iters must be an integer in 1\.\.{MAX_REFINE_ITERS}"):
+        served.predict(pixels, params={"n_iters": MAX_REFINE_ITERS + 1})
 
 
 @pytest.mark.slow

@@ -74,6 +74,28 @@ def test_wrong_architecture_is_refused_and_registers_nothing(imported, store, ca
     assert len(client().search_model_versions(f"name='{NAME}'")) == before
 
 
+def test_a_hyperstyle_checkpoint_without_its_w_encoder_is_one_line_and_registers_nothing(
+        imported, store, parity_checkpoint, capsys, monkeypatch):
+    """The W encoder neither beside the checkpoint nor in pretrained_models/, a `--w-encoder` file that is not there,
+    or one given for another family: exit 2 with one line, before anything is logged (a HyperStyle import that
+    succeeds: test_pyfunc.py)."""
+    monkeypatch.chdir(store)   # no pretrained_models/ here
+    hyperstyle = store / "hyperstyle.pt"   # its layout and opts: the W encoder is looked for before tensors are checked
+    torch.save({"state_dict": {"hypernet.conv1.weight": torch.zeros(64, 6, 7, 7)}, "latent_avg": torch.zeros(14, 512),
+                "opts": {"encoder_type": "SharedWeightsHyperNetResNet", "output_size": 256, "layers_to_tune": "0,1",
+                         "w_encoder_checkpoint_path": "/train/pretrained_models/faces_w_encoder.pt"}}, hyperstyle)
+    before = len(client().search_model_versions(f"name='{NAME}'"))
+    cases = [([str(hyperstyle)], f"{hyperstyle}: HyperStyle needs its W encoder faces_w_encoder.pt"),
+             ([str(hyperstyle), "--w-encoder", "absent.pt"], "absent.pt: HyperStyle's W encoder file not found"),
+             ([str(parity_checkpoint), "--w-encoder", str(hyperstyle)], "is given, but this is not a HyperStyle")]
+    for argv, message in cases:
+        assert main(["import-checkpoint", *argv]) == 2
+        error = capsys.readouterr().err.strip()
+        assert error.startswith("psp import-checkpoint: error:") and message in error, error
+        assert len(error.splitlines()) == 1
+    assert len(client().search_model_versions(f"name='{NAME}'")) == before
+
+
 def add_version(evaluation: dict[str, str]) -> str:
     """A new version of the imported model (same artifacts) carrying the given eval_* tags."""
     first = client().get_model_version(NAME, "1")

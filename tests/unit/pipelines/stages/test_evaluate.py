@@ -186,3 +186,42 @@ def test_restyle_curve_and_comparison_table(workspace):
         [(i, s["l2"]) for i, s in enumerate(steps, start=1)]
     assert client.get_model_version(NAME, restyle_version).tags["eval_n_iters"] == "3"
     assert client.get_model_version(NAME, "1").tags["eval_n_iters"] == "1"
+
+
+@pytest.fixture(scope="module")
+def hyperstyle_file(workspace) -> Path:
+    """The small HyperStyle checkpoint, its W encoder beside it (where evaluate's `load_psp` finds it)."""
+    from helpers.hyperstyle import write_hyperstyle
+
+    return write_hyperstyle(workspace / "hyperstyle")[0]
+
+
+def test_hyperstyle_curve_in_the_comparison_table(workspace, hyperstyle_file):
+    """HyperStyle scored at every iteration (checked against `hyperstyle_steps` by hand) beside the pSp version in
+    one comparison table, as ReStyle is."""
+    from psp_core import hyperstyle_steps
+
+    prefix = workspace / "reports/compare_hyperstyle"
+    report_path = workspace / "hyperstyle_eval.json"
+    assert evaluate(workspace, f"model={hyperstyle_file}", f"compare=[models:/{NAME}/1]", "n_iters=2", "max_images=2",
+                    f"comparison={prefix}", f"report={report_path}", "log_to_mlflow=false") == 0
+
+    report = json.loads(report_path.read_text())
+    assert report["family"] == "hyperstyle" and report["n_iters"] == 2 and report["n_images"] == 2
+    steps = report["per_iteration"]
+    assert [s["iteration"] for s in steps] == [1, 2] and report["l2"] == steps[-1]["l2"]
+    net = load_psp(hyperstyle_file)
+    transform = PresetTransform(get_preset("encode"), 256, train=False)
+    batch = next(iter_shard_batches(shard_paths(workspace / "shards"), 2, split="test"))
+    images = torch.from_numpy(batch.images).permute(0, 3, 1, 2)
+    source, target = transform(images, images, torch.Generator())
+    with torch.no_grad():
+        by_hand = [(torch.nn.functional.adaptive_avg_pool2d(step.images, 256).clamp(-1, 1) - target).pow(2).mean()
+                   for step in hyperstyle_steps(net, source, 2)]
+    assert [s["l2"] for s in steps] == [pytest.approx(float(v), rel=1e-4) for v in by_hand]
+    assert steps[0]["l2"] != pytest.approx(steps[1]["l2"], rel=1e-6), "every step must be scored on its own output"
+
+    compared = json.loads(prefix.with_suffix(".json").read_text())["models"]
+    assert [m["family"] for m in compared] == ["hyperstyle", "psp"] and compared[1]["per_iteration"] == []
+    table = prefix.with_suffix(".md").read_text().splitlines()
+    assert f"| {report['model']} | hyperstyle | 2 |" in table[2] and f"models:/{NAME}/1 | psp | 1 |" in table[3]

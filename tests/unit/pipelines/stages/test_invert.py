@@ -1,7 +1,9 @@
 """`psp invert`'s driver without Ray: which output units are done, what is redone, what the manifest says.
-The actor pool is replaced by a fake that writes each row's settings into it (the real one: tests/e2e/test_invert_on_ray.py)."""
+The actor pool is replaced by a fake that writes each row's settings into it (the real one:
+tests/e2e/test_invert_on_ray.py, and here, for HyperStyle, one slow run through a local Ray instance)."""
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -10,12 +12,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
+import yaml
 from PIL import Image
 
+from helpers.hyperstyle import write_hyperstyle
+from helpers.pipelines import make_shards
+from pipelines.cli import main
 from pipelines.params.schema import InvertConfig
 from pipelines.services import storage
 from pipelines.stages import invert as stage
 from psp_core import PSPArchitecture
+from psp_core.data.shards import decode_image
+from psp_core.data.tensors import png_bytes
+from psp_core.inference import InferenceModel, scored
 
 MODEL = "models:/psp-encoder/1"
 
@@ -109,3 +119,59 @@ def test_a_file_of_a_unit_left_without_rows_goes_and_foreign_files_stay(tmp_path
     assert report["units_skipped"] == 1
     assert not (out / "images-00001.parquet").exists() and (out / "mine.parquet").exists()
     assert [e["file"] for e in manifest_agrees_with_files(out)["files"]] == ["images-00000.parquet"]
+
+
+def png_pixels(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)), dtype=np.int16)
+
+
+@pytest.mark.slow
+def test_hyperstyle_inverts_through_ray_data_with_every_steps_scores(tmp_path, monkeypatch):
+    """A HyperStyle checkpoint (its W encoder beside it) through the real actor pool: each image's code,
+    reconstruction and per-iteration scores are the inference core's, a style-mixed variant is decoded with its
+    image's weight offsets, and the manifest says the offsets are not stored."""
+    import ray
+
+    from pipelines.services.ray.cluster import WORKER_ENV
+
+    for key, value in WORKER_ENV.items():   # the local Ray's workers inherit them: set here, undone after the test
+        monkeypatch.setenv(key, value)
+    checkpoint, _ = write_hyperstyle(tmp_path / "model")
+    shards = make_shards(tmp_path, images=2, test_fraction=0.5)
+    section = {"model": str(checkpoint), "input": str(shards), "output_dir": str(tmp_path / "latents"),
+               "report": str(tmp_path / "invert.json"), "n_iters": 2, "n_outputs": 1, "batch_size": 2,
+               "cpus_per_actor": 1, "lpips_backbone": "random", "precision": "fp32", "compile": False}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"invert": section}))
+    try:
+        assert main(["invert", "--params", str(tmp_path / "params.yaml")]) == 0
+    finally:
+        ray.shutdown()
+
+    manifest = json.loads((tmp_path / "latents" / "manifest.json").read_text())
+    assert manifest["family"] == "hyperstyle" and manifest["n_iters"] == 2
+    assert "recompute the offsets from the same input image" in manifest["weight_offsets"]
+    rows = pq.read_table(sorted((tmp_path / "latents").glob("*.parquet"))).to_pylist()
+    originals = [r for r in rows if r["variant"] == 0]
+    assert len(originals) == 2 and len(rows) == 4 and all(r["error"] is None for r in rows)
+    images = {r["id"]: r["image"] for r in pq.read_table(sorted(shards.glob("*.parquet"))).to_pylist()}
+    pixels = torch.from_numpy(np.stack([decode_image(images[r["id"]]) for r in originals])).permute(0, 3, 1, 2)
+    core = InferenceModel.load(checkpoint, device="cpu")
+    source, target = core.prepare(pixels, pixels)
+    steps = core.invert(source, 2)
+    for k, row in enumerate(originals):
+        torch.testing.assert_close(torch.tensor(row["latent"]), steps[-1].latents[k], rtol=1e-4, atol=1e-4)
+        per_step = row["per_iteration"]
+        assert len(per_step) == 2 and per_step[-1] == {m: row[m] for m in ("l2", "lpips", "ms_ssim")}
+        for scores, step in zip(per_step, steps):
+            l2 = (scored(step.images[k:k + 1]) - target[k:k + 1]).pow(2).mean()
+            assert scores["l2"] == pytest.approx(float(l2), rel=1e-4)
+        ours = png_pixels(png_bytes(steps[-1].images[k]))
+        assert np.abs(png_pixels(row["reconstruction"]) - ours).max() <= 1
+    assert per_step[0]["l2"] != pytest.approx(per_step[1]["l2"], rel=1e-6), "each step is scored on its own image"
+
+    variant = next(r for r in rows if r["variant"] == 1)
+    k = [r["id"] for r in originals].index(variant["id"])
+    offsets = [None if o is None else o[k:k + 1] for o in steps[-1].offsets]
+    mixed = core.decode(torch.tensor(variant["latent"])[None], offsets)[0]
+    assert variant["per_iteration"] is None
+    assert np.abs(png_pixels(variant["reconstruction"]) - png_pixels(png_bytes(mixed))).max() <= 1
