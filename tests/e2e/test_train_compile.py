@@ -1,5 +1,5 @@
 """The compiled training step on a tiny pSp (16 px generator, 64 px encoder input) on CPU: the `compile` switch
-and its `auto` rule, bf16 + compiled steps that match eager, and exact resume of a compiled run. (A Ray Train
+and its `auto` rule, compiled steps that match eager (fp32: bf16 never compiles on a CPU), and exact resume of a compiled run. (A Ray Train
 run with compile, cold and from the cache: benchmarks/bench_train_ray.py --compile; a cold compile of this
 model takes minutes, too long for the suite.)"""
 
@@ -28,7 +28,7 @@ def tiny_model():
     return noisy_psp(TINY)   # non-zero noise strengths: the (compiled) noise draws matter to every step
 
 
-def trainer_for(model, max_steps: int, compile_: bool, precision: str = "bf16", checkpoint_dir=None) -> Trainer:
+def trainer_for(model, max_steps: int, compile_: bool, precision: str = "fp32", checkpoint_dir=None) -> Trainer:
     """A Trainer with the encode preset's augmentation and an L2 + w-norm loss (no loss network: it compiles faster)."""
     config = TrainingConfig(max_steps=max_steps, learning_rate=1e-3, save_interval=max_steps, image_interval=100,
                             log_interval=100, seed=3, precision=precision, compile=compile_)
@@ -49,14 +49,23 @@ def test_auto_compiles_when_the_run_repays_the_measured_compile(monkeypatch):
                         CompilePayoff(compile_seconds=64.0, seconds_saved_per_image=1.0, output_size=1024))
     # at 256 px an image saves 1/16 s: 1024 images repay 64 s
     arch = PSPArchitecture(output_size=256)
-    assert training_compiles(TrainingConfig(max_steps=512, compile="auto"), arch, 2, "cpu")
-    assert not training_compiles(TrainingConfig(max_steps=511, compile="auto"), arch, 2, "cpu")
+    assert training_compiles(TrainingConfig(max_steps=512, compile="auto", precision="fp32"), arch, 2, "cpu")
+    assert not training_compiles(TrainingConfig(max_steps=511, compile="auto", precision="fp32"), arch, 2, "cpu")
     restyle = PSPArchitecture(encoder_type="BackboneEncoder", family="restyle_psp", input_nc=6, output_size=256)
-    assert training_compiles(TrainingConfig(max_steps=103, compile="auto", n_iters_per_batch=5), restyle, 2, "cpu")
+    assert training_compiles(TrainingConfig(max_steps=103, compile="auto", n_iters_per_batch=5, precision="fp32"), restyle, 2, "cpu")
     assert not training_compiles(TrainingConfig(max_steps=10**6, compile=False), arch, 2, "cpu")
-    assert training_compiles(TrainingConfig(max_steps=1, compile=True), arch, 1, "cpu")
+    assert training_compiles(TrainingConfig(max_steps=1, compile=True, precision="fp32"), arch, 1, "cpu")
     assert not training_compiles(TrainingConfig(max_steps=10**9, compile="auto"), arch, 2, "meta"), \
         "no measurement for the device type: no compile"
+
+
+def test_bf16_training_on_a_cpu_never_compiles():
+    """Inductor turned a 4-step compiled bf16 run's weights NaN on this CPU (eager bf16 and compiled fp32 stay
+    finite): auto stays eager, an explicit compile is one line."""
+    arch = PSPArchitecture(output_size=256)
+    assert not training_compiles(TrainingConfig(max_steps=10**9, compile="auto", precision="bf16"), arch, 8, "cpu")
+    with pytest.raises(InputError, match="compile=true with bf16 training on a CPU is refused"):
+        training_compiles(TrainingConfig(max_steps=1, compile=True, precision="bf16"), arch, 1, "cpu")
 
 
 def test_the_trainer_decides_at_its_first_batch(tiny_model, monkeypatch):
@@ -71,8 +80,8 @@ def test_the_trainer_decides_at_its_first_batch(tiny_model, monkeypatch):
 
 
 @pytest.mark.slow
-def test_compiled_bf16_resume_equals_uninterrupted_compiled_run(tiny_model, tmp_path):
-    """bf16 + compiled: 2 steps, save, resume in a fresh trainer (other weights, other RNG states) and run 2 more
+def test_compiled_resume_equals_uninterrupted_compiled_run(tiny_model, tmp_path):
+    """Compiled (fp32: bf16 never compiles on a CPU): 2 steps, save, resume in a fresh trainer (other weights, other RNG states) and run 2 more
     == 4 straight compiled steps, bit for bit; and the compiled step tracks the eager one.
 
     Bitwise equality holds because inductor's random draws (the generator's noise) take their seeds from
@@ -81,7 +90,7 @@ def test_compiled_bf16_resume_equals_uninterrupted_compiled_run(tiny_model, tmp_
 
     straight = trainer_for(tiny_model, 4, compile_=True)
     straight.fit(batches)
-    assert straight.compiled is True and straight.precision == "bf16"
+    assert straight.compiled is True and straight.precision == "fp32"
     assert isinstance(straight.forward_model, torch._dynamo.eval_frame.OptimizedModule)
 
     first = trainer_for(tiny_model, 2, compile_=True, checkpoint_dir=tmp_path)
@@ -99,11 +108,13 @@ def test_compiled_bf16_resume_equals_uninterrupted_compiled_run(tiny_model, tmp_
 
     assert resumed.step == straight.step == 4
     a, b = straight.module.state_dict(), resumed.module.state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a), "a resumed compiled run must continue bit for bit"
+    differing = {k: float((a[k].float() - b[k].float()).abs().max()) for k in a if not torch.equal(a[k], b[k])}
+    assert not differing, f"a resumed compiled run must continue bit for bit: {len(differing)} of {len(a)} " \
+                          f"tensors differ, by up to {max(differing.values()):.3g}"
     assert not all(torch.equal(a[k], first.module.state_dict()[k]) for k in a)
     assert torch.equal(resumed.augment_rng.get_state(), straight.augment_rng.get_state())
 
-    # compiled vs eager, same bf16 step from the same state: the compiled kernels compute the same step
+    # compiled vs eager, same step from the same state: the compiled kernels compute the same step
     eager = trainer_for(tiny_model, 1, compile_=False)
     compiled = trainer_for(tiny_model, 1, compile_=True)
     source, target = batches[0][0][:, :, ::4, ::4] * 2 - 1, batches[0][1] * 2 - 1

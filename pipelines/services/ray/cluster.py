@@ -10,7 +10,7 @@ import signal
 import threading
 import time
 import uuid
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -148,7 +148,7 @@ def fit_keeping_signals(trainer: Any) -> Any:
     SIGINT handler, which aborts the run and ends the process with status 1 before the stage can mark its MLflow run
     or say a word; from another thread it leaves the handlers alone. So `fit` runs in a thread, and Ctrl-C (or
     SIGTERM, which the CLI turns into the same KeyboardInterrupt) reaches the main thread while it waits. Stopped,
-    it leaves Ray first: the run's actors end, and the traceback a dying Ray helper prints never reaches the user."""
+    it leaves Ray first and quietly (`leave_quietly`)."""
     outcome: dict[str, Any] = {}
 
     def fit() -> None:
@@ -163,11 +163,19 @@ def fit_keeping_signals(trainer: Any) -> Any:
         while thread.is_alive():
             thread.join(timeout=0.5)   # a bounded join, so a signal's handler runs in the main thread meanwhile
     except KeyboardInterrupt:
-        ray.shutdown()   # at once: ends the run's actors and stops relaying their logs (Ray's teardown noise)
+        leave_quietly()
         raise
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]
+
+
+def leave_quietly() -> None:
+    """Leave Ray at once after Ctrl-C (the run's actors end) without relaying what its dying processes print:
+    a terminal's Ctrl-C reaches Ray's own processes too, and their teardown tracebacks, with the repeats Ray
+    buffers and flushes on shutdown, would follow the stage's one line."""
+    with open(os.devnull, "w") as devnull, redirect_stdout(devnull), redirect_stderr(devnull):
+        ray.shutdown()
 
 
 def alive_nodes() -> list[dict]:

@@ -30,6 +30,29 @@ def test_room_counts_the_workers_each_node_holds_by_its_totals():
     assert ResourceRequest("train", 2, 1.5, 0).per_worker == {"CPU": 1.5}
 
 
+@ray.remote(num_cpus=0)
+def _worker_environment(names: list[str]) -> dict[str, str | None]:
+    import os
+
+    return {name: os.environ.get(name) for name in names}
+
+
+def test_a_local_instance_gives_its_workers_the_worker_environment(monkeypatch):
+    """A locally started Ray hands WORKER_ENV (one malloc arena, no usage stats) to every worker without a
+    runtime_env, so no worker starts through Ray's runtime-env setup process."""
+    assert not ray.is_initialized()   # runs before the module's own instance starts
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    for name in WORKER_ENV:
+        monkeypatch.setenv(name, "unset-by-the-test")   # restored afterwards; the stage overwrites it
+    connect(ResourceRequest("invert", 1, 1.0, 0))
+    try:
+        seen = ray.get(_worker_environment.remote(list(WORKER_ENV)))
+        assert not ray.get_runtime_context().runtime_env
+    finally:
+        ray.shutdown()
+    assert seen == WORKER_ENV
+
+
 @pytest.fixture(scope="module")
 def ray_instance():
     """A real Ray instance declaring 3 CPUs and 1 GPU (logical: Ray does not look for the device)."""
@@ -54,28 +77,6 @@ def test_a_request_no_node_holds_fails_after_the_wait_with_the_numbers(ray_insta
     assert "(3 CPUs/1 GPUs) hold 1 of them" in str(error.value)
     with pytest.raises(InputError, match=r"train asks 1 x \(4 CPUs\).* hold 0 of them"):
         require_room(ResourceRequest("train", 1, 4.0, 0), wait_s=0)
-
-
-@ray.remote(num_cpus=0)
-def _worker_environment(names: list[str]) -> dict[str, str | None]:
-    import os
-
-    return {name: os.environ.get(name) for name in names}
-
-
-def test_a_local_instance_gives_its_workers_the_worker_environment(monkeypatch):
-    """A locally started Ray hands WORKER_ENV (one malloc arena, no usage stats) to every worker without a
-    runtime_env, so no worker starts through Ray's runtime-env setup process."""
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    for name in WORKER_ENV:
-        monkeypatch.setenv(name, "unset-by-the-test")   # restored afterwards; the stage overwrites it
-    connect(ResourceRequest("invert", 1, 1.0, 0))
-    try:
-        seen = ray.get(_worker_environment.remote(list(WORKER_ENV)))
-        assert not ray.get_runtime_context().runtime_env
-    finally:
-        ray.shutdown()
-    assert seen == WORKER_ENV
 
 
 NO_GPU = {"CUDA_VISIBLE_DEVICES": ""}   # torch sees no device, on any machine
