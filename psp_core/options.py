@@ -293,7 +293,8 @@ class TrainingConfig:
     precision: Precision = _doc("fp32", "auto (bf16 where the CPU/GPU computes it natively, else fp32), fp32, bf16 "
                                         "(autocast; CPUs with AVX-512 BF16 or AMX, GPUs) or fp16 (GPUs)")
     compile: CompileSwitch = _doc(False, "torch.compile the training forward (the loss networks stay eager): true, "
-                                         "false or auto (when max_steps x batch images repay a compile on this device)")
+                                         "false or auto (when max_steps x batch images repay a compile on this device; never bf16 on a "
+                                         "CPU, where inductor's compiled bf16 training went NaN)")
     compile_cache: str | None = _doc(None, "folder of the persistent compile cache (null: $PSP_COMPILE_CACHE_DIR, "
                                            "else psp-pipeline/inductor under the user's cache folder)")
     log_interval: int = _doc(50, "steps between logged training losses")
