@@ -9,12 +9,36 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 _DTYPES = {"float32": torch.float32, "int64": torch.int64}
 DEVICE = torch.device(os.environ.get("PSP_TEST_DEVICE", "cpu"))
 """Where the parity tests run the networks (PSP_TEST_DEVICE=cuda: on the GPU)."""
+
+
+@pytest.fixture(autouse=True)
+def no_grad():
+    """Inference only (a module-level switch would leak into every other test module). A parity module imports
+    this and `reference_form_only`: autouse fixtures, active in that module alone."""
+    from psp_core.runtime.devices import use_ieee_fp32
+
+    if DEVICE.type == "cuda":
+        use_ieee_fp32()
+    with torch.no_grad():
+        yield
+
+
+@pytest.fixture(autouse=True)
+def reference_form_only(monkeypatch):
+    """Parity is the reference's operation order: a modulated convolution that takes the fused form fails the test
+    (`ModulatedConv2d.exact`, the default for a loaded or built network; the trainer turns it off)."""
+    from psp_core.nets.stylegan2 import ModulatedConv2d
+
+    def refuse(self, x, style):
+        raise AssertionError("a parity path ran the fused modulated convolution")
+    monkeypatch.setattr(ModulatedConv2d, "fused", refuse)
 
 
 def on_device(array: np.ndarray) -> torch.Tensor:

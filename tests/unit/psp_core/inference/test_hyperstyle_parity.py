@@ -10,36 +10,19 @@ import numpy as np
 import pytest
 import torch
 
-from helpers.parity import (
+from helpers.parity import (  # no_grad, reference_form_only: this module's autouse fixtures
     DEVICE,
     HYPERSTYLE,
     fixture,
     fixture_meta,
+    no_grad,  # noqa: F401
     on_device,
     parity_errors,
+    reference_form_only,  # noqa: F401
     write_released_hyperstyle,
 )
 from psp_core import HyperStyle, load_psp
 from psp_core.inference import InferenceModel, Inversion, hyperstyle_steps, initial_inversion
-from psp_core.nets.stylegan2 import ModulatedConv2d
-from psp_core.runtime.devices import use_ieee_fp32
-
-
-@pytest.fixture(autouse=True)
-def no_grad():
-    """Inference only (a module-level switch would leak into every other test module)."""
-    if DEVICE.type == "cuda":
-        use_ieee_fp32()
-    with torch.no_grad():
-        yield
-
-
-@pytest.fixture(autouse=True)
-def reference_form_only(monkeypatch):
-    """Parity is the reference's operation order: a modulated convolution that takes the fused form fails the test."""
-    def refuse(self, x, style):
-        raise AssertionError("a parity path ran the fused modulated convolution")
-    monkeypatch.setattr(ModulatedConv2d, "fused", refuse)
 
 
 @pytest.fixture(scope="module")

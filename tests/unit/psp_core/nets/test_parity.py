@@ -9,13 +9,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers.parity import (
+from helpers.parity import (  # no_grad, reference_form_only: this module's autouse fixtures
     DEVICE,
     e4e_training_state,
     fixture,
     fixture_meta,
+    no_grad,  # noqa: F401
     on_device,
     parity_errors,
+    reference_form_only,  # noqa: F401
     rule_discriminator_state,
     rule_state_dict,
     write_released_family,
@@ -32,26 +34,6 @@ from psp_core import (
     refine,
 )
 from psp_core.inference import average_image
-from psp_core.nets.stylegan2 import ModulatedConv2d
-from psp_core.runtime.devices import use_ieee_fp32
-
-
-@pytest.fixture(autouse=True)
-def no_grad():
-    """Inference only (a module-level switch would leak into every other test module)."""
-    if DEVICE.type == "cuda":
-        use_ieee_fp32()
-    with torch.no_grad():
-        yield
-
-
-@pytest.fixture(autouse=True)
-def reference_form_only(monkeypatch):
-    """Parity is the reference's operation order: a modulated convolution that takes the fused form fails the test
-    (`ModulatedConv2d.exact`, the default for a loaded or built network; the trainer turns it off)."""
-    def refuse(self, x, style):
-        raise AssertionError("a parity path ran the fused modulated convolution")
-    monkeypatch.setattr(ModulatedConv2d, "fused", refuse)
 
 
 def assert_parity(ours: torch.Tensor, ref: np.ndarray, name: str) -> None:
