@@ -18,7 +18,6 @@ from typing import Any
 
 import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
 
 from pipelines.params.loading import load_section
 from pipelines.params.schema import TrainConfig
@@ -29,6 +28,7 @@ from pipelines.services.ray import (
     check_shared_storage,
     connect,
     fit_keeping_signals,
+    torch_trainer,
 )
 from pipelines.services.storage import file_digest, write_json_atomic
 from pipelines.stages.train_worker import train_worker
@@ -166,7 +166,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         del splits["test"]
     weights = {name: str(path) if weights_present(path) else None
                for name, path in (("generator", cfg.generator), ("irse50", cfg.irse50))}
-    trainer = TorchTrainer(
+    trainer = torch_trainer(
         train_worker,
         train_loop_config={"train": cfg, "preset": preset, "run_id": run.run_id, "run_name": run_name,
                            "tracking_uri": tracking.use_tracking_store(), "paired_sources": manifest.paired_sources,

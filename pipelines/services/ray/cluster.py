@@ -17,6 +17,8 @@ from typing import Any, Iterator
 
 import ray
 import torch
+from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipelines.services.ray import reaper
@@ -125,6 +127,25 @@ def connect(request: ResourceRequest) -> None:
         ray.init(num_cpus=cpus, include_dashboard=False)
     log.info("started a local Ray instance with %d logical CPUs", cpus)
     require_room(request, 0)
+
+
+class LocalInstanceTrainer(TorchTrainer):
+    """A TorchTrainer without Ray Train's placement-group cleaner, for the local instance `connect` starts. The
+    cleaner asks the dashboard's State API every second whether the run's controller lives. A local instance has no
+    dashboard: the cleaner logs a warning each second, prints a traceback when the instance goes down, and where
+    another Ray's dashboard holds the default port on this machine it is told "not alive" and removes this run's
+    placement group, killing its workers mid-run. It guards a cluster that outlives a dead controller; a local
+    instance ends with its driver."""
+
+    def _create_default_callbacks(self) -> list[Any]:
+        return [callback for callback in super()._create_default_callbacks()
+                if not isinstance(callback, PlacementGroupCleanerCallback)]
+
+
+def torch_trainer(*args: Any, **kwargs: Any) -> TorchTrainer:
+    """The TorchTrainer for where `connect` runs the job: Ray Train's own on a cluster, `LocalInstanceTrainer`
+    on a local instance."""
+    return (TorchTrainer if os.environ.get("RAY_ADDRESS") else LocalInstanceTrainer)(*args, **kwargs)
 
 
 @contextmanager
