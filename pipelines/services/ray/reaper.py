@@ -3,7 +3,8 @@ however it dies (SIGKILL included), every process it had started is killed.
 
 Ray's agents and workers outlive a driver killed with SIGKILL; this process, started in a session
 of its own beside the driver, remembers the driver's descendants (pid and start time, polled) and
-kills those still alive once the driver is gone. Run as `python -m pipelines.services.ray.reaper PID`.
+kills those still alive once the driver is gone. Run as `python reaper.py PID`: by its file, so the process imports
+psutil alone, not the packages around it (Ray and torch, ~3 CPU-s at every stage's start).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ POLL_SECONDS = 0.5
 
 def start(pid: int | None = None) -> subprocess.Popen:
     """Start a reaper watching `pid` (default: this process); it exits by itself after the watched one."""
-    return subprocess.Popen([sys.executable, "-m", "pipelines.services.ray.reaper", str(pid or os.getpid())],
+    return subprocess.Popen([sys.executable, os.path.abspath(__file__), str(pid or os.getpid())],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
 
