@@ -1,5 +1,6 @@
-"""The Ray service's resource check: a request no node can hold is one line (exit 2) at once on this machine,
-after a bounded wait on a cluster, never a job Ray keeps pending for ever."""
+"""The Ray service: its resource check (a request no node can hold is one line, exit 2, at once on this machine,
+after a bounded wait on a cluster, never a job Ray keeps pending for ever), and what a local instance gives its
+workers and its training runs."""
 from __future__ import annotations
 
 import time
@@ -12,7 +13,7 @@ import yaml
 from helpers.editing import write_edit_params, write_inversion
 from helpers.pipelines import TINY_TRAIN, make_shards, run_psp
 from pipelines.services.ray import ResourceRequest
-from pipelines.services.ray.cluster import WORKER_ENV, connect, require_room
+from pipelines.services.ray.cluster import WORKER_ENV, LocalInstanceTrainer, connect, require_room, torch_trainer
 from pipelines.services.tracking import resolve_model
 from psp_core import load_psp
 from psp_core.errors import InputError
@@ -28,6 +29,25 @@ def test_room_counts_the_workers_each_node_holds_by_its_totals():
     assert ResourceRequest("edit", 1, 0.5, 0).room_on([{"Resources": {}}]) == 0
     assert ResourceRequest("train", 2, 1.5, 1).per_worker == {"CPU": 1.5, "GPU": 1}
     assert ResourceRequest("train", 2, 1.5, 0).per_worker == {"CPU": 1.5}
+
+
+def test_training_on_a_local_instance_runs_without_the_placement_group_cleaner(monkeypatch):
+    """The cleaner asks a dashboard a local instance does not have (or another instance's, which answers "dead" and
+    has the run's workers killed); on a cluster (RAY_ADDRESS) Ray Train keeps its own callbacks."""
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    def kinds(trainer: TorchTrainer) -> set[type]:
+        return {type(callback) for callback in trainer._create_default_callbacks()}
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    local = torch_trainer(lambda: None, scaling_config=ScalingConfig(num_workers=1))
+    assert type(local) is LocalInstanceTrainer and PlacementGroupCleanerCallback not in kinds(local)
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    cluster = torch_trainer(lambda: None, scaling_config=ScalingConfig(num_workers=1))
+    assert type(cluster) is TorchTrainer and PlacementGroupCleanerCallback in kinds(cluster)
+    assert kinds(local) == kinds(cluster) - {PlacementGroupCleanerCallback}
 
 
 @ray.remote(num_cpus=0)
