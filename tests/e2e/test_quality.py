@@ -6,9 +6,11 @@ was learnt, not how fast. ReStyle gets its own, longer run: its refinement must 
 its last output, and until it has, a second iteration can overshoot the first. Measured at batch 8 and
 learning rate 1e-3 with seeds 0-4, evaluated every 50 steps: up to step 150 the second iteration was
 behind the first at one evaluation or more on three seeds; from step 200 on it was 3-26 % ahead at
-every evaluation on all five. This run takes batch 4 (a step costs 0.6 of one at batch 8) and stops at step 250,
-where seed 0's second iteration is 0.86 of its first (ahead at every evaluation, 0.97 at step 50 and
-0.63-0.84 from step 100 to 200; "Quality on a known generator" in benchmarks/README.md has the batch-8 runs).
+every evaluation on all five. This run takes batch 4 (a step costs 0.6 of one at batch 8) and stops at
+step 250. At batch 4, seeds 0-4 end with the second iteration at 0.64-0.86 of the first and validation L2 at
+0.24-0.34 of the untrained encoder's; seed 1 is behind up to step 150, seed 4 at step 50 (seed 0, the one run
+here, was measured with the reference's grouped modulation, the others with the fused one the benchmark now
+runs). "Quality on a known generator" in benchmarks/README.md has the batch-8 runs.
 """
 from __future__ import annotations
 
