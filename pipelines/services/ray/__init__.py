@@ -14,5 +14,4 @@ from pipelines.services.ray.cluster import (
 from pipelines.services.ray.units import ActorPool, UnitCollector, map_units
 
 __all__ = ["WORKER_ENV", "ActorPool", "ResourceRequest", "UnitCollector", "check_local_gpus", "check_shared_storage",
-           "connect", "fit_keeping_signals", "map_units", "stage_signal_handlers",
-           "torch_trainer"]
+           "connect", "fit_keeping_signals", "map_units", "stage_signal_handlers", "torch_trainer"]

@@ -10,7 +10,7 @@ import signal
 import threading
 import time
 import uuid
-from contextlib import contextmanager, redirect_stderr, redirect_stdout
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -72,7 +72,7 @@ class ResourceRequest:
 def check_local_gpus(request: ResourceRequest) -> None:
     """Without a cluster (no RAY_ADDRESS) the GPUs a request asks for must be on this machine: else one line
     before anything starts, instead of a job Ray keeps pending for ever."""
-    if not request.gpus or os.environ.get("RAY_ADDRESS"):
+    if not request.gpus or on_cluster():
         return
     have = torch.cuda.device_count()
     if request.count * request.gpus > have:
@@ -105,12 +105,17 @@ def require_room(request: ResourceRequest, wait_s: float) -> None:
         time.sleep(min(2.0, left))
 
 
+def on_cluster() -> bool:
+    """Whether the stage joins a cluster (RAY_ADDRESS, set by `ray job submit`) rather than starting a local instance."""
+    return bool(os.environ.get("RAY_ADDRESS"))
+
+
 def connect(request: ResourceRequest) -> None:
     """Join the cluster named by RAY_ADDRESS (set by `ray job submit`), or start a local Ray with
     enough logical CPUs for the workers plus `SPARE_CPUS`; either way the workers must fit (see `require_room`)."""
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS"):
+    if on_cluster():
         with stage_signal_handlers():
             ray.init(runtime_env={"env_vars": WORKER_ENV}, log_to_driver=True)
         log.info("connected to the Ray cluster at %s", os.environ["RAY_ADDRESS"])
@@ -145,7 +150,7 @@ class LocalInstanceTrainer(TorchTrainer):
 def torch_trainer(*args: Any, **kwargs: Any) -> TorchTrainer:
     """The TorchTrainer for where `connect` runs the job: Ray Train's own on a cluster, `LocalInstanceTrainer`
     on a local instance."""
-    return (TorchTrainer if os.environ.get("RAY_ADDRESS") else LocalInstanceTrainer)(*args, **kwargs)
+    return (TorchTrainer if on_cluster() else LocalInstanceTrainer)(*args, **kwargs)
 
 
 @contextmanager
@@ -169,7 +174,7 @@ def fit_keeping_signals(trainer: Any) -> Any:
     SIGINT handler, which aborts the run and ends the process with status 1 before the stage can mark its MLflow run
     or say a word; from another thread it leaves the handlers alone. So `fit` runs in a thread, and Ctrl-C (or
     SIGTERM, which the CLI turns into the same KeyboardInterrupt) reaches the main thread while it waits. Stopped,
-    it leaves Ray first and quietly (`leave_quietly`)."""
+    it leaves Ray first."""
     outcome: dict[str, Any] = {}
 
     def fit() -> None:
@@ -184,19 +189,11 @@ def fit_keeping_signals(trainer: Any) -> Any:
         while thread.is_alive():
             thread.join(timeout=0.5)   # a bounded join, so a signal's handler runs in the main thread meanwhile
     except KeyboardInterrupt:
-        leave_quietly()
+        ray.shutdown()   # at once: the run's actors end and no more of their output is relayed
         raise
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]
-
-
-def leave_quietly() -> None:
-    """Leave Ray at once after Ctrl-C (the run's actors end) without relaying what its dying processes print:
-    a terminal's Ctrl-C reaches Ray's own processes too, and their teardown tracebacks, with the repeats Ray
-    buffers and flushes on shutdown, would follow the stage's one line."""
-    with open(os.devnull, "w") as devnull, redirect_stdout(devnull), redirect_stderr(devnull):
-        ray.shutdown()
 
 
 def alive_nodes() -> list[dict]:
