@@ -168,7 +168,8 @@ def bake_affine(generator: Generator, scale: float, shift: float) -> None:
 def known_generator(size: int, seed: int, checkpoint: Path | None) -> KnownGenerator:
     """A frozen generator (seeded random weights at `size`, or `checkpoint`'s) with the output affine
     measured on its average image and baked into its weights. It runs its modulated convolutions in the fused form,
-    as the encoders' decoders do: the reference's rounding is for parity, and the grouped form costs 3-6x at 16-32 px."""
+    as the encoders' decoders do: the reference's rounding is for parity, and at 16 px the fused form runs 2.3x
+    (batch 2) to 6.6x (batch 8) faster (benchmarks/README.md, bench_modconv.py)."""
     if checkpoint is not None:
         loaded = read_generator_checkpoint(checkpoint)
         generator, latent_avg = loaded.generator, loaded.latent_avg

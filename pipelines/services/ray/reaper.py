@@ -4,7 +4,7 @@ however it dies (SIGKILL included), every process it had started is killed.
 Ray's agents and workers outlive a driver killed with SIGKILL; this process, started in a session
 of its own beside the driver, remembers the driver's descendants (pid and start time, polled) and
 kills those still alive once the driver is gone. Run as `python reaper.py PID`: by its file, so the process imports
-psutil alone, not the packages around it (Ray and torch, ~3 CPU-s at every stage's start).
+psutil alone, not the packages around it (Ray and torch, which a watchdog does not need).
 """
 from __future__ import annotations
 
