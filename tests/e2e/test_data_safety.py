@@ -250,40 +250,45 @@ def finished_records(out: Path) -> int:
     return count
 
 
-def start_align(many_photos: Path, tmp_path: Path) -> tuple[subprocess.Popen, Path, Path]:
+def start_align(params: Path, out: Path, tmp_path: Path, already: int) -> subprocess.Popen:
+    """`psp align` on the 40 photos, returned once it has finished three more than `already`."""
+    process = subprocess.Popen([PSP_CLI, "align", "--params", str(params)], cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=interruptible)
+    wait_until(lambda: finished_records(out) >= already + 3, process, 120, "three more aligned photos", every=0.05)
+    return process
+
+
+@pytest.mark.slow
+def test_a_stopped_align_leaves_no_worker_and_a_rerun_finishes_the_rest(many_photos, tmp_path):
+    """Ctrl-C, SIGTERM and SIGKILL, each on a rerun of the one before: each stop is prompt, leaves no worker and
+    keeps what is done (Ctrl-C and SIGTERM with the stage's one line and exit 130 / 143); each rerun counts what is
+    already aligned and does the rest, and the last finishes every photo. (Three tests once, one run each.)"""
     out = tmp_path / "aligned"
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"align": {"input_dir": str(many_photos), "output_dir": str(out),
                                                 "report": str(tmp_path / "align.json"), "output_size": 256,
                                                 "supersample": 2, "workers": 2}}))
-    process = subprocess.Popen([PSP_CLI, "align", "--params", str(params)], cwd=tmp_path,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=interruptible)
-    wait_until(lambda: finished_records(out) >= 3, process, 120, "three aligned photos",
-               every=0.05)
-    return process, out, params
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("how, code, word", [(signal.SIGINT, 130, "interrupted"),
-                                             (signal.SIGTERM, 143, "terminated"),
-                                             (signal.SIGKILL, -9, None)])
-def test_a_stopped_align_leaves_no_worker_and_a_rerun_finishes_the_rest(many_photos, tmp_path, how, code, word):
-    process, out, params = start_align(many_photos, tmp_path)
-    workers = psutil.Process(process.pid).children(recursive=True)
-    assert len(workers) >= 2
-    stopped_at = time.monotonic()
-    process.send_signal(how)
-    _, stderr = process.communicate(timeout=30)
-    assert process.returncode == code
-    assert time.monotonic() - stopped_at < 10
-    gone, alive = psutil.wait_procs(workers, timeout=5)
-    assert not alive, f"workers left behind: {alive}"
-    if word is not None:
-        lines = [line for line in stderr.splitlines() if " INFO " not in line and line.strip()
-                 and not line.startswith("align:")]
-        assert lines == [f"psp align: {word}; finished work is kept and a rerun resumes"], stderr
-    done = finished_records(out)
-    assert 3 <= done < 40
+    done = 0
+    for how, code, word in [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated"),
+                            (signal.SIGKILL, -9, None)]:
+        process = start_align(params, out, tmp_path, done)
+        workers = psutil.Process(process.pid).children(recursive=True)
+        assert len(workers) >= 2
+        stopped_at = time.monotonic()
+        process.send_signal(how)
+        _, stderr = process.communicate(timeout=30)
+        assert process.returncode == code, (how, stderr[-3000:])
+        assert time.monotonic() - stopped_at < 10
+        gone, alive = psutil.wait_procs(workers, timeout=5)
+        assert not alive, f"workers left behind by {how.name}: {alive}"
+        if done:
+            assert f"({done} already aligned, {40 - done} to do)" in stderr, stderr[-3000:]
+        if word is not None:
+            lines = [line for line in stderr.splitlines() if " INFO " not in line and line.strip()
+                     and not line.startswith("align:")]
+            assert lines == [f"psp align: {word}; finished work is kept and a rerun resumes"], stderr
+        before, done = done, finished_records(out)
+        assert before + 3 <= done < 40, (how, before, done)
 
     result = psp("align", "--params", str(params), "workers=1", cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr
