@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 import ray
+import torch
 import yaml
 
 from helpers.editing import write_edit_params, write_inversion
-from helpers.pipelines import TINY_TRAIN, make_shards, run_psp
+from helpers.pipelines import TINY_TRAIN, make_shards
+from pipelines.cli import main
 from pipelines.services.ray import ResourceRequest
 from pipelines.services.ray.cluster import WORKER_ENV, LocalInstanceTrainer, connect, require_room, torch_trainer
 from pipelines.services.tracking import resolve_model
@@ -73,9 +75,10 @@ def test_a_local_instance_gives_its_workers_the_worker_environment(monkeypatch):
     assert seen == WORKER_ENV
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def ray_instance():
-    """A real Ray instance declaring 3 CPUs and 1 GPU (logical: Ray does not look for the device)."""
+    """A real Ray instance declaring 3 CPUs and 1 GPU (logical: Ray does not look for the device), for one test: a
+    stage run in this process later must start its own."""
     ray.init(num_cpus=3, num_gpus=1, include_dashboard=False)
     yield
     ray.shutdown()
@@ -99,41 +102,45 @@ def test_a_request_no_node_holds_fails_after_the_wait_with_the_numbers(ray_insta
         require_room(ResourceRequest("train", 1, 4.0, 0), wait_s=0)
 
 
-NO_GPU = {"CUDA_VISIBLE_DEVICES": ""}   # torch sees no device, on any machine
+@pytest.fixture
+def no_gpu(monkeypatch, tmp_path):
+    """torch sees no GPU, on any machine; the stage runs in this process, from `tmp_path`, with no Ray yet."""
+    assert not ray.is_initialized()
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.chdir(tmp_path)
 
 
-def one_line_gpu_error(done, section: str, stage: str, gpus: int = 1) -> None:
-    assert done.returncode == 2, (done.stdout + done.stderr)[-3000:]
-    error = done.stderr.strip().splitlines()[-1]
-    assert error.startswith(f"psp {stage}: error: {section}.use_gpu=true needs {gpus} GPU(s)"), done.stderr[-3000:]
-    assert "Traceback" not in done.stderr
+def one_line_gpu_error(code: int, capsys, section: str, stage: str, gpus: int = 1) -> None:
+    """`main` (the console script's body) returned 2 with the stage's one line, and Ray never started."""
+    out, err = capsys.readouterr()
+    assert code == 2, (out + err)[-3000:]
+    error = err.strip().splitlines()[-1]
+    assert error.startswith(f"psp {stage}: error: {section}.use_gpu=true needs {gpus} GPU(s)"), err[-3000:]
+    assert "Traceback" not in err
     assert "this machine has 0" in error
-    assert "Ray" not in done.stdout and "Started a local Ray instance" not in done.stderr
+    assert not ray.is_initialized() and "Started a local Ray instance" not in err
 
 
-def test_invert_with_use_gpu_on_a_machine_without_one_stops_before_ray(tmp_path: Path, model_file):
+def test_invert_with_use_gpu_on_a_machine_without_one_stops_before_ray(tmp_path: Path, model_file, no_gpu, capsys):
     make_shards(tmp_path, images=4)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"invert": {
         "model": str(model_file), "input": "shards", "output_dir": "latents", "report": "reports/invert.json",
         "lpips_backbone": "random", "cpus_per_actor": 1, "use_gpu": True}}))
-    done = run_psp(["invert"], tmp_path, NO_GPU, timeout=120)
-    one_line_gpu_error(done, "invert", "invert")
+    one_line_gpu_error(main(["invert"]), capsys, "invert", "invert")
     assert not list((tmp_path / "latents").glob("*.parquet"))
 
 
-def test_edit_with_use_gpu_on_a_machine_without_one_stops_before_ray(tmp_path: Path, model_file):
+def test_edit_with_use_gpu_on_a_machine_without_one_stops_before_ray(tmp_path: Path, model_file, no_gpu, capsys):
     write_inversion(tmp_path / "latents", load_psp(model_file), resolve_model(str(model_file)).pinned)
     write_edit_params(tmp_path, model=str(model_file), edits=[{"kind": "sefa", "top_k": 1, "steps": 2}],
                       use_gpu=True)
-    done = run_psp(["edit"], tmp_path, NO_GPU, timeout=120)
-    one_line_gpu_error(done, "edit", "edit")
+    one_line_gpu_error(main(["edit"]), capsys, "edit", "edit")
     assert not (tmp_path / "edits" / "latents").exists() or not list((tmp_path / "edits" / "latents").iterdir())
 
 
-def test_train_with_use_gpu_on_a_machine_without_one_stops_before_mlflow_and_ray(tmp_path: Path):
+def test_train_with_use_gpu_on_a_machine_without_one_stops_before_mlflow_and_ray(tmp_path: Path, no_gpu, capsys):
     make_shards(tmp_path, images=8)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"train": {**TINY_TRAIN, "shards": "shards",
                                                                     "use_gpu": True}}))
-    done = run_psp(["train"], tmp_path, NO_GPU, timeout=120)
-    one_line_gpu_error(done, "train", "train", gpus=TINY_TRAIN["num_workers"])
+    one_line_gpu_error(main(["train"]), capsys, "train", "train", gpus=TINY_TRAIN["num_workers"])
     assert not (tmp_path / "mlflow").exists(), "no MLflow run is opened for a job that cannot start"
