@@ -12,15 +12,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray
 import torch
 import yaml
 from PIL import Image
 
 from helpers.editing import N_STYLES, ROOT, UNITS, decode_png, write_edit_params, write_inversion
-from helpers.pipelines import run_psp
 from pipelines.cli import main
 from pipelines.params.schema import EditConfig
 from pipelines.services import storage
+from pipelines.services.ray.cluster import WORKER_ENV
 from pipelines.services.tracking import resolve_model
 from pipelines.stages.edit import build_directions, edit_settings, plan_units, read_inversion
 from psp_core import PSP, PSPArchitecture, load_psp, save_psp
@@ -32,8 +33,26 @@ def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
     return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
 
 
+@pytest.fixture
+def edit_here(tmp_path, registered, monkeypatch, capsys):
+    """`psp edit` run by the console script's `main` in this process, from `tmp_path`, tracked in the `registered`
+    store: returns (exit code, stdout, stderr). The first run starts a local Ray instance the later ones join; it
+    ends with the test."""
+    monkeypatch.chdir(tmp_path)
+    for key, value in {**WORKER_ENV, **registered}.items():   # the local Ray's workers inherit them
+        monkeypatch.setenv(key, value)
+
+    def edit() -> tuple[int, str, str]:
+        capsys.readouterr()
+        code = main(["edit"])
+        return code, *capsys.readouterr()
+
+    yield edit
+    ray.shutdown()
+
+
 @pytest.mark.slow
-def test_edits_decode_log_and_resume(tmp_path, model_file, registered):
+def test_edits_decode_log_and_resume(tmp_path, model_file, registered, edit_here):
     env = registered
     net = load_psp(model_file)
     codes = write_inversion(tmp_path / "latents", net, "models:/psp-encoder/1")
@@ -46,8 +65,8 @@ def test_edits_decode_log_and_resume(tmp_path, model_file, registered):
              {"kind": "ganspace", "pca": str(tmp_path / "pca.pt"), "directions": [[1, 0, 3, -2.0], [1, 0, 3, 2.0]]}]
     write_edit_params(tmp_path, edits=edits)
 
-    done = run_psp(["edit"], tmp_path, env)
-    assert done.returncode == 0, done.stderr[-3000:]
+    code, _, err = edit_here()
+    assert code == 0, err[-3000:]
     out = tmp_path / "edits"
     report = json.loads((tmp_path / "reports" / "edit.json").read_text())
     names = ["sefa-0", "sefa-1", "wplus", "ganspace-pc1-0-3"]
@@ -108,9 +127,9 @@ def test_edits_decode_log_and_resume(tmp_path, model_file, registered):
     before = snapshot(out)
     ours = out / "images" / "sefa-0" / f"{storage.temporary_prefix('1.png')}k3x9q2.tmp"
     ours.write_bytes(b"half a png")
-    again = run_psp(["edit"], tmp_path, env)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "(2 files already done)" in again.stdout
+    code, stdout, err = edit_here()
+    assert code == 0, err[-3000:]
+    assert "(2 files already done)" in stdout
     assert snapshot(out) == before and not ours.exists()
     assert json.loads((tmp_path / "reports" / "edit.json").read_text())["images_written"] == 0
 
@@ -118,8 +137,8 @@ def test_edits_decode_log_and_resume(tmp_path, model_file, registered):
     (out / "latents" / "shard-00001.parquet").unlink()
     lost = next(p for p in (out / "images" / "sefa-1").glob("1*.png"))
     lost.unlink()
-    resumed = run_psp(["edit"], tmp_path, env)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    code, _, err = edit_here()
+    assert code == 0, err[-3000:]
     report = json.loads((tmp_path / "reports" / "edit.json").read_text())
     assert report["units_skipped"] == 1 and report["images_written"] == UNITS["shard-00001"] * per_code
     after = snapshot(out)
