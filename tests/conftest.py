@@ -38,8 +38,8 @@ os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
 os.environ.setdefault("RAY_enable_worker_prestart", "0")
 os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
 
-LONGEST_FIRST = ("test_quality.py", "test_dvc_data.py", "test_train_ray.py", "test_object_storage.py",
-                 "test_data_safety.py", "test_invert_on_ray.py")
+LONGEST_FIRST = ("test_train_ray.py", "test_object_storage.py", "test_quality.py", "test_data_safety.py",
+                 "test_dvc_data.py", "test_invert_on_ray.py")
 """The end-to-end files by their measured length, longest first (`make test`'s durations)."""
 
 
