@@ -100,7 +100,8 @@ class PSPArchitecture:
     encoder_input_size: int = _doc(256, "side of the encoder's input image (a power of two in 32..1024)")
     encoder_num_layers: int = _doc(50, "IR-SE backbone depth: 50, 100 or 152")
     encoder_mode: str = _doc("ir_se", "IR backbone blocks: ir or ir_se")
-    stylegan_channel_multiplier: int = _doc(2, "StyleGAN2 channel multiplier (2 for config-f)")
+    stylegan_channel_multiplier: int = _doc(2, "StyleGAN2 channel multiplier (2 for config-f; 1 for a StyleGAN2-ADA "
+                                                "generator of channel_base 16384)")
     style_dim: int = _doc(512, "width of W")
     n_mlp: int = _doc(8, "layers of the generator's mapping network")
     family: Family = _doc("psp", f"encoder family, how the model is run: one of {', '.join(PSP_FAMILIES)}")

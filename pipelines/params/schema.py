@@ -116,7 +116,8 @@ class ShardConfig(StageConfig):
 
 # ----------------------------------------------------------------------------- training
 
-ARCHITECTURE_KEYS = ("encoder_type", "output_size", "encoder_input_size", "start_from_latent_avg")
+ARCHITECTURE_KEYS = ("encoder_type", "output_size", "encoder_input_size", "start_from_latent_avg",
+                     "stylegan_channel_multiplier")
 """The `PSPArchitecture` options params.yaml sets (family and input_nc come from the preset, learn_in_w from
 encoder_type)."""
 

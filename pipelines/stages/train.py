@@ -31,10 +31,12 @@ from pipelines.services.ray import (
     torch_trainer,
 )
 from pipelines.services.storage import file_digest, write_json_atomic
+from pipelines.services.storage.converted import converted_generator
 from pipelines.stages.train_worker import train_worker
 from psp_core.data.presets import TaskPreset, get_preset
 from psp_core.data.shards import ShardManifest
 from psp_core.errors import InputError
+from psp_core.nets.checkpoints import check_generator_fits, read_generator_checkpoint
 from psp_core.options import FAMILY_NAMES
 from psp_core.training.engine import BEST_CHECKPOINT, LAST_CHECKPOINT
 from psp_core.training.losses import alexnet_cache_path, require_alexnet
@@ -76,6 +78,15 @@ def check_data_access(cfg: TrainConfig) -> None:
         if storage.is_uri(weights):
             storage.check_access(weights)
     storage.check_access(cfg.storage_path, write=True)
+
+
+def check_generator(cfg: TrainConfig, preset: TaskPreset) -> None:
+    """The generator file the run starts from has the size and channel multiplier the params build: else one line
+    before MLflow or Ray start, not the same error on every worker. A network pickle is converted here, once per
+    machine (the workers on this machine find it in the cache)."""
+    if weights_present(cfg.generator):
+        local = converted_generator(tracking.fetch_weights(cfg.generator))
+        check_generator_fits(cfg.architecture(preset.input_nc), read_generator_checkpoint(local).generator, cfg.generator)
 
 
 def random_weight_networks(cfg: TrainConfig) -> list[str]:
@@ -126,6 +137,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     preset = get_preset(cfg.preset).with_loss(**cfg.loss)
     if cfg.lpips_backbone == "pretrained":
         require_alexnet()
+    check_generator(cfg, preset)
     if preset.loss.id_lambda > 0 and not weights_present(cfg.irse50):
         raise FileNotFoundError(f"id_lambda={preset.loss.id_lambda} needs the ArcFace IR-SE50 weights at {cfg.irse50} "
                                 "(model_ir_se50.pth); set train.loss.id_lambda=0 to train without the identity loss")

@@ -227,6 +227,19 @@ def save_psp(net: PSP, path: str | Path, extra: Mapping[str, Any] | None = None)
     return atomic_torch_save(psp_checkpoint(net, **dict(extra or {})), path)
 
 
+def check_generator_fits(arch: PSPArchitecture, generator: Generator, path: str | Path) -> None:
+    """A generator read from `path` has the size and channel multiplier `arch` builds: else one line naming the
+    option to set."""
+    if generator.size != arch.output_size:
+        raise CheckpointError(f"{path}: generator outputs {generator.size}px, the model wants "
+                              f"output_size={arch.output_size}")
+    multiplier = generator_architecture(generator.state_dict())["channel_multiplier"]
+    if multiplier != arch.stylegan_channel_multiplier and arch.output_size >= 64:
+        raise CheckpointError(f"{path}: generator has channel multiplier {multiplier} (StyleGAN2-ADA channel_base "
+                              f"{16384 * multiplier}), the model wants stylegan_channel_multiplier="
+                              f"{arch.stylegan_channel_multiplier}")
+
+
 def build_psp(arch: PSPArchitecture, generator_path: str | Path | None = None,
               irse50_path: str | Path | None = None, mean_latent_samples: int = MEAN_LATENT_SAMPLES) -> PSP:
     """A fresh pSp for training: encoder body from IR-SE50 (its stem too for RGB input, and widened for
@@ -239,14 +252,7 @@ def build_psp(arch: PSPArchitecture, generator_path: str | Path | None = None,
     latent_avg = None
     if generator_path is not None:
         ckpt = read_generator_checkpoint(generator_path)
-        if ckpt.generator.size != arch.output_size:
-            raise CheckpointError(f"{generator_path}: generator outputs {ckpt.generator.size}px, "
-                                  f"the model wants output_size={arch.output_size}")
-        multiplier = generator_architecture(ckpt.generator.state_dict())["channel_multiplier"]
-        if multiplier != arch.stylegan_channel_multiplier and arch.output_size >= 64:
-            raise CheckpointError(f"{generator_path}: generator has channel multiplier {multiplier} (StyleGAN2-ADA "
-                                  f"channel_base {16384 * multiplier}), the model wants "
-                                  f"stylegan_channel_multiplier={arch.stylegan_channel_multiplier}")
+        check_generator_fits(arch, ckpt.generator, generator_path)
         load_strict(net.decoder, ckpt.generator.state_dict(), f"{generator_path} g_ema")
         net.decoder.set_conv_clamp(ckpt.generator.conv_clamp)
         latent_avg = ckpt.latent_avg

@@ -198,17 +198,18 @@ def test_two_workers_survive_a_killed_worker_and_a_killed_driver_and_register(tm
 
 
 def test_ctrl_c_is_one_line_marks_the_run_killed_at_its_step_and_a_rerun_resumes(tmp_path):
-    """`psp train` on a StyleGAN2-ADA network pickle (`train.generator=network-snapshot.pkl`, frozen), stopped with
-    Ctrl-C sent as a terminal sends it (SIGINT to the whole process group) once a checkpoint is saved: exit 130 and
+    """`psp train` on a StyleGAN2-ADA network pickle of channel_base 16384 (`train.generator=network-snapshot.pkl`,
+    `train.stylegan_channel_multiplier=1`, frozen), stopped with Ctrl-C sent as a terminal sends it (SIGINT to the
+    whole process group) once a checkpoint is saved: exit 130 and
     the stage's one line (Ray Train's own handler would exit 1 and leave the run RUNNING), the MLflow run KILLED with
     the step it reached, no process left; the same command resumes from the checkpoint, and the registered model's
     generator is the pickle's, converted."""
     make_shards(tmp_path)
     max_steps = 6
     snapshot = write_network_pickle(tmp_path / "network-snapshot-000100.pkl",
-                                    ada_generator(resolution=64, channel_base=32768, seed=1))
+                                    ada_generator(resolution=64, channel_base=16384, seed=1))   # half width
     write_params(tmp_path, num_workers=1, max_steps=max_steps, output_size=64, generator=str(snapshot),
-                 train_decoder=False)
+                 stylegan_channel_multiplier=1, train_decoder=False)
     log = tmp_path / "interrupted.log"
     with log.open("w") as out:
         proc = subprocess.Popen([PSP, "train"], cwd=tmp_path, env=clean_env(), stdout=out, stderr=subprocess.STDOUT,

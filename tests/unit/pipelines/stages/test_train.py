@@ -1,0 +1,48 @@
+"""`psp train`'s driver before Ray starts: a generator file that does not fit the architecture the params build is
+one line and exit 2, before any MLflow run (the real Ray runs: tests/e2e/test_train_ray.py)."""
+from __future__ import annotations
+
+import pytest
+import ray
+import yaml
+
+from helpers.ada import ada_generator, write_network_pickle
+from helpers.pipelines import TINY_TRAIN, make_shards
+from pipelines.cli import main
+from pipelines.params.schema import TrainConfig
+from pipelines.stages.train import check_generator
+from psp_core.data.presets import get_preset
+
+
+@pytest.fixture(scope="module")
+def half_width_pickle(tmp_path_factory):
+    """A StyleGAN2-ADA snapshot of channel_base 16384 (channel multiplier 1), 64 px."""
+    return write_network_pickle(tmp_path_factory.mktemp("ada") / "network-snapshot-000100.pkl",
+                                ada_generator(resolution=64, channel_base=16384, seed=1))
+
+
+def test_a_generator_of_another_channel_multiplier_is_one_line_before_mlflow(tmp_path, half_width_pickle, monkeypatch,
+                                                                             capsys):
+    make_shards(tmp_path, images=8)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"train": {
+        **TINY_TRAIN, "shards": "shards", "output_size": 64, "generator": str(half_width_pickle)}}))
+    monkeypatch.chdir(tmp_path)
+    assert main(["train"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1] == (f"psp train: error: {half_width_pickle}: generator has channel multiplier 1 (StyleGAN2-ADA "
+                         "channel_base 16384), the model wants stylegan_channel_multiplier=2")
+    assert not (tmp_path / "mlflow").exists() and not ray.is_initialized()
+
+    assert main(["train", "train.output_size=32"]) == 2   # the size is checked the same way
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "generator outputs 64px, the model wants output_size=32")
+
+
+def test_the_channel_multiplier_is_a_train_setting_the_check_accepts(half_width_pickle):
+    cfg = TrainConfig(**{**TINY_TRAIN, "output_size": 64, "generator": str(half_width_pickle),
+                         "stylegan_channel_multiplier": 1})
+    preset = get_preset(cfg.preset)
+    assert cfg.architecture(preset.input_nc).stylegan_channel_multiplier == 1
+    check_generator(cfg, preset)   # fits: no error
+    with pytest.raises(Exception, match="stylegan_channel_multiplier must be in 1..4"):
+        TrainConfig(stylegan_channel_multiplier=5).architecture(3)
