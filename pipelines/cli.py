@@ -2,7 +2,8 @@
 
 Every stage subcommand takes `--params FILE` and `key=value` overrides, the same keys
 `dvc exp run -S` takes (`psp align align.output_size=128` or `psp align output_size=128`).
-Stage modules are imported only when their command runs, so `psp --help` stays fast.
+Stage modules are imported only when their command runs, and after its params are validated: `psp --help`
+and a mistake in the params are answered at once, not after the stage's imports (torch, Ray, MLflow).
 
 A user mistake (a bad setting, a missing or unusable file) is one line on stderr and exit 2;
 Ctrl-C or SIGTERM is one line and exit 130 / 143; anything else is a bug and keeps its traceback.
@@ -17,6 +18,7 @@ import sys
 from dataclasses import dataclass
 from typing import Sequence
 
+from pipelines.params.loading import load_section
 from pipelines.params.schema import SECTIONS, describe
 from pipelines.services.storage.credentials import scrub
 from psp_core.errors import InputError
@@ -27,12 +29,14 @@ USER_ERRORS = (InputError, FileNotFoundError, NotADirectoryError, IsADirectoryEr
 @dataclass(frozen=True)
 class Command:
     """A subcommand: its module (with `run(args) -> int`, optionally `add_arguments(parser)`),
-    one line of help, its params section (None: it takes no key=value overrides) and an example."""
+    one line of help, its params section (None: it takes no key=value overrides), an example, and whether its
+    module adds arguments of its own (else `add_arguments` only writes the help's notes)."""
 
     module: str
     help: str
     section: str | None
     example: str
+    own_arguments: bool = False
 
 
 COMMANDS: dict[str, Command] = {
@@ -49,21 +53,21 @@ COMMANDS: dict[str, Command] = {
     "edit": Command("pipelines.stages.edit", "edit inverted W+ codes along InterFaceGAN, GANSpace or SeFa directions: images, latents, grids",
                     "edit", "psp edit edit.edits='[{kind: interfacegan, direction: age, start: -3, end: 3, steps: 7}]'"),
     "submit": Command("pipelines.stages.submit", "run `psp train` as a job on a Ray cluster (ray job submit, code uploaded without data)",
-                      "train", "RAY_ADDRESS=http://head:8265 psp submit train.num_workers=8 train.use_gpu=true"),
+                      "train", "RAY_ADDRESS=http://head:8265 psp submit train.num_workers=8 train.use_gpu=true", True),
     "evaluate": Command("pipelines.stages.evaluate", "score an encoder on the test split: L2, LPIPS, MS-SSIM, identity, time per image",
                         "evaluate", "psp evaluate evaluate.model=models:/psp-encoder/3 evaluate.max_images=500"),
     "import-checkpoint": Command("pipelines.stages.import_checkpoint",
                                 "register a released encoder checkpoint (.pt; HyperStyle with its W encoder) as a new psp-encoder version",
-                                None, "psp import-checkpoint pretrained_models/psp_ffhq_encode.pt --alias champion"),
+                                None, "psp import-checkpoint pretrained_models/psp_ffhq_encode.pt --alias champion", True),
     "import-generator": Command("pipelines.stages.import_generator",
                                 "convert a StyleGAN2-ADA network pickle (.pkl) into a generator file, without running it",
-                                None, "psp import-generator network-snapshot-025000.pkl pretrained_models/afhqcat.pt"),
+                                None, "psp import-generator network-snapshot-025000.pkl pretrained_models/afhqcat.pt", True),
     "lineage": Command("pipelines.stages.lineage",
                        "trace a registered encoder: run, datasets, DVC stages, weights, evaluation; every hash rechecked",
-                       None, "psp lineage models:/psp-encoder@champion --json"),
+                       None, "psp lineage models:/psp-encoder@champion --json", True),
     "promote": Command("pipelines.stages.promote",
                        "point an alias (champion) at an encoder version, optionally only if it evaluates better",
-                       None, "psp promote candidate --if-better lpips"),
+                       None, "psp promote candidate --if-better lpips", True),
 }
 
 
@@ -102,11 +106,12 @@ def _parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     chosen = next((a for a in argv if a in COMMANDS), None)
+    helping = bool({"-h", "--help"} & set(argv))
     for name, command in COMMANDS.items():
         p = sub.add_parser(name, help=command.help, description=command.help,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
-        if name == chosen:
+        if name == chosen and (command.own_arguments or helping):
             mod = importlib.import_module(command.module)
             if hasattr(mod, "add_arguments"):
                 mod.add_arguments(p)
@@ -127,8 +132,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler])
     logging.captureWarnings(True)
     signal.signal(signal.SIGTERM, _terminate)
+    command = COMMANDS[args.command]
     try:
-        module = importlib.import_module(COMMANDS[args.command].module)
+        if command.section is not None:   # a mistake in the params: one line before the stage's imports
+            load_section(command.section, SECTIONS[command.section], args.overrides, args.params)
+        module = importlib.import_module(command.module)
         return int(module.run(args) or 0)
     except USER_ERRORS as err:
         print(f"psp {args.command}: error: {scrub(str(err))}", file=sys.stderr)
