@@ -40,9 +40,9 @@ os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
 
 E2E_ORDER = ("test_quality.py", "test_dvc_data.py", "test_train_ray.py", "test_object_storage.py",
              "test_data_safety.py", "test_invert_on_ray.py")
-"""The end-to-end files in the order that measured fastest: the quality run (one process computing) starts beside
-`dvc repro`, and the two Ray training files follow on either worker. One run each: in this order 19 min 46 s; with
-the two Ray training files started side by side 21 min 25 s (a commit later, its Ctrl-C run a little lighter)."""
+"""The end-to-end files, the long runs first so that they start at once. No order was measured to be faster: runs
+of nearly the same suite on this 2-core VM took 19 min 46 s and 25 min 18 s in this order and 21 min 25 s with the
+two Ray training files first, all within one afternoon."""
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
