@@ -340,6 +340,12 @@ class EditConfig(ActorPoolSection):
                     "directions: [[pca_index, start, end, strength], ...]} | {kind: sefa, styles, top_k, start, end, steps}")
     output_dir: DataPath = Field(Path("data/edits"), description="edited images, latents, grids, manifest (a new or own folder)")
     report: Path = Field(Path("reports/edit.json"), description="counts, speed, directions and grid files")
+    generator: DataPath | None = Field(
+        None, description="domain adaptation: decode with this StyleGAN2 checkpoint (g_ema, or an ADA pickle) of the "
+                          "model generator's architecture, e.g. a toonified one; HyperStyle keeps each image's offsets")
+    offset_layers: list[int] | None = Field(
+        None, description="HyperStyle: the generator layers whose weight offsets are applied (null: every tuned "
+                          "layer; the reference's toonify run keeps 14,15,17,18,20,21,23,24)")
     grid_images: int = Field(8, ge=1, le=64, description="rows of each grid: the first codes by id")
     grid_tile: int = Field(256, ge=16, le=1024, description="side of a grid cell in pixels")
 

@@ -11,7 +11,9 @@ folder may be object-store URIs (see pipelines.services.storage.objects).
 
 The codes are decoded by the generator of the model that made them: `edit.model` defaults to the
 invert manifest's `models:/NAME/VERSION`; a manifest naming a checkpoint file (`file:NAME@sha256:...`)
-needs `edit.model` set to that file, which is checked against the recorded hash.
+needs `edit.model` set to that file, which is checked against the recorded hash. A HyperStyle model's codes are
+decoded with their image's weight offsets, recomputed in the actors from the input image invert kept
+(`target_image`); `edit.generator` decodes with another generator of the same architecture (domain adaptation).
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipelines.params.loading import load_section
-from pipelines.params.schema import SAFE_NAME, EditConfig, GanspaceParams, InterfaceganParams, SefaParams
+from pipelines.params.schema import SAFE_NAME, EditConfig
 from pipelines.services import storage, tracking
 from pipelines.services.ray import ActorPool, UnitCollector, connect, map_units
 from pipelines.services.ray.units import UNIT_KEY_METADATA, output_metadata, output_settings, recorded_key, unit_key
@@ -50,30 +52,22 @@ from pipelines.stages.edit_actor import (
     grid_path,
     read_codes,
 )
-from psp_core import load_psp
-from psp_core.data.shards import MODEL_METADATA_KEY
-from psp_core.editing.directions import (
-    FFHQ_DIRECTIONS,
-    FFHQ_N_STYLES,
-    GanspaceEdit,
-    GanspacePCA,
-    InterfaceganEdit,
-    SefaEdit,
-    load_interfacegan,
-    sefa_directions,
-)
+from pipelines.stages.edit_directions import build_directions, direction_files
+from psp_core import PSP, HyperStyle, load_generator, load_psp
+from psp_core.data.shards import MODEL_METADATA_KEY, TARGET_IMAGE
 from psp_core.errors import InputError
-from psp_core.nets.stylegan2 import Generator
+from psp_core.inference import keep_layers
+from psp_core.inference.model import refine_iterations
+from psp_core.nets.checkpoints import check_same_generator
 from psp_core.viz import edit_grid
 
 log = logging.getLogger(__name__)
 
 
 LEGACY_KEY_METADATA = b"psp.edit"   # where earlier versions recorded an output file's key: still ours
-IGNORED_SETTINGS = ("input", "output_dir", "report", "model", "grid_images", "grid_tile")
-"""Edit settings that do not enter a unit's key: paths, the model (it enters resolved) and the grids' layout."""
-SHIPPED_INTERFACEGAN = {name: FFHQ_DIRECTIONS / f"interfacegan_{name}.pt" for name in ("age", "smile", "pose")}
-SHIPPED_GANSPACE = {"ffhq": FFHQ_DIRECTIONS / "ganspace_ffhq_pca.pt"}
+IGNORED_SETTINGS = ("input", "output_dir", "report", "model", "generator", "grid_images", "grid_tile")
+"""Edit settings that do not enter a unit's key: paths, the model and generator (they enter resolved, by their
+bytes) and the grids' layout."""
 
 
 @dataclass(frozen=True)
@@ -88,10 +82,13 @@ class EditUnit:
 
 @dataclass(frozen=True)
 class InvertedFolder:
-    """What an invert output folder holds: the model that made the codes and its Parquet files."""
+    """What an invert output folder holds: the model that made the codes, its family, the refinement steps it ran
+    (a HyperStyle edit recomputes the weight offsets with as many) and its Parquet files."""
 
     folder: storage.Location
     model: str
+    family: str
+    n_iters: int | None
     files: tuple[storage.Location, ...]
 
 
@@ -100,7 +97,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      "edit.output_dir: images/DIRECTION/ID_STRENGTH.png, latents/UNIT.parquet (id, edit, kind, "
                      "direction, index, strength, latent [n_styles x 512], image), grids/DIRECTION.png (rows = codes, "
                      "columns = strengths) and manifest.json; edit.report. The shipped directions (age, smile, pose, "
-                     "ganspace ffhq) fit only the FFHQ 1024 px generator; SeFa fits any.")
+                     "ganspace ffhq) fit only the FFHQ 1024 px generator; SeFa fits any. HyperStyle codes are decoded "
+                     "with their image's weight offsets, recomputed from the input image invert kept; edit.generator "
+                     "decodes with a fine-tuned copy of the generator instead (domain adaptation).")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -123,6 +122,9 @@ def read_inversion(path: str | Path) -> InvertedFolder:
         owner = json.loads(storage.read_bytes(folder / OUTPUT_MARKER))["stage"]
         manifest = json.loads(storage.read_bytes(folder / "manifest.json"))
         model, entries = str(manifest["model"]), [(e["file"], int(e["rows"])) for e in manifest["files"]]
+        family, n_iters = str(manifest.get("family", "")), manifest.get("n_iters")
+        if n_iters is not None and (isinstance(n_iters, bool) or not isinstance(n_iters, int)):
+            raise ValueError(n_iters)
     except (OSError, ValueError, KeyError, TypeError):
         raise InputError(f"edit.input {folder}: not a finished `psp invert` output (no readable manifest.json)") from None
     if owner != "invert":
@@ -147,7 +149,7 @@ def read_inversion(path: str | Path) -> InvertedFolder:
             raise InputError(f"{path} is not the file {folder / 'manifest.json'} describes (another run's settings "
                              "or input): rerun `psp invert`")
         files.append(path)
-    return InvertedFolder(folder, model, tuple(files))
+    return InvertedFolder(folder, model, family, n_iters, tuple(files))
 
 
 def edit_model(cfg: EditConfig, inversion: InvertedFolder) -> ResolvedModel:
@@ -164,68 +166,28 @@ def edit_model(cfg: EditConfig, inversion: InvertedFolder) -> ResolvedModel:
     return model
 
 
-def shipped_or_file(value: str, shipped: dict[str, Path], n_styles: int) -> Path:
-    """A shipped FFHQ direction by name (refused for a generator other than FFHQ's 18-style one), else a file path."""
-    if value not in shipped:
-        return Path(value)
-    path = shipped[value]
-    if n_styles != FFHQ_N_STYLES:
-        raise InputError(f"{path}: an FFHQ direction for the 1024 px generator ({FFHQ_N_STYLES} styles); this model's "
-                         f"generator has {n_styles} styles")
+def adapted_generator(cfg: EditConfig, net: PSP | HyperStyle) -> Path | None:
+    """Domain adaptation's generator (`edit.generator`) as a local file, checked to decode in place of the model's
+    own; None without one. `edit.offset_layers` is checked against the model here too."""
+    if cfg.offset_layers is not None:
+        if not isinstance(net, HyperStyle):
+            raise InputError(f"edit.offset_layers keeps some of HyperStyle's weight offsets; this model is "
+                             f"{net.arch.family}, which has none")
+        keep_layers([None] * len(net.decoder.modulated_convs()), cfg.offset_layers)
+    if cfg.generator is None:
+        return None
+    path = tracking.fetch_weights(cfg.generator)
+    check_same_generator(load_generator(path), net.decoder, cfg.generator)
     return path
 
 
-def build_directions(cfg: EditConfig, generator: Generator, n_styles: int) -> list[Direction]:
-    """Every direction the edits describe, with its files loaded and checked against the model; names unique."""
-    directions: list[Direction] = []
-    for entry in cfg.edits:
-        if isinstance(entry, InterfaceganParams):
-            path = shipped_or_file(entry.direction, SHIPPED_INTERFACEGAN, n_styles)
-            name = entry.name or (entry.direction if entry.direction in SHIPPED_INTERFACEGAN else path.stem)
-            direction = load_interfacegan(path, n_styles)
-            directions.append(Direction(name, name, "interfacegan", None, entry.strengths(), InterfaceganEdit(direction)))
-        elif isinstance(entry, GanspaceParams):
-            path = shipped_or_file(entry.pca, SHIPPED_GANSPACE, n_styles)
-            pca = GanspacePCA.load(path)
-            grouped: dict[tuple[int, int, int], list[float]] = {}
-            for index, start, end, strength in entry.directions:
-                if index >= pca.comp.shape[0]:
-                    raise InputError(f"{path}: has {pca.comp.shape[0]} components, edit.edits asks for pca_index {index}")
-                if end > n_styles:
-                    raise InputError(f"GANSpace entry ({index}, {start}, {end}, {strength}): styles {start}..{end - 1} "
-                                     f"outside the model's 0..{n_styles - 1}")
-                grouped.setdefault((index, start, end), []).append(strength)
-            for (index, start, end), strengths in grouped.items():
-                directions.append(Direction(f"{entry.name}-pc{index}-{start}-{end}", entry.name, "ganspace", index,
-                                            tuple(strengths), GanspaceEdit(pca, index, start, end)))
-        else:
-            assert isinstance(entry, SefaParams)
-            styles = tuple(entry.styles if entry.styles is not None else range(n_styles - 1))
-            _, vectors = sefa_directions(generator, styles)
-            directions.extend(Direction(f"{entry.name}-{k}", entry.name, "sefa", k, entry.strengths(),
-                                        SefaEdit(vectors[k], styles)) for k in range(entry.top_k))
-    for direction in directions:
-        if not re.match(SAFE_NAME, direction.name):
-            raise InputError(f"edit direction name {direction.name!r} is not a usable file name: set the edit's name")
-        labels = {f"{s:+g}" for s in direction.strengths}
-        if len(labels) != len(direction.strengths):
-            raise InputError(f"edit direction {direction.name}: strengths {list(direction.strengths)} repeat (to 6 digits)")
-    names = [d.name for d in directions]
-    repeated = sorted({n for n in names if names.count(n) > 1})
-    if repeated:
-        raise InputError(f"two edits make a direction named {repeated[0]}: give one of them another name")
-    return directions
-
-
-def edit_settings(model_ref: str, cfg: EditConfig) -> dict[str, Any]:
+def edit_settings(model_ref: str, cfg: EditConfig, generator: Path | None = None) -> dict[str, Any]:
     """What decides the edited outputs besides each input file (`output_settings`): the model, the edits, the
-    precision of the decode (as resolved on this hardware) and the bytes of every direction file."""
-    files = {}
-    for entry in cfg.edits:
-        if isinstance(entry, InterfaceganParams):
-            files[entry.direction] = file_digest(SHIPPED_INTERFACEGAN.get(entry.direction, Path(entry.direction)))
-        elif isinstance(entry, GanspaceParams):
-            files[entry.pca] = file_digest(SHIPPED_GANSPACE.get(entry.pca, Path(entry.pca)))
+    precision of the decode (as resolved on this hardware) and the bytes of every direction file and of the
+    domain adaptation's generator."""
+    files = {name: file_digest(path) for name, path in direction_files(cfg).items()}
+    if generator is not None:
+        files["generator"] = file_digest(generator)
     return output_settings({**cfg.model_dump(mode="json"), "direction_files": files}, model_ref, IGNORED_SETTINGS)
 
 
@@ -252,17 +214,39 @@ def edit(cfg: EditConfig) -> dict[str, Any]:
     model = edit_model(cfg, inversion)     # pinned to inversion.model from here on
     net = load_psp(model.checkpoint)
     for path in inversion.files:
-        check_codes(path, net.n_styles)
+        check_codes(path, net.n_styles, with_targets=isinstance(net, HyperStyle))
+    generator = adapted_generator(cfg, net)
     directions = build_directions(cfg, net.decoder, net.n_styles)
-    units = plan_units(inversion, edit_settings(inversion.model, cfg))
+    units = plan_units(inversion, edit_settings(inversion.model, cfg, generator))
     if not any(u.ids for u in units):
         raise InputError(f"edit.input {cfg.input}: no codes to edit (no image of the inversion has a code)")
+    decoding = Decoding(model, generator, refine_iterations(inversion.n_iters) if isinstance(net, HyperStyle) else None)
     with storage.claimed_folder(cfg.output_dir, "edit") as out:
-        return edit_units(cfg, out, units, directions, model, inversion.model)
+        return edit_units(cfg, out, units, directions, decoding, inversion.model)
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """What the edited codes are decoded with: the model, the domain adaptation's generator (None: the model's own)
+    and, for HyperStyle, the refinement steps its weight offsets are recomputed with (invert's; None otherwise)."""
+
+    model: ResolvedModel
+    generator: Path | None
+    offset_steps: int | None
+
+    def describe(self, cfg: EditConfig) -> dict[str, Any]:
+        """What the manifest and report say about the decoding: the generator (null: the model's own) and, for
+        HyperStyle, how the weight offsets were had."""
+        described: dict[str, Any] = {"generator": None if cfg.generator is None else str(cfg.generator)}
+        if self.offset_steps is not None:
+            layers = "every tuned layer" if cfg.offset_layers is None else f"layers {cfg.offset_layers}"
+            described["weight_offsets"] = (f"recomputed from each image's {TARGET_IMAGE} in {self.offset_steps} "
+                                           f"steps, as invert ran; applied at {layers}")
+        return described
 
 
 def edit_units(cfg: EditConfig, out: storage.Location, units: list[EditUnit], directions: list[Direction],
-               model: ResolvedModel, model_ref: str) -> dict[str, Any]:
+               decoding: Decoding, model_ref: str) -> dict[str, Any]:
     """Edit every unit not yet written for its key into the output folder `out`, then the grids, manifest,
     report (and MLflow run)."""
     if out.is_local:
@@ -277,22 +261,23 @@ def edit_units(cfg: EditConfig, out: storage.Location, units: list[EditUnit], di
         connect(ActorPool.of(cfg).request("edit"))
         start = time.perf_counter()
         decodes = sum(len(u.ids) for u in todo) * sum(len(d.strengths) for d in directions)
-        written = write_outputs(out, edited(cfg, todo, directions, model, decodes), todo, directions,
+        written = write_outputs(out, edited(cfg, todo, directions, decoding, decodes), todo, directions,
                                 model_ref)
         seconds = time.perf_counter() - start
     grid_ids = sorted({i for u in units for i in u.ids})[:cfg.grid_images]
     grids = write_grids(out, directions, grid_ids, cfg.grid_tile)
-    manifest = {"model": model_ref, "input": str(cfg.input), "directions": [d.describe() for d in directions],
+    manifest = {"model": model_ref, "input": str(cfg.input), **decoding.describe(cfg),
+                "directions": [d.describe() for d in directions],
                 "files": [{"file": f"{LATENTS}/{u.name}.parquet", "codes": len(u.ids)} for u in units if u.ids]}
     if recorded_manifest(out) != manifest:
         storage.write_json_atomic(out / "manifest.json", manifest)
-    report = {"model": model_ref, "input": str(cfg.input), "output_dir": str(out),
+    report = {"model": model_ref, "input": str(cfg.input), "output_dir": str(out), **decoding.describe(cfg),
               "directions": [d.describe() for d in directions], "units": len(units), "units_skipped": len(skip),
               "codes_edited": sum(len(u.ids) for u in todo), "images_written": written,
               "grids_written": grids, "seconds": round(seconds, 3),
               "images_per_s": written / seconds if seconds else 0.0}
     write_json_atomic(cfg.report, report)
-    if model.version is not None:
+    if decoding.model.version is not None:
         log_edits(cfg, out, report)
     return report
 
@@ -339,13 +324,15 @@ def remove_stale_units(out: storage.Location, current: set[str]) -> None:
             log.info("removed %s: its input file is gone", path)
 
 
-def edited(cfg: EditConfig, todo: list[EditUnit], directions: list[Direction], model: ResolvedModel, n_images: int):
+def edited(cfg: EditConfig, todo: list[EditUnit], directions: list[Direction], decoding: Decoding, n_images: int):
     """The pending units' codes through the editing actor pool (`n_images` decodes in all: `compile: auto`
     decides on them): result batches as they finish."""
     items = [{"unit": u.name, "path": str(u.path)} for u in todo]
-    editor = {"checkpoint": str(model.checkpoint), "directions": directions, "batch_size": cfg.batch_size,
+    editor = {"checkpoint": str(decoding.model.checkpoint), "directions": directions, "batch_size": cfg.batch_size,
               "use_gpu": cfg.use_gpu, "cpus": cfg.cpus_per_actor, "precision": cfg.precision, "compile": cfg.compile,
-              "compile_cache": cfg.compile_cache, "n_images": n_images // cfg.num_actors}
+              "compile_cache": cfg.compile_cache, "n_images": n_images // cfg.num_actors,
+              "generator": None if decoding.generator is None else str(decoding.generator),
+              "offset_steps": decoding.offset_steps, "offset_layers": cfg.offset_layers}
     pool = ActorPool.of(cfg)
     return map_units(items, read_codes, Editor, pool, actor_kwargs=editor)
 

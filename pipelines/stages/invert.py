@@ -2,7 +2,8 @@
 
 Input is a folder of Parquet shards (ours) or a folder of images (aligned first by the align
 stage's code unless `aligned: true`). Iterative encoders (ReStyle, HyperStyle) store their last step's code
-and image and each step's scores; HyperStyle's weight offsets are not stored (`OFFSETS_NOT_STORED`).
+and image and each step's scores; HyperStyle's weight offsets are not stored but recomputed from the input image,
+which its rows keep (`OFFSETS_NOT_STORED`).
 Rows stream through an actor pool that loads the model once per actor; the driver writes one output
 Parquet file per input unit (shard, or chunk of images), atomically, and skips a unit whose file was written
 under the same unit key (model, the settings that change the output, the unit's input content:
@@ -35,7 +36,7 @@ from pipelines.services.storage import list_folder, write_json_atomic
 from pipelines.services.tracking import resolve_model
 from pipelines.stages.align import align_folder
 from pipelines.stages.invert_actor import Inverter, read_unit
-from psp_core.data.shards import MODEL_METADATA_KEY, open_shard
+from psp_core.data.shards import MODEL_METADATA_KEY, TARGET_IMAGE, open_shard
 from psp_core.errors import InputError
 from psp_core.inference import InferenceModel, should_compile
 from psp_core.options import HYPERSTYLE
@@ -56,10 +57,10 @@ class InputUnit:
 
 
 OFFSETS_NOT_STORED = (
-    "not stored (about 100 MB per image for a 1024 px model): a HyperStyle image is its code decoded by a generator "
-    "whose weights the hypernetwork offsets for that input image; to edit the code, recompute the offsets from the "
-    "same input image (InferenceModel.invert: Inversion.offsets) and decode the edited code with them "
-    "(InferenceModel.decode)")
+    "not stored (about 0.15 GB per image for a 1024 px model): a HyperStyle image is its code decoded by a generator "
+    "whose weights the hypernetwork offsets for that input image; each row keeps the input image's bytes "
+    f"({TARGET_IMAGE}), and `psp edit` recomputes the offsets from the same input image with the same n_iters "
+    "(InferenceModel.invert: Inversion.offsets) and decodes the edited codes with them (InferenceModel.decode)")
 """What the manifest of a HyperStyle inversion says under `weight_offsets`."""
 
 IGNORED_SETTINGS = ("model", "input", "output_dir", "report", "images_per_file", "aligned")
@@ -134,9 +135,11 @@ def aligned_copy(cfg: InvertConfig) -> InvertConfig:
     return cfg.model_copy(update={"input": target, "aligned": True})
 
 
-def unit_keys(cfg: InvertConfig, units: list[InputUnit], model_ref: str) -> dict[str, str]:
-    """Each unit's key: the model, the settings that change its output file, and its input content."""
-    settings = output_settings(cfg.model_dump(mode="json"), model_ref, IGNORED_SETTINGS)
+def unit_keys(cfg: InvertConfig, units: list[InputUnit], model_ref: str, family: str) -> dict[str, str]:
+    """Each unit's key: the model, the settings that change its output file, and its input content (a HyperStyle
+    file's also that its rows keep their input image, which earlier versions did not)."""
+    stored = {"stored": [TARGET_IMAGE]} if family == HYPERSTYLE else {}
+    settings = output_settings({**cfg.model_dump(mode="json"), **stored}, model_ref, IGNORED_SETTINGS)
     return {unit.name: unit_key(settings, unit.content) for unit in units}
 
 
@@ -186,7 +189,8 @@ def invert_units(cfg: InvertConfig, source: storage.StageInput, folder: storage.
     """Invert every unit not yet written for this model into the output folder `folder`."""
     if folder.is_local:
         storage.remove_own_temporaries(folder.path)   # left by a run that was killed mid-write
-    keys = unit_keys(cfg, units, model_ref)
+    family = model.net.arch.family
+    keys = unit_keys(cfg, units, model_ref, family)
     skip = done_units(units, folder, keys)
     todo = [u for u in units if u.name not in skip and u.rows > 0]
     log.info("%d of %d output files to write (%d already done for %s)", len(todo), len(units), len(skip), model_ref)
@@ -200,7 +204,6 @@ def invert_units(cfg: InvertConfig, source: storage.StageInput, folder: storage.
         written = write_outputs(cfg, folder, inverted(cfg, source, todo, checkpoint, model_ref, images), todo, keys,
                                 model_ref)
         seconds = time.perf_counter() - start
-    family = model.net.arch.family
     manifest = {"model": model_ref, "family": family, "files": manifest_files(units, keys),
                 "n_outputs": cfg.n_outputs, "n_iters": cfg.n_iters, "split": cfg.split,
                 **({"weight_offsets": OFFSETS_NOT_STORED} if family == HYPERSTYLE else {})}

@@ -14,10 +14,11 @@ import torch
 
 from pipelines.params.schema import InvertConfig
 from psp_core.data.presets import TARGET_SIZE
-from psp_core.data.shards import LATENT_TYPE, decode_image, decode_source, stack_mixed
+from psp_core.data.shards import LATENT_TYPE, TARGET_IMAGE, decode_image, decode_source, stack_mixed
 from psp_core.data.tensors import pair_tensors, png_bytes
 from psp_core.evaluation.metrics import MetricSuite, lpips_network
 from psp_core.inference import InferenceModel, default_mix_layers, scored
+from psp_core.options import HYPERSTYLE
 
 ROW_METRICS = ("l2", "lpips", "ms_ssim")
 """The per-image scores of a reconstruction against its target."""
@@ -113,6 +114,11 @@ class Inverter:
 
     def to_table(self, table: pa.Table, rows: list[dict], errors: dict[int, str]) -> pa.Table:
         column = lambda name: [table.column(name)[r["index"]].as_py() for r in rows]  # noqa: E731
+        targets = {}
+        if self.model.net.arch.family == HYPERSTYLE:   # what an edit recomputes the weight offsets from
+            kept = [r["variant"] == 0 and r["index"] not in errors for r in rows]
+            targets[TARGET_IMAGE] = pa.array([image if keep else None for image, keep in zip(column("image"), kept)],
+                                             pa.binary())
         return pa.table({
             "unit": column("unit"),
             "id": column("id"),
@@ -126,6 +132,7 @@ class Inverter:
             "per_iteration": pa.array([r["per_iteration"] for r in rows], PER_ITERATION_TYPE),
             "error": pa.array([errors.get(r["index"]) for r in rows], pa.string()),
             "model": pa.array([self.model_ref] * len(rows), pa.string()),
+            **targets,
         })
 
 

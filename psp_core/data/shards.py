@@ -54,6 +54,9 @@ LATENT_TYPE = pa.list_(pa.list_(pa.float32(), 512))
 list is variable-size because pyarrow cannot read back null fixed-size lists (a rejected row's code)."""
 MODEL_METADATA_KEY = b"psp.model"
 """Schema metadata key naming the model (pinned reference) that wrote a latents file."""
+TARGET_IMAGE = "target_image"
+"""A latents file's column of a HyperStyle inversion: each image's bytes as read, from which an edit recomputes the
+image's weight offsets (too large to store: ~0.15 GB per image at 1024 px)."""
 
 
 class ShardError(InputError):

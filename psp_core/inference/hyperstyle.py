@@ -39,6 +39,24 @@ def add_offsets(previous: Sequence[Tensor | None] | None, new: WeightOffsets) ->
     return [None if old is None else old + delta for old, delta in zip(previous, new)]
 
 
+def offsets_of(offsets: WeightOffsets, rows: Tensor) -> WeightOffsets:
+    """The offsets of the images `rows` (indices [M] into the batch they were predicted for), in that order: one
+    image's offsets repeated for each edit of its code."""
+    return [None if o is None else o.index_select(0, rows.to(o.device)) for o in offsets]
+
+
+def keep_layers(offsets: WeightOffsets, layers: Sequence[int] | None) -> WeightOffsets:
+    """Only the offsets of generator `layers` (`Generator.modulated_convs` indices; the others None, the generator's
+    own weights there); None keeps every layer. Domain adaptation keeps the layers the new generator shares with the
+    one the offsets were predicted for (the reference's toonify run: 14, 15, 17, 18, 20, 21, 23, 24)."""
+    if layers is None:
+        return list(offsets)
+    unknown = sorted(set(layers) - set(range(len(offsets))))
+    if unknown:
+        raise InputError(f"layer {unknown[0]} is not a layer of this generator (0..{len(offsets) - 1})")
+    return [o if i in layers else None for i, o in enumerate(offsets)]
+
+
 def hyperstyle_steps(net: HyperStyle, images: Tensor, n_iters: int, resize: bool = False,
                      randomize_noise: bool = False) -> list[HyperStyleStep]:
     """HyperStyle inference: codes = W encoder + latent_avg and the initial image (`initial_inversion`), then

@@ -23,6 +23,7 @@ from psp_core.inference.refine import refine
 from psp_core.nets.checkpoints import load_psp
 from psp_core.nets.hyperstyle import HyperStyle, WeightOffsets
 from psp_core.nets.psp import POOLED_SIZE, PSP, mix_styles
+from psp_core.nets.stylegan2 import Generator
 from psp_core.options import MAX_REFINE_ITERS, REFINED_CHANNELS, REFINING_FAMILIES, CompileSwitch, Precision
 from psp_core.runtime.devices import (
     autocast,
@@ -173,15 +174,19 @@ class InferenceModel:
         return [Inversion(images, latents)]
 
     @torch.inference_mode()
-    def decode(self, latents: Tensor, offsets: WeightOffsets | None = None) -> Tensor:
+    def decode(self, latents: Tensor, offsets: WeightOffsets | None = None,
+               generator: Generator | None = None) -> Tensor:
         """W+ codes [N, n_styles, 512] -> generator images [N, 3, S, S] (stored noise); a HyperStyle model's with
-        the weight offsets of its inversion (`Inversion.offsets`; none: the plain generator)."""
+        the weight offsets of its inversion (`Inversion.offsets`; none: the plain generator). `generator`: decode
+        with this generator of the same architecture instead of the model's own (domain adaptation: the offsets
+        predicted for the model's generator applied to another's weights), on the model's device."""
 
         if offsets is not None:
             offsets = [None if o is None else o.to(self.device) for o in offsets]
+        decoder = self.net.decoder if generator is None else generator
         with autocast(self.device, self.precision):
-            images, _ = self.net.decoder([latents.to(self.device)], input_is_latent=True, randomize_noise=False,
-                                         weight_offsets=offsets)
+            images, _ = decoder([latents.to(self.device)], input_is_latent=True, randomize_noise=False,
+                                weight_offsets=offsets)
         return images
 
     @torch.inference_mode()

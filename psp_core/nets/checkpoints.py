@@ -240,6 +240,19 @@ def check_generator_fits(arch: PSPArchitecture, generator: Generator, path: str 
                               f"{arch.stylegan_channel_multiplier}")
 
 
+def check_same_generator(generator: Generator, model_generator: Generator, path: str | Path) -> None:
+    """A generator read from `path` can decode in place of `model_generator` (domain adaptation: the same codes and
+    weight offsets through another generator's weights): the same layers of the same shapes; else one line."""
+    ours = {k: tuple(v.shape) for k, v in model_generator.state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in generator.state_dict().items()}
+    if ours == theirs:
+        return
+    key = next((k for k in ours if ours[k] != theirs.get(k)), None) or next(k for k in theirs if k not in ours)
+    raise CheckpointError(f"{path}: a {generator.size} px generator whose {key} is {list(theirs.get(key, ()))}, the "
+                          f"model's {model_generator.size} px generator has {list(ours.get(key, ()))}: it must be the "
+                          "model generator's architecture (a fine-tuned copy of it)")
+
+
 def build_psp(arch: PSPArchitecture, generator_path: str | Path | None = None,
               irse50_path: str | Path | None = None, mean_latent_samples: int = MEAN_LATENT_SAMPLES) -> PSP:
     """A fresh pSp for training: encoder body from IR-SE50 (its stem too for RGB input, and widened for

@@ -23,10 +23,16 @@ from pipelines.params.schema import EditConfig
 from pipelines.services import storage
 from pipelines.services.ray.cluster import WORKER_ENV
 from pipelines.services.tracking import resolve_model
-from pipelines.stages.edit import build_directions, edit_settings, plan_units, read_inversion
+from pipelines.stages.edit import edit_settings, plan_units, read_inversion
+from pipelines.stages.edit_actor import check_codes
+from pipelines.stages.edit_directions import build_directions
 from psp_core import PSP, PSPArchitecture, load_psp, save_psp
+from psp_core.data.shards import TARGET_IMAGE
 from psp_core.editing.directions import FFHQ_DIRECTIONS, GanspacePCA, ganspace, sefa_directions
 from psp_core.errors import InputError
+from psp_core.inference import keep_layers, offsets_of
+from psp_core.nets.checkpoints import save_generator
+from psp_core.nets.stylegan2 import Generator
 
 
 def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
@@ -180,6 +186,39 @@ def test_directions_that_do_not_fit_the_model_are_one_line_errors(tmp_path, mode
     assert main(["edit", "--params", str(params)]) == 2
     assert "were made by file:tiny.pt@sha256:" in capsys.readouterr().err
 
+    # domain adaptation: a generator of another architecture; weight offsets asked of a model that has none
+    save_generator(Generator(32, 512, 8, 2), None, tmp_path / "g32.pt")
+    for setting, message in (({"generator": str(tmp_path / "g32.pt")},
+                              r"g32\.pt: a 32 px generator whose .* it must be the model generator's architecture"),
+                             ({"offset_layers": [1]}, "edit.offset_layers keeps some of HyperStyle's weight offsets; "
+                                                      "this model is psp, which has none")):
+        write_edit_params(tmp_path, model=str(model_file), input=str(tmp_path / "latents"),
+                          output_dir=str(tmp_path / "edits"), **setting)
+        assert main(["edit", "--params", str(params)]) == 2
+        error = capsys.readouterr().err.strip()
+        assert "\n" not in error and re.search(message, error), error
+        assert not (tmp_path / "edits").exists()
+
+
+def test_a_hyperstyle_edit_needs_the_input_images_and_offset_layers_of_the_generator(tmp_path, model_file):
+    """A HyperStyle inversion file without its input images (an earlier version's) cannot give weight offsets
+    back: refused before any work, as is a layer the generator does not have."""
+    net = load_psp(model_file)
+    write_inversion(tmp_path / "latents", net, resolve_model(str(model_file)).pinned)
+    path = storage.Location.of(tmp_path / "latents" / "shard-00000.parquet")
+    check_codes(path, N_STYLES, with_targets=False)
+    with pytest.raises(InputError, match="no 'target_image' column to recompute HyperStyle's weight offsets from"):
+        check_codes(path, N_STYLES, with_targets=True)
+    table = pq.read_table(path.path)
+    pq.write_table(table.append_column(TARGET_IMAGE, pa.array([None] * table.num_rows, pa.binary())), path.path)
+    with pytest.raises(InputError, match=r"3 rows to edit \(variant 0, no error\) have no target_image; rerun"):
+        check_codes(path, N_STYLES, with_targets=True)
+    offsets = [torch.ones(2, 1), None, torch.zeros(2, 1)]
+    assert keep_layers(offsets, [2]) == [None, None, offsets[2]] and keep_layers(offsets, None) == offsets
+    assert offsets_of(offsets, torch.tensor([1, 1, 0]))[0].shape == (3, 1)
+    with pytest.raises(InputError, match=r"layer 3 is not a layer of this generator \(0\.\.2\)"):
+        keep_layers(offsets, [0, 3])
+
 
 def test_direction_files_and_styles_are_checked_against_the_model(tmp_path, model_file):
     net = load_psp(model_file)
@@ -218,6 +257,10 @@ def test_a_unit_key_covers_the_model_the_edits_the_precision_and_the_input_bytes
                     {"edits": [{"kind": "sefa", "start": -1.0}]}):
         assert all(a != b for a, b in zip(keys(**setting), keys())), setting
     assert all(a != b for a, b in zip(keys("models:/psp-encoder/9"), keys()))
+    save_generator(net.decoder, None, tmp_path / "g.pt")
+    adapted = [u.key for u in plan_units(inversion, edit_settings(model_ref, EditConfig(precision="fp32"),
+                                                                  tmp_path / "g.pt"))]
+    assert all(a != b for a, b in zip(adapted, keys())), "the domain adaptation's generator enters by its bytes"
     before = keys()
     table = pq.read_table(tmp_path / "latents" / "shard-00001.parquet")
     pq.write_table(table.slice(1), tmp_path / "latents" / "shard-00001.parquet")   # that input file changed
@@ -239,7 +282,7 @@ def test_an_inversion_file_that_is_not_the_one_its_manifest_describes_is_refused
     (lambda t: t.drop(["variant"]), r"shard-00000\.parquet: no 'variant' column"),
     (lambda t: t.drop(["error"]), r"shard-00000\.parquet: no 'error' column"),
     (lambda t: t.set_column(t.schema.get_field_index("error"), "error", pa.nulls(t.num_rows, pa.string())),
-     r"shard-00000\.parquet: 1 code to edit \(variant 0, no error\) is null"),
+     r"shard-00000\.parquet: 1 row to edit \(variant 0, no error\) has no latent"),
 ])
 def test_a_damaged_inversion_file_is_one_line_and_exit_2(tmp_path, model_file, capsys, damage, message):
     net = load_psp(model_file)

@@ -3,6 +3,7 @@ The actor pool is replaced by a fake that writes each row's settings into it (th
 tests/e2e/test_invert_on_ray.py, and here, for HyperStyle, one slow run through a local Ray instance)."""
 from __future__ import annotations
 
+import copy
 import io
 import json
 from pathlib import Path
@@ -23,9 +24,10 @@ from pipelines.params.schema import InvertConfig
 from pipelines.services import storage
 from pipelines.stages import invert as stage
 from psp_core import PSPArchitecture
-from psp_core.data.shards import decode_image
+from psp_core.data.shards import TARGET_IMAGE, decode_image
 from psp_core.data.tensors import png_bytes
-from psp_core.inference import InferenceModel, scored
+from psp_core.inference import InferenceModel, keep_layers, offsets_of, scored
+from psp_core.nets.checkpoints import save_generator
 
 MODEL = "models:/psp-encoder/1"
 
@@ -98,8 +100,8 @@ def test_a_changed_setting_or_a_grown_image_folder_redoes_the_unit_and_the_manif
     units = stage.input_units(InvertConfig(input=tmp_path / "images"), storage.StageInput.of(tmp_path / "images"))
     base = {"n_iters": 3, "n_outputs": 2, "precision": "fp32", "lpips_backbone": "random"}
 
-    def key(model: str = MODEL, **setting) -> str:
-        return stage.unit_keys(InvertConfig(**{**base, **setting}), units, model)["images-00000"]
+    def key(model: str = MODEL, family: str = "psp", **setting) -> str:
+        return stage.unit_keys(InvertConfig(**{**base, **setting}), units, model, family)["images-00000"]
 
     assert key() == manifest["files"][0]["key"]
     assert key(batch_size=3, num_actors=2, compile=True, output_dir=tmp_path / "elsewhere") == key()
@@ -107,6 +109,7 @@ def test_a_changed_setting_or_a_grown_image_folder_redoes_the_unit_and_the_manif
                     {"reconstructions": False}, {"split": "test"}, {"preset": "frontalize"}):
         assert key(**setting) != key(), setting                    # each changes what the file holds
     assert key("models:/psp-encoder/2") != key()
+    assert key(family="hyperstyle") != key()                      # its rows keep their input image
 
 
 def test_a_file_of_a_unit_left_without_rows_goes_and_foreign_files_stay(tmp_path, fake_pool):
@@ -126,10 +129,12 @@ def png_pixels(data: bytes) -> np.ndarray:
 
 
 @pytest.mark.slow
-def test_hyperstyle_inverts_through_ray_data_with_every_steps_scores(tmp_path, monkeypatch):
+def test_hyperstyle_inverts_and_edits_through_ray_data_with_each_images_offsets(tmp_path, monkeypatch, request):
     """A HyperStyle checkpoint (its W encoder beside it) through the real actor pool: each image's code,
     reconstruction and per-iteration scores are the inference core's, a style-mixed variant is decoded with its
-    image's weight offsets, and the manifest says the offsets are not stored."""
+    image's weight offsets, and the manifest says the offsets are not stored. Then `psp edit` of that inversion on
+    the same Ray instance, with domain adaptation (another generator, the offsets of one layer kept): every edited
+    image is its code decoded by that generator with the offsets the core predicts for its input image."""
     import ray
 
     from pipelines.services.ray.cluster import WORKER_ENV
@@ -142,14 +147,12 @@ def test_hyperstyle_inverts_through_ray_data_with_every_steps_scores(tmp_path, m
                "report": str(tmp_path / "invert.json"), "n_iters": 2, "n_outputs": 1, "batch_size": 2,
                "cpus_per_actor": 1, "lpips_backbone": "random", "precision": "fp32", "compile": False}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"invert": section}))
-    try:
-        assert main(["invert", "--params", str(tmp_path / "params.yaml")]) == 0
-    finally:
-        ray.shutdown()
+    request.addfinalizer(ray.shutdown)   # the local instance invert starts, edit joins
+    assert main(["invert", "--params", str(tmp_path / "params.yaml")]) == 0
 
     manifest = json.loads((tmp_path / "latents" / "manifest.json").read_text())
     assert manifest["family"] == "hyperstyle" and manifest["n_iters"] == 2
-    assert "recompute the offsets from the same input image" in manifest["weight_offsets"]
+    assert "recomputes the offsets from the same input image" in manifest["weight_offsets"]
     rows = pq.read_table(sorted((tmp_path / "latents").glob("*.parquet"))).to_pylist()
     originals = [r for r in rows if r["variant"] == 0]
     assert len(originals) == 2 and len(rows) == 4 and all(r["error"] is None for r in rows)
@@ -175,3 +178,35 @@ def test_hyperstyle_inverts_through_ray_data_with_every_steps_scores(tmp_path, m
     mixed = core.decode(torch.tensor(variant["latent"])[None], offsets)[0]
     assert variant["per_iteration"] is None
     assert np.abs(png_pixels(variant["reconstruction"]) - png_pixels(png_bytes(mixed))).max() <= 1
+    assert all(r[TARGET_IMAGE] == images[r["id"]] for r in originals) and variant[TARGET_IMAGE] is None
+
+    torch.manual_seed(1)
+    adapted = copy.deepcopy(core.net.decoder)   # a "fine-tuned" copy: the same architecture, other weights
+    with torch.no_grad():
+        for weight in adapted.parameters():
+            weight.add_(0.2 * weight.abs().mean() * torch.randn_like(weight))
+    save_generator(adapted, None, tmp_path / "adapted.pt")
+    section = {"input": str(tmp_path / "latents"), "model": str(checkpoint), "output_dir": str(tmp_path / "edits"),
+               "report": str(tmp_path / "edit.json"), "generator": str(tmp_path / "adapted.pt"), "offset_layers": [1],
+               "edits": [{"kind": "sefa", "top_k": 1, "start": -2, "end": 2, "steps": 2}], "batch_size": 3,
+               "cpus_per_actor": 1, "precision": "fp32", "compile": False, "grid_tile": 32}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"edit": section}))
+    assert main(["edit", "--params", str(tmp_path / "params.yaml")]) == 0
+
+    report = json.loads((tmp_path / "edit.json").read_text())
+    assert report["images_written"] == 4 and report["generator"] == section["generator"]
+    assert report["weight_offsets"].startswith("recomputed from each image's target_image in 2 steps")
+    edits = pq.read_table(sorted((tmp_path / "edits" / "latents").glob("*.parquet"))).to_pylist()
+    assert len(edits) == 4
+    ids = [r["id"] for r in originals]
+    kept = keep_layers(steps[-1].offsets, [1])
+    assert kept[0] is None and kept[1] is not None
+    for row in edits:
+        k = torch.tensor([ids.index(row["id"])])
+        code = torch.tensor(row["latent"])[None]
+        edited = png_pixels((tmp_path / "edits" / row["image"]).read_bytes())
+        expected = png_pixels(png_bytes(core.decode(code, offsets_of(kept, k), adapted)[0]))
+        assert np.abs(edited - expected).max() <= 1 and edited.std() > 10   # an image, not a constant
+        for other in (core.decode(code, None, adapted), core.decode(code, offsets_of(kept, k)),
+                      core.decode(code, offsets_of(steps[-1].offsets, k), adapted)):
+            assert np.abs(edited - png_pixels(png_bytes(other[0]))).max() > 8   # offsets, generator, layers matter
