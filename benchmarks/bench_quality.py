@@ -50,7 +50,7 @@ from psp_core.inference import InferenceModel, choose_device  # noqa: E402
 from psp_core.nets.checkpoints import atomic_torch_save, read_generator_checkpoint  # noqa: E402
 from psp_core.nets.stylegan2 import Generator, use_exact_modulation  # noqa: E402
 from psp_core.runtime.devices import resolve_precision  # noqa: E402
-from psp_core.training.engine import NullCallback  # noqa: E402
+from psp_core.training.callbacks import NullCallback  # noqa: E402
 
 TRUNCATION = 0.7
 """Samples are w_avg + 0.7 (w - w_avg): the usual truncation for a generator's typical images."""

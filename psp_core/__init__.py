@@ -11,12 +11,14 @@ from typing import Any
 
 _EXPORTS = {
     "CheckpointError": "psp_core.nets.checkpoints",
+    "build_hyperstyle": "psp_core.nets.checkpoints",
     "build_psp": "psp_core.nets.checkpoints",
     "load_generator": "psp_core.nets.checkpoints",
     "load_irse50": "psp_core.nets.checkpoints",
     "load_psp": "psp_core.nets.checkpoints",
     "read_generator_checkpoint": "psp_core.nets.checkpoints",
     "save_psp": "psp_core.nets.checkpoints",
+    "save_hyperstyle": "psp_core.nets.hyperstyle_checkpoints",
     "IRSEBackbone": "psp_core.nets.irse",
     "LatentDiscriminator": "psp_core.nets.discriminator",
     "E4EObjective": "psp_core.training.e4e",
@@ -42,7 +44,7 @@ _EXPORTS = {
     "TaskPreset": "psp_core.data.presets",
     "get_preset": "psp_core.data.presets",
     "Trainer": "psp_core.training.engine",
-    "TrainingCallback": "psp_core.training.engine",
+    "TrainingCallback": "psp_core.training.callbacks",
     "TrainingConfig": "psp_core.options",
     "prepare_for_training": "psp_core.training.engine",
 }

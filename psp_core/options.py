@@ -16,7 +16,7 @@ Family = Literal["psp", "restyle_psp", "restyle_e4e", "e4e", "w_encoder", "hyper
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 CompileSwitch = Literal["auto"] | bool
 PresetName = Literal["encode", "frontalize", "sketch_to_face", "seg_to_face", "super_resolution", "toonify",
-                     "restyle_encode", "e4e_encode"]
+                     "restyle_encode", "e4e_encode", "hyperstyle_encode"]
 OptimizerName = Literal["ranger", "adam"]
 
 FAMILY_ENCODERS = {
@@ -60,7 +60,8 @@ MAX_CHANNEL_MULTIPLIER = 4              # config-e 1, config-f 2
 MAX_ENCODER_INPUT = 1024
 MAX_REFINE_ITERS = 20                   # ReStyle refinement steps a stage or a served model runs at most
 
-PRESET_FAMILIES: dict[str, Family] = {"restyle_encode": "restyle_psp", "e4e_encode": "e4e"}
+PRESET_FAMILIES: dict[str, Family] = {"restyle_encode": "restyle_psp", "e4e_encode": "e4e",
+                                      "hyperstyle_encode": "hyperstyle"}
 """The task presets that train another encoder family than pSp, and that family. It lives here, torch-free,
 so the params schema checks a preset against its encoder; `psp_core.data.presets.TaskPreset.family` reads it."""
 
@@ -71,8 +72,9 @@ def preset_family(preset: str) -> Family:
 
 
 def encoder_input_nc(family: str, image_nc: int) -> int:
-    """Encoder input channels for images of `image_nc` channels: a ReStyle encoder also sees its last output."""
-    return image_nc + (REFINED_CHANNELS if family in RESTYLE_FAMILIES else 0)
+    """Encoder input channels for images of `image_nc` channels: a ReStyle encoder (or HyperStyle's hypernetwork)
+    also sees its last output."""
+    return image_nc + (REFINED_CHANNELS if family in REFINING_FAMILIES else 0)
 
 
 def n_styles_for(output_size: int) -> int:

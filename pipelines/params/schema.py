@@ -18,8 +18,10 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 from pipelines.services.storage.locations import Location, reference_kind
 from psp_core.options import (
+    HYPERSTYLE,
     MAX_REFINE_ITERS,
     CompileSwitch,
+    HyperStyleArchitecture,
     Precision,
     PresetName,
     PSPArchitecture,
@@ -134,13 +136,23 @@ class TrainSection(StageConfig):
     """`train`: pSp training on Ray Train, tracked in MLflow (model and optimiser keys from psp_core.options)."""
 
     preset: PresetName = Field("encode", description="task preset: input kind, augmentation, loss weights, "
-                                                     "encoder family (restyle_encode: ReStyle-pSp)")
+                                                     "encoder family (restyle_encode: ReStyle-pSp, e4e_encode: e4e, "
+                                                     "hyperstyle_encode: HyperStyle)")
     loss: dict[str, float] = Field(default_factory=dict, description="loss weights replacing the preset's")
     shards: DataPath = Field(Path("data/shards"), description="shard folder (manifest.json)")
     generator: DataPath = Field(Path("pretrained_models/stylegan2-ffhq-config-f.pt"),
                             description="StyleGAN2 checkpoint (g_ema); absent: random weights, logged and tagged")
     irse50: DataPath = Field(Path("pretrained_models/model_ir_se50.pth"),
                              description="ArcFace IR-SE50 weights: encoder init and identity loss")
+    w_encoder: DataPath = Field(Path("pretrained_models/faces_w_encoder.pt"),
+                                description="hyperstyle_encode: the trained W encoder (encoder.*) whose codes the "
+                                            "hypernetwork refines; it stays frozen and is registered beside the model")
+    resnet34: DataPath = Field(Path("pretrained_models/resnet34-333f7ec4.pth"),
+                               description="hyperstyle_encode: torchvision's ImageNet ResNet-34, the hypernetwork's "
+                                           "body; absent: random weights, logged and tagged")
+    layers_to_tune: list[int] | None = Field(
+        None, description="hyperstyle_encode: the generator layers (modulated convolutions, toRGBs included) the "
+                          "hypernetwork offsets; null: the reference's default, every layer but the toRGBs")
     lpips_backbone: Literal["pretrained", "random"] = Field(
         "pretrained", description="AlexNet of LPIPS: pretrained (torch hub cache) or random (not LPIPS)")
     batch_size: int = Field(8, ge=1, description="images per worker per step")
@@ -168,10 +180,17 @@ class TrainSection(StageConfig):
         values = {name: getattr(self, name) for name in ARCHITECTURE_KEYS}
         return values | {"learn_in_w": values["encoder_type"] == "BackboneEncoderUsingLastLayerIntoW"}
 
-    def architecture(self, image_nc: int) -> PSPArchitecture:
+    def architecture(self, image_nc: int) -> PSPArchitecture | HyperStyleArchitecture:
         """The architecture these params describe: the preset's encoder family, seeing the preset's `image_nc`
-        image channels (and, for ReStyle, its last output)."""
+        image channels (and, for ReStyle and HyperStyle, its last output)."""
         family = preset_family(self.preset)
+        if family == HYPERSTYLE:
+            if self.encoder_input_size != HyperStyleArchitecture.encoder_input_size:
+                raise ValueError(f"HyperStyle's hypernetwork sees {HyperStyleArchitecture.encoder_input_size} px "
+                                 f"images: set encoder_input_size={HyperStyleArchitecture.encoder_input_size}")
+            layers = {} if self.layers_to_tune is None else {"layers_to_tune": tuple(self.layers_to_tune)}
+            return HyperStyleArchitecture(encoder_type=self.encoder_type, input_nc=encoder_input_nc(family, image_nc),
+                                          output_size=self.output_size, **layers)
         return PSPArchitecture(input_nc=encoder_input_nc(family, image_nc), family=family,
                                **self._architecture_values())
 

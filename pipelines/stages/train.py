@@ -37,7 +37,7 @@ from psp_core.data.presets import TaskPreset, get_preset
 from psp_core.data.shards import ShardManifest
 from psp_core.errors import InputError
 from psp_core.nets.checkpoints import check_generator_fits, read_generator_checkpoint
-from psp_core.options import FAMILY_NAMES
+from psp_core.options import FAMILY_NAMES, HYPERSTYLE
 from psp_core.training.engine import BEST_CHECKPOINT, LAST_CHECKPOINT
 from psp_core.training.losses import alexnet_cache_path, require_alexnet
 
@@ -61,7 +61,8 @@ def resolve_paths(cfg: TrainConfig) -> TrainConfig:
     """Absolute local paths (URIs as they are), so workers whose working directory differs read the same files."""
     absolute = lambda x: x if storage.is_remote(x) else Path(x).resolve()  # noqa: E731
     return cfg.model_copy(update={"shards": absolute(cfg.shards), "generator": absolute(cfg.generator),
-                                  "irse50": absolute(cfg.irse50), "storage_path": str(absolute(cfg.storage_path))})
+                                  "irse50": absolute(cfg.irse50), "w_encoder": absolute(cfg.w_encoder),
+                                  "resnet34": absolute(cfg.resnet34), "storage_path": str(absolute(cfg.storage_path))})
 
 
 def weights_present(path: Path | str) -> bool:
@@ -74,7 +75,7 @@ def check_data_access(cfg: TrainConfig) -> None:
     """Every object-store location the run reads or writes is usable: else one line naming it (exit 2),
     before Ray or MLflow starts."""
     storage.check_access(cfg.shards)
-    for weights in (cfg.generator, cfg.irse50):
+    for weights in (cfg.generator, cfg.irse50, cfg.w_encoder, cfg.resnet34):
         if storage.is_uri(weights):
             storage.check_access(weights)
     storage.check_access(cfg.storage_path, write=True)
@@ -89,12 +90,23 @@ def check_generator(cfg: TrainConfig, preset: TaskPreset) -> None:
         check_generator_fits(cfg.architecture(preset.input_nc), read_generator_checkpoint(local).generator, cfg.generator)
 
 
-def random_weight_networks(cfg: TrainConfig) -> list[str]:
+def check_w_encoder(cfg: TrainConfig, preset: TaskPreset) -> None:
+    """HyperStyle refines a trained W encoder's codes: its file must be there (one line before MLflow or Ray start)."""
+    if preset.family == HYPERSTYLE and not weights_present(cfg.w_encoder):
+        raise FileNotFoundError(f"preset hyperstyle_encode refines the codes of a trained W encoder, and there is none "
+                                f"at {cfg.w_encoder}: set train.w_encoder to one (a released faces_w_encoder.pt, or "
+                                "one trained with train.encoder_type=WEncoder)")
+
+
+def random_weight_networks(cfg: TrainConfig, family: str) -> list[str]:
     """The networks that will run on random weights because their files are absent (or by request)."""
     missing = []
     if not weights_present(cfg.generator):
         missing.append("generator")
-    if not weights_present(cfg.irse50):
+    if family == HYPERSTYLE:
+        if not weights_present(cfg.resnet34):
+            missing.append("hypernet_resnet34")
+    elif not weights_present(cfg.irse50):
         missing.append("encoder_backbone_irse50")
     if cfg.lpips_backbone == "random":
         missing.append("lpips_alexnet")
@@ -138,6 +150,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.lpips_backbone == "pretrained":
         require_alexnet()
     check_generator(cfg, preset)
+    check_w_encoder(cfg, preset)
     if preset.loss.id_lambda > 0 and not weights_present(cfg.irse50):
         raise FileNotFoundError(f"id_lambda={preset.loss.id_lambda} needs the ArcFace IR-SE50 weights at {cfg.irse50} "
                                 "(model_ir_se50.pth); set train.loss.id_lambda=0 to train without the identity loss")
@@ -148,7 +161,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         raise InputError(f"{manifest.rows.get('train', 0)} training rows cannot fill one batch of {cfg.batch_size} "
                          f"on each of {cfg.num_workers} workers")
     run_name = run_name_for(cfg, manifest)
-    random_nets = random_weight_networks(cfg)
+    random_nets = random_weight_networks(cfg, preset.family)
     for net in random_nets:
         log.warning("RANDOM WEIGHTS: %s runs on random weights (its file is absent or random was requested)", net)
 
@@ -156,7 +169,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     datasets = tracking.shard_datasets(source.location, manifest)
     tags = {tracking.PRESET_TAG: cfg.preset, tracking.GIT_COMMIT_TAG: git_commit(),
             tracking.MANIFEST_DIGEST_TAG: manifest.digest, tracking.RANDOM_WEIGHTS_TAG: ",".join(random_nets) or "none",
-            **{tracking.WEIGHTS_TAG_PREFIX + name: value for name, value in weights_used(cfg).items()}}
+            **{tracking.WEIGHTS_TAG_PREFIX + name: value for name, value in weights_used(cfg, preset.family).items()}}
     run = tracking.TrainingRun.open(cfg.experiment, run_name, tags, flat_params(cfg, preset),
                                     {"train": (datasets["train"], "training"), "test": (datasets["test"], "evaluation")})
     if run.registered_version is not None:
@@ -177,7 +190,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         log.warning("the test split has fewer rows than workers: no validation, the last checkpoint is registered")
         del splits["test"]
     weights = {name: str(path) if weights_present(path) else None
-               for name, path in (("generator", cfg.generator), ("irse50", cfg.irse50))}
+               for name, path in (("generator", cfg.generator), ("irse50", cfg.irse50), ("w_encoder", cfg.w_encoder),
+                                  ("resnet34", cfg.resnet34))}
     trainer = torch_trainer(
         train_worker,
         train_loop_config={"train": cfg, "preset": preset, "run_id": run.run_id, "run_name": run_name,
@@ -203,8 +217,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     # outputs: the registered version and the report
     with result.checkpoint.as_directory() as folder:
         best = Path(folder) / BEST_CHECKPOINT
+        w_encoder = tracking.fetch_weights(cfg.w_encoder) if preset.family == HYPERSTYLE else None
         version = run.register(best if best.is_file() else Path(folder) / LAST_CHECKPOINT, cfg.registered_model,
-                               cfg.alias)
+                               cfg.alias, w_encoder)
     summary = write_report(cfg, run, version.version)
     tracking.describe_version(version, version_description(cfg, preset, summary["steps"], manifest, random_nets))
     return summary
@@ -235,6 +250,11 @@ def objective_description(cfg: TrainConfig, preset: TaskPreset) -> str:
     """The training objective in a sentence: the loss weights, and for e4e its schedule and discriminator."""
     w = preset.loss
     terms = ", ".join(f"{f.name} {getattr(w, f.name):g}" for f in fields(w) if getattr(w, f.name) > 0)
+    if preset.family == HYPERSTYLE:
+        layers = "the reference's default layers" if cfg.layers_to_tune is None else f"layers {cfg.layers_to_tune}"
+        return (f"Objective: HyperStyle's ({terms}; the hypernetwork alone, offsetting {layers}, over "
+                f"{cfg.n_iters_per_batch} passes per batch, each pass's loss back-propagated; W encoder "
+                f"{Path(str(cfg.w_encoder)).name}, frozen).")
     if preset.family != "e4e":
         return f"Objective: {terms}."
     schedule = ("every delta from the start" if cfg.progressive_start is None else
@@ -245,13 +265,15 @@ def objective_description(cfg: TrainConfig, preset: TaskPreset) -> str:
     return f"Objective: e4e's ({terms}; {schedule}; delta norm p={cfg.delta_norm:g}; {adversary})."
 
 
-def weights_used(cfg: TrainConfig) -> dict[str, str]:
+def weights_used(cfg: TrainConfig, family: str) -> dict[str, str]:
     """The fingerprint (`sha256:...` or `random`) of each network's starting weights."""
     def fingerprint(path: Path | str) -> str:
         return f"sha256:{file_digest(tracking.fetch_weights(path))}" if weights_present(path) else tracking.RANDOM
 
     alexnet = alexnet_cache_path()
-    return {"generator": fingerprint(cfg.generator), "irse50": fingerprint(cfg.irse50),
+    hyperstyle = {"w_encoder": fingerprint(cfg.w_encoder), "resnet34": fingerprint(cfg.resnet34)} \
+        if family == HYPERSTYLE else {}
+    return {"generator": fingerprint(cfg.generator), "irse50": fingerprint(cfg.irse50), **hyperstyle,
             "lpips_alexnet": tracking.RANDOM if cfg.lpips_backbone == "random" or not alexnet.is_file()
             else f"sha256:{file_digest(alexnet)}"}
 

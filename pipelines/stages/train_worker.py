@@ -23,10 +23,11 @@ from pipelines.services.storage.converted import converted_generator
 from pipelines.services.tracking import fetch_weights
 from pipelines.services.tracking.callback import MLflowCallback
 from pipelines.services.tracking.vocabulary import COMPILED_TAG, NODES_TAG, PRECISION_TAG
-from psp_core import build_psp
+from psp_core import build_hyperstyle, build_psp
 from psp_core.data.presets import PresetTransform
 from psp_core.data.shards import SourceKind, decode_images, decode_sources
 from psp_core.data.tensors import pair_tensors
+from psp_core.options import HYPERSTYLE
 from psp_core.runtime.devices import keep_freed_memory
 from psp_core.training.engine import BEST_CHECKPOINT, LAST_CHECKPOINT, Trainer, prepare_for_training, training_compiles
 from psp_core.training.losses import PSPLoss
@@ -52,9 +53,14 @@ def train_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed)                           # the same initial weights on every rank
     generator, irse50 = local_weights(config["generator"]), local_weights(config["irse50"])
     generator = None if generator is None else converted_generator(generator)   # a StyleGAN2-ADA .pkl: once per node
-    net = build_psp(cfg.architecture(preset.input_nc), generator, irse50)
+    arch = cfg.architecture(preset.input_nc)
+    if arch.family == HYPERSTYLE:
+        net = build_hyperstyle(arch, local_weights(config["w_encoder"]), generator, local_weights(config["resnet34"]))
+    else:
+        net = build_psp(arch, generator, irse50)
     prepare_for_training(net, cfg.train_decoder)           # freeze before DDP sees the parameters
-    unused = getattr(net.encoder, "unused_parameters", lambda: False)()
+    encoder = net.hypernet if arch.family == HYPERSTYLE else net.encoder
+    unused = getattr(encoder, "unused_parameters", lambda: False)()
     model = ray.train.torch.prepare_model(net, parallel_strategy_kwargs={"find_unused_parameters": unused})
     loss = PSPLoss(preset.loss, lpips_backbone=cfg.lpips_backbone,
                    irse50_path=irse50).to(device)

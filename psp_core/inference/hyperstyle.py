@@ -32,13 +32,6 @@ def initial_inversion(net: HyperStyle, images: Tensor) -> tuple[Tensor, Tensor]:
     return F.adaptive_avg_pool2d(net.decode(codes), (POOLED_SIZE, POOLED_SIZE)), codes
 
 
-def add_offsets(previous: Sequence[Tensor | None] | None, new: WeightOffsets) -> WeightOffsets:
-    """Offsets accumulated over iterations: `previous` + `new` per layer (None stays None; no previous: `new`)."""
-    if previous is None:
-        return list(new)
-    return [None if old is None else old + delta for old, delta in zip(previous, new)]
-
-
 def offsets_of(offsets: WeightOffsets, rows: Tensor) -> WeightOffsets:
     """The offsets of the images `rows` (indices [M] into the batch they were predicted for), in that order: one
     image's offsets repeated for each edit of its code."""
@@ -73,8 +66,7 @@ def hyperstyle_steps(net: HyperStyle, images: Tensor, n_iters: int, resize: bool
     offsets: WeightOffsets | None = None
     steps = []
     for _ in range(n_iters):
-        offsets = add_offsets(offsets, net.weight_offsets(images, last_output))
-        last_output = net.decode(codes, offsets, randomize_noise=randomize_noise)
+        last_output, offsets = net(images, last_output, codes, offsets, randomize_noise=randomize_noise)
         shown = F.adaptive_avg_pool2d(last_output, (POOLED_SIZE, POOLED_SIZE)) if resize else last_output
         steps.append(HyperStyleStep(shown, codes, offsets))
     return steps

@@ -32,11 +32,11 @@ from psp_core.nets.checkpoint_io import (
     sub_state,
 )
 from psp_core.nets.hyperstyle import HyperStyle
-from psp_core.nets.hyperstyle_checkpoints import load_hyperstyle
+from psp_core.nets.hyperstyle_checkpoints import init_hypernet_from_resnet34, load_hyperstyle, read_w_encoder
 from psp_core.nets.irse import UNITS_PER_STAGE, IRSEBackbone
 from psp_core.nets.psp import PSP, PSPArchitecture
 from psp_core.nets.stylegan2 import Generator
-from psp_core.options import HYPERSTYLE, RESTYLE_FAMILIES, W_ENCODER, family_of
+from psp_core.options import HYPERSTYLE, RESTYLE_FAMILIES, W_ENCODER, HyperStyleArchitecture, family_of
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +227,7 @@ def save_psp(net: PSP, path: str | Path, extra: Mapping[str, Any] | None = None)
     return atomic_torch_save(psp_checkpoint(net, **dict(extra or {})), path)
 
 
-def check_generator_fits(arch: PSPArchitecture, generator: Generator, path: str | Path) -> None:
+def check_generator_fits(arch: PSPArchitecture | HyperStyleArchitecture, generator: Generator, path: str | Path) -> None:
     """A generator read from `path` has the size and channel multiplier `arch` builds: else one line naming the
     option to set."""
     if generator.size != arch.output_size:
@@ -272,6 +272,31 @@ def build_psp(arch: PSPArchitecture, generator_path: str | Path | None = None,
     if latent_avg is None and arch.start_from_latent_avg:
         rng = torch.Generator().manual_seed(MEAN_LATENT_SEED)
         latent_avg = net.decoder.mean_latent(mean_latent_samples, generator=rng)
+    net.set_latent_avg(latent_avg)
+    return net
+
+
+def build_hyperstyle(arch: HyperStyleArchitecture, w_encoder_path: str | Path, generator_path: str | Path | None = None,
+                     resnet34_path: str | Path | None = None,
+                     mean_latent_samples: int = MEAN_LATENT_SAMPLES) -> HyperStyle:
+    """A fresh HyperStyle for training, as the reference coach starts it: the W encoder from its file (`encoder.*`
+    of a trained W encoder; it stays frozen), generator and latent_avg from the generator checkpoint (latent_avg from
+    `mean_latent` with a fixed seed when the file has none), the hypernetwork's body from torchvision's ResNet-34
+    when `resnet34_path` is given. A None generator or ResNet-34 path leaves that network at random init."""
+    net = HyperStyle(arch)
+    load_strict(net.w_encoder, read_w_encoder(Path(w_encoder_path)), f"{w_encoder_path} encoder (the W encoder)")
+    net.w_encoder_file = Path(w_encoder_path).name
+    if resnet34_path is not None:
+        init_hypernet_from_resnet34(net, read_checkpoint(resnet34_path), resnet34_path)
+    latent_avg = None
+    if generator_path is not None:
+        ckpt = read_generator_checkpoint(generator_path)
+        check_generator_fits(arch, ckpt.generator, generator_path)
+        load_strict(net.decoder, ckpt.generator.state_dict(), f"{generator_path} g_ema")
+        net.decoder.set_conv_clamp(ckpt.generator.conv_clamp)
+        latent_avg = ckpt.latent_avg
+    if latent_avg is None:
+        latent_avg = net.decoder.mean_latent(mean_latent_samples, generator=torch.Generator().manual_seed(MEAN_LATENT_SEED))
     net.set_latent_avg(latent_avg)
     return net
 

@@ -12,11 +12,18 @@ from torch import nn
 from psp_core.nets.encoders import WEncoder
 from psp_core.nets.hypernet import HYPERNETS, INPUT_SIDE, LayerShape
 from psp_core.nets.stylegan2 import Generator
-from psp_core.options import HyperStyleArchitecture
+from psp_core.options import HYPERSTYLE_W_ENCODER, HyperStyleArchitecture
 
 WeightOffsets = list[torch.Tensor | None]
 """One entry per modulated convolution of the generator (`Generator.modulated_convs` order): that layer's offsets
 [N, out, in, k, k], or None where the layer is not tuned."""
+
+
+def add_offsets(previous: Sequence[torch.Tensor | None] | None, new: WeightOffsets) -> WeightOffsets:
+    """Offsets accumulated over iterations: `previous` + `new` per layer (None stays None; no previous: `new`)."""
+    if previous is None:
+        return list(new)
+    return [None if old is None else old + delta for old, delta in zip(previous, new)]
 
 
 class HyperStyle(nn.Module):
@@ -33,6 +40,7 @@ class HyperStyle(nn.Module):
                   for conv in self.decoder.modulated_convs()]
         self.hypernet = HYPERNETS[arch.encoder_type](arch.input_nc, shapes, arch.layers_to_tune)
         self.w_encoder = WEncoder(input_nc=3, n_styles=self.n_styles)   # sees the target alone (RGB)
+        self.w_encoder_file = HYPERSTYLE_W_ENCODER   # the file the W encoder comes from: a saved model's opts name it
         # Not in state_dict: the reference keeps it beside the weights as the checkpoint's `latent_avg`.
         self.register_buffer("latent_avg", None, persistent=False)
 
@@ -56,6 +64,14 @@ class HyperStyle(nn.Module):
         """The hypernetwork's offsets for targets [N, 3, 256, 256] beside the last output (pooled here to 256x256)."""
         last_output = F.adaptive_avg_pool2d(last_output, (INPUT_SIDE, INPUT_SIDE)).to(x.dtype)
         return self.hypernet(torch.cat([x, last_output.expand(x.shape[0], -1, -1, -1)], dim=1))
+
+    def forward(self, x: torch.Tensor, last_output: torch.Tensor, codes: torch.Tensor,
+                offsets: WeightOffsets | None = None, randomize_noise: bool = False) -> tuple[torch.Tensor, WeightOffsets]:
+        """One refinement iteration: the hypernetwork's offsets for targets x [N, 3, 256, 256] beside the last
+        output, added to `offsets` (the earlier iterations' sum), and the codes [N, n_styles, 512] decoded with
+        them -> (images [N, 3, S, S], the summed offsets)."""
+        offsets = add_offsets(offsets, self.weight_offsets(x, last_output))
+        return self.decode(codes, offsets, randomize_noise=randomize_noise), offsets
 
     def decode(self, codes: torch.Tensor, offsets: Sequence[torch.Tensor | None] | None = None,
                randomize_noise: bool = False) -> torch.Tensor:

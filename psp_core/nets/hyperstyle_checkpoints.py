@@ -5,6 +5,9 @@
   shared layer (`hypernet.refinement_blocks.N.hypernet.*`): one tensor in our model, each copy checked equal.
 - Its W encoder (`faces_w_encoder.pt`, `opts.w_encoder_checkpoint_path`): `encoder.*` is read (a `decoder.*` beside
   it is ignored), sized by the HyperStyle opts; found beside the checkpoint, else in `pretrained_models/`.
+
+A HyperStyle model this project trains is written in the same layout (`save_hyperstyle`), its W encoder named by
+file: the registered version keeps that file beside the checkpoint.
 """
 from __future__ import annotations
 
@@ -15,7 +18,14 @@ from typing import Any, Mapping
 import torch
 
 from psp_core.errors import CheckpointError
-from psp_core.nets.checkpoint_io import check_state_dict, read_checkpoint, require_entry, sub_state
+from psp_core.nets.checkpoint_io import (
+    atomic_torch_save,
+    check_state_dict,
+    load_strict,
+    read_checkpoint,
+    require_entry,
+    sub_state,
+)
 from psp_core.nets.hyperstyle import HyperStyle
 from psp_core.options import HYPERSTYLE_W_ENCODER, HyperStyleArchitecture
 
@@ -56,6 +66,7 @@ def load_hyperstyle(path: str | Path, state: Mapping[str, torch.Tensor], opts: A
         net.set_latent_avg(latent_avg)
     except ValueError as err:
         raise CheckpointError(f"{path}: {err}") from None
+    net.w_encoder_file = w_path.name
     return net.eval()
 
 
@@ -116,3 +127,64 @@ def read_w_encoder(path: Path) -> dict[str, torch.Tensor]:
     if extra:
         raise CheckpointError(f"{path}: state_dict has keys outside encoder/decoder: {extra[:3]}")
     return sub_state(state, "encoder")
+
+
+def hyperstyle_opts(net: HyperStyle) -> dict[str, Any]:
+    """The reference opts that fix a HyperStyle network, its W encoder named by its file (`w_encoder_file`)."""
+    arch, w_encoder = net.arch, net.w_encoder_file
+    return {"encoder_type": arch.encoder_type, "input_nc": arch.input_nc, "output_size": arch.output_size,
+            "layers_to_tune": ",".join(map(str, arch.layers_to_tune)), "n_hypernet_outputs": arch.n_hypernet_outputs,
+            "w_encoder_checkpoint_path": w_encoder, "w_encoder_type": "WEncoder", "load_w_encoder": True}
+
+
+def save_hyperstyle(net: HyperStyle, path: str | Path, extra: Mapping[str, Any] | None = None) -> Path:
+    """Write `net` in the released layout `load_psp` (and the reference) reads, atomically: `hypernet.*` with the
+    shared hypernetwork's tensors repeated under every head that uses it (as the reference's modules register them),
+    `decoder.*`, opts naming the W encoder's file (`w_encoder_file`; not in this file: it is its own),
+    `latent_avg`; plus `extra` entries (e.g. training state)."""
+    hyper = {k: v.detach().cpu() for k, v in net.hypernet.state_dict().items()}
+    for prefix in net.hypernet.shared_alias_prefixes():
+        for name in net.hypernet.shared_weight_hypernet.state_dict():
+            hyper[prefix + name] = hyper[SHARED_PREFIX + name]
+    state = {**{f"hypernet.{k}": v for k, v in hyper.items()},
+             **{f"decoder.{k}": v.detach().cpu() for k, v in net.decoder.state_dict().items()}}
+    ckpt = {"state_dict": state, "opts": hyperstyle_opts(net), "latent_avg": net.latent_avg.detach().cpu(),
+            **dict(extra or {})}
+    return atomic_torch_save(ckpt, path)
+
+
+def load_hyperstyle_weights(net: HyperStyle, ckpt: Mapping[str, Any], path: str | Path) -> None:
+    """A checkpoint `save_hyperstyle` wrote (read from `path`) into `net` of the same architecture, strictly: the
+    hypernetwork, the generator and latent_avg (the W encoder is not in the file and stays): resuming training."""
+    state = require_entry(ckpt, "state_dict", path)
+    hypernet = without_shared_copies(sub_state(state, "hypernet"), net.hypernet.shared_alias_prefixes(), path)
+    load_strict(net.hypernet, hypernet, f"{path} hypernet")
+    load_strict(net.decoder, sub_state(state, "decoder"), f"{path} decoder")
+    net.set_latent_avg(require_entry(ckpt, "latent_avg", path))
+
+
+def init_hypernet_from_resnet34(net: HyperStyle, state: Any, path: str | Path) -> None:
+    """The hypernetwork's body from torchvision's ImageNet ResNet-34 (`resnet34-333f7ec4.pth`): its stem convolution
+    on the first 3 input channels (the others N(0, 1) draws, as the reference), `bn1`, and blocks `layerS.B` as
+    `body.K` in order; the heads, the shared hypernetwork and the stem's PReLU stay at their initialisation. (The
+    reference maps the block names too but then loads the unmapped dict non-strictly, so its body starts random;
+    this is what its code means to do.)"""
+    if not isinstance(state, dict) or "layer1.0.conv1.weight" not in state:
+        raise CheckpointError(f"{path}: not a torchvision ResNet-34 state dict (no 'layer1.0.conv1.weight')")
+    names = sorted({k.split(".")[0] + "." + k.split(".")[1] for k in state if k.startswith("layer")},
+                   key=lambda name: (int(name[5]), int(name.split(".")[1])))
+    mapped = {}
+    for index, block in enumerate(names):
+        for key, tensor in state.items():
+            if key.startswith(block + "."):
+                mapped[f"body.{index}.{key[len(block) + 1:]}"] = tensor
+    for key in ("bn1.weight", "bn1.bias", "bn1.running_mean", "bn1.running_var", "bn1.num_batches_tracked"):
+        if key in state:
+            mapped[key] = state[key]
+    stem = net.hypernet.conv1.weight
+    widened = torch.randn(stem.shape, dtype=stem.dtype)
+    widened[:, :3] = require_entry(state, "conv1.weight", path)
+    mapped["conv1.weight"] = widened
+    wanted = {k: v for k, v in net.hypernet.state_dict().items() if k in mapped}
+    check_state_dict(wanted, mapped, f"{path} (as the hypernetwork's ResNet-34 body)")
+    net.hypernet.load_state_dict(mapped, strict=False)

@@ -6,9 +6,9 @@ import contextlib
 import dataclasses
 import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,9 +18,11 @@ from torch import Tensor, nn
 from psp_core.errors import InputError
 from psp_core.inference import average_image, refinement_step
 from psp_core.nets.checkpoints import CheckpointError, load_strict, read_checkpoint, save_psp
+from psp_core.nets.hyperstyle import HyperStyle
+from psp_core.nets.hyperstyle_checkpoints import load_hyperstyle_weights, save_hyperstyle
 from psp_core.nets.psp import POOLED_SIZE, PSP
 from psp_core.nets.stylegan2 import use_exact_modulation
-from psp_core.options import RESTYLE_FAMILIES, PSPArchitecture, TrainingConfig
+from psp_core.options import REFINING_FAMILIES, HyperStyleArchitecture, PSPArchitecture, TrainingConfig
 from psp_core.runtime.devices import (
     MEASURED_TRAINING_PAYOFF,
     autocast,
@@ -29,7 +31,9 @@ from psp_core.runtime.devices import (
     resolve_compile,
     resolve_precision,
 )
+from psp_core.training.callbacks import NullCallback, TrainingCallback
 from psp_core.training.e4e import E4EObjective
+from psp_core.training.hyperstyle import hyperstyle_passes, prepare_hyperstyle
 from psp_core.training.losses import PSPLoss
 from psp_core.training.optim import build_optimizer
 from psp_core.training.state import rng_state, seed_everything, set_rng_state
@@ -50,54 +54,24 @@ LAST_CHECKPOINT = "last.pt"
 BEST_CHECKPOINT = "best_model.pt"
 
 
-class TrainingCallback(Protocol):
-    """What the engine reports; the pipeline plugs a tracker (MLflow) in here, psp_core stays free of it."""
-
-    def on_step(self, step: int, metrics: dict[str, float]) -> None:
-        """Training losses of one step (every `log_interval` steps)."""
-
-    def on_validation(self, step: int, metrics: dict[str, float]) -> None:
-        """Mean validation losses over the test split."""
-
-    def on_images(self, step: int, name: str, grid: Tensor) -> None:
-        """An input | target | output grid [3, H, W] in [0, 1]."""
-
-    def on_checkpoint(self, step: int, path: Path, is_best: bool) -> None:
-        """A checkpoint was written (is_best: the new best validation loss)."""
-
-
-class NullCallback:
-    """Reports nothing."""
-
-    def on_step(self, step: int, metrics: dict[str, float]) -> None:
-        """Ignore."""
-
-    def on_validation(self, step: int, metrics: dict[str, float]) -> None:
-        """Ignore."""
-
-    def on_images(self, step: int, name: str, grid: Tensor) -> None:
-        """Ignore."""
-
-    def on_checkpoint(self, step: int, path: Path, is_best: bool) -> None:
-        """Ignore."""
-
-
-def prepare_for_training(model: PSP, train_decoder: bool) -> list[nn.Parameter]:
+def prepare_for_training(model: PSP | HyperStyle, train_decoder: bool) -> list[nn.Parameter]:
     """Freeze the decoder unless it trains (call before wrapping in DDP); return the trainable parameters.
 
     The mapping network stays frozen either way: pSp feeds W+ codes straight to the synthesis
-    network, so it gets no gradient (and DDP would stall waiting for one).
+    network, so it gets no gradient (and DDP would stall waiting for one). HyperStyle: `prepare_hyperstyle`.
     """
+    if isinstance(model, HyperStyle):
+        return prepare_hyperstyle(model, train_decoder)
     model.encoder.requires_grad_(True)
     model.decoder.requires_grad_(train_decoder)
     model.decoder.style.requires_grad_(False)
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def training_compiles(config: TrainingConfig, arch: PSPArchitecture, batch_size: int,
+def training_compiles(config: TrainingConfig, arch: PSPArchitecture | HyperStyleArchitecture, batch_size: int,
                       device: torch.device | str) -> bool:
     """Whether a training process compiles its forward: `config.compile` when explicit; `auto` when the passes
-    it will run (max_steps x its batch, x n_iters_per_batch for ReStyle) repay a training compile at the
+    it will run (max_steps x its batch, x n_iters_per_batch for ReStyle and HyperStyle) repay a training compile at the
     generator's size on `device` (`psp_core.runtime.devices.MEASURED_TRAINING_PAYOFF`). Never bf16 on a CPU."""
     if torch.device(device).type == "cpu" and resolve_precision(config.precision, device) == "bf16":
         if config.compile is True:
@@ -105,7 +79,7 @@ def training_compiles(config: TrainingConfig, arch: PSPArchitecture, batch_size:
                              "weights of a 4-step run NaN (377 of 494 tensors; eager bf16 and compiled fp32 stay "
                              "finite); set precision fp32 or compile false")
         return False
-    passes_per_image = config.n_iters_per_batch if arch.family in RESTYLE_FAMILIES else 1
+    passes_per_image = config.n_iters_per_batch if arch.family in REFINING_FAMILIES else 1
     return resolve_compile(config.compile, config.max_steps * batch_size * passes_per_image, device, arch.output_size,
                            MEASURED_TRAINING_PAYOFF)
 
@@ -117,10 +91,12 @@ def mean_metrics(batches: list[dict[str, float]]) -> dict[str, float]:
 
 
 class Trainer:
-    """Trains a pSp encoder with the pSp objective; the model may arrive wrapped (DDP), `module` is always the PSP.
-    A ReStyle model trains as its reference coach: `n_iters_per_batch` refinement iterations per batch; an e4e
-    model as its reference coach too: progressive stages, the delta regulariser and the latent discriminator
-    (`psp_core.training.e4e.E4EObjective`), its checkpoints in the reference's training layout.
+    """Trains a pSp encoder with the pSp objective; the model may arrive wrapped (DDP), `module` is always the PSP
+    (or HyperStyle). A ReStyle model trains as its reference coach: `n_iters_per_batch` refinement iterations per
+    batch; HyperStyle as its coach too (`psp_core.training.hyperstyle`: the hypernetwork alone, its iterations'
+    losses each back-propagated), its checkpoints in the released layout; an e4e model as its reference coach too:
+    progressive stages, the delta regulariser and the latent discriminator (`psp_core.training.e4e.E4EObjective`),
+    its checkpoints in the reference's training layout.
 
     Construction seeds the global RNGs from `config.seed` (noise draws use them); `resume` restores them instead.
     On a CPU the process keeps freed memory for the next step (`psp_core.runtime.devices.keep_freed_memory`; a process
@@ -144,7 +120,7 @@ class Trainer:
         is_main_process: bool = True,
     ) -> None:
         self.model = model
-        self.module: PSP = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        self.module: PSP | HyperStyle = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         use_exact_modulation(self.module, False)
         self.device = self.module.decoder.input.input.device
         if self.device.type == "cpu":
@@ -196,9 +172,11 @@ class Trainer:
             self.forward_model = compile_model(self.model, self.config.compile_cache)
 
     def set_train_mode(self) -> None:
-        """Encoder in train mode; decoder too only when it trains; loss networks always eval."""
+        """Encoder in train mode; decoder too only when it trains; loss networks (and HyperStyle's W encoder) eval."""
         self.module.train()
         self.module.decoder.train(self.config.train_decoder)
+        if isinstance(self.module, HyperStyle):
+            self.module.w_encoder.eval()
         self.loss.eval()
 
     def prepare_batch(self, batch: Batch) -> Batch:
@@ -233,10 +211,10 @@ class Trainer:
         return logs
 
     def batch_losses(self, source: Tensor, target: Tensor, backward: bool) -> tuple[dict[str, float], Tensor]:
-        """The loss terms of one batch and its detached output [N, 3, 256, 256]: one forward pass, or ReStyle's
-        refinement iterations; with `backward`, each pass's loss is back-propagated."""
+        """The loss terms of one batch and its detached output [N, 3, 256, 256]: one forward pass, or ReStyle's or
+        HyperStyle's refinement iterations; with `backward`, each pass's loss is back-propagated."""
         self.decide_compile(source.shape[0])
-        if self.module.arch.family in RESTYLE_FAMILIES:
+        if self.module.arch.family in REFINING_FAMILIES:
             return self.refinement_losses(source, target, backward)
         with self.autocast():
             output, latent = self.forward_model(source, return_latents=True)
@@ -253,26 +231,33 @@ class Trainer:
         return metrics, output.detach()
 
     def refinement_losses(self, source: Tensor, target: Tensor, backward: bool) -> tuple[dict[str, float], Tensor]:
-        """ReStyle's iterations on one batch, as its reference coach trains them: iteration 0 encodes the source
-        [N, C, H, W] beside the average image and starts from latent_avg, each later one beside the last output
-        and from the last latent (both detached in between); every iteration's loss is computed and, with
-        `backward`, back-propagated (under DDP gradients are all-reduced once, at the last). Metrics: the last
-        iteration's terms plus `loss_iter{i}`, iteration i's total loss; the output is the last iteration's."""
+        """ReStyle's or HyperStyle's iterations on one batch, as their reference coaches train them (`restyle_passes`,
+        `hyperstyle_passes`): every iteration's loss is computed and, with `backward`, back-propagated (under DDP
+        gradients are all-reduced once, at the last). Metrics: the last iteration's terms plus `loss_iter{i}`,
+        iteration i's total loss; the output is the last iteration's."""
         n_iters = self.config.n_iters_per_batch
-        image, latent = self.average_image(source.shape[-2:]), None
+        passes = (hyperstyle_passes(self.forward_model, self.module, source) if isinstance(self.module, HyperStyle)
+                  else self.restyle_passes(source))
         per_iteration: dict[str, float] = {}
         for index in range(n_iters):
             with self.gradient_sync(index == n_iters - 1 or not backward):
                 with self.autocast():
-                    image, latent = refinement_step(self.forward_model, source, image, latent, randomize_noise=True)
-                    output = F.adaptive_avg_pool2d(image, (POOLED_SIZE, POOLED_SIZE))
-                    total, metrics = self.loss(output.float(), target, source, latent.float(),
-                                                       self.module.latent_avg)
+                    output, latent = next(passes)
+                    total, metrics = self.loss(output.float(), target, source, latent.float(), self.module.latent_avg)
                 if backward:
                     self.scaler.scale(total).backward()
-            image, latent = image.detach(), latent.detach()
             per_iteration[f"loss_iter{index}"] = metrics["loss"]
         return {**metrics, **per_iteration}, output.detach()
+
+    def restyle_passes(self, source: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
+        """ReStyle's passes as its reference coach runs them: the first encodes the source [N, C, H, W] beside the
+        average image and starts from latent_avg, each later one beside the last output and from the last latent
+        (both detached in between). Yields (output pooled to 256, latent) per pass taken."""
+        image, latent = self.average_image(source.shape[-2:]), None
+        while True:
+            image, latent = refinement_step(self.forward_model, source, image, latent, randomize_noise=True)
+            yield F.adaptive_avg_pool2d(image, (POOLED_SIZE, POOLED_SIZE)), latent
+            image, latent = image.detach(), latent.detach()
 
     def average_image(self, size: tuple[int, int]) -> Tensor:
         """ReStyle's first "last output": the generator's image of latent_avg pooled to `size`, [1, 3, *size]
@@ -387,7 +372,10 @@ class Trainer:
             extra["training_state"] = self.training_state()
         if self.e4e is not None:
             extra.update(self.e4e_checkpoint_entries(extra.get("training_state"), e4e_state))
-        path = save_psp(self.module, self.checkpoint_dir / name, extra=extra)
+        if isinstance(self.module, HyperStyle):
+            path = save_hyperstyle(self.module, self.checkpoint_dir / name, extra=extra)
+        else:
+            path = save_psp(self.module, self.checkpoint_dir / name, extra=extra)
         self.callback.on_checkpoint(self.step, path, is_best)
         return path
 
@@ -425,8 +413,11 @@ class Trainer:
         """Restore weights and training state from `ckpt`, a checkpoint `save` wrote (read from `path`)."""
         if not isinstance(ckpt, dict) or "training_state" not in ckpt:
             raise ValueError(f"{path}: no training_state; it is a model checkpoint, not a resumable one")
-        load_strict(self.module, ckpt["state_dict"], str(path))
-        self.module.set_latent_avg(ckpt.get("latent_avg"))
+        if isinstance(self.module, HyperStyle):
+            load_hyperstyle_weights(self.module, ckpt, path)
+        else:
+            load_strict(self.module, ckpt["state_dict"], str(path))
+            self.module.set_latent_avg(ckpt.get("latent_avg"))
         self.cached_average_image = None
         state = ckpt["training_state"]
         self.optimizer.load_state_dict(state["optimizer"] if "optimizer" in state else ckpt["optimizer"])

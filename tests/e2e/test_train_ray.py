@@ -28,13 +28,16 @@ from helpers.pipelines import (
     free_port,
     interruptible,
     make_shards,
+    near_copy_png,
     ray_train_workers,
     run_psp,
     wait_until,
     write_params,
 )
-from psp_core import load_psp
-from psp_core.nets.checkpoints import read_generator_checkpoint
+from pipelines.services.tracking import model_checkpoint
+from psp_core import HyperStyle, HyperStyleArchitecture, load_psp
+from psp_core.nets.checkpoints import read_generator_checkpoint, save_generator
+from psp_core.nets.stylegan2 import Generator
 
 pytestmark = pytest.mark.slow
 
@@ -195,6 +198,82 @@ def test_two_workers_survive_a_killed_worker_and_a_killed_driver_and_register(tm
     assert again.returncode == 0, again.stderr[-3000:]
     assert len(finished_runs(uri)) == 1
     assert len(client.search_model_versions("name='psp-encoder'")) == 1
+
+
+HYPERSTYLE_TERMS = ("loss", "loss_l2", "loss_iter0", "loss_iter1")
+
+
+def test_hyperstyle_learns_resumes_after_a_killed_worker_and_registers_with_its_w_encoder(tmp_path):
+    """`psp train train.preset=hyperstyle_encode` (256 px generator, one tuned layer, 2 passes per batch, one worker,
+    4 steps on near copies of one image):
+    the worker is SIGKILLed once step 3 is logged after step 2's checkpoint and Ray restarts it from that checkpoint;
+    a step run twice logs the same value of every term; the validation L2 falls; the version registered carries the
+    W encoder the run refined, its checkpoint is the released layout and loads back with it."""
+    make_shards(tmp_path, images=10, test_fraction=0.4, png=near_copy_png)   # learnable in 4 steps
+    torch.manual_seed(0)
+    save_generator(Generator(256, 512, 8, 2), None, tmp_path / "g256.pt")
+    w_encoder = HyperStyle(HyperStyleArchitecture(output_size=256, layers_to_tune=(19,))).w_encoder
+    torch.save({"state_dict": {f"encoder.{k}": v for k, v in w_encoder.state_dict().items()},
+                "opts": {"encoder_type": "WEncoder", "output_size": 256}}, tmp_path / "w_enc.pt")
+    max_steps, save_interval = 4, 2
+    write_params(tmp_path, preset="hyperstyle_encode", encoder_type="SharedWeightsHyperNetResNet", output_size=256,
+                 encoder_input_size=256, layers_to_tune=[19], n_iters_per_batch=2, train_decoder=False,
+                 loss={"id_lambda": 0.0, "lpips_lambda": 0.0}, learning_rate=2e-3, batch_size=1, num_workers=1,
+                 max_steps=max_steps, save_interval=save_interval, val_interval=2, max_val_batches=2,
+                 image_interval=4, generator="g256.pt", w_encoder="w_enc.pt")
+    log = tmp_path / "hyperstyle.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([PSP, "train"], cwd=tmp_path, env=clean_env(), stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        wait_until(lambda: registered_checkpoint_steps(tmp_path) and 3 in {s for s, _ in logged_steps(tmp_path)},
+                   proc, 600, "step 3 after the first checkpoint", log, every=0.05)
+        worker = wait_until(lambda: ray_train_workers(proc.pid), proc, 60, "the training worker", log)[0]
+        assert max(step for step, _ in logged_steps(tmp_path)) < max_steps, "the worker must die before the last step"
+        worker.kill()
+        worker.wait(timeout=30)
+        worker_killed = time.time()
+        assert proc.wait(timeout=600) == 0, log.read_text()[-4000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    history = logged_steps(tmp_path)
+    first, second = attempt(history, 0, worker_killed + 5), attempt(history, worker_killed + 5, time.time() + 60)
+    assert first[0] == 1 and check_resumed(first, second, save_interval, max_steps) >= 2 and second[-1] == max_steps
+    uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
+    run = finished_runs(uri)[0]
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+    repeated = sorted({step for step in steps if steps.count(step) > 1})
+    assert repeated and set(steps) == set(range(1, max_steps + 1))
+    for name in HYPERSTYLE_TERMS:
+        logged = client.get_metric_history(run.info.run_id, name)
+        assert logged and all(np.isfinite(m.value) for m in logged), name
+        for step in repeated:
+            values = [m.value for m in logged if m.step == step]
+            assert len(values) == 2 and values[0] == pytest.approx(values[1], rel=1e-5, abs=1e-7), (name, step)
+    val_l2 = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val_loss_l2"))
+    assert val_l2[-1][0] == max_steps and val_l2[-1][1] < val_l2[0][1], val_l2
+    assert run.data.tags["psp.random_weights"] == "hypernet_resnet34,lpips_alexnet"
+
+    version = client.get_model_version_by_alias("psp-encoder", "candidate")
+    assert version.run_id == run.info.run_id
+    assert version.description.startswith("HyperStyle encoder (SharedWeightsHyperNetResNet), preset hyperstyle_encode")
+    assert "the hypernetwork alone, offsetting layers [19], over 2 passes per batch" in version.description
+    chosen = run.data.tags["psp.registered_checkpoint"]
+    path = sorted((tmp_path / "ray_results").glob(f"*/checkpoint_*/{chosen}"))[-1]
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    assert {k.split(".")[0] for k in ckpt["state_dict"]} == {"hypernet", "decoder"}
+    assert ckpt["opts"]["w_encoder_checkpoint_path"] == "w_enc.pt"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    stored = model_checkpoint(f"models:/psp-encoder/{version.version}")
+    assert (stored.parent / "w_enc.pt").read_bytes() == (tmp_path / "w_enc.pt").read_bytes()
+    registered = load_psp(stored)   # finds its W encoder beside it, by the name the opts give
+    trained = load_psp(path, w_encoder=tmp_path / "w_enc.pt")
+    assert all(torch.equal(v, trained.state_dict()[k]) for k, v in registered.state_dict().items())
 
 
 def test_ctrl_c_is_one_line_marks_the_run_killed_at_its_step_and_a_rerun_resumes(tmp_path):

@@ -10,10 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from psp_core.training.engine import (
-    NullCallback,
-    Trainer,
-)
+from psp_core.training.callbacks import NullCallback
+from psp_core.training.engine import Trainer
 
 
 class Recorder(NullCallback):

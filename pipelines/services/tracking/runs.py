@@ -76,10 +76,12 @@ class TrainingRun:
         """Mark the run FINISHED."""
         client().set_terminated(self.run_id, "FINISHED")
 
-    def register(self, checkpoint: Path, registered_model: str, alias: str | None) -> ModelVersion:
-        """Log `checkpoint` as this run's encoder model, register it and tag the run with the version."""
+    def register(self, checkpoint: Path, registered_model: str, alias: str | None,
+                 w_encoder: Path | None = None) -> ModelVersion:
+        """Log `checkpoint` (a HyperStyle one with its `w_encoder` file) as this run's encoder model, register it
+        and tag the run with the version."""
         with mlflow.start_run(run_id=self.run_id):
-            version = log_encoder(checkpoint, registered_model, alias)
+            version = log_encoder(checkpoint, registered_model, alias, w_encoder=w_encoder)
             mlflow.set_tags({VERSION_TAG: version.version, REGISTERED_CHECKPOINT_TAG: checkpoint.name})
         return version
 

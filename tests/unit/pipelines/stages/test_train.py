@@ -46,3 +46,24 @@ def test_the_channel_multiplier_is_a_train_setting_the_check_accepts(half_width_
     check_generator(cfg, preset)   # fits: no error
     with pytest.raises(Exception, match="stylegan_channel_multiplier must be in 1..4"):
         TrainConfig(stylegan_channel_multiplier=5).architecture(3)
+
+
+def test_hyperstyle_without_its_w_encoder_or_at_another_input_size_is_one_line_before_mlflow(tmp_path, monkeypatch,
+                                                                                           capsys):
+    """hyperstyle_encode refines a trained W encoder's codes: no W encoder file is one line naming the setting, and
+    the hypernetwork's 256 px input and HyperStyle's encoder types are asked for by name; nothing starts."""
+    make_shards(tmp_path, images=8)
+    hyperstyle = {"preset": "hyperstyle_encode", "encoder_type": "SharedWeightsHyperNetResNet", "output_size": 256,
+                  "encoder_input_size": 256, "train_decoder": False, "w_encoder": "missing_w_encoder.pt"}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"train": {**TINY_TRAIN, "shards": "shards", **hyperstyle}}))
+    monkeypatch.chdir(tmp_path)
+    cases = [([], "preset hyperstyle_encode refines the codes of a trained W encoder, and there is none at "
+                  f"{tmp_path / 'missing_w_encoder.pt'}: set train.w_encoder"),
+             (["train.encoder_input_size=64"], "HyperStyle's hypernetwork sees 256 px images: set "
+                                               "encoder_input_size=256"),
+             (["train.encoder_type=GradualStyleEncoder"], "unknown HyperStyle encoder_type 'GradualStyleEncoder'")]
+    for overrides, message in cases:
+        assert main(["train", *overrides]) == 2
+        error = capsys.readouterr().err
+        assert "Traceback" not in error and message in error.strip().splitlines()[-1], error
+    assert not (tmp_path / "mlflow").exists() and not ray.is_initialized()
