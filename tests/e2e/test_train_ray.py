@@ -35,8 +35,9 @@ from helpers.pipelines import (
     write_params,
 )
 from pipelines.services.tracking import model_checkpoint
-from psp_core import HyperStyle, HyperStyleArchitecture, load_psp
+from psp_core import load_psp
 from psp_core.nets.checkpoints import read_generator_checkpoint, save_generator
+from psp_core.nets.encoders import WEncoder
 from psp_core.nets.stylegan2 import Generator
 
 pytestmark = pytest.mark.slow
@@ -212,7 +213,7 @@ def test_hyperstyle_learns_resumes_after_a_killed_worker_and_registers_with_its_
     make_shards(tmp_path, images=10, test_fraction=0.4, png=near_copy_png)   # learnable in 4 steps
     torch.manual_seed(0)
     save_generator(Generator(256, 512, 8, 2), None, tmp_path / "g256.pt")
-    w_encoder = HyperStyle(HyperStyleArchitecture(output_size=256, layers_to_tune=(19,))).w_encoder
+    w_encoder = WEncoder(n_styles=14)   # a 256 px HyperStyle's W encoder (random)
     torch.save({"state_dict": {f"encoder.{k}": v for k, v in w_encoder.state_dict().items()},
                 "opts": {"encoder_type": "WEncoder", "output_size": 256}}, tmp_path / "w_enc.pt")
     max_steps, save_interval = 4, 2

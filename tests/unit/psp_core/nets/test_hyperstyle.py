@@ -18,7 +18,7 @@ from helpers.parity import (
 from psp_core import CheckpointError, HyperStyle, InputError, load_psp
 from psp_core.inference import refine_hyperstyle
 from psp_core.nets.hypernet import SHARED_LAYERS, SeparableKernel, SharedCodeHead
-from psp_core.nets.hyperstyle_checkpoints import find_w_encoder
+from psp_core.nets.hyperstyle_checkpoints import find_w_encoder, save_hyperstyle
 from psp_core.nets.psp import PSP
 from psp_core.nets.stylegan2 import Generator, ModulatedConv2d, use_exact_modulation
 from psp_core.options import HyperStyleArchitecture
@@ -309,3 +309,30 @@ def test_separable_kernel_is_a_mixed_sum_of_outer_products():
     expected = torch.einsum("nabiq,oq->noiab", mixed_in, block.kernel_linear_out.weight)
     expected = expected + block.kernel_linear_out.bias[None, :, None, None, None]
     assert torch.allclose(block(code), expected, atol=1e-5)
+
+
+def test_a_saved_hyperstyle_is_the_released_layout_and_loads_back(tmp_path):
+    """`save_hyperstyle`: the shared hypernetwork's tensors repeated under every tuned shared layer's head (the
+    reference's keys, which `load_psp` checks equal), opts naming the W encoder's file, latent_avg; `load_psp` with
+    that file gives the same network back, and the W encoder found beside it by that name."""
+    torch.manual_seed(0)
+    net = HyperStyle(HyperStyleArchitecture(output_size=256, layers_to_tune=(0, 1)))
+    net.set_latent_avg(torch.randn(512))
+    net.w_encoder_file = "domain_w_encoder.pt"
+    torch.save({"state_dict": {f"encoder.{k}": v for k, v in net.w_encoder.state_dict().items()}},
+               tmp_path / "domain_w_encoder.pt")
+    path = save_hyperstyle(net, tmp_path / "trained.pt", extra={"step": 7})
+    ckpt = torch.load(path, weights_only=True)
+    shared = {k[len("hypernet.shared_weight_hypernet."):] for k in ckpt["state_dict"]
+              if k.startswith("hypernet.shared_weight_hypernet.")}
+    assert shared == {"w1", "b1", "w2", "b2"}
+    assert all(torch.equal(ckpt["state_dict"][f"hypernet.refinement_blocks.0.hypernet.{k}"],
+                           ckpt["state_dict"][f"hypernet.shared_weight_hypernet.{k}"]) for k in shared)
+    assert not any(k.startswith("hypernet.refinement_blocks.1.hypernet.") for k in ckpt["state_dict"])
+    assert ckpt["opts"]["layers_to_tune"] == "0,1" and ckpt["opts"]["w_encoder_checkpoint_path"] == "domain_w_encoder.pt"
+    assert ckpt["step"] == 7 and ckpt["latent_avg"].shape == (14, 512)
+    loaded = load_psp(path)
+    assert loaded.arch == net.arch and loaded.w_encoder_file == "domain_w_encoder.pt"
+    state = net.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in loaded.state_dict().items())
+    torch.testing.assert_close(loaded.latent_avg, net.latent_avg)
