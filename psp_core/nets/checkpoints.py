@@ -262,18 +262,25 @@ def build_psp(arch: PSPArchitecture, generator_path: str | Path | None = None,
     if irse50_path is not None:
         with_stem = arch.input_nc == 3 or arch.family in RESTYLE_FAMILIES
         init_encoder_from_irse50(net.encoder, read_checkpoint(irse50_path), irse50_path, with_stem)
+    net.set_latent_avg(start_generator(net.decoder, arch, generator_path, mean_latent_samples))
+    return net
+
+
+def start_generator(decoder: Generator, arch: PSPArchitecture | HyperStyleArchitecture,
+                    generator_path: str | Path | None, mean_latent_samples: int) -> torch.Tensor | None:
+    """A training run's generator: the checkpoint's weights loaded into `decoder` (checked to fit `arch`; None leaves
+    it at random init), and the latent_avg to start from: the file's, else `mean_latent` with a fixed seed (None
+    for an architecture that does not start from latent_avg)."""
     latent_avg = None
     if generator_path is not None:
         ckpt = read_generator_checkpoint(generator_path)
         check_generator_fits(arch, ckpt.generator, generator_path)
-        load_strict(net.decoder, ckpt.generator.state_dict(), f"{generator_path} g_ema")
-        net.decoder.set_conv_clamp(ckpt.generator.conv_clamp)
+        load_strict(decoder, ckpt.generator.state_dict(), f"{generator_path} g_ema")
+        decoder.set_conv_clamp(ckpt.generator.conv_clamp)
         latent_avg = ckpt.latent_avg
     if latent_avg is None and arch.start_from_latent_avg:
-        rng = torch.Generator().manual_seed(MEAN_LATENT_SEED)
-        latent_avg = net.decoder.mean_latent(mean_latent_samples, generator=rng)
-    net.set_latent_avg(latent_avg)
-    return net
+        latent_avg = decoder.mean_latent(mean_latent_samples, generator=torch.Generator().manual_seed(MEAN_LATENT_SEED))
+    return latent_avg
 
 
 def build_hyperstyle(arch: HyperStyleArchitecture, w_encoder_path: str | Path, generator_path: str | Path | None = None,
@@ -288,16 +295,7 @@ def build_hyperstyle(arch: HyperStyleArchitecture, w_encoder_path: str | Path, g
     net.w_encoder_file = Path(w_encoder_path).name
     if resnet34_path is not None:
         init_hypernet_from_resnet34(net, read_checkpoint(resnet34_path), resnet34_path)
-    latent_avg = None
-    if generator_path is not None:
-        ckpt = read_generator_checkpoint(generator_path)
-        check_generator_fits(arch, ckpt.generator, generator_path)
-        load_strict(net.decoder, ckpt.generator.state_dict(), f"{generator_path} g_ema")
-        net.decoder.set_conv_clamp(ckpt.generator.conv_clamp)
-        latent_avg = ckpt.latent_avg
-    if latent_avg is None:
-        latent_avg = net.decoder.mean_latent(mean_latent_samples, generator=torch.Generator().manual_seed(MEAN_LATENT_SEED))
-    net.set_latent_avg(latent_avg)
+    net.set_latent_avg(start_generator(net.decoder, arch, generator_path, mean_latent_samples))
     return net
 
 
