@@ -82,12 +82,11 @@ class EditUnit:
 
 @dataclass(frozen=True)
 class InvertedFolder:
-    """What an invert output folder holds: the model that made the codes, its family, the refinement steps it ran
-    (a HyperStyle edit recomputes the weight offsets with as many) and its Parquet files."""
+    """What an invert output folder holds: the model that made the codes, the refinement steps it ran (a HyperStyle
+    edit recomputes the weight offsets with as many) and its Parquet files."""
 
     folder: storage.Location
     model: str
-    family: str
     n_iters: int | None
     files: tuple[storage.Location, ...]
 
@@ -122,7 +121,7 @@ def read_inversion(path: str | Path) -> InvertedFolder:
         owner = json.loads(storage.read_bytes(folder / OUTPUT_MARKER))["stage"]
         manifest = json.loads(storage.read_bytes(folder / "manifest.json"))
         model, entries = str(manifest["model"]), [(e["file"], int(e["rows"])) for e in manifest["files"]]
-        family, n_iters = str(manifest.get("family", "")), manifest.get("n_iters")
+        n_iters = manifest.get("n_iters")
         if n_iters is not None and (isinstance(n_iters, bool) or not isinstance(n_iters, int)):
             raise ValueError(n_iters)
     except (OSError, ValueError, KeyError, TypeError):
@@ -149,7 +148,7 @@ def read_inversion(path: str | Path) -> InvertedFolder:
             raise InputError(f"{path} is not the file {folder / 'manifest.json'} describes (another run's settings "
                              "or input): rerun `psp invert`")
         files.append(path)
-    return InvertedFolder(folder, model, family, n_iters, tuple(files))
+    return InvertedFolder(folder, model, n_iters, tuple(files))
 
 
 def edit_model(cfg: EditConfig, inversion: InvertedFolder) -> ResolvedModel:
@@ -327,7 +326,7 @@ def remove_stale_units(out: storage.Location, current: set[str]) -> None:
 def edited(cfg: EditConfig, todo: list[EditUnit], directions: list[Direction], decoding: Decoding, n_images: int):
     """The pending units' codes through the editing actor pool (`n_images` decodes in all: `compile: auto`
     decides on them): result batches as they finish."""
-    items = [{"unit": u.name, "path": str(u.path)} for u in todo]
+    items = [{"unit": u.name, "path": str(u.path), "targets": decoding.offset_steps is not None} for u in todo]
     editor = {"checkpoint": str(decoding.model.checkpoint), "directions": directions, "batch_size": cfg.batch_size,
               "use_gpu": cfg.use_gpu, "cpus": cfg.cpus_per_actor, "precision": cfg.precision, "compile": cfg.compile,
               "compile_cache": cfg.compile_cache, "n_images": n_images // cfg.num_actors,

@@ -73,27 +73,26 @@ def check_codes(path: storage.Location, n_styles: int, with_targets: bool = Fals
             raise InputError(f"{path}: no {name!r} column; not a `psp invert` output file (rerun `psp invert`)")
     found = schema.field("latent").type
     styles: set[int] = set()
+    needed = ["latent"] + ([TARGET_IMAGE] if with_targets else [])
     if found == LATENT_TYPE:
-        table = storage.parquet_columns(path, ["latent", "variant", "error"])
+        table = storage.parquet_columns(path, [*needed, "variant", "error"])
         styles = set(pc.list_value_length(table.column("latent")).drop_null().to_pylist())
     if found != LATENT_TYPE or styles - {n_styles}:
         raise InputError(f"{path}: latent column of type {found} with {sorted(styles)} styles; the model's "
                          f"generator takes [{n_styles} x 512] float32 codes")
     edited = pc.and_(pc.equal(table.column("variant"), 0), pc.is_null(table.column("error")))
-    needed = ["latent"] + ([TARGET_IMAGE] if with_targets else [])
-    values = storage.parquet_columns(path, needed) if with_targets else table
     for name in needed:
-        missing = pc.sum(pc.and_(edited, pc.is_null(values.column(name)))).as_py() or 0
+        missing = pc.sum(pc.and_(edited, pc.is_null(table.column(name)))).as_py() or 0
         if missing:
             raise InputError(f"{path}: {missing} row{'s' if missing > 1 else ''} to edit (variant 0, no error) "
                              f"{'have' if missing > 1 else 'has'} no {name}; rerun `psp invert`")
 
 
 def read_codes(item: pa.Table) -> pa.Table:
-    """One invert file's codes to edit: variant 0 rows without an error (with their input image, where the file
-    keeps it: HyperStyle's)."""
+    """One invert file's codes to edit: variant 0 rows without an error (and their input images when the item
+    asks for them: a HyperStyle model's, `check_codes` found them)."""
     unit, path = item.column("unit")[0].as_py(), item.column("path")[0].as_py()
-    targets = [TARGET_IMAGE] if TARGET_IMAGE in storage.parquet_schema(path).names else []
+    targets = [TARGET_IMAGE] if item.column("targets")[0].as_py() else []
     table = storage.parquet_columns(path, ["id", "source_path", "latent", "variant", "error", *targets])
     table = table.filter(pc.and_(pc.equal(table.column("variant"), 0), pc.is_null(table.column("error"))))
     table = table.drop(["variant", "error"])

@@ -94,8 +94,8 @@ def check_w_encoder(cfg: TrainConfig, preset: TaskPreset) -> None:
     """HyperStyle refines a trained W encoder's codes: its file must be there (one line before MLflow or Ray start)."""
     if preset.family == HYPERSTYLE and not weights_present(cfg.w_encoder):
         raise FileNotFoundError(f"preset hyperstyle_encode refines the codes of a trained W encoder, and there is none "
-                                f"at {cfg.w_encoder}: set train.w_encoder to one (a released faces_w_encoder.pt, or "
-                                "one trained with train.encoder_type=WEncoder)")
+                                f"at {cfg.w_encoder}: set train.w_encoder to one (a released W encoder such as "
+                                "faces_w_encoder.pt; this project does not train W encoders yet)")
 
 
 def random_weight_networks(cfg: TrainConfig, family: str) -> list[str]:
