@@ -32,7 +32,7 @@ from psp_core.nets.checkpoint_io import (
     sub_state,
 )
 from psp_core.nets.hyperstyle import HyperStyle
-from psp_core.nets.hyperstyle_checkpoints import init_hypernet_from_resnet34, load_hyperstyle, read_w_encoder
+from psp_core.nets.hyperstyle_checkpoints import load_hyperstyle, read_w_encoder
 from psp_core.nets.irse import UNITS_PER_STAGE, IRSEBackbone
 from psp_core.nets.psp import PSP, PSPArchitecture
 from psp_core.nets.stylegan2 import Generator
@@ -322,3 +322,25 @@ def widened_stem(weight: torch.Tensor, input_nc: int) -> torch.Tensor:
     widened = torch.randn(weight.shape[0], input_nc, *weight.shape[2:], dtype=weight.dtype)
     widened[:, :weight.shape[1]] = weight
     return widened
+
+
+def init_hypernet_from_resnet34(net: HyperStyle, state: Any, path: str | Path) -> None:
+    """The hypernetwork's body from torchvision's ImageNet ResNet-34 (`resnet34-333f7ec4.pth`): its stem convolution
+    on the first 3 input channels (the others N(0, 1) draws: `widened_stem`, as the reference), `bn1`, and blocks `layerS.B` as
+    `body.K` in order; the heads, the shared hypernetwork and the stem's PReLU stay at their initialisation. (The
+    reference maps the block names too but then loads the unmapped dict non-strictly, so its body starts random;
+    this is what its code means to do.)"""
+    if not isinstance(state, dict) or "layer1.0.conv1.weight" not in state:
+        raise CheckpointError(f"{path}: not a torchvision ResNet-34 state dict (no 'layer1.0.conv1.weight')")
+    names = sorted({k.split(".")[0] + "." + k.split(".")[1] for k in state if k.startswith("layer")},
+                   key=lambda name: (int(name[5]), int(name.split(".")[1])))
+    mapped = {}
+    for index, block in enumerate(names):
+        for key, tensor in state.items():
+            if key.startswith(block + "."):
+                mapped[f"body.{index}.{key[len(block) + 1:]}"] = tensor
+    mapped.update({k: v for k, v in state.items() if k.startswith("bn1.")})
+    mapped["conv1.weight"] = widened_stem(require_entry(state, "conv1.weight", path), net.arch.input_nc)
+    wanted = {k: v for k, v in net.hypernet.state_dict().items() if k in mapped}
+    check_state_dict(wanted, mapped, f"{path} (as the hypernetwork's ResNet-34 body)")
+    net.hypernet.load_state_dict(mapped, strict=False)

@@ -161,30 +161,3 @@ def load_hyperstyle_weights(net: HyperStyle, ckpt: Mapping[str, Any], path: str 
     load_strict(net.hypernet, hypernet, f"{path} hypernet")
     load_strict(net.decoder, sub_state(state, "decoder"), f"{path} decoder")
     net.set_latent_avg(require_entry(ckpt, "latent_avg", path))
-
-
-def init_hypernet_from_resnet34(net: HyperStyle, state: Any, path: str | Path) -> None:
-    """The hypernetwork's body from torchvision's ImageNet ResNet-34 (`resnet34-333f7ec4.pth`): its stem convolution
-    on the first 3 input channels (the others N(0, 1) draws, as the reference), `bn1`, and blocks `layerS.B` as
-    `body.K` in order; the heads, the shared hypernetwork and the stem's PReLU stay at their initialisation. (The
-    reference maps the block names too but then loads the unmapped dict non-strictly, so its body starts random;
-    this is what its code means to do.)"""
-    if not isinstance(state, dict) or "layer1.0.conv1.weight" not in state:
-        raise CheckpointError(f"{path}: not a torchvision ResNet-34 state dict (no 'layer1.0.conv1.weight')")
-    names = sorted({k.split(".")[0] + "." + k.split(".")[1] for k in state if k.startswith("layer")},
-                   key=lambda name: (int(name[5]), int(name.split(".")[1])))
-    mapped = {}
-    for index, block in enumerate(names):
-        for key, tensor in state.items():
-            if key.startswith(block + "."):
-                mapped[f"body.{index}.{key[len(block) + 1:]}"] = tensor
-    for key in ("bn1.weight", "bn1.bias", "bn1.running_mean", "bn1.running_var", "bn1.num_batches_tracked"):
-        if key in state:
-            mapped[key] = state[key]
-    stem = net.hypernet.conv1.weight
-    widened = torch.randn(stem.shape, dtype=stem.dtype)
-    widened[:, :3] = require_entry(state, "conv1.weight", path)
-    mapped["conv1.weight"] = widened
-    wanted = {k: v for k, v in net.hypernet.state_dict().items() if k in mapped}
-    check_state_dict(wanted, mapped, f"{path} (as the hypernetwork's ResNet-34 body)")
-    net.hypernet.load_state_dict(mapped, strict=False)
