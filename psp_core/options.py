@@ -16,7 +16,7 @@ Family = Literal["psp", "restyle_psp", "restyle_e4e", "e4e", "w_encoder", "hyper
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 CompileSwitch = Literal["auto"] | bool
 PresetName = Literal["encode", "frontalize", "sketch_to_face", "seg_to_face", "super_resolution", "toonify",
-                     "restyle_encode", "e4e_encode", "hyperstyle_encode"]
+                     "restyle_encode", "e4e_encode", "w_encode", "hyperstyle_encode"]
 OptimizerName = Literal["ranger", "adam"]
 
 FAMILY_ENCODERS = {
@@ -47,6 +47,9 @@ ENCODER_TYPES = tuple(dict.fromkeys(t for family in PSP_FAMILIES for t in FAMILY
 RESTYLE_FAMILIES = ("restyle_psp", "restyle_e4e")
 REFINING_FAMILIES = RESTYLE_FAMILIES + (HYPERSTYLE,)
 """The families whose network sees the target beside its own last output and runs several iterations."""
+E4E_OBJECTIVE_FAMILIES = ("e4e", "w_encoder")
+"""The families trained with e4e's latent discriminator (a W encoder is "an e4e trained into W": HyperStyle's
+README); only e4e has the per-style deltas that progressive stages and the delta regulariser act on."""
 FAMILY_NAMES = {"psp": "pSp", "restyle_psp": "ReStyle-pSp", "restyle_e4e": "ReStyle-e4e", "e4e": "e4e",
                 "w_encoder": "W encoder", "hyperstyle": "HyperStyle"}
 """Each family as the papers write it, for descriptions people read."""
@@ -60,7 +63,7 @@ MAX_CHANNEL_MULTIPLIER = 4              # config-e 1, config-f 2
 MAX_ENCODER_INPUT = 1024
 MAX_REFINE_ITERS = 20                   # ReStyle refinement steps a stage or a served model runs at most
 
-PRESET_FAMILIES: dict[str, Family] = {"restyle_encode": "restyle_psp", "e4e_encode": "e4e",
+PRESET_FAMILIES: dict[str, Family] = {"restyle_encode": "restyle_psp", "e4e_encode": "e4e", "w_encode": "w_encoder",
                                       "hyperstyle_encode": "hyperstyle"}
 """The task presets that train another encoder family than pSp, and that family. It lives here, torch-free,
 so the params schema checks a preset against its encoder; `psp_core.data.presets.TaskPreset.family` reads it."""

@@ -137,7 +137,7 @@ class TrainSection(StageConfig):
 
     preset: PresetName = Field("encode", description="task preset: input kind, augmentation, loss weights, "
                                                      "encoder family (restyle_encode: ReStyle-pSp, e4e_encode: e4e, "
-                                                     "hyperstyle_encode: HyperStyle)")
+                                                     "w_encode: W encoder, hyperstyle_encode: HyperStyle)")
     loss: dict[str, float] = Field(default_factory=dict, description="loss weights replacing the preset's")
     shards: DataPath = Field(Path("data/shards"), description="shard folder (manifest.json)")
     generator: DataPath = Field(Path("pretrained_models/stylegan2-ffhq-config-f.pt"),

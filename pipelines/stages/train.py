@@ -95,7 +95,8 @@ def check_w_encoder(cfg: TrainConfig, preset: TaskPreset) -> None:
     if preset.family == HYPERSTYLE and not weights_present(cfg.w_encoder):
         raise FileNotFoundError(f"preset hyperstyle_encode refines the codes of a trained W encoder, and there is none "
                                 f"at {cfg.w_encoder}: set train.w_encoder to one (a released W encoder such as "
-                                "faces_w_encoder.pt; this project does not train W encoders yet)")
+                                "faces_w_encoder.pt, or one trained by `psp train train.preset=w_encode "
+                                "train.encoder_type=WEncoder`)")
 
 
 def random_weight_networks(cfg: TrainConfig, family: str) -> list[str]:
@@ -247,7 +248,8 @@ def version_description(cfg: TrainConfig, preset: TaskPreset, steps: int, manife
 
 
 def objective_description(cfg: TrainConfig, preset: TaskPreset) -> str:
-    """The training objective in a sentence: the loss weights, and for e4e its schedule and discriminator."""
+    """The training objective in a sentence: the loss weights, and for e4e (and a W encoder) its schedule and
+    discriminator."""
     w = preset.loss
     terms = ", ".join(f"{f.name} {getattr(w, f.name):g}" for f in fields(w) if getattr(w, f.name) > 0)
     if preset.family == HYPERSTYLE:
@@ -255,13 +257,15 @@ def objective_description(cfg: TrainConfig, preset: TaskPreset) -> str:
         return (f"Objective: HyperStyle's ({terms}; the hypernetwork alone, offsetting {layers}, over "
                 f"{cfg.n_iters_per_batch} passes per batch, each pass's loss back-propagated; W encoder "
                 f"{Path(str(cfg.w_encoder)).name}, frozen).")
+    adversary = (f"latent discriminator (lr {cfg.w_discriminator_lr:g}, R1 {cfg.r1:g} every {cfg.d_reg_every} steps, "
+                 f"code pools of {cfg.w_pool_size if cfg.use_w_pool else 0})" if w.w_discriminator_lambda > 0
+                 else "no latent discriminator")
+    if preset.family == "w_encoder":
+        return f"Objective: e4e's with one code for every style ({terms}; {adversary})."
     if preset.family != "e4e":
         return f"Objective: {terms}."
     schedule = ("every delta from the start" if cfg.progressive_start is None else
                 f"progressive deltas from step {cfg.progressive_start}, one layer every {cfg.progressive_step_every}")
-    adversary = (f"latent discriminator (lr {cfg.w_discriminator_lr:g}, R1 {cfg.r1:g} every {cfg.d_reg_every} steps, "
-                 f"code pools of {cfg.w_pool_size if cfg.use_w_pool else 0})" if w.w_discriminator_lambda > 0
-                 else "no latent discriminator")
     return f"Objective: e4e's ({terms}; {schedule}; delta norm p={cfg.delta_norm:g}; {adversary})."
 
 

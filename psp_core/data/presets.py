@@ -53,8 +53,8 @@ class TaskPreset:
 
     @property
     def family(self) -> Family:
-        """The encoder family this preset trains (psp; restyle_psp for restyle_encode, e4e for e4e_encode, hyperstyle
-        for hyperstyle_encode)."""
+        """The encoder family this preset trains (psp; restyle_psp for restyle_encode, e4e for e4e_encode, w_encoder
+        for w_encode, hyperstyle for hyperstyle_encode)."""
         return preset_family(self.name)
 
     @property
@@ -96,6 +96,10 @@ PRESETS: dict[str, TaskPreset] = {
                    "progressive_start 20000)", "rgb", "joint",
                    LossWeights(l2_lambda=1.0, lpips_lambda=0.8, id_lambda=0.5, w_discriminator_lambda=0.1,
                                delta_norm_lambda=2e-4)),
+        TaskPreset("w_encode", "StyleGAN inversion into W by a W encoder, trained as HyperStyle's were: e4e's "
+                   "objective with one code for every style, so the latent discriminator alone keeps it in W "
+                   "(encoder_type WEncoder; the codes hyperstyle_encode refines)", "rgb", "joint",
+                   LossWeights(l2_lambda=1.0, lpips_lambda=0.8, id_lambda=0.5, w_discriminator_lambda=0.1)),
         TaskPreset("hyperstyle_encode", "StyleGAN inversion by HyperStyle: a trained W encoder's code, decoded with "
                    "per-image offsets of the generator's weights that a hypernetwork refines (the paper's FFHQ command: "
                    "encoder_type SharedWeightsHyperNetResNet, n_iters_per_batch 5, output_size 1024)", "rgb", "joint",

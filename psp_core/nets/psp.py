@@ -14,7 +14,7 @@ from torch import nn
 
 from psp_core.nets.encoders import ENCODERS
 from psp_core.nets.stylegan2 import Generator
-from psp_core.options import PSPArchitecture
+from psp_core.options import E4E_OBJECTIVE_FAMILIES, PSPArchitecture
 
 POOLED_SIZE = 256   # `resize=True` pools outputs to the 256x256 the losses and the reference use
 
@@ -81,7 +81,7 @@ class PSP(nn.Module):
         """The checkpoint `opts`: our architecture plus the reference keys its loaders read."""
         opts = {**asdict(self.arch), "n_styles": self.n_styles, "checkpoint_path": None, "device": "cuda:0",
                 "label_nc": 0 if self.arch.input_nc == 3 or self.arch.family != "psp" else self.arch.input_nc}
-        if self.arch.family == "e4e":
+        if self.arch.family in E4E_OBJECTIVE_FAMILIES:
             opts["stylegan_size"] = self.arch.output_size   # the e4e reference reads its output size here
         if self.decoder.conv_clamp is not None:
             opts["conv_clamp"] = self.decoder.conv_clamp   # a converted StyleGAN2-ADA generator's clamp

@@ -22,7 +22,13 @@ from psp_core.nets.hyperstyle import HyperStyle
 from psp_core.nets.hyperstyle_checkpoints import load_hyperstyle_weights, save_hyperstyle
 from psp_core.nets.psp import POOLED_SIZE, PSP
 from psp_core.nets.stylegan2 import use_exact_modulation
-from psp_core.options import REFINING_FAMILIES, HyperStyleArchitecture, PSPArchitecture, TrainingConfig
+from psp_core.options import (
+    E4E_OBJECTIVE_FAMILIES,
+    REFINING_FAMILIES,
+    HyperStyleArchitecture,
+    PSPArchitecture,
+    TrainingConfig,
+)
 from psp_core.runtime.devices import (
     MEASURED_TRAINING_PAYOFF,
     autocast,
@@ -96,7 +102,7 @@ class Trainer:
     batch; HyperStyle as its coach too (`psp_core.training.hyperstyle`: the hypernetwork alone, its iterations'
     losses each back-propagated), its checkpoints in the released layout; an e4e model as its reference coach too:
     progressive stages, the delta regulariser and the latent discriminator (`psp_core.training.e4e.E4EObjective`),
-    its checkpoints in the reference's training layout.
+    its checkpoints in the reference's training layout; a W encoder as an e4e with one code (the discriminator alone).
 
     Construction seeds the global RNGs from `config.seed` (noise draws use them); `resume` restores them instead.
     On a CPU the process keeps freed memory for the next step (`psp_core.runtime.devices.keep_freed_memory`; a process
@@ -140,12 +146,13 @@ class Trainer:
         self.augment_rng = torch.Generator().manual_seed(config.seed)
         seed_everything(config.seed)
         family = self.module.arch.family
-        if family != "e4e" and (loss.weights.w_discriminator_lambda > 0 or loss.weights.delta_norm_lambda > 0
-                                or config.progressive_start is not None):
-            raise InputError(f"w_discriminator_lambda, delta_norm_lambda and progressive_start train e4e encoders; "
-                             f"this is a {family} encoder")
+        if family != "e4e" and (loss.weights.delta_norm_lambda > 0 or config.progressive_start is not None):
+            raise InputError(f"delta_norm_lambda and progressive_start train e4e encoders' per-style deltas; this is "
+                             f"a {family} encoder")
+        if family not in E4E_OBJECTIVE_FAMILIES and loss.weights.w_discriminator_lambda > 0:
+            raise InputError(f"w_discriminator_lambda trains e4e encoders and W encoders; this is a {family} encoder")
         self.e4e = (E4EObjective(config, loss.weights, self.module.n_styles, self.device)
-                    if family == "e4e" else None)
+                    if family in E4E_OBJECTIVE_FAMILIES else None)
         self.step = 0
         self.epoch = 0
         self.batches_done = 0
@@ -202,7 +209,8 @@ class Trainer:
         """e4e, before the encoder's step: move the encoder to this step's progressive stage, then one update of
         the latent discriminator on the generator's mapped codes against the encoder's (no encoder gradient)."""
         stage = self.e4e.stage(self.step)
-        self.module.encoder.set_progressive_stage(stage)
+        if self.e4e.steps is not None:
+            self.module.encoder.set_progressive_stage(stage)
         logs = {} if stage is None else {"progressive_stage": float(stage)}
         if self.e4e.discriminator is not None:
             with torch.no_grad(), self.autocast():
@@ -220,7 +228,7 @@ class Trainer:
             output, latent = self.forward_model(source, return_latents=True)
             total, metrics = self.loss(output.float(), target, source, latent.float(), self.module.latent_avg)
         if self.e4e is not None:
-            stage = self.module.encoder.progressive_stage
+            stage = self.module.encoder.progressive_stage if self.e4e.steps is not None else None
             e4e_total, e4e_terms = self.e4e.encoder_loss(latent.float(), stage)
             total = total + e4e_total
             metrics = {**metrics, **e4e_terms, "loss": float(total.detach())}

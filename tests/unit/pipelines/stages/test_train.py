@@ -10,7 +10,7 @@ from helpers.ada import ada_generator, write_network_pickle
 from helpers.pipelines import TINY_TRAIN, make_shards
 from pipelines.cli import main
 from pipelines.params.schema import TrainConfig
-from pipelines.stages.train import check_generator
+from pipelines.stages.train import check_generator, objective_description
 from psp_core.data.presets import get_preset
 
 
@@ -66,4 +66,23 @@ def test_hyperstyle_without_its_w_encoder_or_at_another_input_size_is_one_line_b
         assert main(["train", *overrides]) == 2
         error = capsys.readouterr().err
         assert "Traceback" not in error and message in error.strip().splitlines()[-1], error
+    assert not (tmp_path / "mlflow").exists() and not ray.is_initialized()
+
+
+def test_w_encode_trains_a_w_encoder_the_e4e_way_and_asks_for_its_encoder_type(tmp_path, monkeypatch, capsys):
+    """preset w_encode builds a W encoder (family w_encoder), described as e4e's objective with one code; another
+    encoder type is one line naming the one to set, before anything starts."""
+    cfg = TrainConfig(**{**TINY_TRAIN, "preset": "w_encode", "encoder_type": "WEncoder"})
+    preset = get_preset(cfg.preset)
+    assert cfg.architecture(preset.input_nc).family == "w_encoder"
+    assert objective_description(cfg, preset) == (
+        "Objective: e4e's with one code for every style (l2_lambda 1, lpips_lambda 0.8, id_lambda 0.5, "
+        "w_discriminator_lambda 0.1; latent discriminator (lr 2e-05, R1 10 every 16 steps, code pools of 50)).")
+    make_shards(tmp_path, images=8)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"train": {**TINY_TRAIN, "shards": "shards",
+                                                                    "preset": "w_encode"}}))
+    monkeypatch.chdir(tmp_path)
+    assert main(["train"]) == 2
+    error = capsys.readouterr().err
+    assert "Traceback" not in error and "WEncoder" in error.strip().splitlines()[-1], error
     assert not (tmp_path / "mlflow").exists() and not ray.is_initialized()

@@ -31,6 +31,7 @@ PAPER_WEIGHTS = {
     "restyle_encode": dict(l2_lambda=1, lpips_lambda=0.8, id_lambda=0.1),   # restyle-encoder's README command
     "e4e_encode": dict(l2_lambda=1, lpips_lambda=0.8, id_lambda=0.5, w_discriminator_lambda=0.1,
                        delta_norm_lambda=2e-4),   # encoder4editing's README command and option defaults
+    "w_encode": dict(l2_lambda=1, lpips_lambda=0.8, id_lambda=0.5, w_discriminator_lambda=0.1),   # e4e's, in W
     "hyperstyle_encode": dict(l2_lambda=1, lpips_lambda=0.8, id_lambda=0.1),   # hyperstyle's README FFHQ command
 }
 

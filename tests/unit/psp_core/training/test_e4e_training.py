@@ -22,6 +22,7 @@ from helpers.training import (
     shuffled_epochs,
 )
 from psp_core import (
+    HyperStyleArchitecture,
     InputError,
     LatentDiscriminator,
     PSPArchitecture,
@@ -31,7 +32,10 @@ from psp_core import (
     r1_penalty,
 )
 from psp_core.data.presets import PresetTransform, get_preset
+from psp_core.nets.checkpoint_io import load_strict
 from psp_core.nets.checkpoints import read_checkpoint
+from psp_core.nets.encoders import WEncoder
+from psp_core.nets.hyperstyle_checkpoints import read_w_encoder
 from psp_core.nets.psp import PSP
 from psp_core.training.e4e import LatentCodesPool, progressive_steps, stage_at
 from psp_core.training.engine import BEST_CHECKPOINT, LAST_CHECKPOINT, Trainer, TrainingConfig
@@ -276,7 +280,52 @@ def test_a_resumed_e4e_run_equals_an_uninterrupted_one_across_a_stage_boundary(e
 
 def test_e4e_options_are_refused_for_other_families():
     pSp = noisy_psp(PSPArchitecture(output_size=16, encoder_input_size=32))
-    with pytest.raises(InputError, match="train e4e encoders; this is a psp encoder"):
+    with pytest.raises(InputError, match="trains e4e encoders and W encoders; this is a psp encoder"):
         Trainer(pSp, PSPLoss(LossWeights(lpips_lambda=0.0, w_discriminator_lambda=0.1)), TrainingConfig())
-    with pytest.raises(InputError, match="train e4e encoders"):
+    with pytest.raises(InputError, match="train e4e encoders' per-style deltas"):
         Trainer(pSp, PSPLoss(LossWeights(lpips_lambda=0.0)), TrainingConfig(progressive_start=10))
+
+
+# ----------------------------------------------------------------------------- a W encoder, the e4e way
+
+TINY_W = PSPArchitecture(encoder_type="WEncoder", family="w_encoder", output_size=16, encoder_input_size=32)
+
+
+def test_a_w_encoder_trains_against_the_discriminator_alone_into_hyperstyles_w_encoder_file(data, tmp_path):
+    """preset w_encode on a WEncoder: every step trains the discriminator and logs the adversarial term, with no
+    progressive stage or delta (one code: every style the same); the checkpoint has e4e's entries and is the W
+    encoder file HyperStyle reads (its `encoder.*` load strictly into a 256 px HyperStyle's WEncoder)."""
+    train, val = data
+    preset = get_preset("w_encode")
+    config = TrainingConfig(max_steps=3, learning_rate=1e-3, val_interval=3, save_interval=3, image_interval=100,
+                            log_interval=1, seed=3, optimizer="adam", d_reg_every=2, w_pool_size=2)
+    recorder = Recorder()
+    trainer = Trainer(noisy_psp(TINY_W), PSPLoss(preset.with_loss(lpips_lambda=0.0, id_lambda=0.0).loss), config,
+                      checkpoint_dir=tmp_path, batch_transform=PresetTransform(preset, encoder_size=32),
+                      val_transform=PresetTransform(preset, encoder_size=32, train=False), callback=recorder)
+    before = copy.deepcopy(trainer.e4e.discriminator.state_dict())
+    trainer.fit(train, val)
+    for step, metrics in recorder.steps:
+        expected = {"d_real_loss", "d_fake_loss", "discriminator_loss", "encoder_discriminator_loss", "loss_l2", "loss"}
+        assert set(metrics) == expected | ({"discriminator_r1_loss"} if (step - 1) % 2 == 0 else set()), step
+        assert all(math.isfinite(v) for v in metrics.values())
+    assert any(not torch.equal(v, before[k]) for k, v in trainer.e4e.discriminator.state_dict().items())
+    codes = trainer.module.encode(smooth_images(2, seed=9) * 2 - 1)
+    assert torch.equal(codes, codes[:, :1].expand_as(codes))
+
+    ckpt = read_checkpoint(tmp_path / LAST_CHECKPOINT)
+    assert {"discriminator_state_dict", "global_step"} <= set(ckpt) and ckpt["global_step"] == 2
+    assert (ckpt["opts"]["encoder_type"], ckpt["opts"]["stylegan_size"]) == ("WEncoder", 16)
+    assert ckpt["opts"]["progressive_steps"] is None and ckpt["opts"]["w_discriminator_lambda"] == 0.1
+    hyperstyles = WEncoder(n_styles=HyperStyleArchitecture(output_size=256).n_styles)
+    load_strict(hyperstyles, read_w_encoder(tmp_path / LAST_CHECKPOINT), "the trained W encoder")
+    assert_same_weights(hyperstyles.state_dict(), trainer.module.encoder.state_dict())
+    assert load_psp(tmp_path / LAST_CHECKPOINT).arch.family == "w_encoder"
+
+
+def test_deltas_and_progressive_stages_are_refused_for_a_w_encoder():
+    w_encoder = noisy_psp(TINY_W)
+    with pytest.raises(InputError, match="per-style deltas; this is a w_encoder encoder"):
+        Trainer(w_encoder, PSPLoss(LossWeights(lpips_lambda=0.0, delta_norm_lambda=2e-4)), TrainingConfig())
+    with pytest.raises(InputError, match="per-style deltas"):
+        Trainer(w_encoder, PSPLoss(LossWeights(lpips_lambda=0.0)), TrainingConfig(progressive_start=10))
