@@ -224,13 +224,18 @@ def descendants(pid: int | None = None) -> list[psutil.Process]:
         return []
 
 
-def ray_train_workers(pid: int | None = None) -> list[psutil.Process]:
-    """The Ray Train worker actors among the descendants of process `pid` (default: this one)."""
-    workers = []
+def ray_actors(name: str, pid: int | None = None) -> list[psutil.Process]:
+    """The processes of Ray actors of class `name` among the descendants of process `pid` (default: this one)."""
+    actors = []
     for p in descendants(pid):
         try:
-            if "RayTrainWorker" in " ".join(p.cmdline()):
-                workers.append(p)
+            if name in " ".join(p.cmdline()):
+                actors.append(p)
         except psutil.Error:
             pass
-    return workers
+    return actors
+
+
+def ray_train_workers(pid: int | None = None) -> list[psutil.Process]:
+    """The Ray Train worker actors among the descendants of process `pid` (default: this one)."""
+    return ray_actors("RayTrainWorker", pid)

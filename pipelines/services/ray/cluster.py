@@ -36,6 +36,12 @@ OS; in the one main arena, `psp_core.runtime.devices.keep_freed_memory` keeps it
 page faults a batch and 1.2x the time without it, benchmarks/README.md)."""
 
 
+LOCAL_INSTANCE_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_METRICS_ENABLED": "0"}
+"""Ray Train services a local instance has no use for: the preemption watcher (an actor polling for nodes being
+drained; the one node ends with the driver: one Ray worker process fewer per run) and the Prometheus metrics
+callbacks (nothing scrapes a local instance)."""
+
+
 CLUSTER_WAIT_S = 300.0
 """How long a stage on a cluster waits for nodes that can hold its workers (an autoscaler may still be adding
 them) before it stops with the numbers; a local instance is checked at once."""
@@ -127,7 +133,7 @@ def connect(request: ResourceRequest) -> None:
     # A local instance's workers inherit this process's environment: set here, WORKER_ENV needs no runtime_env, and
     # each worker starts at once instead of through Ray's runtime-env setup process (a second Python that imports
     # Ray, ~1.5 CPU-s per worker; 13 CPU-s of a tiny two-worker training run).
-    os.environ.update(WORKER_ENV)
+    os.environ.update(WORKER_ENV | LOCAL_INSTANCE_ENV)
     with stage_signal_handlers():
         ray.init(num_cpus=cpus, include_dashboard=False)
     log.info("started a local Ray instance with %d logical CPUs", cpus)
