@@ -16,7 +16,6 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
-import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
 from pipelines.params.loading import load_section
@@ -28,6 +27,7 @@ from pipelines.services.ray import (
     check_shared_storage,
     connect,
     fit_keeping_signals,
+    read_splits,
     torch_trainer,
 )
 from pipelines.services.storage import file_digest, write_json_atomic
@@ -184,9 +184,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     except Exception:
         run.fail()
         raise
-    shards = ray.data.read_parquet(paths, columns=[c for c in manifest.columns if c != "source_path"],
-                                   filesystem=source.filesystem)
-    splits = {split: shards.filter(expr=f"split == '{split}'").materialize() for split in ("train", "test")}
+    splits = read_splits(paths, manifest, source.filesystem)
     if splits["test"].count() < cfg.num_workers:
         log.warning("the test split has fewer rows than workers: no validation, the last checkpoint is registered")
         del splits["test"]
