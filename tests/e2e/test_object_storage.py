@@ -29,6 +29,7 @@ from PIL import Image
 from helpers.editing import UNITS, write_edit_params, write_inversion
 from helpers.pipelines import (
     PSP,
+    SMALL_MODEL,
     TINY_TRAIN,
     clean_env,
     face_like_png,
@@ -45,10 +46,7 @@ from pipelines.stages.shard import ShardConfig, write_shards
 from psp_core import load_psp
 from psp_core.nets.psp import PSP as PSPNet
 
-MAX_STEPS, SAVE_INTERVAL = 8, 4
-SMALL_MODEL = {"encoder_type": "BackboneEncoderUsingLastLayerIntoW", "train_decoder": False}
-"""The smallest model the train section builds: each checkpoint (weights and Adam state) is ~0.6 GB, not
-~1.4 GB, and only two are written; uploading them is most of this test's time."""
+MAX_STEPS, SAVE_INTERVAL = 8, 4   # two checkpoints (SMALL_MODEL's): uploading them is most of this test's time
 BIN = Path(sys.executable).parent
 
 

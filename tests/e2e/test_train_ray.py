@@ -22,6 +22,7 @@ from helpers import REPO
 from helpers.ada import ada_generator, write_network_pickle
 from helpers.pipelines import (
     PSP,
+    SMALL_MODEL,
     TINY_TRAIN,
     clean_env,
     descendants,
@@ -92,10 +93,6 @@ def check_resumed(before: list[int], after: list[int], save_interval: int, max_s
     assert before[-1] - resumed_from <= save_interval, f"{before[-1] - resumed_from} steps ran twice"
     return resumed_from
 
-
-SMALLEST_ENCODER = {"encoder_type": "BackboneEncoderUsingLastLayerIntoW"}
-"""For the runs whose encoder does not matter: at 64 px its weights are 31 M, the default's 81 M, so each checkpoint
-Ray writes and the run registers is 0.6 GB instead of 1.4 GB."""
 
 E4E_TERMS = ("encoder_discriminator_loss", "total_delta_loss", "delta1_loss", "d_real_loss", "d_fake_loss",
              "discriminator_loss", "discriminator_r1_loss", "progressive_stage", "loss_l2", "loss")
@@ -295,7 +292,7 @@ def test_ctrl_c_is_one_line_marks_the_run_killed_at_its_step_and_a_rerun_resumes
     snapshot = write_network_pickle(tmp_path / "network-snapshot-000100.pkl",
                                     ada_generator(resolution=64, channel_base=16384, seed=1))   # half width
     write_params(tmp_path, num_workers=1, max_steps=max_steps, output_size=64, generator=str(snapshot),
-                 stylegan_channel_multiplier=1, train_decoder=False, **SMALLEST_ENCODER)
+                 stylegan_channel_multiplier=1, **SMALL_MODEL)
     log = tmp_path / "interrupted.log"
     with log.open("w") as out:
         proc = subprocess.Popen([PSP, "train"], cwd=tmp_path, env=clean_env(), stdout=out, stderr=subprocess.STDOUT,

@@ -10,9 +10,8 @@ from ray.data import Dataset
 from psp_core.data.shards import ShardManifest
 
 
-def read_splits(paths: list[str], manifest: ShardManifest, filesystem: Any,
-                splits: tuple[str, ...] = ("train", "test")) -> dict[str, Dataset]:
-    """Each split's rows of the shard files `paths` (every column but `source_path`), materialized."""
+def read_splits(paths: list[str], manifest: ShardManifest, filesystem: Any) -> dict[str, Dataset]:
+    """The train and test rows of the shard files `paths` (every column but `source_path`), materialized."""
     columns = [c for c in manifest.columns if c != "source_path"]
     rows = ray.data.read_parquet(paths, columns=columns, filesystem=filesystem).materialize()
-    return {split: rows.filter(expr=f"split == '{split}'").materialize() for split in splits}
+    return {split: rows.filter(expr=f"split == '{split}'").materialize() for split in ("train", "test")}
