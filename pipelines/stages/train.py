@@ -114,13 +114,15 @@ def random_weight_networks(cfg: TrainConfig, family: str) -> list[str]:
     return missing
 
 
-def run_name_for(cfg: TrainConfig, manifest: ShardManifest) -> str:
-    """`cfg.run_name`, or for 'auto' a name from a hash of the params and the data, so an unchanged
-    rerun resumes its run and any change starts a new one."""
+def run_name_for(cfg: TrainConfig, manifest: ShardManifest, fingerprints: dict[str, str]) -> str:
+    """`cfg.run_name`, or for 'auto' a name from a hash of the params, the data and the starting weights'
+    fingerprints (`weights_used`), so an unchanged rerun resumes its run and any change starts a new one: a
+    generator or W encoder file replaced at the same path must not be frozen under a hypernetwork or encoder
+    trained against the old one."""
     if cfg.run_name != "auto":
         return cfg.run_name
     identity = cfg.model_dump(mode="json", exclude={"run_name", "report", "alias", "num_to_keep", "max_failures"})
-    digest = hashlib.sha256(json.dumps([identity, manifest.digest], sort_keys=True).encode()).hexdigest()[:10]
+    digest = hashlib.sha256(json.dumps([identity, manifest.digest, fingerprints], sort_keys=True).encode()).hexdigest()[:10]
     return f"{cfg.preset}-{digest}"
 
 
@@ -161,7 +163,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if manifest.rows.get("train", 0) < cfg.batch_size * cfg.num_workers:
         raise InputError(f"{manifest.rows.get('train', 0)} training rows cannot fill one batch of {cfg.batch_size} "
                          f"on each of {cfg.num_workers} workers")
-    run_name = run_name_for(cfg, manifest)
+    fingerprints = weights_used(cfg, preset.family)
+    run_name = run_name_for(cfg, manifest, fingerprints)
     random_nets = random_weight_networks(cfg, preset.family)
     for net in random_nets:
         log.warning("RANDOM WEIGHTS: %s runs on random weights (its file is absent or random was requested)", net)
@@ -170,7 +173,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     datasets = tracking.shard_datasets(source.location, manifest)
     tags = {tracking.PRESET_TAG: cfg.preset, tracking.GIT_COMMIT_TAG: git_commit(),
             tracking.MANIFEST_DIGEST_TAG: manifest.digest, tracking.RANDOM_WEIGHTS_TAG: ",".join(random_nets) or "none",
-            **{tracking.WEIGHTS_TAG_PREFIX + name: value for name, value in weights_used(cfg, preset.family).items()}}
+            **{tracking.WEIGHTS_TAG_PREFIX + name: value for name, value in fingerprints.items()}}
     run = tracking.TrainingRun.open(cfg.experiment, run_name, tags, flat_params(cfg, preset),
                                     {"train": (datasets["train"], "training"), "test": (datasets["test"], "evaluation")})
     if run.registered_version is not None:

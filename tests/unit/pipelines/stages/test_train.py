@@ -10,8 +10,10 @@ from helpers.ada import ada_generator, write_network_pickle
 from helpers.pipelines import TINY_TRAIN, make_shards
 from pipelines.cli import main
 from pipelines.params.schema import TrainConfig
-from pipelines.stages.train import check_generator, objective_description
+from pipelines.services.storage import StageInput
+from pipelines.stages.train import check_generator, objective_description, run_name_for, weights_used
 from psp_core.data.presets import get_preset
+from psp_core.options import HYPERSTYLE
 
 
 @pytest.fixture(scope="module")
@@ -86,3 +88,21 @@ def test_w_encode_trains_a_w_encoder_the_e4e_way_and_asks_for_its_encoder_type(t
     error = capsys.readouterr().err
     assert "Traceback" not in error and "WEncoder" in error.strip().splitlines()[-1], error
     assert not (tmp_path / "mlflow").exists() and not ray.is_initialized()
+
+
+def test_a_weights_file_replaced_at_its_path_names_a_new_run(tmp_path):
+    """The automatic run name hashes the starting weights' bytes as well as the params and data: a rerun with the
+    same files resumes its run, while a W encoder replaced under the same name starts a new one (resuming would
+    freeze the new W encoder under a hypernetwork trained against the old)."""
+    manifest = StageInput.of(str(make_shards(tmp_path, images=8))).shards()
+    w_encoder = tmp_path / "faces_w_encoder.pt"
+    w_encoder.write_bytes(b"one W encoder")
+    cfg = TrainConfig(**{**TINY_TRAIN, "preset": "hyperstyle_encode", "encoder_type": "SharedWeightsHyperNetResNet",
+                         "output_size": 256, "encoder_input_size": 256, "w_encoder": str(w_encoder)})
+    first = run_name_for(cfg, manifest, weights_used(cfg, HYPERSTYLE))
+    assert first.startswith("hyperstyle_encode-")
+    assert run_name_for(cfg, manifest, weights_used(cfg, HYPERSTYLE)) == first
+    w_encoder.write_bytes(b"another W encoder")
+    assert run_name_for(cfg, manifest, weights_used(cfg, HYPERSTYLE)) != first
+    named = cfg.model_copy(update={"run_name": "my-run"})
+    assert run_name_for(named, manifest, weights_used(named, HYPERSTYLE)) == "my-run"
