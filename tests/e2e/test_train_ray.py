@@ -99,7 +99,8 @@ E4E_TERMS = ("encoder_discriminator_loss", "total_delta_loss", "delta1_loss", "d
 
 
 def test_two_workers_survive_a_killed_worker_and_a_killed_driver_and_register(tmp_path):
-    """`psp train train.preset=e4e_encode` on 2 DDP workers, progressive from step 2 with R1 every 2 steps. One
+    """`psp train train.preset=e4e_encode` on 2 DDP workers (the encoder trained, the generator frozen, as e4e's
+    coach trains it), progressive from step 2 with R1 every 2 steps. One
     worker is SIGKILLed once step 3 is logged after step 2's checkpoint: Ray restarts the workers from that
     checkpoint. Once they train again the `psp train` driver itself is SIGKILLed, and the same command run again
     resumes from the latest checkpoint. Each time at most save_interval steps run twice, and a step run twice logs
@@ -109,7 +110,7 @@ def test_two_workers_survive_a_killed_worker_and_a_killed_driver_and_register(tm
     make_shards(tmp_path)
     max_steps, save_interval = 6, TINY_TRAIN["save_interval"]
     write_params(tmp_path, preset="e4e_encode", encoder_type="Encoder4Editing", max_steps=max_steps,
-                 progressive_start=2, progressive_step_every=1, d_reg_every=2, w_pool_size=2)
+                 progressive_start=2, progressive_step_every=1, d_reg_every=2, w_pool_size=2, train_decoder=False)
     log = tmp_path / "killed_driver.log"
     with log.open("w") as out:   # a file, not a pipe: a full pipe would stall the driver
         proc = subprocess.Popen([PSP, "train"], cwd=tmp_path, env=clean_env(), stdout=out, stderr=subprocess.STDOUT,
@@ -405,7 +406,7 @@ def stop_ray_instance(temp_dir: Path, gcs_port: int, started: float) -> None:
 
 def test_psp_submit_runs_as_a_ray_job_on_a_local_head(tmp_path):
     """`ray start --head` (token authentication on) and `psp submit` of `psp train preset=restyle_encode` (2
-    iterations per batch): the job uploads the code only, trains, and tracks into this repository's MLflow
+    iterations per batch, the generator frozen as ReStyle's coach keeps it): the job uploads the code only, trains, and tracks into this repository's MLflow
     store, which holds each iteration's training and validation loss at every step; the registered version is
     a 6-channel ReStyle-pSp that loads strictly."""
     import shutil
@@ -415,7 +416,7 @@ def test_psp_submit_runs_as_a_ray_job_on_a_local_head(tmp_path):
         shutil.copytree(repo / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
     make_shards(tmp_path)
     write_params(tmp_path, preset="restyle_encode", encoder_type="BackboneEncoder", n_iters_per_batch=2,
-                 max_steps=2, val_interval=2, save_interval=2, image_interval=2, num_workers=1)
+                 max_steps=2, val_interval=2, save_interval=2, image_interval=2, num_workers=1, train_decoder=False)
     bin_dir = str(Path(PSP).parent)
     env = clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}")
     env.pop("RAY_ADDRESS", None)
