@@ -23,15 +23,23 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests"))
 from common import command_line, hardware  # noqa: E402
 
-from helpers.parity import FIXTURES, rule_state_dict, write_released_family, write_released_psp  # noqa: E402
+from helpers.parity import (  # noqa: E402
+    FIXTURES,
+    HYPERSTYLE,
+    rule_state_dict,
+    write_released_family,
+    write_released_hyperstyle,
+    write_released_psp,
+)
 from pipelines.services.storage import write_json_atomic  # noqa: E402
-from psp_core import Generator, load_psp, refine  # noqa: E402
+from psp_core import Generator, load_psp, refine, refine_hyperstyle  # noqa: E402
 from psp_core.runtime.devices import autocast, compile_model, use_ieee_fp32  # noqa: E402
 
-NETWORKS = ("ref_stylegan2_64", "ref_gradual64", "ref_e4e64", "ref_restyle_psp64", "ref_restyle_e4e64")
+NETWORKS = ("ref_stylegan2_64", "ref_gradual64", "ref_e4e64", "ref_restyle_psp64", "ref_restyle_e4e64", HYPERSTYLE)
 MODES = {"bf16": ("bf16", False), "compiled_fp32": ("fp32", True), "compiled_bf16": ("bf16", True)}
 """Mode name -> (precision, compiled)."""
 RESTYLE_ITERATIONS = 4
+HYPERSTYLE_ITERATIONS = 3
 
 Run = Callable[[], tuple[torch.Tensor, torch.Tensor]]
 """One forward of a fixture network on the fixture's input: (images [N, 3, 64, 64], latents [N, 10, 512])."""
@@ -49,12 +57,19 @@ def fixture_run(name: str, device: torch.device, compiled: bool, folder: Path, c
         z = torch.from_numpy(inputs["z"]).to(device)
         return lambda: model([z], randomize_noise=False, return_latents=True)
     path = folder / f"{name}.pt"
-    write_released_psp(path) if name == "ref_gradual64" else write_released_family(name, path)
+    if name == HYPERSTYLE:
+        write_released_hyperstyle(path, folder / "faces_w_encoder.pt")
+    elif name == "ref_gradual64":
+        write_released_psp(path)
+    else:
+        write_released_family(name, path)
     net = load_psp(path, device)
     if compiled:
-        net.encoder = compile_model(net.encoder, cache_dir)
-        net.decoder = compile_model(net.decoder, cache_dir)
+        for part in ("w_encoder", "hypernet", "decoder") if name == HYPERSTYLE else ("encoder", "decoder"):
+            setattr(net, part, compile_model(getattr(net, part), cache_dir))
     x = torch.from_numpy(inputs["input"]).to(device)
+    if name == HYPERSTYLE:
+        return lambda: refine_hyperstyle(net, x, HYPERSTYLE_ITERATIONS)[-1]
     if name.startswith("ref_restyle"):
         return lambda: refine(net, x, RESTYLE_ITERATIONS)[-1]
     return lambda: net(x, resize=False, randomize_noise=False, return_latents=True)

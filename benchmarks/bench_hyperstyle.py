@@ -2,19 +2,22 @@
 ReStyle-pSp's at the same sizes: seconds per image at 1, 3 and 5 iterations, what `psp edit` pays per image to
 recompute the weight offsets it does not store and per edited image to decode with them, bf16's error against fp32,
 and the peak memory of an inversion at several batch sizes (each in its own process: the peak resident set while
-inverting, Linux's VmHWM reset after the model is loaded).
+inverting, Linux's VmHWM reset after the model is loaded). With `--compile`, each eager row is followed by the same
+network compiled (`InferenceModel(compile=True)`: W encoder or encoder, hypernetwork, generator; the untimed warm-up
+call compiles, into a fresh cache so that nothing is read from an earlier run).
 
 Both networks have the released architectures (HyperStyle: SharedWeightsHyperNetResNet, the default 17 tuned layers
 of a 1024 px generator, the IR-SE50 W encoder; ReStyle-pSp: BackboneEncoder) with random weights: the cost of a
 forward pass does not depend on the values.
 Run: python benchmarks/bench_hyperstyle.py [--sizes 256 1024] [--batch 1] [--iters 1 3 5] [--precisions fp32 bf16]
-     [--memory-batches 1 2 4] [--memory-size 1024] [--memory-iters 2]
+     [--compile] [--memory-batches 1 2 4] [--memory-size 1024] [--memory-iters 2]
 """
 from __future__ import annotations
 
 import argparse
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,20 +31,22 @@ from psp_core.inference import InferenceModel  # noqa: E402
 from psp_core.runtime.devices import keep_freed_memory  # noqa: E402
 
 
-def hyperstyle(size: int, precision: str) -> InferenceModel:
-    """The released HyperStyle architecture at `size` px, random weights, on the inference core."""
+def hyperstyle(size: int, precision: str, compile_cache: Path | None = None) -> InferenceModel:
+    """The released HyperStyle architecture at `size` px, random weights, on the inference core (compiled into
+    `compile_cache` when one is given)."""
     torch.manual_seed(0)
     net = HyperStyle(HyperStyleArchitecture(output_size=size))
     net.set_latent_avg(torch.randn(512) * 0.1)
-    return InferenceModel(net, "encode", "cpu", precision)
+    return InferenceModel(net, "encode", "cpu", precision, compile_cache is not None, compile_cache)
 
 
-def restyle(size: int, precision: str) -> InferenceModel:
-    """ReStyle-pSp (BackboneEncoder, target + last output in) at `size` px, random weights, on the inference core."""
+def restyle(size: int, precision: str, compile_cache: Path | None = None) -> InferenceModel:
+    """ReStyle-pSp (BackboneEncoder, target + last output in) at `size` px, random weights, on the inference core
+    (compiled into `compile_cache` when one is given)."""
     torch.manual_seed(0)
     net = PSP(PSPArchitecture(encoder_type="BackboneEncoder", family="restyle_psp", input_nc=6, output_size=size))
     net.set_latent_avg(torch.randn(net.n_styles, 512) * 0.1)
-    return InferenceModel(net, "encode", "cpu", precision)
+    return InferenceModel(net, "encode", "cpu", precision, compile_cache is not None, compile_cache)
 
 
 def seconds(fn, repeats: int) -> float:
@@ -56,13 +61,15 @@ def seconds(fn, repeats: int) -> float:
 
 def timing_row(name: str, model: InferenceModel, images: torch.Tensor, args: argparse.Namespace) -> str:
     """One table row: seconds per image at each iteration count, of a plain decode and of a decode with offsets."""
-    final = model.invert(images, 1)[-1]   # untimed: oneDNN primitives and the allocator warm up
+    final = model.invert(images, 1)[-1]   # untimed: oneDNN primitives and the allocator warm up (compiled: compiles)
     model.decode(final.latents, final.offsets)
+    model.decode(final.latents)
     per_iter = [seconds(lambda n=n: model.invert(images, n), args.repeats) / len(images) for n in args.iters]
     plain = seconds(lambda: model.decode(final.latents), args.repeats) / len(images)
     with_offsets = "" if final.offsets is None else \
         f"{seconds(lambda: model.decode(final.latents, final.offsets), args.repeats) / len(images):.2f}"
-    return (f"| {model.net.arch.output_size} | {model.precision} | {name} | "
+    label = f"{name}, compiled" if model.compiled else name
+    return (f"| {model.net.arch.output_size} | {model.precision} | {label} | "
             + " | ".join(f"{s:.2f}" for s in per_iter) + f" | {plain:.2f} | {with_offsets} |")
 
 
@@ -76,6 +83,10 @@ def timing_rows(args: argparse.Namespace) -> None:
         for precision in args.precisions:
             for name, build in (("HyperStyle", hyperstyle), ("ReStyle-pSp", restyle)):
                 print(timing_row(name, build(size, precision), images, args), flush=True)
+                if args.compile:
+                    with tempfile.TemporaryDirectory(prefix="psp-bench-compile-") as cache:
+                        print(timing_row(name, build(size, precision, Path(cache)), images, args), flush=True)
+                    torch.compiler.reset()
 
 
 def bf16_error(args: argparse.Namespace) -> None:
@@ -123,6 +134,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, nargs="+", default=[1, 3, 5], help="iteration counts to time")
     parser.add_argument("--precisions", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"])
     parser.add_argument("--repeats", type=int, default=1, help="timed calls per figure (median)")
+    parser.add_argument("--compile", action="store_true", help="also time each network compiled, after its eager row")
     parser.add_argument("--memory-batches", type=int, nargs="*", default=[1, 2, 4], help="none: skip the memory rows")
     parser.add_argument("--memory-size", type=int, default=1024)
     parser.add_argument("--memory-iters", type=int, default=2,

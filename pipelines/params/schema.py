@@ -162,7 +162,8 @@ class TrainSection(StageConfig):
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="how workers are placed on nodes")
     storage_path: str = Field("ray_results", description="Ray Train checkpoints: a folder or URI every node sees")
-    run_name: str = Field("auto", description="'auto': derived from the params, data and weights files, so an unchanged rerun resumes")
+    run_name: str = Field("auto", description="'auto': derived from the params, data and weights files, so an "
+                                              "unchanged rerun resumes")
     max_failures: int = Field(2, ge=0, description="worker failures to recover from (from the last checkpoint)")
     num_to_keep: int = Field(2, ge=1, description="Ray checkpoints kept")
     experiment: str = Field("psp", description="MLflow experiment")

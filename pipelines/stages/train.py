@@ -122,7 +122,8 @@ def run_name_for(cfg: TrainConfig, manifest: ShardManifest, fingerprints: dict[s
     if cfg.run_name != "auto":
         return cfg.run_name
     identity = cfg.model_dump(mode="json", exclude={"run_name", "report", "alias", "num_to_keep", "max_failures"})
-    digest = hashlib.sha256(json.dumps([identity, manifest.digest, fingerprints], sort_keys=True).encode()).hexdigest()[:10]
+    identity_json = json.dumps([identity, manifest.digest, fingerprints], sort_keys=True)
+    digest = hashlib.sha256(identity_json.encode()).hexdigest()[:10]
     return f"{cfg.preset}-{digest}"
 
 

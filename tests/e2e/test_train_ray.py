@@ -406,9 +406,9 @@ def stop_ray_instance(temp_dir: Path, gcs_port: int, started: float) -> None:
 
 def test_psp_submit_runs_as_a_ray_job_on_a_local_head(tmp_path):
     """`ray start --head` (token authentication on) and `psp submit` of `psp train preset=restyle_encode` (2
-    iterations per batch, the generator frozen as ReStyle's coach keeps it): the job uploads the code only, trains, and tracks into this repository's MLflow
-    store, which holds each iteration's training and validation loss at every step; the registered version is
-    a 6-channel ReStyle-pSp that loads strictly."""
+    iterations per batch, the generator frozen as ReStyle's coach keeps it): the job uploads the code only, trains,
+    and tracks into this repository's MLflow store, which holds each iteration's training and validation loss at
+    every step; the registered version is a 6-channel ReStyle-pSp that loads strictly."""
     import shutil
 
     repo = REPO
