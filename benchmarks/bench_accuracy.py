@@ -33,6 +33,7 @@ from helpers.parity import (  # noqa: E402
 )
 from pipelines.services.storage import write_json_atomic  # noqa: E402
 from psp_core import Generator, load_psp, refine, refine_hyperstyle  # noqa: E402
+from psp_core.inference import compile_networks  # noqa: E402
 from psp_core.runtime.devices import autocast, compile_model, use_ieee_fp32  # noqa: E402
 
 NETWORKS = ("ref_stylegan2_64", "ref_gradual64", "ref_e4e64", "ref_restyle_psp64", "ref_restyle_e4e64", HYPERSTYLE)
@@ -65,8 +66,7 @@ def fixture_run(name: str, device: torch.device, compiled: bool, folder: Path, c
         write_released_family(name, path)
     net = load_psp(path, device)
     if compiled:
-        for part in ("w_encoder", "hypernet", "decoder") if name == HYPERSTYLE else ("encoder", "decoder"):
-            setattr(net, part, compile_model(getattr(net, part), cache_dir))
+        compile_networks(net, cache_dir)
     x = torch.from_numpy(inputs["input"]).to(device)
     if name == HYPERSTYLE:
         return lambda: refine_hyperstyle(net, x, HYPERSTYLE_ITERATIONS)[-1]

@@ -14,6 +14,7 @@ from psp_core.inference.model import (
     InferenceModel,
     Inversion,
     choose_device,
+    compile_networks,
     default_mix_layers,
     image_channels,
     scored,
@@ -22,5 +23,5 @@ from psp_core.inference.model import (
 from psp_core.inference.refine import average_image, refine, refinement_step
 
 __all__ = ["DEFAULT_REFINE_ITERS", "HyperStyleStep", "InferenceModel", "Inversion", "average_image", "choose_device",
-           "default_mix_layers", "hyperstyle_steps", "image_channels", "initial_inversion", "keep_layers", "offsets_of", "refine",
-           "refine_hyperstyle", "refinement_step", "scored", "should_compile"]
+           "compile_networks", "default_mix_layers", "hyperstyle_steps", "image_channels", "initial_inversion",
+           "keep_layers", "offsets_of", "refine", "refine_hyperstyle", "refinement_step", "scored", "should_compile"]

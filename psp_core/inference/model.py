@@ -77,6 +77,13 @@ def scored(images: Tensor) -> Tensor:
     return F.adaptive_avg_pool2d(images.float(), (POOLED_SIZE, POOLED_SIZE)).clamp(-1, 1)
 
 
+def compile_networks(net: PSP | HyperStyle, compile_cache: str | Path | None = None) -> None:
+    """Compile each network `net` runs at inference, in place: the encoder and generator, or HyperStyle's W encoder,
+    hypernetwork and generator; so the one-pass call, the iterations and `decode` all run compiled."""
+    for name in ("w_encoder", "hypernet", "decoder") if isinstance(net, HyperStyle) else ("encoder", "decoder"):
+        setattr(net, name, compile_model(getattr(net, name), compile_cache))
+
+
 def should_compile(net: PSP | HyperStyle, device: torch.device, choice: CompileSwitch, n_images: int,
                    n_iters: int | None = None) -> bool:
     """The compile decision for `n_images` images through this model (`auto`: when the forward passes,
@@ -117,9 +124,8 @@ class InferenceModel:
         self.net = net.to(self.device).eval()
         self.precision = resolve_precision(precision, self.device)
         self.compiled = compile
-        if compile:   # every network, so the one-pass call, the iterations and `decode` all run compiled
-            for name in ("w_encoder", "hypernet", "decoder") if isinstance(net, HyperStyle) else ("encoder", "decoder"):
-                setattr(self.net, name, compile_model(getattr(self.net, name), compile_cache))
+        if compile:
+            compile_networks(self.net, compile_cache)
         self.input_kind = task.input_kind
         self.transform = PresetTransform(task, net.arch.encoder_input_size, train=False)
 

@@ -24,9 +24,9 @@ def test_each_split_is_its_rows_of_the_shard_files(tmp_path):
     finally:
         ray.shutdown()
     assert set(rows) == {"train", "test"}
+    expected = {r["id"]: r["image"] for r in written}
     for split, taken in rows.items():
         assert len(taken) == manifest.rows[split] > 0
         assert sorted(r["id"] for r in taken) == sorted(r["id"] for r in written if r["split"] == split)
         assert all(set(r) == set(manifest.columns) - {"source_path"} for r in taken)
-        expected = {r["id"]: r["image"] for r in written}
         assert all(r["image"] == expected[r["id"]] for r in taken)
