@@ -221,7 +221,8 @@ def parse_layers_to_tune(value: Any, n_outputs: int) -> tuple[int, ...]:
 @dataclass(frozen=True)
 class HyperStyleArchitecture:
     """Everything that fixes the tensors of a HyperStyle checkpoint, under the reference opts' names. The generator
-    is StyleGAN2 config-f (8 mapping layers, channel multiplier 2) and the hypernetwork sees 256x256 images."""
+    is StyleGAN2 with 8 mapping layers (config-f, channel multiplier 2, unless the opts say otherwise: an extra key
+    the reference ignores) and the hypernetwork sees 256x256 images."""
 
     encoder_type: str = _doc("SharedWeightsHyperNetResNet",
                              f"hypernetwork: one of {', '.join(FAMILY_ENCODERS[HYPERSTYLE])}")
@@ -231,11 +232,12 @@ class HyperStyleArchitecture:
                                            "order, toRGBs included) whose weights get offsets; a comma list is read, "
                                            "empty is every layer, indices past the last layer are ignored")
     family: Family = _doc(HYPERSTYLE, "encoder family (always hyperstyle)")
+    stylegan_channel_multiplier: int = _doc(2, "StyleGAN2 channel multiplier (2 for config-f, as every released "
+                                               "HyperStyle; 1 for a StyleGAN2-ADA generator of channel_base 16384)")
 
     encoder_input_size: ClassVar[int] = 256   # the hypernetwork's ResNet-34 body ends on a 16x16 map
     style_dim: ClassVar[int] = STYLE_WIDTH
     n_mlp: ClassVar[int] = MAX_MAPPING_LAYERS
-    stylegan_channel_multiplier: ClassVar[int] = 2
     start_from_latent_avg: ClassVar[bool] = True   # the W encoder's code is relative to latent_avg
     learn_in_w: ClassVar[bool] = False
 
@@ -252,6 +254,9 @@ class HyperStyleArchitecture:
         if isinstance(self.output_size, bool) or self.output_size not in HYPERSTYLE_OUTPUTS:
             raise InputError(f"HyperStyle's output_size must be one of {', '.join(map(str, HYPERSTYLE_OUTPUTS))}, "
                              f"got {self.output_size!r}")
+        multiplier = self.stylegan_channel_multiplier
+        if isinstance(multiplier, bool) or not isinstance(multiplier, int) or not 1 <= multiplier <= MAX_CHANNEL_MULTIPLIER:
+            raise InputError(f"stylegan_channel_multiplier must be in 1..{MAX_CHANNEL_MULTIPLIER}, got {multiplier!r}")
         layers = parse_layers_to_tune(self.layers_to_tune, self.n_hypernet_outputs)
         if not layers:
             raise InputError(f"layers_to_tune {self.layers_to_tune!r}: no layer of a {self.output_size} px generator")
@@ -270,7 +275,8 @@ class HyperStyleArchitecture:
             raise InputError(f"w_encoder_type {opts['w_encoder_type']!r}: HyperStyle's W encoder is a WEncoder")
         if "layers_to_tune" not in opts:
             raise InputError("the opts name no layers_to_tune (the generator layers the hypernetwork tunes)")
-        values = {k: opts[k] for k in ("encoder_type", "input_nc", "output_size") if opts.get(k) is not None}
+        values = {k: opts[k] for k in ("encoder_type", "input_nc", "output_size", "stylegan_channel_multiplier")
+                  if opts.get(k) is not None}
         arch = cls(**values, layers_to_tune=opts["layers_to_tune"])
         declared = opts.get("n_hypernet_outputs")
         if declared is not None and declared != arch.n_hypernet_outputs:

@@ -191,7 +191,8 @@ class TrainSection(StageConfig):
                                  f"images: set encoder_input_size={HyperStyleArchitecture.encoder_input_size}")
             layers = {} if self.layers_to_tune is None else {"layers_to_tune": tuple(self.layers_to_tune)}
             return HyperStyleArchitecture(encoder_type=self.encoder_type, input_nc=encoder_input_nc(family, image_nc),
-                                          output_size=self.output_size, **layers)
+                                          output_size=self.output_size,
+                                          stylegan_channel_multiplier=self.stylegan_channel_multiplier, **layers)
         return PSPArchitecture(input_nc=encoder_input_nc(family, image_nc), family=family,
                                **self._architecture_values())
 

@@ -20,7 +20,8 @@ FEATURES = 512                  # channels of the body's last map
 FEATURE_SIDE = 16               # its side for the 256x256 input (the reference's `spatial`)
 INPUT_SIDE = 256
 SHARED_LAYERS = (0, 2, 3, 5, 6, 8, 9, 11, 12)
-"""The generator layers (the 512->512 3x3 convolutions of config-f) whose offsets come from the shared hypernetwork."""
+"""The generator layers (the 512->512 3x3 convolutions of config-f) whose offsets come from the shared hypernetwork.
+In a generator of channel multiplier 1, layers 11 and 12 (64 px) are narrower: they get heads of their own."""
 
 
 class LayerShape(NamedTuple):
@@ -158,11 +159,12 @@ class HyperNetwork(ResNet34Features):
         super().__init__(input_nc=input_nc)
         self.input_nc = input_nc
         self.layer_shapes = [LayerShape(*shape) for shape in layer_shapes]
+        self.shared_layers = tuple(layer for layer in SHARED_LAYERS
+                                   if layer < len(self.layer_shapes) and self.layer_shapes[layer] == (FEATURES, FEATURES, 3))
         self.shared_weight_hypernet = SharedHypernet()
         self.refinement_blocks = nn.ModuleDict()
         for layer in layers_to_tune:
-            if layer in SHARED_LAYERS:
-                assert self.layer_shapes[layer] == (FEATURES, FEATURES, 3), f"layer {layer} is not 512->512 3x3"
+            if layer in self.shared_layers:
                 self.refinement_blocks[str(layer)] = SharedCodeHead()
             else:
                 self.refinement_blocks[str(layer)] = self.head_type(self.layer_shapes[layer])
@@ -175,14 +177,14 @@ class HyperNetwork(ResNet34Features):
         for name, head in self.refinement_blocks.items():
             layer = int(name)
             out = head(features)
-            offsets[layer] = self.shared_weight_hypernet(out) if layer in SHARED_LAYERS else out
+            offsets[layer] = self.shared_weight_hypernet(out) if layer in self.shared_layers else out
         return offsets
 
     def shared_alias_prefixes(self) -> list[str]:
         """Where a released file repeats the shared hypernetwork's tensors: `refinement_blocks.N.hypernet.` for every
         tuned shared layer N (the reference registers the one module under each of its heads too)."""
         return [f"refinement_blocks.{name}.hypernet." for name in self.refinement_blocks
-                if int(name) in SHARED_LAYERS]
+                if int(name) in self.shared_layers]
 
 
 class SeparableHyperNetwork(HyperNetwork):

@@ -54,6 +54,11 @@ def load_hyperstyle(path: str | Path, state: Mapping[str, torch.Tensor], opts: A
         net = HyperStyle(arch)
     hypernet = without_shared_copies(sub_state(state, "hypernet"), net.hypernet.shared_alias_prefixes(), path)
     decoder = sub_state(state, "decoder")
+    wide = net.decoder.state_dict()["convs.6.conv.weight"]   # the first 64 px layer: its width is the multiplier's
+    if isinstance(decoder.get("convs.6.conv.weight"), torch.Tensor) and decoder["convs.6.conv.weight"].shape != wide.shape:
+        raise CheckpointError(f"{path}: the generator's 64 px layers are {decoder['convs.6.conv.weight'].shape[1]} "
+                              f"channels wide, stylegan_channel_multiplier={arch.stylegan_channel_multiplier} (the "
+                              f"opts' value, 2 when absent) makes them {wide.shape[1]}")
     check_state_dict(net.hypernet.state_dict(), hypernet, f"{path} hypernet")
     check_state_dict(net.decoder.state_dict(), decoder, f"{path} decoder")
     encoder = read_w_encoder(w_path)
@@ -134,7 +139,8 @@ def hyperstyle_opts(net: HyperStyle) -> dict[str, Any]:
     arch, w_encoder = net.arch, net.w_encoder_file
     return {"encoder_type": arch.encoder_type, "input_nc": arch.input_nc, "output_size": arch.output_size,
             "layers_to_tune": ",".join(map(str, arch.layers_to_tune)), "n_hypernet_outputs": arch.n_hypernet_outputs,
-            "w_encoder_checkpoint_path": w_encoder, "w_encoder_type": "WEncoder", "load_w_encoder": True}
+            "w_encoder_checkpoint_path": w_encoder, "w_encoder_type": "WEncoder", "load_w_encoder": True,
+            "stylegan_channel_multiplier": arch.stylegan_channel_multiplier}
 
 
 def save_hyperstyle(net: HyperStyle, path: str | Path, extra: Mapping[str, Any] | None = None) -> Path:

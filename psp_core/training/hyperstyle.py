@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from psp_core.inference.hyperstyle import initial_inversion
-from psp_core.nets.hypernet import SHARED_LAYERS
 from psp_core.nets.hyperstyle import HyperStyle
 from psp_core.nets.psp import POOLED_SIZE
 
@@ -21,7 +20,7 @@ def prepare_hyperstyle(net: HyperStyle, train_decoder: bool) -> list[nn.Paramete
     with `train_decoder`, the generator's synthesis network. The W encoder stays frozen."""
     net.requires_grad_(False)
     net.hypernet.requires_grad_(True)
-    if not set(net.arch.layers_to_tune) & set(SHARED_LAYERS):
+    if not set(net.arch.layers_to_tune) & set(net.hypernet.shared_layers):
         net.hypernet.shared_weight_hypernet.requires_grad_(False)
     if train_decoder:
         net.decoder.requires_grad_(True)

@@ -17,7 +17,7 @@ from helpers.parity import (
 )
 from psp_core import CheckpointError, HyperStyle, InputError, load_psp
 from psp_core.inference import refine_hyperstyle
-from psp_core.nets.hypernet import SHARED_LAYERS, SeparableKernel, SharedCodeHead
+from psp_core.nets.hypernet import SHARED_LAYERS, LayerHead, SeparableKernel, SharedCodeHead
 from psp_core.nets.hyperstyle_checkpoints import find_w_encoder, save_hyperstyle
 from psp_core.nets.psp import PSP
 from psp_core.nets.stylegan2 import Generator, ModulatedConv2d, use_exact_modulation
@@ -336,3 +336,32 @@ def test_a_saved_hyperstyle_is_the_released_layout_and_loads_back(tmp_path):
     state = net.state_dict()
     assert all(torch.equal(v, state[k]) for k, v in loaded.state_dict().items())
     torch.testing.assert_close(loaded.latent_avg, net.latent_avg)
+
+
+def test_a_generator_of_channel_multiplier_1_gives_its_narrower_layers_own_heads_and_saves_its_multiplier(tmp_path):
+    """A HyperStyle over a StyleGAN2-ADA generator of channel_base 16384 (`stylegan_channel_multiplier=1`): the 64 px
+    layers (11, 12) are not 512->512, so they get heads of their own while the 512->512 ones keep the shared
+    hypernetwork; the file records the multiplier (an opt the reference ignores) and loads back; without it the
+    generator's width is one line naming the option."""
+    torch.manual_seed(0)
+    net = HyperStyle(HyperStyleArchitecture(output_size=256, layers_to_tune=(0, 11, 12), stylegan_channel_multiplier=1))
+    assert net.hypernet.shared_layers == (0, 2, 3, 5, 6, 8, 9)
+    heads = {name: type(head) for name, head in net.hypernet.refinement_blocks.items()}
+    assert heads == {"0": SharedCodeHead, "11": LayerHead, "12": LayerHead}
+    offsets = net.hypernet(torch.randn(1, 6, 256, 256))
+    assert offsets[11].shape == (1, 256, 512, 3, 3) and offsets[12].shape == (1, 256, 256, 3, 3)
+    net.set_latent_avg(torch.randn(512))
+    net.w_encoder_file = "w.pt"
+    torch.save({"state_dict": {f"encoder.{k}": v for k, v in net.w_encoder.state_dict().items()}}, tmp_path / "w.pt")
+    path = save_hyperstyle(net, tmp_path / "narrow.pt")
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["opts"]["stylegan_channel_multiplier"] == 1
+    loaded = load_psp(path)
+    assert loaded.arch == net.arch and all(torch.equal(v, net.state_dict()[k]) for k, v in loaded.state_dict().items())
+
+    del ckpt["opts"]["stylegan_channel_multiplier"]   # read as a released file: config-f
+    torch.save(ckpt, tmp_path / "unsaid.pt")
+    with pytest.raises(CheckpointError, match=r"64 px layers are 256 channels wide, stylegan_channel_multiplier=2 "):
+        load_psp(tmp_path / "unsaid.pt")
+    with pytest.raises(InputError, match="stylegan_channel_multiplier must be in 1..4, got 0"):
+        HyperStyleArchitecture(output_size=256, stylegan_channel_multiplier=0)

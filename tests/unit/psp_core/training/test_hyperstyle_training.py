@@ -1,5 +1,5 @@
-"""HyperStyle training with the engine (256 px generator, CPU; one tuned layer, the last toRGB, so the hypernetwork
-is its ResNet-34 body and one head): the start the reference coach builds (W encoder and generator from their files,
+"""HyperStyle training with the engine (256 px generator of channel multiplier 1, CPU; one tuned layer, the last
+toRGB, so the hypernetwork is its ResNet-34 body and one head): the start the reference coach builds (W encoder and generator from their files,
 the body from ResNet-34), its per-batch passes (a backward per pass, one optimiser step, only the hypernetwork
 trained), the loss falling, exact resume and the released layout of its checkpoints."""
 from __future__ import annotations
@@ -29,7 +29,7 @@ from psp_core.nets.stylegan2 import Generator, use_exact_modulation
 from psp_core.training.engine import LAST_CHECKPOINT, Trainer, TrainingConfig, prepare_for_training
 from psp_core.training.losses import LossWeights, PSPLoss
 
-ARCH = HyperStyleArchitecture(output_size=256, layers_to_tune=(19,))
+ARCH = HyperStyleArchitecture(output_size=256, layers_to_tune=(19,), stylegan_channel_multiplier=1)   # ADA's 16384
 L2 = LossWeights(l2_lambda=1.0, lpips_lambda=0.0)
 
 
@@ -38,7 +38,7 @@ def files(tmp_path_factory) -> dict[str, object]:
     """A generator file, a W encoder file (pSp layout, `encoder.*`) and a torchvision ResNet-34 state dict, random."""
     folder = tmp_path_factory.mktemp("weights")
     torch.manual_seed(0)
-    generator = Generator(256, 512, 8, 2)
+    generator = Generator(256, 512, 8, ARCH.stylegan_channel_multiplier)
     save_generator(generator, generator.mean_latent(1000)[0], folder / "g.pt")
     w_encoder = WEncoder(n_styles=ARCH.n_styles)   # HyperStyle's, without building the whole network here
     torch.save({"state_dict": {f"encoder.{k}": v for k, v in w_encoder.state_dict().items()},
