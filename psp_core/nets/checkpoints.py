@@ -24,6 +24,7 @@ from psp_core.errors import CheckpointError
 from psp_core.nets.ada_generator import read_ada_generator
 from psp_core.nets.ada_pickle import is_network_pickle
 from psp_core.nets.checkpoint_io import (
+    assign_strict,
     atomic_torch_save,
     check_state_dict,
     load_strict,
@@ -73,8 +74,9 @@ def read_generator_checkpoint(path: str | Path, network: str = "G_ema") -> Gener
         return GeneratorCheckpoint(converted.generator, converted.latent_avg)
     ckpt = read_checkpoint(path)
     state = require_entry(ckpt, "g_ema", path)
-    generator = Generator(**generator_architecture(state), conv_clamp=_conv_clamp(ckpt, path))
-    load_strict(generator, state, f"{path} g_ema")
+    with torch.device("meta"):
+        generator = Generator(**generator_architecture(state), conv_clamp=_conv_clamp(ckpt, path))
+    assign_strict(generator, state, f"{path} g_ema")
     latent_avg = ckpt.get("latent_avg")
     return GeneratorCheckpoint(generator.eval(), None if latent_avg is None else latent_avg.float())
 
@@ -116,8 +118,9 @@ def load_irse50(path: str | Path) -> IRSEBackbone:
     state = read_checkpoint(path)
     if not isinstance(state, dict) or "input_layer.0.weight" not in state:
         raise CheckpointError(f"{path}: not an IR-SE50 state dict (no 'input_layer.0.weight')")
-    net = IRSEBackbone(112, 50, "ir_se")
-    load_strict(net, state, str(path))
+    with torch.device("meta"):
+        net = IRSEBackbone(112, 50, "ir_se")
+    assign_strict(net, state, str(path))
     return freeze(net)
 
 
@@ -146,17 +149,14 @@ def load_psp(path: str | Path, device: str | torch.device = "cpu",
     if latent_avg is None and arch.start_from_latent_avg:
         raise CheckpointError(f"{path}: a {arch.family} model that starts from latent_avg, but the file has no "
                               "'latent_avg'")
-    with torch.device("meta"):   # shapes only, no memory: the network is built for real once the file fits it
-        shapes = PSP(arch)
-    check_state_dict(shapes.encoder.state_dict(), sub_state(state, "encoder"), f"{path} encoder")
-    check_state_dict(shapes.decoder.state_dict(), sub_state(state, "decoder"), f"{path} decoder")
-    net = PSP(arch)
-    load_strict(net.encoder, sub_state(state, "encoder"), f"{path} encoder")
-    load_strict(net.decoder, sub_state(state, "decoder"), f"{path} decoder")
-    net.decoder.set_conv_clamp(_conv_clamp(opts, path))
     extra = [k for k in state if not k.startswith(("encoder.", "decoder."))]
     if extra:
         raise CheckpointError(f"{path}: state_dict has keys outside encoder/decoder: {extra[:3]}")
+    with torch.device("meta"):   # shapes only: the file's tensors become the network's once they fit it
+        net = PSP(arch)
+    assign_strict(net.encoder, sub_state(state, "encoder"), f"{path} encoder")
+    assign_strict(net.decoder, sub_state(state, "decoder"), f"{path} decoder")
+    net.decoder.set_conv_clamp(_conv_clamp(opts, path))
     try:
         net.set_latent_avg(latent_avg)
     except ValueError as err:

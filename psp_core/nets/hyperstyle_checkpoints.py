@@ -19,8 +19,8 @@ import torch
 
 from psp_core.errors import CheckpointError
 from psp_core.nets.checkpoint_io import (
+    assign_strict,
     atomic_torch_save,
-    check_state_dict,
     load_strict,
     read_checkpoint,
     require_entry,
@@ -59,14 +59,9 @@ def load_hyperstyle(path: str | Path, state: Mapping[str, torch.Tensor], opts: A
         raise CheckpointError(f"{path}: the generator's 64 px layers are {decoder['convs.6.conv.weight'].shape[1]} "
                               f"channels wide, stylegan_channel_multiplier={arch.stylegan_channel_multiplier} (the "
                               f"opts' value, 2 when absent) makes them {wide.shape[1]}")
-    check_state_dict(net.hypernet.state_dict(), hypernet, f"{path} hypernet")
-    check_state_dict(net.decoder.state_dict(), decoder, f"{path} decoder")
-    encoder = read_w_encoder(w_path)
-    check_state_dict(net.w_encoder.state_dict(), encoder, f"{w_path} encoder (HyperStyle's W encoder)")
-    for module, loaded in ((net.hypernet, hypernet), (net.decoder, decoder), (net.w_encoder, encoder)):
-        expected = module.state_dict()
-        module.load_state_dict({k: v.to(expected[k].dtype) for k, v in loaded.items()}, assign=True)
-    assert not any(t.is_meta for t in (*net.parameters(), *net.buffers())), "a HyperStyle tensor was left unloaded"
+    assign_strict(net.hypernet, hypernet, f"{path} hypernet")
+    assign_strict(net.decoder, decoder, f"{path} decoder")
+    assign_strict(net.w_encoder, read_w_encoder(w_path), f"{w_path} encoder (HyperStyle's W encoder)")
     try:
         net.set_latent_avg(latent_avg)
     except ValueError as err:
