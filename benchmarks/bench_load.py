@@ -1,7 +1,7 @@
 """Loading a checkpoint: `load_psp` (the network built on the meta device, the file's tensors made its own) against
 the same file loaded the usual way (the network built with its random initialisation, then the file's tensors copied
 in), in one process. Both load the same file, written once (a default-architecture pSp: 1024 px generator, 256 px
-GradualStyleEncoder, 1.1 GB) into a temporary folder.
+GradualStyleEncoder, 1.2 GB) into a temporary folder.
 
 Run: python benchmarks/bench_load.py [--iters 5]
 """

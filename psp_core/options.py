@@ -255,7 +255,8 @@ class HyperStyleArchitecture:
             raise InputError(f"HyperStyle's output_size must be one of {', '.join(map(str, HYPERSTYLE_OUTPUTS))}, "
                              f"got {self.output_size!r}")
         multiplier = self.stylegan_channel_multiplier
-        if isinstance(multiplier, bool) or not isinstance(multiplier, int) or not 1 <= multiplier <= MAX_CHANNEL_MULTIPLIER:
+        if (isinstance(multiplier, bool) or not isinstance(multiplier, int)
+                or not 1 <= multiplier <= MAX_CHANNEL_MULTIPLIER):
             raise InputError(f"stylegan_channel_multiplier must be in 1..{MAX_CHANNEL_MULTIPLIER}, got {multiplier!r}")
         layers = parse_layers_to_tune(self.layers_to_tune, self.n_hypernet_outputs)
         if not layers:

@@ -159,8 +159,8 @@ class HyperNetwork(ResNet34Features):
         super().__init__(input_nc=input_nc)
         self.input_nc = input_nc
         self.layer_shapes = [LayerShape(*shape) for shape in layer_shapes]
-        self.shared_layers = tuple(layer for layer in SHARED_LAYERS
-                                   if layer < len(self.layer_shapes) and self.layer_shapes[layer] == (FEATURES, FEATURES, 3))
+        self.shared_layers = tuple(layer for layer in SHARED_LAYERS if layer < len(self.layer_shapes)
+                                   and self.layer_shapes[layer] == (FEATURES, FEATURES, 3))
         self.shared_weight_hypernet = SharedHypernet()
         self.refinement_blocks = nn.ModuleDict()
         for layer in layers_to_tune:

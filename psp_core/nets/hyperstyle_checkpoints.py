@@ -55,10 +55,11 @@ def load_hyperstyle(path: str | Path, state: Mapping[str, torch.Tensor], opts: A
     hypernet = without_shared_copies(sub_state(state, "hypernet"), net.hypernet.shared_alias_prefixes(), path)
     decoder = sub_state(state, "decoder")
     wide = net.decoder.state_dict()["convs.6.conv.weight"]   # the first 64 px layer: its width is the multiplier's
-    if isinstance(decoder.get("convs.6.conv.weight"), torch.Tensor) and decoder["convs.6.conv.weight"].shape != wide.shape:
-        raise CheckpointError(f"{path}: the generator's 64 px layers are {decoder['convs.6.conv.weight'].shape[1]} "
-                              f"channels wide, stylegan_channel_multiplier={arch.stylegan_channel_multiplier} (the "
-                              f"opts' value, 2 when absent) makes them {wide.shape[1]}")
+    found = decoder.get("convs.6.conv.weight")
+    if isinstance(found, torch.Tensor) and found.shape != wide.shape:
+        raise CheckpointError(f"{path}: the generator's 64 px layers are {found.shape[1]} channels wide, "
+                              f"stylegan_channel_multiplier={arch.stylegan_channel_multiplier} (the opts' value, 2 "
+                              f"when absent) makes them {wide.shape[1]}")
     assign_strict(net.hypernet, hypernet, f"{path} hypernet")
     assign_strict(net.decoder, decoder, f"{path} decoder")
     assign_strict(net.w_encoder, read_w_encoder(w_path), f"{w_path} encoder (HyperStyle's W encoder)")

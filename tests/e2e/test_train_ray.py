@@ -208,8 +208,8 @@ HYPERSTYLE_TERMS = ("loss", "loss_l2", "loss_iter0", "loss_iter1")
 
 
 def test_hyperstyle_learns_resumes_after_a_killed_worker_and_registers_with_its_w_encoder(tmp_path):
-    """`psp train train.preset=hyperstyle_encode` (256 px generator of multiplier 1, one tuned layer, 2 passes per batch, one worker,
-    4 steps on near copies of one image):
+    """`psp train train.preset=hyperstyle_encode` (256 px generator of channel multiplier 1, one tuned layer, 2 passes
+    per batch, one worker, 4 steps on near copies of one image):
     the worker is SIGKILLed once step 3 is logged after step 2's checkpoint and Ray restarts it from that checkpoint;
     a step run twice logs the same value of every term; the validation L2 falls; the version registered carries the
     W encoder the run refined, its checkpoint is the released layout and loads back with it."""
