@@ -36,7 +36,7 @@ from psp_core.nets.hyperstyle import HyperStyle
 from psp_core.nets.hyperstyle_checkpoints import load_hyperstyle, read_w_encoder
 from psp_core.nets.irse import UNITS_PER_STAGE, IRSEBackbone
 from psp_core.nets.psp import PSP, PSPArchitecture
-from psp_core.nets.stylegan2 import Generator
+from psp_core.nets.stylegan2 import Generator, generator_architecture
 from psp_core.options import HYPERSTYLE, RESTYLE_FAMILIES, W_ENCODER, HyperStyleArchitecture, family_of
 
 log = logging.getLogger(__name__)
@@ -44,18 +44,6 @@ log = logging.getLogger(__name__)
 MEAN_LATENT_SAMPLES = 10_000   # w samples averaged for latent_avg when the generator file has none
 MEAN_LATENT_SEED = 0
 STEM_WEIGHT = "input_layer.0.weight"   # IR-SE50's first convolution, [64, 3, 3, 3]
-
-
-def generator_architecture(state: Mapping[str, torch.Tensor]) -> dict[str, int]:
-    """Size, style_dim, n_mlp and channel multiplier of a `g_ema` state dict, read from its tensors."""
-    n_rgbs = sum(1 for k in state if re.fullmatch(r"to_rgbs\.\d+\.bias", k))
-    size = 2 ** (n_rgbs + 2)
-    n_mlp = sum(1 for k in state if re.fullmatch(r"style\.\d+\.weight", k))
-    style_dim = state["conv1.conv.modulation.weight"].shape[1] if "conv1.conv.modulation.weight" in state else 512
-    multiplier = 2
-    if size >= 64 and "convs.6.conv.weight" in state:
-        multiplier = max(1, state["convs.6.conv.weight"].shape[1] // 256)
-    return {"size": size, "style_dim": style_dim, "n_mlp": n_mlp, "channel_multiplier": multiplier}
 
 
 @dataclass

@@ -27,6 +27,7 @@ from psp_core.nets.checkpoint_io import (
     sub_state,
 )
 from psp_core.nets.hyperstyle import HyperStyle
+from psp_core.nets.stylegan2 import generator_architecture
 from psp_core.options import HYPERSTYLE_W_ENCODER, HyperStyleArchitecture
 
 PRETRAINED_FOLDER = Path("pretrained_models")
@@ -54,12 +55,11 @@ def load_hyperstyle(path: str | Path, state: Mapping[str, torch.Tensor], opts: A
         net = HyperStyle(arch)
     hypernet = without_shared_copies(sub_state(state, "hypernet"), net.hypernet.shared_alias_prefixes(), path)
     decoder = sub_state(state, "decoder")
-    wide = net.decoder.state_dict()["convs.6.conv.weight"]   # the first 64 px layer: its width is the multiplier's
-    found = decoder.get("convs.6.conv.weight")
-    if isinstance(found, torch.Tensor) and found.shape != wide.shape:
-        raise CheckpointError(f"{path}: the generator's 64 px layers are {found.shape[1]} channels wide, "
-                              f"stylegan_channel_multiplier={arch.stylegan_channel_multiplier} (the opts' value, 2 "
-                              f"when absent) makes them {wide.shape[1]}")
+    found = generator_architecture(decoder)["channel_multiplier"]
+    if "convs.6.conv.weight" in decoder and found != arch.stylegan_channel_multiplier:
+        raise CheckpointError(f"{path}: the file's generator has channel multiplier {found} (its 64 px layers' width), "
+                              f"the opts' stylegan_channel_multiplier (2 when absent) is "
+                              f"{arch.stylegan_channel_multiplier}")
     assign_strict(net.hypernet, hypernet, f"{path} hypernet")
     assign_strict(net.decoder, decoder, f"{path} decoder")
     assign_strict(net.w_encoder, read_w_encoder(w_path), f"{w_path} encoder (HyperStyle's W encoder)")

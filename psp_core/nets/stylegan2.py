@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Sequence
+import re
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -232,6 +233,19 @@ def channels_for(size: int, channel_multiplier: int) -> dict[int, int]:
     wide = {4: 512, 8: 512, 16: 512, 32: 512}
     narrow = {64: 256, 128: 128, 256: 64, 512: 32, 1024: 16}
     return {**wide, **{r: c * channel_multiplier for r, c in narrow.items()}}
+
+
+def generator_architecture(state: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """Size, style_dim, n_mlp and channel multiplier of a `g_ema` state dict, read from its tensors (the multiplier
+    from the width of the first 64 px layer, `convs.6`)."""
+    n_rgbs = sum(1 for k in state if re.fullmatch(r"to_rgbs\.\d+\.bias", k))
+    size = 2 ** (n_rgbs + 2)
+    n_mlp = sum(1 for k in state if re.fullmatch(r"style\.\d+\.weight", k))
+    style_dim = state["conv1.conv.modulation.weight"].shape[1] if "conv1.conv.modulation.weight" in state else 512
+    multiplier = 2
+    if size >= 64 and "convs.6.conv.weight" in state:
+        multiplier = max(1, state["convs.6.conv.weight"].shape[1] // channels_for(64, 1)[64])
+    return {"size": size, "style_dim": style_dim, "n_mlp": n_mlp, "channel_multiplier": multiplier}
 
 
 class Generator(nn.Module):
