@@ -42,19 +42,20 @@ from psp_core.training import engine  # noqa: E402
 def measure(args: argparse.Namespace) -> dict[str, float]:
     """Median seconds and mean minor page faults per batch of the invert stage's `Inverter` (decode, the
     inference core's `invert`, L2 / LPIPS / MS-SSIM, PNG encode) after one warm-up batch, in this process."""
-    root = Path(tempfile.mkdtemp())
-    torch.manual_seed(0)
-    net = PSP(PSPArchitecture(output_size=args.size, encoder_input_size=args.encoder_size))
-    net.set_latent_avg(torch.randn(512) * 0.1)
-    checkpoint = save_psp(net, root / "model.pt")
-    cfg = InvertConfig(model=str(checkpoint), input=make_inputs(root, args.batch * (args.iters + 1), 1000),
-                       output_dir=root / "out", batch_size=args.batch, cpus_per_actor=torch.get_num_threads(),
-                       lpips_backbone="random", precision=args.precision, compile=args.compile)
-    inverter = Inverter(str(checkpoint), cfg.model_dump(mode="json"), "bench")
-    shard = next(cfg.input.glob("*.parquet"))
-    rows = read_unit(pa.table({"unit": [shard.stem], "paths": [[str(shard)]]}), shards=True, split=None,
-                     columns=["id", "image", "source_path", "split"])
-    return timed(lambda index: inverter(rows.slice(index * args.batch, args.batch)), args.iters)
+    with tempfile.TemporaryDirectory(prefix="psp-bench-allocator-") as folder:
+        root = Path(folder)
+        torch.manual_seed(0)
+        net = PSP(PSPArchitecture(output_size=args.size, encoder_input_size=args.encoder_size))
+        net.set_latent_avg(torch.randn(512) * 0.1)
+        checkpoint = save_psp(net, root / "model.pt")
+        cfg = InvertConfig(model=str(checkpoint), input=make_inputs(root, args.batch * (args.iters + 1), 1000),
+                           output_dir=root / "out", batch_size=args.batch, cpus_per_actor=torch.get_num_threads(),
+                           lpips_backbone="random", precision=args.precision, compile=args.compile)
+        inverter = Inverter(str(checkpoint), cfg.model_dump(mode="json"), "bench")
+        shard = next(cfg.input.glob("*.parquet"))
+        rows = read_unit(pa.table({"unit": [shard.stem], "paths": [[str(shard)]]}), shards=True, split=None,
+                         columns=["id", "image", "source_path", "split"])
+        return timed(lambda index: inverter(rows.slice(index * args.batch, args.batch)), args.iters)
 
 
 def timed(step: Callable[[int], object], iters: int) -> dict[str, float]:

@@ -1,9 +1,11 @@
-"""Shared test set-up: no analytics, no telemetry, no system-metrics threads, no idle Ray workers; under pytest-xdist the cores and the
-temporary folder shared out among the workers and the longest files started first; the S3 test server fixture."""
+"""Shared test set-up: no analytics, no telemetry, no system-metrics threads, no idle Ray workers; the cores shared out
+among the pytest-xdist workers and the longest files started first; each run's temporary files, caches and test
+folders removed as it goes, so that a run needs a few GB of disk and leaves nothing behind; the S3 test server."""
 import ctypes
 import ctypes.util
 import gc
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -17,13 +19,23 @@ def _threads_per_worker() -> int:
 
 if "PYTEST_XDIST_WORKER" in os.environ:   # before torch is first imported, so its thread pool takes it
     os.environ["OMP_NUM_THREADS"] = str(_threads_per_worker())
-    # Each worker (and every `psp` it starts) its own temporary folder. A local Ray instance keeps its sessions,
-    # sockets and its `ray_current_cluster` address file in `$TMPDIR/ray`: two workers' instances sharing it would
-    # find each other's. The name stays short, as Ray's socket paths must fit in 107 bytes.
-    _own_tmp = Path(tempfile.gettempdir()) / f"psp-{os.environ['PYTEST_XDIST_WORKER']}"
-    _own_tmp.mkdir(exist_ok=True)
-    os.environ["TMPDIR"] = str(_own_tmp)
-    tempfile.tempdir = None
+
+# Each run (each xdist worker) and every `psp` it starts gets its own temporary folder, removed when the run ends:
+# - a local Ray instance keeps its sessions, sockets and its `ray_current_cluster` address file in `$TMPDIR/ray`,
+#   and two workers' (or two runs') instances sharing it would find each other's;
+# - the weights cache, the compiled-kernel caches and `psp train`'s local checkpoints live under it too, so that the
+#   suite neither reads the user's caches (a run must pass on a fresh machine) nor fills them (a run fetches ~0.3 GB
+#   of registered models into the cache).
+# pytest's own folders (`tmp_path`, kept for failed tests) stay in the system's temporary folder, and so do the xdist
+# workers' own folders, beside the controller's (which they inherit as $TMPDIR) rather than inside it: the names stay
+# short, as Ray's socket paths must fit in 107 bytes.
+os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", tempfile.gettempdir())
+OWN_TMP = Path(tempfile.mkdtemp(prefix=f"psp-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}-",
+                                dir=os.environ["PYTEST_DEBUG_TEMPROOT"]))
+os.environ["TMPDIR"] = str(OWN_TMP)
+os.environ["XDG_CACHE_HOME"] = str(OWN_TMP / "cache")
+os.environ.pop("PSP_COMPILE_CACHE_DIR", None)
+tempfile.tempdir = None
 
 import pytest
 
@@ -77,10 +89,50 @@ def return_freed_memory():
         ctypes.CDLL(name).malloc_trim(0)
 
 
+_FAILED_FILES: set[Path] = set()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call):
+    """Note the files with a failed test, whose folders `remove_module_folders` keeps."""
+    report = yield
+    if report.failed:
+        _FAILED_FILES.add(item.path)
+    return report
+
+
+@pytest.fixture(autouse=True, scope="module")
+def remove_module_folders(request, tmp_path_factory):
+    """After each test file, remove the folders its module-scoped fixtures made (`tmp_path_factory.mktemp`): pytest
+    removes a passed test's `tmp_path` at once but keeps every `mktemp` folder until the run ends, and the files' model
+    stores, registries and checkpoints added up to 22 GB over a run. A file with a failed test keeps its folders, as
+    `tmp_path_retention_policy = "failed"` keeps the failed tests' own. Also removed: the weights cache and `psp
+    train`'s local checkpoint folders, which hold only this file's registered models and runs (killed workers'
+    folders stay until their run resumes)."""
+    base = tmp_path_factory.getbasetemp()
+    before = set(base.iterdir())
+    yield
+    shutil.rmtree(OWN_TMP / "cache" / "psp", ignore_errors=True)
+    shutil.rmtree(OWN_TMP / "psp-train", ignore_errors=True)
+    if request.node.path in _FAILED_FILES:
+        return
+    for path in set(base.iterdir()) - before:
+        if path.is_symlink() or not path.is_dir():
+            path.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    """Remove this run's own temporary folder (Ray's sessions and logs, the caches, killed runs' checkpoints)."""
+    shutil.rmtree(OWN_TMP, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
-def s3_server(tmp_path_factory):
-    """A real S3-compatible server (SeaweedFS on 127.0.0.1) for the session, with the bucket `psp-test`."""
+def s3_server():
+    """A real S3-compatible server (SeaweedFS on 127.0.0.1) for the session, with the bucket `psp-test`; its files in
+    the run's temporary folder (not under pytest's, which `remove_module_folders` empties file by file)."""
     from helpers.s3 import running_s3_server
 
-    with running_s3_server(tmp_path_factory.mktemp("s3")) as server:
+    with tempfile.TemporaryDirectory(prefix="s3-") as root, running_s3_server(Path(root)) as server:
         yield server
