@@ -107,6 +107,15 @@ def require_entry(ckpt: Any, key: str, path: str | Path) -> Any:
     return ckpt[key]
 
 
+def conv_clamp_entry(ckpt: Mapping[str, Any], path: str | Path) -> float | None:
+    """The `conv_clamp` entry of a generator file or of a model's opts (a converted StyleGAN2-ADA generator's clamp,
+    which is not a tensor), None if absent; anything but a positive number is one CheckpointError."""
+    clamp = ckpt.get("conv_clamp")
+    if clamp is not None and (isinstance(clamp, bool) or not isinstance(clamp, (int, float)) or not clamp > 0):
+        raise CheckpointError(f"{path}: 'conv_clamp' must be a positive number, got {clamp!r}")
+    return None if clamp is None else float(clamp)
+
+
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     """torch.save to a temporary file in the same folder, then rename: never a half-written file."""
     path = Path(path)

@@ -27,6 +27,7 @@ from psp_core.nets.checkpoint_io import (
     assign_strict,
     atomic_torch_save,
     check_state_dict,
+    conv_clamp_entry,
     load_strict,
     read_checkpoint,
     require_entry,
@@ -63,18 +64,10 @@ def read_generator_checkpoint(path: str | Path, network: str = "G_ema") -> Gener
     ckpt = read_checkpoint(path)
     state = require_entry(ckpt, "g_ema", path)
     with torch.device("meta"):
-        generator = Generator(**generator_architecture(state), conv_clamp=_conv_clamp(ckpt, path))
+        generator = Generator(**generator_architecture(state), conv_clamp=conv_clamp_entry(ckpt, path))
     assign_strict(generator, state, f"{path} g_ema")
     latent_avg = ckpt.get("latent_avg")
     return GeneratorCheckpoint(generator.eval(), None if latent_avg is None else latent_avg.float())
-
-
-def _conv_clamp(ckpt: Mapping[str, Any], path: str | Path) -> float | None:
-    """The generator file's `conv_clamp` entry (written for converted StyleGAN2-ADA generators), None if absent."""
-    clamp = ckpt.get("conv_clamp")
-    if clamp is not None and (isinstance(clamp, bool) or not isinstance(clamp, (int, float)) or not clamp > 0):
-        raise CheckpointError(f"{path}: 'conv_clamp' must be a positive number, got {clamp!r}")
-    return None if clamp is None else float(clamp)
 
 
 def save_generator(generator: Generator, latent_avg: torch.Tensor | None, path: str | Path) -> Path:
@@ -144,7 +137,7 @@ def load_psp(path: str | Path, device: str | torch.device = "cpu",
         net = PSP(arch)
     assign_strict(net.encoder, sub_state(state, "encoder"), f"{path} encoder")
     assign_strict(net.decoder, sub_state(state, "decoder"), f"{path} decoder")
-    net.decoder.set_conv_clamp(_conv_clamp(opts, path))
+    net.decoder.set_conv_clamp(conv_clamp_entry(opts, path))
     try:
         net.set_latent_avg(latent_avg)
     except ValueError as err:

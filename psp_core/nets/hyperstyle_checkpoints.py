@@ -21,6 +21,7 @@ from psp_core.errors import CheckpointError
 from psp_core.nets.checkpoint_io import (
     assign_strict,
     atomic_torch_save,
+    conv_clamp_entry,
     load_strict,
     read_checkpoint,
     require_entry,
@@ -62,6 +63,7 @@ def load_hyperstyle(path: str | Path, state: Mapping[str, torch.Tensor], opts: A
                               f"{arch.stylegan_channel_multiplier}")
     assign_strict(net.hypernet, hypernet, f"{path} hypernet")
     assign_strict(net.decoder, decoder, f"{path} decoder")
+    net.decoder.set_conv_clamp(conv_clamp_entry(opts, path))
     assign_strict(net.w_encoder, read_w_encoder(w_path), f"{w_path} encoder (HyperStyle's W encoder)")
     try:
         net.set_latent_avg(latent_avg)
@@ -131,12 +133,14 @@ def read_w_encoder(path: Path) -> dict[str, torch.Tensor]:
 
 
 def hyperstyle_opts(net: HyperStyle) -> dict[str, Any]:
-    """The reference opts that fix a HyperStyle network, its W encoder named by its file (`w_encoder_file`)."""
+    """The reference opts that fix a HyperStyle network, its W encoder named by its file (`w_encoder_file`), and a
+    converted StyleGAN2-ADA generator's clamp (`conv_clamp`, not a tensor; an opt the reference ignores)."""
     arch, w_encoder = net.arch, net.w_encoder_file
     return {"encoder_type": arch.encoder_type, "input_nc": arch.input_nc, "output_size": arch.output_size,
             "layers_to_tune": ",".join(map(str, arch.layers_to_tune)), "n_hypernet_outputs": arch.n_hypernet_outputs,
             "w_encoder_checkpoint_path": w_encoder, "w_encoder_type": "WEncoder", "load_w_encoder": True,
-            "stylegan_channel_multiplier": arch.stylegan_channel_multiplier}
+            "stylegan_channel_multiplier": arch.stylegan_channel_multiplier,
+            **({} if net.decoder.conv_clamp is None else {"conv_clamp": net.decoder.conv_clamp})}
 
 
 def save_hyperstyle(net: HyperStyle, path: str | Path, extra: Mapping[str, Any] | None = None) -> Path:

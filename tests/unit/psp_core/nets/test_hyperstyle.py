@@ -366,3 +366,21 @@ def test_a_generator_of_channel_multiplier_1_gives_its_narrower_layers_own_heads
         load_psp(tmp_path / "unsaid.pt")
     with pytest.raises(InputError, match="stylegan_channel_multiplier must be in 1..4, got 0"):
         HyperStyleArchitecture(output_size=256, stylegan_channel_multiplier=0)
+
+
+def test_a_hyperstyle_checkpoint_keeps_its_generators_clamp(tmp_path):
+    """A HyperStyle trained over a converted StyleGAN2-ADA generator decodes with its `conv_clamp`, which is not a
+    tensor: the file records it in `opts` and `load_psp` puts it back (a file without the key loads unclamped)."""
+    torch.manual_seed(0)
+    net = HyperStyle(HyperStyleArchitecture(output_size=256, layers_to_tune=(0,)))
+    net.set_latent_avg(torch.randn(512))
+    net.w_encoder_file = "w.pt"
+    torch.save({"state_dict": {f"encoder.{k}": v for k, v in net.w_encoder.state_dict().items()}}, tmp_path / "w.pt")
+    net.decoder.set_conv_clamp(256.0)
+    clamped = save_hyperstyle(net, tmp_path / "clamped.pt")
+    assert torch.load(clamped, weights_only=True)["opts"]["conv_clamp"] == 256.0
+    assert load_psp(clamped).decoder.conv_clamp == 256.0
+    net.decoder.set_conv_clamp(None)
+    plain = save_hyperstyle(net, tmp_path / "plain.pt")
+    assert "conv_clamp" not in torch.load(plain, weights_only=True)["opts"]
+    assert load_psp(plain).decoder.conv_clamp is None
