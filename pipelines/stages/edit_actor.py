@@ -118,7 +118,7 @@ class Editor:
                                          offset_steps)
         self.device = self.model.device
         self.n_styles = self.model.n_styles
-        self.generator = None if generator is None else load_generator(generator).to(self.device)
+        self.generator = None if generator is None else self.model.prepared_generator(load_generator(generator))
         self.offset_steps, self.offset_layers = offset_steps, offset_layers
         self.directions = directions
         self.batch_size = batch_size

@@ -123,7 +123,7 @@ class InferenceModel:
             keep_freed_memory()
         self.net = net.to(self.device).eval()
         self.precision = resolve_precision(precision, self.device)
-        self.compiled = compile
+        self.compiled, self.compile_cache = compile, compile_cache
         if compile:
             compile_networks(self.net, compile_cache)
         self.input_kind = task.input_kind
@@ -179,13 +179,19 @@ class InferenceModel:
             images, latents = self.net(source, resize=False, randomize_noise=False, return_latents=True)
         return [Inversion(images, latents)]
 
+    def prepared_generator(self, generator: Generator) -> Generator:
+        """A generator to `decode` with instead of the model's own (domain adaptation), made ready as the model's is:
+        on its device, in eval mode, and compiled when the model is (same compile cache)."""
+        generator = generator.to(self.device).eval()
+        return compile_model(generator, self.compile_cache) if self.compiled else generator
+
     @torch.inference_mode()
     def decode(self, latents: Tensor, offsets: WeightOffsets | None = None,
                generator: Generator | None = None) -> Tensor:
         """W+ codes [N, n_styles, 512] -> generator images [N, 3, S, S] (stored noise); a HyperStyle model's with
         the weight offsets of its inversion (`Inversion.offsets`; none: the plain generator). `generator`: decode
         with this generator of the same architecture instead of the model's own (domain adaptation: the offsets
-        predicted for the model's generator applied to another's weights), on the model's device."""
+        predicted for the model's generator applied to another's weights; see `prepared_generator`)."""
 
         if offsets is not None:
             offsets = [None if o is None else o.to(self.device) for o in offsets]
