@@ -24,7 +24,8 @@ lint: setup
 
 # One pytest run on two processes, a whole file at a time: the end-to-end runs (`slow`: real Ray instances,
 # servers, dvc repro) wait on processes and servers much of the time, and the unit files fill in beside them.
-# Each worker has its own temporary folder, so two local Ray instances never meet (tests/conftest.py).
+# Each worker has its own temporary folder, removed when the run ends, so two local Ray instances never meet and
+# no cache outlives the run (tests/conftest.py).
 test: lint
 	$(PY) -m pytest -n 2 --dist loadfile
 
