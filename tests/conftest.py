@@ -1,6 +1,7 @@
 """Shared test set-up: no analytics, no telemetry, no system-metrics threads, no idle Ray workers; the cores shared out
 among the pytest-xdist workers and the longest files started first; each run's temporary files, caches and test
-folders removed as it goes, so that a run needs a few GB of disk and leaves nothing behind; the S3 test server."""
+folders removed as it goes, so that a run holds about 13 GB of disk at its peak and leaves nothing behind; the S3 test
+server."""
 import ctypes
 import ctypes.util
 import gc
@@ -20,20 +21,27 @@ def _threads_per_worker() -> int:
 if "PYTEST_XDIST_WORKER" in os.environ:   # before torch is first imported, so its thread pool takes it
     os.environ["OMP_NUM_THREADS"] = str(_threads_per_worker())
 
-# Each run (each xdist worker) and every `psp` it starts gets its own temporary folder, removed when the run ends:
+# Each run and every `psp` it starts gets its own temporary folder, removed when the run ends (an xdist worker's is
+# named after its run's, `<run>-gw0`, so that the run removes a crashed worker's too):
 # - a local Ray instance keeps its sessions, sockets and its `ray_current_cluster` address file in `$TMPDIR/ray`,
 #   and two workers' (or two runs') instances sharing it would find each other's;
-# - the weights cache, the compiled-kernel caches and `psp train`'s local checkpoints live under it too, so that the
-#   suite neither reads the user's caches (a run must pass on a fresh machine) nor fills them (a run fetches ~0.3 GB
-#   of registered models into the cache).
-# pytest's own folders (`tmp_path`, kept for failed tests) stay in the system's temporary folder, and so do the xdist
-# workers' own folders, beside the controller's (which they inherit as $TMPDIR) rather than inside it: the names stay
-# short, as Ray's socket paths must fit in 107 bytes.
+# - the weights cache, the compiled-kernel caches, DVC's site cache and `psp train`'s local checkpoints live under it
+#   too, so that the suite neither reads the user's caches (a run must pass on a fresh machine) nor fills them (a run
+#   fetches ~0.3 GB of registered models into the cache; each temporary DVC repository adds a folder to DVC's).
+# pytest's own folders (`tmp_path`, kept for failed tests) stay in the system's temporary folder, and so do the
+# workers' folders, beside their run's rather than inside it: the names stay short, as Ray's socket paths must fit in
+# 107 bytes.
+RUN_FOLDER = "PSP_TESTS_RUN_FOLDER"
 os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", tempfile.gettempdir())
-OWN_TMP = Path(tempfile.mkdtemp(prefix=f"psp-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}-",
-                                dir=os.environ["PYTEST_DEBUG_TEMPROOT"]))
+if "PYTEST_XDIST_WORKER" in os.environ and RUN_FOLDER in os.environ:
+    OWN_TMP = Path(f"{os.environ[RUN_FOLDER]}-{os.environ['PYTEST_XDIST_WORKER']}")
+    OWN_TMP.mkdir(exist_ok=True)
+else:
+    OWN_TMP = Path(tempfile.mkdtemp(prefix="psp-", dir=os.environ["PYTEST_DEBUG_TEMPROOT"]))
+    os.environ[RUN_FOLDER] = str(OWN_TMP)
 os.environ["TMPDIR"] = str(OWN_TMP)
 os.environ["XDG_CACHE_HOME"] = str(OWN_TMP / "cache")
+os.environ["DVC_SITE_CACHE_DIR"] = str(OWN_TMP / "dvc")
 os.environ.pop("PSP_COMPILE_CACHE_DIR", None)
 tempfile.tempdir = None
 
@@ -103,12 +111,14 @@ def pytest_runtest_makereport(item: pytest.Item, call):
 
 @pytest.fixture(autouse=True, scope="module")
 def remove_module_folders(request, tmp_path_factory):
-    """After each test file, remove the folders its module-scoped fixtures made (`tmp_path_factory.mktemp`): pytest
-    removes a passed test's `tmp_path` at once but keeps every `mktemp` folder until the run ends, and the files' model
-    stores, registries and checkpoints added up to 22 GB over a run. A file with a failed test keeps its folders, as
-    `tmp_path_retention_policy = "failed"` keeps the failed tests' own. Also removed: the weights cache and `psp
-    train`'s local checkpoint folders, which hold only this file's registered models and runs (killed workers'
-    folders stay until their run resumes)."""
+    """After each test file, remove the folders made during it (`tmp_path_factory.mktemp`): pytest removes a passed
+    test's `tmp_path` at once but keeps every `mktemp` folder until the run ends, and the files' model stores,
+    registries and checkpoints added up to 22 GB over a run. pytest numbers each name on (`store0`, `store1`, ...), so a
+    removed folder's name is not given again. A file with a failed test keeps its folders, as
+    `tmp_path_retention_policy = "failed"` keeps the failed tests' own (a failure in the teardown of its last test or
+    module fixture is reported after this). A session-scoped fixture must not keep its files under pytest's folder, as
+    it may first be asked for in any file (`s3_server`). Also removed: the weights cache and `psp train`'s local
+    checkpoint folders, which hold only this file's registered models and runs."""
     base = tmp_path_factory.getbasetemp()
     before = set(base.iterdir())
     yield
@@ -123,9 +133,13 @@ def remove_module_folders(request, tmp_path_factory):
             shutil.rmtree(path, ignore_errors=True)
 
 
+@pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session, exitstatus) -> None:
-    """Remove this run's own temporary folder (Ray's sessions and logs, the caches, killed runs' checkpoints)."""
-    shutil.rmtree(OWN_TMP, ignore_errors=True)
+    """Remove this run's own temporary folder (Ray's sessions and logs, the caches, killed runs' checkpoints), and its
+    xdist workers' (a crashed worker's included), once every fixture is torn down (after `-x` or Ctrl-C, pytest tears
+    the open ones down in its own sessionfinish). Failed tests keep their `tmp_path` folders under pytest's."""
+    for folder in (OWN_TMP, *OWN_TMP.parent.glob(f"{OWN_TMP.name}-gw*")):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from psp_core.data.presets import PresetTransform, get_preset
 from psp_core.errors import InputError
@@ -179,7 +179,7 @@ class InferenceModel:
             images, latents = self.net(source, resize=False, randomize_noise=False, return_latents=True)
         return [Inversion(images, latents)]
 
-    def prepared_generator(self, generator: Generator) -> Generator:
+    def prepared_generator(self, generator: Generator) -> nn.Module:
         """A generator to `decode` with instead of the model's own (domain adaptation), made ready as the model's is:
         on its device, in eval mode, and compiled when the model is (same compile cache)."""
         generator = generator.to(self.device).eval()
@@ -187,7 +187,7 @@ class InferenceModel:
 
     @torch.inference_mode()
     def decode(self, latents: Tensor, offsets: WeightOffsets | None = None,
-               generator: Generator | None = None) -> Tensor:
+               generator: nn.Module | None = None) -> Tensor:
         """W+ codes [N, n_styles, 512] -> generator images [N, 3, S, S] (stored noise); a HyperStyle model's with
         the weight offsets of its inversion (`Inversion.offsets`; none: the plain generator). `generator`: decode
         with this generator of the same architecture instead of the model's own (domain adaptation: the offsets

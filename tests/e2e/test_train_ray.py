@@ -9,6 +9,7 @@ import os
 import signal
 import sqlite3
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -421,7 +422,7 @@ def test_psp_submit_runs_as_a_ray_job_on_a_local_head(tmp_path):
     env = clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}")
     env.pop("RAY_ADDRESS", None)
     dashboard = free_port()
-    ray_tmp = Path("/tmp") / f"psp-ray-{os.getpid()}"
+    ray_tmp = Path(tempfile.gettempdir()) / "head"   # in the run's own folder; short, as Ray's socket paths must be
     started, gcs_port = time.time(), free_port()
     # every listening port its own, so that another Ray on this machine (default ports) cannot take them
     start = subprocess.run([f"{bin_dir}/ray", "start", "--head", "--port", str(gcs_port), "--dashboard-port",

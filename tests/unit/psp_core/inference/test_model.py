@@ -29,7 +29,7 @@ def test_a_replacement_generator_decodes_in_eval_mode_and_is_compiled_when_the_m
     torch.testing.assert_close(eager.decode(codes, generator=prepared), expected)
     assert not torch.allclose(eager.decode(codes), expected)
 
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "")   # compile_model sets it for the process: restored after
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))   # compile_model sets it: restored after
     compiled = InferenceModel(copy.deepcopy(net), preset=None, compile=True, compile_cache=tmp_path / "inductor")
     assert isinstance(compiled.net.decoder, OptimizedModule)
     replacement = compiled.prepared_generator(copy.deepcopy(other))

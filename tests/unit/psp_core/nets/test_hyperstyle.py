@@ -313,11 +313,13 @@ def test_separable_kernel_is_a_mixed_sum_of_outer_products():
 
 def test_a_saved_hyperstyle_is_the_released_layout_and_loads_back(tmp_path):
     """`save_hyperstyle`: the shared hypernetwork's tensors repeated under every tuned shared layer's head (the
-    reference's keys, which `load_psp` checks equal), opts naming the W encoder's file, latent_avg; `load_psp` with
-    that file gives the same network back, and the W encoder found beside it by that name."""
+    reference's keys, which `load_psp` checks equal), opts naming the W encoder's file and the generator's clamp (a
+    converted StyleGAN2-ADA generator's `conv_clamp`, not a tensor), latent_avg; `load_psp` with that file gives the
+    same network back, clamp included, and the W encoder found beside it by that name."""
     torch.manual_seed(0)
     net = HyperStyle(HyperStyleArchitecture(output_size=256, layers_to_tune=(0, 1)))
     net.set_latent_avg(torch.randn(512))
+    net.decoder.set_conv_clamp(256.0)
     net.w_encoder_file = "domain_w_encoder.pt"
     torch.save({"state_dict": {f"encoder.{k}": v for k, v in net.w_encoder.state_dict().items()}},
                tmp_path / "domain_w_encoder.pt")
@@ -330,9 +332,10 @@ def test_a_saved_hyperstyle_is_the_released_layout_and_loads_back(tmp_path):
                            ckpt["state_dict"][f"hypernet.shared_weight_hypernet.{k}"]) for k in shared)
     assert not any(k.startswith("hypernet.refinement_blocks.1.hypernet.") for k in ckpt["state_dict"])
     assert ckpt["opts"]["layers_to_tune"] == "0,1" and ckpt["opts"]["w_encoder_checkpoint_path"] == "domain_w_encoder.pt"
-    assert ckpt["step"] == 7 and ckpt["latent_avg"].shape == (14, 512)
+    assert ckpt["step"] == 7 and ckpt["latent_avg"].shape == (14, 512) and ckpt["opts"]["conv_clamp"] == 256.0
     loaded = load_psp(path)
     assert loaded.arch == net.arch and loaded.w_encoder_file == "domain_w_encoder.pt"
+    assert loaded.decoder.conv_clamp == 256.0
     state = net.state_dict()
     assert all(torch.equal(v, state[k]) for k, v in loaded.state_dict().items())
     torch.testing.assert_close(loaded.latent_avg, net.latent_avg)
@@ -355,9 +358,10 @@ def test_a_generator_of_channel_multiplier_1_gives_its_narrower_layers_own_heads
     torch.save({"state_dict": {f"encoder.{k}": v for k, v in net.w_encoder.state_dict().items()}}, tmp_path / "w.pt")
     path = save_hyperstyle(net, tmp_path / "narrow.pt")
     ckpt = torch.load(path, weights_only=True)
-    assert ckpt["opts"]["stylegan_channel_multiplier"] == 1
+    assert ckpt["opts"]["stylegan_channel_multiplier"] == 1 and "conv_clamp" not in ckpt["opts"]
     loaded = load_psp(path)
     assert loaded.arch == net.arch and all(torch.equal(v, net.state_dict()[k]) for k, v in loaded.state_dict().items())
+    assert loaded.decoder.conv_clamp is None, "a file without the clamp loads unclamped"
 
     del ckpt["opts"]["stylegan_channel_multiplier"]   # read as a released file: config-f
     torch.save(ckpt, tmp_path / "unsaid.pt")
@@ -367,20 +371,3 @@ def test_a_generator_of_channel_multiplier_1_gives_its_narrower_layers_own_heads
     with pytest.raises(InputError, match="stylegan_channel_multiplier must be in 1..4, got 0"):
         HyperStyleArchitecture(output_size=256, stylegan_channel_multiplier=0)
 
-
-def test_a_hyperstyle_checkpoint_keeps_its_generators_clamp(tmp_path):
-    """A HyperStyle trained over a converted StyleGAN2-ADA generator decodes with its `conv_clamp`, which is not a
-    tensor: the file records it in `opts` and `load_psp` puts it back (a file without the key loads unclamped)."""
-    torch.manual_seed(0)
-    net = HyperStyle(HyperStyleArchitecture(output_size=256, layers_to_tune=(0,)))
-    net.set_latent_avg(torch.randn(512))
-    net.w_encoder_file = "w.pt"
-    torch.save({"state_dict": {f"encoder.{k}": v for k, v in net.w_encoder.state_dict().items()}}, tmp_path / "w.pt")
-    net.decoder.set_conv_clamp(256.0)
-    clamped = save_hyperstyle(net, tmp_path / "clamped.pt")
-    assert torch.load(clamped, weights_only=True)["opts"]["conv_clamp"] == 256.0
-    assert load_psp(clamped).decoder.conv_clamp == 256.0
-    net.decoder.set_conv_clamp(None)
-    plain = save_hyperstyle(net, tmp_path / "plain.pt")
-    assert "conv_clamp" not in torch.load(plain, weights_only=True)["opts"]
-    assert load_psp(plain).decoder.conv_clamp is None
