@@ -1,6 +1,6 @@
 """Shared test set-up: no analytics, no telemetry, no system-metrics threads, no idle Ray workers; the cores shared out
 among the pytest-xdist workers and the longest files started first; each run's temporary files, caches and test
-folders removed as it goes, so that a run holds about 10 GB of disk at its peak and leaves nothing behind; the S3 test
+folders removed as it goes, so that a run holds 10 to 12 GB of disk at its peak and leaves nothing behind; the S3 test
 server."""
 import ctypes
 import ctypes.util
