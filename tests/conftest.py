@@ -7,6 +7,7 @@ import ctypes.util
 import gc
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -95,6 +96,16 @@ def return_freed_memory():
     name = ctypes.util.find_library("c")
     if name is not None and hasattr(ctypes.CDLL(name), "malloc_trim"):   # glibc
         ctypes.CDLL(name).malloc_trim(0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def forget_tracking_uri():
+    """After each test file, forget the MLflow store a test set for the process (`mlflow.set_tracking_uri`, which also
+    exports MLFLOW_TRACKING_URI): a later file on the same worker would write into it, after its folder is gone."""
+    yield
+    if "mlflow" in sys.modules:
+        sys.modules["mlflow"].set_tracking_uri(None)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 _FAILED_FILES: set[Path] = set()
