@@ -48,6 +48,8 @@ tempfile.tempdir = None
 
 import pytest
 
+from pipelines.services.storage.cache import cache_root
+
 pytest_plugins = ["helpers.editing"]   # the edit stage's fixtures (a tiny model file, a registered version)
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
@@ -133,7 +135,7 @@ def remove_module_folders(request, tmp_path_factory):
     base = tmp_path_factory.getbasetemp()
     before = set(base.iterdir())
     yield
-    shutil.rmtree(OWN_TMP / "cache" / "psp", ignore_errors=True)
+    shutil.rmtree(cache_root(), ignore_errors=True)   # under OWN_TMP: XDG_CACHE_HOME is set above
     shutil.rmtree(OWN_TMP / "psp-train", ignore_errors=True)
     if request.node.path in _FAILED_FILES:
         return
