@@ -3,17 +3,22 @@ only from a file that reads whole (the real Ray runs: tests/e2e/test_train_ray.p
 from __future__ import annotations
 
 import copy
+import errno
 import logging
+from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
 import ray.train
+import torch
 
 from helpers.pipelines import noisy_psp, smooth_images
-from pipelines.services.ray.checkpoints import earlier_checkpoints, upload_whole
+from pipelines.services.ray import checkpoints
+from pipelines.services.ray.checkpoints import copy_whole, earlier_checkpoints, upload_whole
 from pipelines.stages.train_worker import resume_latest_whole
 from psp_core import PSPArchitecture
 from psp_core.data.presets import PresetTransform, get_preset
+from psp_core.nets.checkpoint_io import atomic_torch_save
 from psp_core.training.engine import BEST_CHECKPOINT, LAST_CHECKPOINT, Trainer, TrainingConfig
 from psp_core.training.losses import LossWeights, PSPLoss
 
@@ -63,26 +68,48 @@ def test_a_truncated_last_checkpoint_is_not_resumed_from_the_one_before_it_is(ti
 
 
 def test_a_checkpoint_upload_stopped_mid_file_leaves_no_file_under_its_final_name(tmp_path, monkeypatch):
+    """Storage on another filesystem than the checkpoint (no hard link): the copy is stopped part-way."""
     source = tmp_path / "report"
     source.mkdir()
     (source / LAST_CHECKPOINT).write_bytes(b"x" * 4096)
     (source / BEST_CHECKPOINT).write_bytes(b"y" * 4096)
     fs, target = pafs.LocalFileSystem(), str(tmp_path / "storage" / "checkpoint_1")
-    real_copy = pafs.copy_files
 
-    def stopped(src, dst, **kwargs):
+    def cross_device(src, dst):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    def stopped(src, dst):
         """The copy writes part of the file, then the stage is stopped."""
         with open(dst, "wb") as out:
             out.write(b"x" * 1000)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pafs, "copy_files", stopped)
+    monkeypatch.setattr(checkpoints.os, "link", cross_device)
+    monkeypatch.setattr(checkpoints.shutil, "copyfile", stopped)
     with pytest.raises(KeyboardInterrupt):
         upload_whole(fs, str(source), fs, target)
     assert sorted(p.name for p in (tmp_path / "storage" / "checkpoint_1").iterdir()) == []
 
-    monkeypatch.setattr(pafs, "copy_files", real_copy)
+    monkeypatch.undo()
+    monkeypatch.setattr(checkpoints.os, "link", cross_device)
     upload_whole(fs, str(source), fs, target)
     uploaded = tmp_path / "storage" / "checkpoint_1"
     assert sorted(p.name for p in uploaded.iterdir()) == sorted([BEST_CHECKPOINT, LAST_CHECKPOINT])
     assert (uploaded / LAST_CHECKPOINT).read_bytes() == b"x" * 4096
+    assert (uploaded / LAST_CHECKPOINT).stat().st_ino != (source / LAST_CHECKPOINT).stat().st_ino   # copied
+
+
+def test_on_one_filesystem_a_checkpoint_is_linked_and_the_next_save_leaves_the_stored_one_as_it_was(tmp_path):
+    """Report folder and Ray's local storage: no byte copied (one inode); the engine's next save (a new file renamed
+    over the old) does not change the stored checkpoint."""
+    local, report = tmp_path / "local", tmp_path / "report"
+    atomic_torch_save({"step": 2}, local / LAST_CHECKPOINT)
+    copy_whole(local / LAST_CHECKPOINT, report / LAST_CHECKPOINT)
+    fs, target = pafs.LocalFileSystem(), str(tmp_path / "storage" / "checkpoint_1")
+    upload_whole(fs, str(report), fs, target)
+    stored = Path(target) / LAST_CHECKPOINT
+    assert stored.stat().st_ino == (report / LAST_CHECKPOINT).stat().st_ino == (local / LAST_CHECKPOINT).stat().st_ino
+    assert sorted(p.name for p in Path(target).iterdir()) == [LAST_CHECKPOINT]   # no temporary name left
+    atomic_torch_save({"step": 4}, local / LAST_CHECKPOINT)
+    assert torch.load(stored, weights_only=True) == {"step": 2}
+    assert torch.load(local / LAST_CHECKPOINT, weights_only=True) == {"step": 4}
