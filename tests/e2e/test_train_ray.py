@@ -23,7 +23,6 @@ from helpers import REPO
 from helpers.ada import ada_generator, write_network_pickle
 from helpers.pipelines import (
     PSP,
-    SMALL_MODEL,
     TINY_TRAIN,
     clean_env,
     descendants,
@@ -99,17 +98,18 @@ E4E_TERMS = ("encoder_discriminator_loss", "total_delta_loss", "delta1_loss", "d
              "discriminator_loss", "discriminator_r1_loss", "progressive_stage", "loss_l2", "loss")
 
 
-def test_two_workers_survive_a_killed_worker_and_a_killed_driver_and_register(tmp_path):
+def test_two_workers_survive_a_killed_worker_a_killed_driver_and_ctrl_c_and_register(tmp_path):
     """`psp train train.preset=e4e_encode` on 2 DDP workers (the encoder trained, the generator frozen, as e4e's
-    coach trains it), progressive from step 2 with R1 every 2 steps. One
-    worker is SIGKILLed once step 3 is logged after step 2's checkpoint: Ray restarts the workers from that
-    checkpoint. Once they train again the `psp train` driver itself is SIGKILLed, and the same command run again
-    resumes from the latest checkpoint. Each time at most save_interval steps run twice, and a step run twice logs
-    the same value for every e4e term (discriminator, pools and real-code draws restored too). The run ends at
-    max_steps in one MLflow run, registered as @candidate with the reference coach's checkpoint layout, and the
-    registered model reproduces the checkpoint. Only processes below this test's own child are killed."""
+    coach trains it), progressive from step 2 with R1 every 2 steps. One worker is SIGKILLed once step 3 is logged after step 2's checkpoint: Ray restarts the workers from that
+    checkpoint. Once they train again the `psp train` driver itself is SIGKILLed. The same command run again resumes
+    from the latest checkpoint and is stopped with Ctrl-C sent as a terminal sends it (SIGINT to the whole process
+    group) once it trains: exit 130 and the stage's one line (Ray Train's own handler would exit 1 and leave the run
+    RUNNING), the MLflow run KILLED with the step it reached, no process left. Run once more, it resumes and ends at
+    max_steps. Each time at most save_interval steps run twice, and a step run twice logs the same value for every
+    e4e term (discriminator, pools and real-code draws restored too). The run ends in one MLflow run, registered as
+    @candidate with the reference coach's checkpoint layout, and the registered model reproduces the checkpoint. Only processes below this test's own child are killed."""
     make_shards(tmp_path)
-    max_steps, save_interval = 6, TINY_TRAIN["save_interval"]
+    max_steps, save_interval = 8, TINY_TRAIN["save_interval"]
     write_params(tmp_path, preset="e4e_encode", encoder_type="Encoder4Editing", max_steps=max_steps,
                  progressive_start=2, progressive_step_every=1, d_reg_every=2, w_pool_size=2, train_decoder=False)
     log = tmp_path / "killed_driver.log"
@@ -142,25 +142,29 @@ def test_two_workers_survive_a_killed_worker_and_a_killed_driver_and_register(tm
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
 
+    uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
+    interrupted_at = stop_with_ctrl_c_once_it_trains(tmp_path, uri, driver_killed, max_steps)
+
     rerun = run_psp(["train"], tmp_path)
     assert rerun.returncode == 0, rerun.stderr[-4000:]
     history = logged_steps(tmp_path)
     first = attempt(history, 0, worker_killed + 5)
     second = attempt(history, worker_killed + 5, driver_killed)
-    third = attempt(history, driver_killed, time.time() + 60)
+    third = attempt(history, driver_killed, interrupted_at)
+    fourth = attempt(history, interrupted_at, time.time() + 60)
     assert first[0] == 1
     after_worker = check_resumed(first, second, save_interval, max_steps)
     after_driver = check_resumed(second, third, save_interval, max_steps)
-    assert after_driver >= after_worker and third[-1] == max_steps
+    after_ctrl_c = check_resumed(third, fourth, save_interval, max_steps)
+    assert after_ctrl_c >= after_driver >= after_worker and fourth[-1] == max_steps
 
-    uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
     runs = finished_runs(uri)
     assert len(runs) == 1, "neither restarted workers nor a rerun driver may fork a second MLflow run"
     run = runs[0]
     assert run.info.status == "FINISHED"
     client = mlflow.MlflowClient(uri, registry_uri=uri)
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
-    assert sorted(steps) == sorted(first + second + third) and set(steps) == set(range(1, max_steps + 1))
+    assert sorted(steps) == sorted(first + second + third + fourth) and set(steps) == set(range(1, max_steps + 1))
     check_repeated_steps_log_the_same_terms(client, run.info.run_id, steps, max_steps)
     assert "val_loss" in run.data.metrics and "images_per_s" in run.data.metrics
     assert run.data.tags["psp.random_weights"] == "generator,encoder_backbone_irse50,lpips_alexnet"
@@ -172,7 +176,6 @@ def test_two_workers_survive_a_killed_worker_and_a_killed_driver_and_register(tm
     report = json.loads((tmp_path / "reports" / "train.json").read_text())
     assert report["steps"] == max_steps and report["mlflow_run_id"] == run.info.run_id
     # the killed worker's and driver's local checkpoint folders were reused by the restarts and removed at the end
-    import tempfile
     assert not list((Path(tempfile.gettempdir()) / "psp-train").glob(f"{report['run_name']}-rank*"))
     version = client.get_model_version_by_alias("psp-encoder", "candidate")
     assert version.run_id == run.info.run_id and str(version.version) == report["model_version"]
@@ -282,26 +285,17 @@ def test_hyperstyle_learns_resumes_after_a_killed_worker_and_registers_with_its_
     assert all(torch.equal(v, trained.state_dict()[k]) for k, v in registered.state_dict().items())
 
 
-def test_ctrl_c_is_one_line_marks_the_run_killed_at_its_step_and_a_rerun_resumes(tmp_path):
-    """`psp train` on a StyleGAN2-ADA network pickle of channel_base 16384 (`train.generator=network-snapshot.pkl`,
-    `train.stylegan_channel_multiplier=1`, frozen), stopped with Ctrl-C sent as a terminal sends it (SIGINT to the
-    whole process group) once a checkpoint is saved: exit 130 and
-    the stage's one line (Ray Train's own handler would exit 1 and leave the run RUNNING), the MLflow run KILLED with
-    the step it reached, no process left; the same command resumes from the checkpoint, and the registered model's
-    generator is the pickle's, converted."""
-    make_shards(tmp_path)
-    max_steps = 6
-    snapshot = write_network_pickle(tmp_path / "network-snapshot-000100.pkl",
-                                    ada_generator(resolution=64, channel_base=16384, seed=1))   # half width
-    write_params(tmp_path, num_workers=1, max_steps=max_steps, output_size=64, generator=str(snapshot),
-                 stylegan_channel_multiplier=1, **SMALL_MODEL)
-    log = tmp_path / "interrupted.log"
+def stop_with_ctrl_c_once_it_trains(root: Path, uri: str, since: float, max_steps: int) -> float:
+    """Run `psp train` again, and stop it with Ctrl-C (SIGINT to its process group) once it has logged a step:
+    exit 130, the stage's one line and no traceback, no process left, the MLflow run KILLED at the step this
+    attempt reached. Returns when it stopped."""
+    log = root / "interrupted.log"
     with log.open("w") as out:
-        proc = subprocess.Popen([PSP, "train"], cwd=tmp_path, env=clean_env(), stdout=out, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen([PSP, "train"], cwd=root, env=clean_env(), stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True, preexec_fn=interruptible)
     try:
-        wait_until(lambda: registered_checkpoint_steps(tmp_path) and 3 in {s for s, _ in logged_steps(tmp_path)},
-                   proc, 600, "step 3 after the first checkpoint", log, every=0.05)
+        wait_until(lambda: attempt(logged_steps(root), since, time.time() + 60), proc, 600, "a step of the rerun",
+                   log, every=0.05)
         tree = descendants(proc.pid)
         os.killpg(proc.pid, signal.SIGINT)
         code = proc.wait(timeout=60)
@@ -317,44 +311,22 @@ def test_ctrl_c_is_one_line_marks_the_run_killed_at_its_step_and_a_rerun_resumes
     assert "PlacementGroupCleaner" not in output, output[-4000:]   # a local instance runs without it
     _, alive = psutil.wait_procs(tree, timeout=20)
     assert not alive, f"left behind: {[(p.pid, p.name()) for p in alive]}"
-    uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
+    stopped_at = time.time()
+    reached = attempt(logged_steps(root), since, stopped_at)[-1]
+    assert reached < max_steps, "Ctrl-C must come before the last step"
     [stopped] = finished_runs(uri)
-    reached = max(step for step, _ in logged_steps(tmp_path))
     assert stopped.info.status == "KILLED" and stopped.data.tags["psp.stopped_at_step"] == str(reached)
     assert f"stopped at step {reached}: MLflow run {stopped.info.run_id} marked KILLED" in output
-    interrupted_at = time.time()
-
-    rerun = run_psp(["train"], tmp_path)
-    assert rerun.returncode == 0, rerun.stderr[-4000:]
-    [run] = finished_runs(uri)
-    assert run.info.run_id == stopped.info.run_id and run.info.status == "FINISHED"
-    history = logged_steps(tmp_path)
-    check_resumed(attempt(history, 0, interrupted_at), attempt(history, interrupted_at, time.time() + 60),
-                  TINY_TRAIN["save_interval"], max_steps)
-    assert max(step for step, _ in history) == max_steps
-
-    # the generator came from the pickle: its digest recorded, not random, and registered as converted
-    assert run.data.tags["psp.weights.generator"] == f"sha256:{hashlib.sha256(snapshot.read_bytes()).hexdigest()}"
-    assert "generator" not in run.data.tags["psp.random_weights"]
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    version = mlflow.MlflowClient(uri, registry_uri=uri).get_model_version_by_alias("psp-encoder", "candidate")
-    assert version.run_id == run.info.run_id
-    folder = mlflow.artifacts.download_artifacts(f"models:/psp-encoder/{version.version}", dst_path=str(tmp_path / "m"))
-    registered = next(Path(folder).rglob("*.pt"))
-    converted = read_generator_checkpoint(snapshot)
-    decoder = load_psp(registered).decoder
-    assert decoder.conv_clamp == converted.generator.conv_clamp == 256
-    for name, tensor in converted.generator.state_dict().items():
-        assert torch.equal(decoder.state_dict()[name], tensor), name
+    return stopped_at
 
 
 def check_repeated_steps_log_the_same_terms(client: mlflow.MlflowClient, run_id: str, steps: list[int],
                                             max_steps: int) -> None:
-    """Every e4e term is logged and finite, the progressive stage follows the schedule, and a step that ran
-    more than once (after a restart) logged the same value of every term each time."""
+    """Every e4e term is logged and finite, the progressive stage follows the schedule (a layer a step from step 2
+    up to the 16 px generator's last, 5), and a step that ran more than once (after a restart) logged the same
+    value of every term each time."""
     stages = {m.step: m.value for m in client.get_metric_history(run_id, "progressive_stage")}
-    assert stages == {step: max(0, step - 2) for step in range(1, max_steps + 1)}
+    assert stages == {step: min(max(0, step - 2), 5) for step in range(1, max_steps + 1)}
     repeated = sorted({step for step in steps if steps.count(step) > 1})
     assert repeated, steps
     for name in E4E_TERMS:
@@ -407,17 +379,22 @@ def stop_ray_instance(temp_dir: Path, gcs_port: int, started: float) -> None:
 
 def test_psp_submit_runs_as_a_ray_job_on_a_local_head(tmp_path):
     """`ray start --head` (token authentication on) and `psp submit` of `psp train preset=restyle_encode` (2
-    iterations per batch, the generator frozen as ReStyle's coach keeps it): the job uploads the code only, trains,
-    and tracks into this repository's MLflow store, which holds each iteration's training and validation loss at
-    every step; the registered version is a 6-channel ReStyle-pSp that loads strictly."""
+    iterations per batch, the generator frozen as ReStyle's coach keeps it) on a StyleGAN2-ADA network pickle of
+    channel_base 16384 (`train.generator=network-snapshot.pkl`, `train.stylegan_channel_multiplier=1`, 64 px): the
+    job uploads the code only, trains, and tracks into this repository's MLflow store, which holds each iteration's
+    training and validation loss at every step; the registered version is a 6-channel ReStyle-pSp that loads
+    strictly, its generator the pickle's, converted (the pickle's digest recorded, not called random)."""
     import shutil
 
     repo = REPO
     for package in ("pipelines", "psp_core"):
         shutil.copytree(repo / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
     make_shards(tmp_path)
+    snapshot = write_network_pickle(tmp_path / "network-snapshot-000100.pkl",
+                                    ada_generator(resolution=64, channel_base=16384, seed=1))   # half width
     write_params(tmp_path, preset="restyle_encode", encoder_type="BackboneEncoder", n_iters_per_batch=2,
-                 max_steps=2, val_interval=2, save_interval=2, image_interval=2, num_workers=1, train_decoder=False)
+                 max_steps=2, val_interval=2, save_interval=2, image_interval=2, num_workers=1, train_decoder=False,
+                 output_size=64, generator=snapshot.name, stylegan_channel_multiplier=1)
     bin_dir = str(Path(PSP).parent)
     env = clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}")
     env.pop("RAY_ADDRESS", None)
@@ -456,3 +433,12 @@ def test_psp_submit_runs_as_a_ray_job_on_a_local_head(tmp_path):
     chosen = run.data.tags["psp.registered_checkpoint"]
     net = load_psp(sorted((tmp_path / "ray_results").glob(f"*/checkpoint_*/{chosen}"))[-1])
     assert (net.arch.family, net.arch.input_nc, net.arch.encoder_type) == ("restyle_psp", 6, "BackboneEncoder")
+    assert run.data.tags["psp.weights.generator"] == f"sha256:{hashlib.sha256(snapshot.read_bytes()).hexdigest()}"
+    assert "generator" not in run.data.tags["psp.random_weights"]
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    decoder = load_psp(model_checkpoint(f"models:/psp-encoder/{version.version}")).decoder
+    converted = read_generator_checkpoint(snapshot)
+    assert decoder.conv_clamp == converted.generator.conv_clamp == 256
+    for name, tensor in converted.generator.state_dict().items():
+        assert torch.equal(decoder.state_dict()[name], tensor), name
