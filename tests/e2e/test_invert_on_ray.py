@@ -13,6 +13,7 @@ import torch
 import yaml
 from PIL import Image
 
+from helpers.parity import FIXTURES, write_released_psp
 from helpers.pipelines import PSP, check_mixed_variants, clean_env, make_shards, per_image_metrics, reference_lpips
 from psp_core import PSP as PSPNet
 from psp_core import PSPArchitecture, load_psp, save_psp
@@ -40,7 +41,8 @@ def read_outputs(folder: Path):
     return pq.read_table(sorted(folder.glob("*.parquet"))).to_pylist()
 
 
-def test_latents_decode_to_the_reconstruction_and_variants_mix(tmp_path, model_file):
+def test_latents_decode_to_the_reconstruction_variants_mix_and_an_imported_checkpoint_gives_its_codes(tmp_path,
+                                                                                                     model_file):
     make_shards(tmp_path, images=10)
     write_invert_params(tmp_path, model_file, n_outputs=2, mix_alpha=0.5)
     done = subprocess.run([PSP, "invert"], cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=300)
@@ -85,39 +87,25 @@ def test_latents_decode_to_the_reconstruction_and_variants_mix(tmp_path, model_f
     ours = ((decoded[0].clamp(-1, 1) + 1) * 127.5).round().permute(1, 2, 0).numpy().astype(np.int16)
     assert np.abs(stored - ours).max() <= 1, "a variant's image is its mixed code decoded"
 
-    # other settings redo every file (none is "already done"), and the manifest describes the files it lists
-    write_invert_params(tmp_path, model_file, n_outputs=0, split="test")
-    done = subprocess.run([PSP, "invert"], cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 and "(0 files already done)" in done.stdout, done.stderr[-3000:]
-    manifest = json.loads((tmp_path / "latents" / "manifest.json").read_text())
-    rows = read_outputs(tmp_path / "latents")
-    assert manifest["n_outputs"] == 0 and {r["variant"] for r in rows} == {0}
-    assert sum(e["rows"] for e in manifest["files"]) == len(rows) == sum(r["split"] == "test" for r in shard)
-
-
-def test_imported_parity_checkpoint_inverts_through_ray_data(tmp_path):
-    """A checkpoint built by the parity rule, registered with `psp import-checkpoint` and inverted
-    through Ray Data from `models:/psp-encoder/1`, gives the codes of the reference function.
-
-    The fixture's own input is not an image (values in [-5, 4.6]), so it cannot pass through
-    image files; the registered model's match with the fixture is `test_registry`'s job, and
-    here the Ray path must give, for real images, what that same network gives in-process."""
-    from helpers.parity import FIXTURES, write_released_psp
-
+    # other settings and another model redo every file (none is "already done"), and the manifest describes the files
+    # it lists: the released pSp of the parity rule, registered with `psp import-checkpoint`, gives through Ray Data
+    # the codes it gives in-process (its fixture input is not an image, values in [-5, 4.6], so it cannot pass
+    # through image files: the registered model's match with the fixture is test_registry's job)
     ref = np.load(FIXTURES / "ref_gradual64.npz")
     released = write_released_psp(tmp_path / "psp_gradual64.pt")
     store = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"}
     imported = subprocess.run([PSP, "import-checkpoint", str(released)], cwd=tmp_path, env=clean_env(**store),
                               capture_output=True, text=True, timeout=300)
     assert imported.returncode == 0, imported.stderr[-3000:]
-
-    make_shards(tmp_path, images=3)
-    write_invert_params(tmp_path, "models:/psp-encoder/1", reconstructions=False)
+    write_invert_params(tmp_path, "models:/psp-encoder/1", n_outputs=0, split="test", reconstructions=False)
     done = subprocess.run([PSP, "invert"], cwd=tmp_path, env=clean_env(**store), capture_output=True, text=True,
                           timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0 and "(0 files already done)" in done.stdout, done.stderr[-3000:]
+    manifest = json.loads((tmp_path / "latents" / "manifest.json").read_text())
     rows = read_outputs(tmp_path / "latents")
-    assert {r["model"] for r in rows} == {"models:/psp-encoder/1"} and len(rows) == 3
+    assert manifest["n_outputs"] == 0 and {r["variant"] for r in rows} == {0}
+    assert sum(e["rows"] for e in manifest["files"]) == len(rows) == sum(r["split"] == "test" for r in shard) > 0
+    assert {r["model"] for r in rows} == {"models:/psp-encoder/1"}
 
     net = load_psp(released)
     with torch.no_grad():   # the reference function on the fixture input, then on the real images
@@ -125,8 +113,7 @@ def test_imported_parity_checkpoint_inverts_through_ray_data(tmp_path):
                                        return_latents=True)[1], torch.from_numpy(ref["latent"]), rtol=0,
                                    atol=1e-4 * max(1.0, float(np.abs(ref["latent"]).max())))
         transform = PresetTransform(get_preset("encode"), 256, train=False)
-        shard = {r["id"]: r["image"] for r in pq.read_table(sorted((tmp_path / "shards").glob("*.parquet"))).to_pylist()}
         for row in rows:
-            pixels = torch.from_numpy(decode_image(shard[row["id"]]).copy()).permute(2, 0, 1)[None]
+            pixels = torch.from_numpy(decode_image(images[row["id"]]).copy()).permute(2, 0, 1)[None]
             source, _ = transform(pixels, pixels, torch.Generator())
             torch.testing.assert_close(torch.tensor(row["latent"]), net.encode(source)[0], rtol=1e-4, atol=1e-4)
