@@ -1,6 +1,6 @@
-"""`psp train` for real: local Ray with 2 DDP workers training e4e with its objective, a killed worker and a
-killed driver, the registered model loading back, and `psp submit` to a Ray head. (Two nodes tracked by an `mlflow server`:
-tests/e2e/test_object_storage.py.)"""
+"""`psp train` for real: local Ray with 2 DDP workers training e4e with its objective, a killed worker, a killed
+driver and Ctrl-C, the registered model loading back; HyperStyle with a killed worker; and `psp submit` to a Ray head
+on a StyleGAN2-ADA pickle. (Two nodes tracked by an `mlflow server`: tests/e2e/test_object_storage.py.)"""
 from __future__ import annotations
 
 import hashlib
@@ -100,14 +100,16 @@ E4E_TERMS = ("encoder_discriminator_loss", "total_delta_loss", "delta1_loss", "d
 
 def test_two_workers_survive_a_killed_worker_a_killed_driver_and_ctrl_c_and_register(tmp_path):
     """`psp train train.preset=e4e_encode` on 2 DDP workers (the encoder trained, the generator frozen, as e4e's
-    coach trains it), progressive from step 2 with R1 every 2 steps. One worker is SIGKILLed once step 3 is logged after step 2's checkpoint: Ray restarts the workers from that
-    checkpoint. Once they train again the `psp train` driver itself is SIGKILLed. The same command run again resumes
-    from the latest checkpoint and is stopped with Ctrl-C sent as a terminal sends it (SIGINT to the whole process
-    group) once it trains: exit 130 and the stage's one line (Ray Train's own handler would exit 1 and leave the run
-    RUNNING), the MLflow run KILLED with the step it reached, no process left. Run once more, it resumes and ends at
-    max_steps. Each time at most save_interval steps run twice, and a step run twice logs the same value for every
-    e4e term (discriminator, pools and real-code draws restored too). The run ends in one MLflow run, registered as
-    @candidate with the reference coach's checkpoint layout, and the registered model reproduces the checkpoint. Only processes below this test's own child are killed."""
+    coach trains it), progressive from step 2 with R1 every 2 steps. One worker is SIGKILLed once step 3 is logged
+    after step 2's checkpoint: Ray restarts the workers from that checkpoint. Once they train again the `psp train`
+    driver itself is SIGKILLed. The same command run again resumes from the latest checkpoint and is stopped with
+    Ctrl-C sent as a terminal sends it (SIGINT to the whole process group) once it trains: exit 130 and the stage's
+    one line (Ray Train's own handler would exit 1 and leave the run RUNNING), the MLflow run KILLED with the step it
+    reached, no process left. Run once more, it resumes and ends at max_steps. Each time at most save_interval steps
+    run twice, and a step run twice logs the same value for every e4e term (discriminator, pools and real-code draws
+    restored too). The run ends in one MLflow run, registered as @candidate with the reference coach's checkpoint
+    layout, and the registered model reproduces the checkpoint. Only processes below this test's own child are
+    killed."""
     make_shards(tmp_path)
     max_steps, save_interval = 8, TINY_TRAIN["save_interval"]
     write_params(tmp_path, preset="e4e_encode", encoder_type="Encoder4Editing", max_steps=max_steps,
