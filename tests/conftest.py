@@ -1,6 +1,6 @@
 """Shared test set-up: no analytics, no telemetry, no system-metrics threads, no idle Ray workers; the cores shared out
 among the pytest-xdist workers and the longest files started first; each run's temporary files, caches and test
-folders removed as it goes, so that a run holds 10 to 12 GB of disk at its peak and leaves nothing behind; the S3 test
+folders removed as it goes, so that a run holds 8 to 12 GB of disk at its peak and leaves nothing behind; the S3 test
 server."""
 import ctypes
 import ctypes.util
@@ -57,7 +57,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
 # A local Ray starts one idle Python worker per logical CPU before any task asks for one; the tests' Ray instances
 # (a dozen, each run beside another test on two cores) start what their actors and tasks use and no more: measured
-# on the Ctrl-C training test, 200 -> 157 CPU-seconds.
+# on the Ctrl-C training test (since merged into the killed-worker run), 200 -> 157 CPU-seconds.
 os.environ.setdefault("RAY_enable_worker_prestart", "0")
 os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
 # Ray's memory monitor kills a worker once the machine's memory use passes 95 %, counting the other xdist worker's
