@@ -24,10 +24,10 @@ CHECKPOINT_PREFIX = "checkpoint_"   # Ray Train's checkpoint folder names: this,
 
 
 def upload_whole(source_fs: pafs.FileSystem, source: str, fs: pafs.FileSystem, destination: str) -> None:
-    """Copy the files of folder `source` into folder `destination`, each under a temporary name first and
-    moved to its own once complete: a reader never finds a partial file under a final name. An object store
-    needs no detour: an object appears only once its upload completes, and its "move" is a server-side copy
-    (a second full write that S3-compatible stores may fail on large multipart objects)."""
+    """Copy (or hard-link, `link_or_copy`) the files of folder `source` into folder `destination`, each under a
+    temporary name first and moved to its own once complete: a reader never finds a partial file under a final
+    name. An object store needs no detour: an object appears only once its upload completes, and its "move" is a
+    server-side copy (a second full write that S3-compatible stores may fail on large multipart objects)."""
     fs.create_dir(destination, recursive=True)
     atomic_writes = not isinstance(fs, pafs.LocalFileSystem)
     for info in source_fs.get_file_info(pafs.FileSelector(source, recursive=False)):
