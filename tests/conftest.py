@@ -102,12 +102,15 @@ def return_freed_memory():
 
 @pytest.fixture(autouse=True, scope="module")
 def forget_tracking_uri():
-    """After each test file, forget the MLflow store a test set for the process (`mlflow.set_tracking_uri`, which also
-    exports MLFLOW_TRACKING_URI): a later file on the same worker would write into it, after its folder is gone."""
+    """After each test file, forget the MLflow store and registry a test set for the process (`mlflow.set_tracking_uri`
+    and `set_registry_uri`, which also export MLFLOW_TRACKING_URI and MLFLOW_REGISTRY_URI): a later file on the same
+    worker would write into them, after their folder is gone."""
     yield
     if "mlflow" in sys.modules:
         sys.modules["mlflow"].set_tracking_uri(None)
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
+        sys.modules["mlflow"].set_registry_uri(None)
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        os.environ.pop(name, None)
 
 
 _FAILED_FILES: set[Path] = set()
