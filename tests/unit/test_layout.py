@@ -1,6 +1,6 @@
 """The house rules the layout keeps: imports only downward (no cycle), MLflow imported only by the tracking
 service and Ray only by the Ray service and the stage code that runs inside Ray, no module over 450 lines,
-and at most 8 modules directly in each package root."""
+and at most 8 modules directly in each package root; the test files the suite's schedule names exist."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -85,3 +85,16 @@ def test_the_cycle_check_sees_a_cycle(monkeypatch):
         assert "pipelines.a" in str(err)
     else:
         raise AssertionError("the cycle went unnoticed")
+
+
+def test_the_suites_schedule_names_its_files():
+    """The files `tests/conftest.py` hands out first (E2E_ORDER, UNIT_FIRST) are test files of that kind: a renamed
+    file would silently fall to the end of the run, where a long one keeps a worker busy alone."""
+    import conftest
+
+    tests = ROOT / "tests"
+    e2e = {p.name for p in (tests / "e2e").glob("test_*.py")}
+    unit = {p.name for p in (tests / "unit").rglob("test_*.py")}
+    assert set(conftest.E2E_ORDER) <= e2e, set(conftest.E2E_ORDER) - e2e
+    assert set(conftest.UNIT_FIRST) <= unit, set(conftest.UNIT_FIRST) - unit
+    assert len(set(conftest.UNIT_FIRST)) == len(conftest.UNIT_FIRST)
