@@ -48,6 +48,7 @@ tempfile.tempdir = None
 
 import pytest
 
+from helpers.schedule import file_rank
 from pipelines.services.storage.cache import cache_root
 
 pytest_plugins = ["helpers.editing"]   # the edit stage's fixtures (a tiny model file, a registered version)
@@ -65,37 +66,10 @@ os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
 # instances act at 98 % instead (the kernel's own limit stays 100 %).
 os.environ.setdefault("RAY_memory_usage_threshold", "0.98")
 
-E2E_ORDER = ("test_quality.py", "test_dvc_data.py", "test_train_ray.py", "test_object_storage.py",
-             "test_data_safety.py", "test_invert_on_ray.py")
-"""The end-to-end files, the long runs first so that they start at once. No order was measured to be faster: runs
-of nearly the same suite on this 2-core VM took 19 min 46 s and 25 min 18 s in this order and 21 min 25 s with the
-two Ray training files first, all within one afternoon."""
-
-UNIT_FIRST = ("test_hyperstyle_training.py", "test_parity.py", "test_invert.py", "test_fast_path.py", "test_pyfunc.py",
-              "test_families.py", "test_restyle_training.py", "test_hyperstyle_parity.py", "test_engine.py",
-              "test_evaluate.py", "test_edit.py", "test_hyperstyle.py", "test_e4e_training.py", "test_ray_cluster.py")
-"""The unit files that took 20 s or more in a full run (112 s down to 21 s, measured with `--durations=0`), longest
-first, ahead of the other unit files (13 s at most each). xdist gives a worker its next file once two of its
-tests are left, so a long file handed out last kept one worker busy while the other had nothing left: in the
-collection's order the heavy training files came last (`tests/unit/psp_core/training`), and one worker idled for
-the last 100 s of a run. With the short files last, the two finish within seconds of each other (a replay of two
-runs' test durations through xdist's rule: 25 and 27 s shorter)."""
-
-
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """End-to-end files first, in E2E_ORDER, then the long unit files, in UNIT_FIRST, then the rest: `make test`
-    hands whole files to its two xdist workers in this order (`--dist loadfile`), so the long runs start at once,
-    the unit files fill in beside them, and the run ends on short files."""
-    def rank(item: pytest.Item) -> tuple[int, int]:
-        name = item.path.name
-        if name in E2E_ORDER:
-            return 0, E2E_ORDER.index(name)
-        if "e2e" in item.path.parts:
-            return 1, 0
-        if name in UNIT_FIRST:
-            return 2, UNIT_FIRST.index(name)
-        return 3, 0
-    items.sort(key=rank)   # stable: the order within a file is kept
+    """Whole files in `helpers.schedule`'s order: `make test` hands them to its two xdist workers in this order
+    (`--dist loadfile`), the long end-to-end runs first, the long unit files next, the short ones last."""
+    items.sort(key=lambda item: file_rank(item.path))   # stable: the order within a file is kept
 
 
 @pytest.fixture(autouse=True, scope="module")

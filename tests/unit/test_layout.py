@@ -7,6 +7,7 @@ from pathlib import Path
 
 from helpers import REPO
 from helpers.code import imported_names
+from helpers.schedule import E2E_ORDER, UNIT_FIRST
 
 ROOT = REPO
 PACKAGES = ("psp_core", "pipelines")
@@ -88,13 +89,11 @@ def test_the_cycle_check_sees_a_cycle(monkeypatch):
 
 
 def test_the_suites_schedule_names_its_files():
-    """The files `tests/conftest.py` hands out first (E2E_ORDER, UNIT_FIRST) are test files of that kind: a renamed
-    file would silently fall to the end of the run, where a long one keeps a worker busy alone."""
-    import conftest
-
+    """The files the suite hands out first (`helpers.schedule`: E2E_ORDER, UNIT_FIRST) are test files of that kind:
+    a renamed file would silently fall to the end of the run, where a long one keeps a worker busy alone."""
     tests = ROOT / "tests"
     e2e = {p.name for p in (tests / "e2e").glob("test_*.py")}
     unit = {p.name for p in (tests / "unit").rglob("test_*.py")}
-    assert set(conftest.E2E_ORDER) <= e2e, set(conftest.E2E_ORDER) - e2e
-    assert set(conftest.UNIT_FIRST) <= unit, set(conftest.UNIT_FIRST) - unit
-    assert len(set(conftest.UNIT_FIRST)) == len(conftest.UNIT_FIRST)
+    assert set(E2E_ORDER) <= e2e, set(E2E_ORDER) - e2e
+    assert set(UNIT_FIRST) <= unit, set(UNIT_FIRST) - unit
+    assert len(set(UNIT_FIRST)) == len(UNIT_FIRST)
