@@ -21,7 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests"))
-from common import command_line, hardware  # noqa: E402
+from common import command_line, hardware, write_json  # noqa: E402
 
 from helpers.parity import (  # noqa: E402
     FIXTURES,
@@ -31,7 +31,6 @@ from helpers.parity import (  # noqa: E402
     write_released_hyperstyle,
     write_released_psp,
 )
-from pipelines.services.storage import write_json_atomic  # noqa: E402
 from psp_core import Generator, load_psp, refine, refine_hyperstyle  # noqa: E402
 from psp_core.inference import compile_networks  # noqa: E402
 from psp_core.runtime.devices import autocast, compile_model, use_ieee_fp32  # noqa: E402
@@ -126,7 +125,7 @@ def main() -> None:
                       f"[{low:.2f}, {high:.2f}]", flush=True)
                 torch.compiler.reset()   # each compiled network starts from a clean slate (the disk cache stays)
     if args.json:
-        write_json_atomic(args.json, rows)
+        write_json(args.json, rows)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,16 @@
 """pSp forward throughput (encoder + generator, images/s) per output size x batch x precision x
 compile x memory format, against the machine's convolution peak measured in the same run.
 
-Each configuration runs in its own process, so its peak RSS (and peak GPU memory) is its own and a
-compile starts from nothing but the cache. The model's FLOPs come from torch's FlopCounterMode
-(counted on fake tensors, so counting costs no compute); the peak is the best rate of a large
-3x3 convolution (512 -> 512 channels, 64x64) in the same precision, contiguous or channels-last.
-A compiled configuration compiles into a fresh, empty cache (compile_seconds: a cold compile, as
-the first process on a machine pays it), then a second process compiles it again from that cache
-(warm_compile_seconds). The compile costs are the first call's seconds less one steady call.
+It times what `psp invert` runs: the model is written to a checkpoint file, and each configuration loads it
+with the inference core (`InferenceModel.load`: strict load, `keep_freed_memory` on a CPU, the precision and
+compile switches) and times `InferenceModel.invert` on a batch the preset's transform prepared. Each
+configuration runs in its own process, so its peak RSS (and peak GPU memory) is its own and a compile starts
+from nothing but the cache. The model's FLOPs come from torch's FlopCounterMode (counted on fake tensors, so
+counting costs no compute); the peak is the best rate of a large 3x3 convolution (512 -> 512 channels, 64x64)
+in the same precision, contiguous or channels-last. A compiled configuration compiles into a fresh, empty cache
+(compile_seconds: a cold compile, as the first process on a machine pays it), then a second process compiles
+it again from that cache (warm_compile_seconds). The compile costs are the first call's seconds less one
+steady call.
 Run: python benchmarks/bench_forward.py [--sizes 256 1024] [--batches 1 8] [--precisions fp32 bf16]
          [--compile] [--channels-last] [--iters 3] [--json PATH]
 """
@@ -29,11 +32,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import command_line, hardware, time_per_call  # noqa: E402
+from common import command_line, hardware, time_per_call, write_json  # noqa: E402
 
-from pipelines.services.storage import write_json_atomic  # noqa: E402
-from psp_core import PSP, PSPArchitecture  # noqa: E402
-from psp_core.runtime.devices import autocast, compile_model, to_channels_last, use_ieee_fp32  # noqa: E402
+from psp_core import PSP, PSPArchitecture, save_psp  # noqa: E402
+from psp_core.inference import InferenceModel  # noqa: E402
+from psp_core.runtime.devices import autocast, to_channels_last, use_ieee_fp32  # noqa: E402
 
 ENCODER_INPUT = 256
 PEAK_SECONDS = 0.5   # each timed round of the peak convolution lasts at least this long
@@ -87,19 +90,22 @@ def conv_peak_gflops(device: torch.device, precision: str) -> float:
 
 
 def measure(config: dict) -> dict:
-    """Run one configuration in this process: throughput, compile seconds and peak memory (or, with
-    `first_call_only`, only the first call's seconds: a warm compile's cost)."""
+    """Run one configuration in this process, as `psp invert` runs it: load the checkpoint with the inference core,
+    prepare a batch of uint8 photos with the preset's transform, time `invert`. Returns throughput, compile
+    seconds and peak memory (or, with `first_call_only`, only the first call's seconds: a warm compile's cost)."""
     device = torch.device(config["device"])
     use_ieee_fp32()
-    net = build(config["output"]).to(device)
-    x = torch.randn(config["batch"], 3, ENCODER_INPUT, ENCODER_INPUT, device=device)
-    if config["channels_last"]:
-        net, x = to_channels_last(net), x.contiguous(memory_format=torch.channels_last)
-    model = compile_model(net, config["cache_dir"]) if config["compile"] else net
+    model = InferenceModel.load(config["checkpoint"], device=config["device"], precision=config["precision"],
+                                compile=config["compile"], compile_cache=config["cache_dir"])
+    photos = torch.randint(0, 256, (config["batch"], 3, ENCODER_INPUT, ENCODER_INPUT), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    x, _ = model.prepare(photos, photos)   # [N, 3, 256, 256] in [-1, 1] on the device
+    if config["channels_last"]:   # the compiled networks are traced at their first call, after this
+        to_channels_last(model.net)
+        x = x.contiguous(memory_format=torch.channels_last)
 
     def step() -> torch.Tensor:
-        with torch.inference_mode(), autocast(device, config["precision"]):
-            return model(x, resize=False, randomize_noise=False)
+        return model.invert(x)[-1].images
 
     first_call = time_per_call(step, iters=1, warmup=0)
     if config["first_call_only"]:
@@ -191,11 +197,13 @@ def main() -> None:
     print(TABLE_HEADER)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        checkpoints = {size: save_psp(build(size), Path(tmp) / f"psp{size}.pt") for size in args.sizes}
         for i, (size, batch, precision, compiled, channels_last) in enumerate(itertools.product(
                 args.sizes, args.batches, args.precisions, (False, True) if args.compile else (False,),
                 (False, True) if args.channels_last else (False,))):
             config = {"output": size, "batch": batch, "precision": precision, "compile": compiled,
-                      "channels_last": channels_last, "device": str(device), "iters": args.iters}
+                      "channels_last": channels_last, "device": str(device), "iters": args.iters,
+                      "checkpoint": str(checkpoints[size])}
             row = run_configuration(config, args.compile_cache or Path(tmp) / f"cache-{i}")
             rate = row["images_per_s"] or 0.0
             row["gflop_per_image"] = flops[size, precision] / 1e9
@@ -204,7 +212,7 @@ def main() -> None:
             rows.append(row)
             print(table_line(row), flush=True)
             if args.json:
-                write_json_atomic(args.json, rows)   # after every row: a run stopped early keeps what it measured
+                write_json(args.json, rows)   # after every row: a run stopped early keeps what it measured
     print_break_even(rows)
 
 

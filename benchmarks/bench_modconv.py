@@ -2,8 +2,9 @@
 
 float32 inference runs the grouped form (`ModulatedConv2d.exact`: the reference's order of operations, needed
 for ReStyle's iterated parity); float32 training (the trainer turns `exact` off) and bf16 autocast run the fused
-form. This measures what each choice costs, on the whole generator.
-Run: python benchmarks/bench_modconv.py [--size 256] [--batch 8] [--iters 2]
+form. This measures what each choice costs, on the whole generator, per batch size (the grouped form's cost grows
+with the batch: one weight per image).
+Run: python benchmarks/bench_modconv.py [--size 256] [--batch 8 [16 ...]] [--iters 2] [--forward-only]
 """
 from __future__ import annotations
 
@@ -35,20 +36,24 @@ def generate(g: Generator, w: torch.Tensor, form: str, precision: str, train: bo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", type=int, nargs="+", default=[8], help="batch sizes, one row each")
     parser.add_argument("--iters", type=int, default=2)
+    parser.add_argument("--forward-only", action="store_true", help="only the forward rows (no fwd+bwd)")
     args = parser.parse_args()
     print(f"# {hardware()}\n# {command_line()}")
     torch.manual_seed(0)
     g = Generator(args.size).eval()
-    w = torch.randn(args.batch, g.n_latent, 512)
-    print("pass      precision  fused img/s  grouped img/s  grouped/fused")
-    for train, precisions in ((False, ("fp32", "bf16")), (True, ("fp32",))):
-        for precision in precisions:
-            speed = {form: args.batch / time_per_call(lambda: generate(g, w, form, precision, train), args.iters)
-                     for form in ("fused", "grouped")}
-            print(f"{'fwd+bwd' if train else 'forward':8}  {precision:9}  {speed['fused']:11.2f}  "
-                  f"{speed['grouped']:13.2f}  {speed['grouped'] / speed['fused']:12.2f}x")
+    passes = ((False, ("fp32", "bf16")),) if args.forward_only else ((False, ("fp32", "bf16")), (True, ("fp32",)))
+    print("size  batch  pass      precision  fused img/s  grouped img/s  grouped/fused")
+    for batch in args.batch:
+        w = torch.randn(batch, g.n_latent, 512)
+        for train, precisions in passes:
+            for precision in precisions:
+                speed = {form: batch / time_per_call(lambda: generate(g, w, form, precision, train), args.iters)
+                         for form in ("fused", "grouped")}
+                print(f"{args.size:4d}  {batch:5d}  {'fwd+bwd' if train else 'forward':8}  {precision:9}  "
+                      f"{speed['fused']:11.2f}  {speed['grouped']:13.2f}  {speed['grouped'] / speed['fused']:12.2f}x",
+                      flush=True)
 
 
 if __name__ == "__main__":

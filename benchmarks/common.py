@@ -1,11 +1,16 @@
-"""Helpers shared by the benchmark scripts: the hardware line and a wall-clock timer."""
+"""Helpers shared by the benchmark scripts: the hardware line, a wall-clock timer and the JSON output. They need
+nothing beyond psp_core's own dependencies, so that the benchmarks run where only those are installed (the GPU
+check's machine: `gpu_check.sh`)."""
 from __future__ import annotations
 
+import json
+import os
 import platform
 import shlex
 import sys
 import time
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -18,7 +23,6 @@ def hardware() -> str:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    import os
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     return (f"{cpu}, {os.cpu_count()} logical CPUs{gpu}; torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads; Python {platform.python_version()}")
@@ -42,3 +46,12 @@ def time_per_call(fn: Callable[[], object], iters: int, warmup: int = 1) -> floa
         sync()
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
+
+
+def write_json(path: str | Path, value: Any) -> None:
+    """Write `value` as JSON to `path` through a temporary file renamed over it, so that a benchmark stopped while
+    writing leaves the rows it wrote before, never half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=1))
+    os.replace(tmp, path)
