@@ -101,7 +101,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         build_sample(SampleConfig(output_dir=str(tmp / "raw")))
-        photos = sorted(p for p in (tmp / "raw").iterdir() if p.suffix != ".json")
+        photos = sorted(p for p in (tmp / "raw").rglob("*") if p.is_file() and p.suffix != ".json")
 
         faces, floor_s = detect_floor(photos)
         print(f"floor  (decode + detect + landmarks, 1 process): {len(photos)} photos in {floor_s:.2f}s = "

@@ -36,7 +36,7 @@ from common import command_line, hardware, time_per_call, write_json  # noqa: E4
 
 from psp_core import PSP, PSPArchitecture, save_psp  # noqa: E402
 from psp_core.inference import InferenceModel  # noqa: E402
-from psp_core.runtime.devices import autocast, to_channels_last, use_ieee_fp32  # noqa: E402
+from psp_core.runtime.devices import autocast, use_ieee_fp32  # noqa: E402
 
 ENCODER_INPUT = 256
 PEAK_SECONDS = 0.5   # each timed round of the peak convolution lasts at least this long
@@ -95,14 +95,14 @@ def measure(config: dict) -> dict:
     seconds and peak memory (or, with `first_call_only`, only the first call's seconds: a warm compile's cost)."""
     device = torch.device(config["device"])
     use_ieee_fp32()
+    if config.get("reference"):
+        return measure_reference(config)
     model = InferenceModel.load(config["checkpoint"], device=config["device"], precision=config["precision"],
-                                compile=config["compile"], compile_cache=config["cache_dir"])
+                                compile=config["compile"], compile_cache=config["cache_dir"],
+                                channels_last=config["channels_last"])
     photos = torch.randint(0, 256, (config["batch"], 3, ENCODER_INPUT, ENCODER_INPUT), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(0))
-    x, _ = model.prepare(photos, photos)   # [N, 3, 256, 256] in [-1, 1] on the device
-    if config["channels_last"]:   # the compiled networks are traced at their first call, after this
-        to_channels_last(model.net)
-        x = x.contiguous(memory_format=torch.channels_last)
+    x, _ = model.prepare(photos, photos)   # [N, 3, 256, 256] in [-1, 1] on the device; invert gives it the layout
 
     def step() -> torch.Tensor:
         return model.invert(x)[-1].images
@@ -113,7 +113,20 @@ def measure(config: dict) -> dict:
     seconds = time_per_call(step, iters=config["iters"], warmup=1)
     peak_device = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     return {"images_per_s": config["batch"] / seconds, "seconds_per_call": seconds, "first_call_seconds": first_call,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak_device_mb": peak_device}
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak_device_mb": peak_device,
+            "channels_last": model.channels_last}
+
+
+def measure_reference(config: dict) -> dict:
+    """The reference pSp's forward at the configuration's size and batch (fp32, eager: it has no other), from the
+    clone `config["reference"]` names (bench_reference.py: checked against psp_core's function first)."""
+    from bench_reference import ReferencePSP, check_against_psp_core, import_reference, reference_step
+
+    net = ReferencePSP(import_reference(Path(config["reference"])), config["output"]).eval()
+    check_against_psp_core(net, config["output"])
+    seconds = time_per_call(reference_step(net, config["batch"]), iters=config["iters"], warmup=1)
+    return {"images_per_s": config["batch"] / seconds, "seconds_per_call": seconds,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak_device_mb": None}
 
 
 def measure_in_subprocess(config: dict) -> dict:
@@ -129,7 +142,9 @@ def measure_in_subprocess(config: dict) -> dict:
 def run_configuration(config: dict, cache_dir: Path) -> dict:
     """One row: the configuration measured in its own process (compiled ones twice: cold, then warm)."""
     result = measure_in_subprocess({**config, "cache_dir": str(cache_dir), "first_call_only": False})
-    row = {key: config[key] for key in ("output", "batch", "precision", "compile", "channels_last", "device")}
+    row = {key: config[key] for key in ("output", "batch", "precision", "compile", "device")}
+    row.update(implementation="reference" if config.get("reference") else "psp_core", layout=config["channels_last"],
+               channels_last=result.get("channels_last", bool(config["channels_last"])))
     row.update(images_per_s=result.get("images_per_s"), compile_seconds=None, warm_compile_seconds=None,
                peak_rss_mb=result.get("peak_rss_mb"), peak_device_mb=result.get("peak_device_mb"),
                error=result.get("error"))
@@ -145,10 +160,16 @@ TABLE_HEADER = ("output  batch  precision  compile  channels_last  images/s  com
                 "  GFLOP/s  of_peak")
 
 
+def layout_cell(row: dict) -> str:
+    """The channels_last column: the layout the row ran, `(auto)` where the product's rule chose it."""
+    return f"{row['channels_last']} (auto)" if row["layout"] is None else str(row["channels_last"])
+
+
 def table_line(row: dict) -> str:
     """One row of the printed table (under TABLE_HEADER)."""
-    head = (f"{row['output']:6d}  {row['batch']:5d}  {row['precision']:9s}  {str(row['compile']):7s}  "
-            f"{str(row['channels_last']):13s}")
+    reference = row["implementation"] == "reference"
+    head = (f"{row['output']:6d}  {row['batch']:5d}  {row['precision']:9s}  {'-' if reference else str(row['compile']):7s}  "
+            f"{'reference pSp' if reference else layout_cell(row):13s}")
     if row["error"]:
         return f"{head}  failed: {row['error']}"
     seconds = [f"{v:.1f}" if v is not None else "-" for v in (row["compile_seconds"], row["warm_compile_seconds"])]
@@ -156,11 +177,25 @@ def table_line(row: dict) -> str:
             f"{row['achieved_gflops']:7.0f}  {row['fraction_of_peak']:7.0%}")
 
 
+def print_against_reference(rows: list[dict]) -> None:
+    """Each row's throughput over the reference pSp's at the same output size and batch, measured in this run."""
+    reference = {(r["output"], r["batch"]): r for r in rows if r["implementation"] == "reference" and r["images_per_s"]}
+    for row in rows:
+        base = reference.get((row["output"], row["batch"]))
+        if row["implementation"] == "reference" or base is None or not row["images_per_s"]:
+            continue
+        mode = ("compiled" if row["compile"] else "eager") + (", channels-last" if row["channels_last"] else "")
+        print(f"# against the reference pSp (fp32, eager, this run) at output {row['output']}, batch {row['batch']}: "
+              f"{row['precision']} {mode} {row['images_per_s'] / base['images_per_s']:.1f}x "
+              f"({row['images_per_s']:.3f} against {base['images_per_s']:.3f} images/s)")
+
+
 def print_break_even(rows: list[dict]) -> None:
     """For each compiled row with an eager twin: the images after which its cold compile has paid."""
-    eager = {(r["output"], r["batch"], r["precision"], r["channels_last"]): r for r in rows if not r["compile"]}
+    eager = {(r["output"], r["batch"], r["precision"], r["layout"]): r for r in rows
+             if not r["compile"] and r["implementation"] == "psp_core"}
     for row in rows:
-        twin = eager.get((row["output"], row["batch"], row["precision"], row["channels_last"]))
+        twin = eager.get((row["output"], row["batch"], row["precision"], row["layout"]))
         if not row["compile"] or twin is None or not (row["images_per_s"] and twin["images_per_s"]):
             continue
         saved = 1 / twin["images_per_s"] - 1 / row["images_per_s"]
@@ -175,18 +210,26 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--precisions", nargs="+", choices=["fp32", "bf16", "fp16"], default=["fp32", "bf16"])
     parser.add_argument("--compile", action="store_true", help="also run each configuration compiled")
-    parser.add_argument("--channels-last", action="store_true", help="also run each configuration channels-last")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="run each configuration in both weight layouts, contiguous and channels-last (default: "
+                             "the layout the product picks, `inference_channels_last`)")
     parser.add_argument("--iters", type=int, default=3, help="timed calls per configuration (median)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile-cache", type=Path, default=None,
                         help="compile cache folder (default: a fresh, empty one per configuration)")
     parser.add_argument("--json", type=Path, default=None, help="write the rows to this JSON file")
+    parser.add_argument("--reference", type=Path, default=None,
+                        help="a clone of eladrich/pixel2style2pixel: also time the reference pSp (fp32) at each size "
+                             "and batch, and print every row's ratio to it (bench_reference.py)")
     parser.add_argument("--measure", help=argparse.SUPPRESS)   # internal: run one configuration, print its JSON
     args = parser.parse_args()
     if args.measure:
         print(json.dumps(measure(json.loads(args.measure))))
         return
     device = torch.device(args.device)
+    if args.reference and device.type != "cpu":
+        parser.error("--reference runs the reference on the CPU (its CUDA kernels are not built here): "
+                     "use it with --device cpu")
     use_ieee_fp32()
     print(f"# {hardware()}; device {device}\n# {command_line()}")
     peaks = {p: conv_peak_gflops(device, p) for p in args.precisions}
@@ -195,16 +238,23 @@ def main() -> None:
     flops = {(s, p): forward_flops_per_image(s, p) for s in args.sizes for p in args.precisions}
     print("# forward FLOPs per image: " + ", ".join(f"{s} px {p} {f / 1e9:.1f} GFLOP" for (s, p), f in flops.items()))
     print(TABLE_HEADER)
+    configs = [{"output": size, "batch": batch, "precision": "fp32", "compile": False, "channels_last": False,
+                "reference": str(args.reference)} for size in args.sizes for batch in args.batches if args.reference]
+    configs += [{"output": size, "batch": batch, "precision": precision, "compile": compiled,
+                 "channels_last": channels_last} for size, batch, precision, compiled, channels_last in itertools.product(
+                     args.sizes, args.batches, args.precisions, (False, True) if args.compile else (False,),
+                     (False, True) if args.channels_last else (None,))]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         checkpoints = {size: save_psp(build(size), Path(tmp) / f"psp{size}.pt") for size in args.sizes}
-        for i, (size, batch, precision, compiled, channels_last) in enumerate(itertools.product(
-                args.sizes, args.batches, args.precisions, (False, True) if args.compile else (False,),
-                (False, True) if args.channels_last else (False,))):
-            config = {"output": size, "batch": batch, "precision": precision, "compile": compiled,
-                      "channels_last": channels_last, "device": str(device), "iters": args.iters,
-                      "checkpoint": str(checkpoints[size])}
+        for i, config in enumerate(configs):
+            size, precision = config["output"], config["precision"]
+            config.update(device=str(device), iters=args.iters, checkpoint=str(checkpoints[size]))
             row = run_configuration(config, args.compile_cache or Path(tmp) / f"cache-{i}")
+            if (size, precision) not in flops:   # the reference's fp32 where the run measures only bf16
+                flops[size, precision] = forward_flops_per_image(size, precision)
+            if precision not in peaks:
+                peaks[precision] = conv_peak_gflops(device, precision)
             rate = row["images_per_s"] or 0.0
             row["gflop_per_image"] = flops[size, precision] / 1e9
             row["achieved_gflops"] = rate * row["gflop_per_image"]
@@ -214,6 +264,7 @@ def main() -> None:
             if args.json:
                 write_json(args.json, rows)   # after every row: a run stopped early keeps what it measured
     print_break_even(rows)
+    print_against_reference(rows)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from psp_core.nets.stylegan2 import Generator, ModulatedConv2d  # noqa: E402
 def generate(g: Generator, w: torch.Tensor, form: str, precision: str, train: bool) -> None:
     """One generator pass (and backward when `train`) with every modulated convolution in `form`."""
     original = ModulatedConv2d.forward
-    ModulatedConv2d.forward = lambda self, x, style: getattr(self, form)(x, self.modulation(style))
+    ModulatedConv2d.forward = lambda self, x, style, offset=None: getattr(self, form)(x, self.modulation(style))
     try:
         with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"), torch.set_grad_enabled(train):
             image, _ = g([w], input_is_latent=True, randomize_noise=False)

@@ -28,9 +28,11 @@ from psp_core.options import MAX_REFINE_ITERS, REFINED_CHANNELS, REFINING_FAMILI
 from psp_core.runtime.devices import (
     autocast,
     compile_model,
+    inference_channels_last,
     keep_freed_memory,
     resolve_compile,
     resolve_precision,
+    to_channels_last,
 )
 
 DEFAULT_REFINE_ITERS = 5
@@ -109,10 +111,12 @@ class InferenceModel:
     evaluation and training validation use)."""
 
     def __init__(self, net: PSP | HyperStyle, preset: str | None = "encode", device: torch.device | str = "cpu",
-                 precision: Precision = "fp32", compile: bool = False, compile_cache: str | Path | None = None) -> None:
+                 precision: Precision = "fp32", compile: bool = False, compile_cache: str | Path | None = None,
+                 channels_last: bool | None = None) -> None:
         """`preset` None: only the generator is used (`decode`, e.g. for editing codes), no images are encoded.
         On a CPU it sets `keep_freed_memory`, which is fully effective only when set before the process
-        allocated its models, as `load` does."""
+        allocated its models, as `load` does. `channels_last` None: the layout the device, precision and compile
+        choice measured fastest (`inference_channels_last`); True / False stand."""
 
         task = get_preset(preset or "encode")
         if preset is not None and image_channels(net) != task.input_nc:
@@ -124,6 +128,10 @@ class InferenceModel:
         self.net = net.to(self.device).eval()
         self.precision = resolve_precision(precision, self.device)
         self.compiled, self.compile_cache = compile, compile_cache
+        self.channels_last = (inference_channels_last(self.device, self.precision, compile)
+                              if channels_last is None else channels_last)
+        if self.channels_last:
+            to_channels_last(self.net)
         if compile:
             compile_networks(self.net, compile_cache)
         self.input_kind = task.input_kind
@@ -133,7 +141,8 @@ class InferenceModel:
     def load(cls, checkpoint: str | Path, preset: str = "encode", device: str = "auto",
              precision: Precision = "fp32", compile: CompileSwitch = False,
              compile_cache: str | Path | None = None, n_images: int = 0,
-             n_iters: int | None = None, w_encoder: str | Path | None = None) -> "InferenceModel":
+             n_iters: int | None = None, w_encoder: str | Path | None = None,
+             channels_last: bool | None = None) -> "InferenceModel":
         """Load any supported checkpoint (pSp, ReStyle-pSp, ReStyle-e4e, e4e, W encoder, HyperStyle with its W
         encoder: `w_encoder`, else found as `load_psp` says) strictly, weights only.
         `compile="auto"` compiles when `n_images` forward passes (times the ReStyle steps) repay it. On a CPU
@@ -145,7 +154,7 @@ class InferenceModel:
             keep_freed_memory()
         net = load_psp(checkpoint, chosen, w_encoder=w_encoder)
         return cls(net, preset, chosen, precision, should_compile(net, chosen, compile, n_images, n_iters),
-                   compile_cache)
+                   compile_cache, channels_last)
 
     @property
     def iterative(self) -> bool:
@@ -166,9 +175,11 @@ class InferenceModel:
     def invert(self, source: Tensor, n_iters: int | None = None) -> list[Inversion]:
         """Encoder input [N, C, E, E] -> one Inversion per refinement step (`n_iters`, default 5; HyperStyle's
         carry their weight offsets), or a single one for pSp, e4e and the W encoder, which run in one pass whatever
-        `n_iters` says; stored noise, as the reference's inference."""
+        `n_iters` says; stored noise, as the reference's inference. The input takes the weights' layout."""
 
         n_steps = refine_iterations(n_iters)
+        if self.channels_last:
+            source = source.contiguous(memory_format=torch.channels_last)
         with autocast(self.device, self.precision):
             if isinstance(self.net, HyperStyle):
                 return [Inversion(step.images, step.latents, step.offsets)
@@ -181,8 +192,10 @@ class InferenceModel:
 
     def prepared_generator(self, generator: Generator) -> nn.Module:
         """A generator to `decode` with instead of the model's own (domain adaptation), made ready as the model's is:
-        on its device, in eval mode, and compiled when the model is (same compile cache)."""
+        on its device, in eval mode, in its weight layout, and compiled when the model is (same compile cache)."""
         generator = generator.to(self.device).eval()
+        if self.channels_last:
+            to_channels_last(generator)
         return compile_model(generator, self.compile_cache) if self.compiled else generator
 
     @torch.inference_mode()

@@ -63,6 +63,13 @@ def to_channels_last(module: nn.Module) -> nn.Module:
     return module
 
 
+def inference_channels_last(device: torch.device | str, precision: ComputePrecision, compiled: bool) -> bool:
+    """Whether an inference model runs its weights in channels-last layout: only eager bf16 on a CPU, where oneDNN's
+    channels-last convolutions measured 1.39x at 1024 px and 1.16x at 256 px (batch 2; fp32 1.03-1.04x, compiled
+    bf16 0.93x: benchmarks/README.md, "Forward throughput"). Elsewhere the layout stays contiguous."""
+    return torch.device(device).type == "cpu" and precision == "bf16" and not compiled
+
+
 def autocast(device: torch.device | str, precision: ComputePrecision) -> ContextManager:
     """Autocast for `precision` on `device`: bf16 on CPU or GPU, fp16 on GPU only, fp32 = no-op."""
     device_type = torch.device(device).type

@@ -1,5 +1,6 @@
 """The inference model's own behaviour beside its families' (tests/unit/psp_core/nets/test_families.py): a generator
-that decodes in place of the model's own is made ready as the model's is."""
+that decodes in place of the model's own is made ready as the model's is; the weight layout follows the measured
+rule (channels-last for eager bf16 on a CPU only) and leaves the function as it was."""
 from __future__ import annotations
 
 import copy
@@ -10,6 +11,41 @@ from torch._dynamo.eval_frame import OptimizedModule
 from psp_core import PSP, PSPArchitecture
 from psp_core.inference import InferenceModel
 from psp_core.nets.stylegan2 import Generator
+from psp_core.runtime.devices import inference_channels_last
+
+
+def conv_weights(module: torch.nn.Module) -> list[torch.Tensor]:
+    """The 4-D parameters whose two layouts differ (a 1x1 kernel or a single channel is laid out alike in both)."""
+    return [p for p in module.parameters() if p.ndim == 4 and p.shape[1] > 1 and p.shape[-1] > 1]
+
+
+def all_channels_last(module: torch.nn.Module) -> bool:
+    weights = conv_weights(module)
+    return bool(weights) and all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+                                 for w in weights)
+
+
+def test_the_weight_layout_is_channels_last_for_eager_bf16_on_a_cpu_only():
+    assert inference_channels_last("cpu", "bf16", compiled=False)
+    assert not inference_channels_last("cpu", "bf16", compiled=True)
+    assert not inference_channels_last("cpu", "fp32", compiled=False)
+    assert not inference_channels_last("cuda", "bf16", compiled=False)
+
+    torch.manual_seed(0)
+    net = PSP(PSPArchitecture(output_size=16, encoder_input_size=32))
+    net.set_latent_avg(torch.randn(512) * 0.1)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    chosen = InferenceModel(copy.deepcopy(net), device="cpu", precision="bf16")
+    assert chosen.channels_last and all_channels_last(chosen.net.encoder) and all_channels_last(chosen.net.decoder)
+    other = chosen.prepared_generator(Generator(16))
+    assert all_channels_last(other), "a replacement generator takes the model's layout"
+    contiguous = InferenceModel(copy.deepcopy(net), device="cpu", precision="bf16", channels_last=False)
+    fp32 = InferenceModel(copy.deepcopy(net), device="cpu", precision="fp32")
+    for model in (contiguous, fp32):
+        assert not model.channels_last and all(w.is_contiguous() for w in conv_weights(model.net))
+    # the same function in either layout: bf16 rounding apart, the images agree
+    a, b = chosen.invert(x)[0].images.float(), contiguous.invert(x)[0].images.float()
+    assert (a - b).abs().max() <= 0.02 * b.abs().max(), float((a - b).abs().max())
 
 
 def test_a_replacement_generator_decodes_in_eval_mode_and_is_compiled_when_the_model_is(tmp_path, monkeypatch):
