@@ -154,8 +154,8 @@ def rows(name: str) -> list[dict]:
 print("\nforward (inference core)")
 print("output  batch  precision  compile  channels_last  images/s  compile_s  warm_s  peak_dev_mb  TFLOP/s  of_peak")
 for r in rows("forward_eager") + rows("forward_compiled"):
-    head = (f"{r['output']:6d}  {r['batch']:5d}  {r['precision']:9s}  {str(r['compile']):7s}  "
-            f"{str(r['channels_last']):13s}")
+    layout = f"{r['channels_last']} (auto)" if r.get("layout", False) is None else str(r["channels_last"])
+    head = f"{r['output']:6d}  {r['batch']:5d}  {r['precision']:9s}  {str(r['compile']):7s}  {layout:13s}"
     if r["error"]:
         print(f"{head}  failed: {r['error']}")
         continue
