@@ -11,8 +11,11 @@ in the same precision, contiguous or channels-last. A compiled configuration com
 (compile_seconds: a cold compile, as the first process on a machine pays it), then a second process compiles
 it again from that cache (warm_compile_seconds). The compile costs are the first call's seconds less one
 steady call.
+With the default layout each row runs as the product would (`inference_channels_last`: eager bf16 on a CPU
+channels-last), so a compiled row's break-even is against that eager row.
 Run: python benchmarks/bench_forward.py [--sizes 256 1024] [--batches 1 8] [--precisions fp32 bf16]
-         [--compile] [--channels-last] [--iters 3] [--json PATH]
+         [--compile] [--channels-last] [--iters 3] [--device cpu|cuda] [--compile-cache DIR] [--json PATH]
+         [--reference CLONE_OF_PIXEL2STYLE2PIXEL]
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ from common import command_line, hardware, time_per_call, write_json  # noqa: E4
 
 from psp_core import PSP, PSPArchitecture, save_psp  # noqa: E402
 from psp_core.inference import InferenceModel  # noqa: E402
-from psp_core.runtime.devices import autocast, use_ieee_fp32  # noqa: E402
+from psp_core.runtime.devices import autocast, inference_channels_last, use_ieee_fp32  # noqa: E402
 
 ENCODER_INPUT = 256
 PEAK_SECONDS = 0.5   # each timed round of the peak convolution lasts at least this long
@@ -119,14 +122,16 @@ def measure(config: dict) -> dict:
 
 def measure_reference(config: dict) -> dict:
     """The reference pSp's forward at the configuration's size and batch (fp32, eager: it has no other), from the
-    clone `config["reference"]` names (bench_reference.py: checked against psp_core's function first)."""
+    clone `config["reference"]` names (bench_reference.py: checked against psp_core's function first). The process
+    does not keep freed memory, as the reference does not; the inference core's rows do, as `psp invert` does."""
     from bench_reference import ReferencePSP, check_against_psp_core, import_reference, reference_step
 
     net = ReferencePSP(import_reference(Path(config["reference"])), config["output"]).eval()
     check_against_psp_core(net, config["output"])
     seconds = time_per_call(reference_step(net, config["batch"]), iters=config["iters"], warmup=1)
-    return {"images_per_s": config["batch"] / seconds, "seconds_per_call": seconds,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak_device_mb": None}
+    # no peak memory: the check held psp_core's copy of the network in this process too
+    return {"images_per_s": config["batch"] / seconds, "seconds_per_call": seconds, "peak_rss_mb": None,
+            "peak_device_mb": None}
 
 
 def measure_in_subprocess(config: dict) -> dict:
@@ -143,8 +148,11 @@ def run_configuration(config: dict, cache_dir: Path) -> dict:
     """One row: the configuration measured in its own process (compiled ones twice: cold, then warm)."""
     result = measure_in_subprocess({**config, "cache_dir": str(cache_dir), "first_call_only": False})
     row = {key: config[key] for key in ("output", "batch", "precision", "compile", "device")}
+    chosen = config["channels_last"]
+    if chosen is None:   # the product's rule, also for a row whose process failed before reporting its layout
+        chosen = inference_channels_last(config["device"], config["precision"], config["compile"])
     row.update(implementation="reference" if config.get("reference") else "psp_core", layout=config["channels_last"],
-               channels_last=result.get("channels_last", bool(config["channels_last"])))
+               channels_last=result.get("channels_last", chosen))
     row.update(images_per_s=result.get("images_per_s"), compile_seconds=None, warm_compile_seconds=None,
                peak_rss_mb=result.get("peak_rss_mb"), peak_device_mb=result.get("peak_device_mb"),
                error=result.get("error"))
@@ -173,7 +181,8 @@ def table_line(row: dict) -> str:
     if row["error"]:
         return f"{head}  failed: {row['error']}"
     seconds = [f"{v:.1f}" if v is not None else "-" for v in (row["compile_seconds"], row["warm_compile_seconds"])]
-    return (f"{head}  {row['images_per_s']:8.2f}  {seconds[0]:>9s}  {seconds[1]:>6s}  {row['peak_rss_mb']:11.0f}  "
+    rss = "-" if row["peak_rss_mb"] is None else f"{row['peak_rss_mb']:.0f}"
+    return (f"{head}  {row['images_per_s']:8.2f}  {seconds[0]:>9s}  {seconds[1]:>6s}  {rss:>11s}  "
             f"{row['achieved_gflops']:7.0f}  {row['fraction_of_peak']:7.0%}")
 
 

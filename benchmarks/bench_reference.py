@@ -4,7 +4,7 @@ The reference is imported from a clone the user names; nothing of it is copied h
 kernels when imported, so on a CPU this harness imports them with the kernel build stubbed out and runs the two
 ops on the CPU: upfirdn2d through the reference's own `upfirdn2d_native` (given the `F` it calls, which its file
 never imports), and the fused leaky ReLU by its definition (add the bias, leaky ReLU with slope 0.2, times
-sqrt(2)), as the reference's successors do on a CPU.
+sqrt(2): psp_core's `fused_leaky_relu`, elementwise), as the reference's successors do on a CPU.
 The pSp forward is the reference's `pSp.forward` at `resize=False`, stored noise: the GradualStyleEncoder's codes
 plus `latent_avg`, then the generator. Before timing, the same weights loaded into psp_core's PSP must give the
 same images (within the parity tolerance), so the harness is checked to compute the reference's function.
@@ -24,19 +24,12 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_forward import ENCODER_INPUT  # noqa: E402
 from common import command_line, hardware, time_per_call  # noqa: E402
 
 from psp_core import PSP, PSPArchitecture  # noqa: E402
+from psp_core.nets.ops import fused_leaky_relu  # noqa: E402
 from psp_core.options import n_styles_for  # noqa: E402
-
-ENCODER_INPUT = 256
-
-
-def leaky_relu_with_bias(input: torch.Tensor, bias: torch.Tensor, negative_slope: float = 0.2,
-                         scale: float = 2 ** 0.5) -> torch.Tensor:
-    """The fused op's function on a CPU: bias per channel (dim 1), leaky ReLU, scaled."""
-    shape = [1, -1] + [1] * (input.ndim - 2)
-    return F.leaky_relu(input + bias.view(shape), negative_slope) * scale
 
 
 def import_reference(root: Path) -> SimpleNamespace:
@@ -63,8 +56,8 @@ def import_reference(root: Path) -> SimpleNamespace:
         out = native(input.reshape(-1, height, width, 1), kernel, up, up, down, down, pad[0], pad[1], pad[0], pad[1])
         return out.reshape(batch, channels, out.shape[1], out.shape[2])
 
-    sys.modules["models.stylegan2.op.fused_act"].fused_leaky_relu = leaky_relu_with_bias   # FusedLeakyReLU's call
-    op.fused_leaky_relu, op.upfirdn2d = leaky_relu_with_bias, upfirdn2d
+    sys.modules["models.stylegan2.op.fused_act"].fused_leaky_relu = fused_leaky_relu   # FusedLeakyReLU's call
+    op.fused_leaky_relu, op.upfirdn2d = fused_leaky_relu, upfirdn2d
     from models.encoders.psp_encoders import GradualStyleEncoder
     from models.stylegan2.model import Generator
     return SimpleNamespace(GradualStyleEncoder=GradualStyleEncoder, Generator=Generator)

@@ -71,7 +71,7 @@ def timed_round_robin(fns: dict[str, Callable[[], object]], device: torch.device
             synchronize(device)
             if round_index:
                 times[name].append(time.perf_counter() - start)
-            if device.type == "cuda":
+            if round_index and device.type == "cuda":   # after the warm-up, which first allocates the optimiser state
                 peaks[name] = max(peaks[name] or 0.0, (torch.cuda.max_memory_allocated(device) - held) / 2**20)
     return {name: statistics.median(values) for name, values in times.items()}, peaks
 

@@ -11,7 +11,7 @@
 #   4. train_step:       the library's trainer (Trainer.train_step: pSp forward, the four-term loss, backward,
 #                        Ranger) on one device, 1024 px output from 256 px input, batch 8, fp32 and bf16, with
 #                        images/s and each step's peak device memory;
-#   5. ray_train:        `psp train` on Ray Train with one GPU worker, only where ray, mlflow and pydantic import
+#   5. ray_train:        `psp train` on Ray Train with one GPU worker, only where ray, mlflow, pydantic and pyarrow import
 #                        (the device image has none of them, and Ray's wheel alone is larger than a call carries:
 #                        the step is then skipped, with that reason in the table);
 # then one summary table. Each step has a time limit (together 8 minutes on a GPU); a step that fails or runs out of
@@ -30,9 +30,9 @@ set -uo pipefail
 DEVICE=cuda
 while [[ $# -gt 0 ]]; do
     case $1 in
-        --device) DEVICE=${2:-}; shift 2 ;;
+        --device) DEVICE=${2:-}; shift $(( $# >= 2 ? 2 : 1 )) ;;
         --device=*) DEVICE=${1#--device=}; shift ;;
-        -h|--help) sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         -*) echo "gpu_check: error: unknown option $1 (see --help)" >&2; exit 2 ;;
         *) break ;;
     esac
@@ -136,6 +136,9 @@ import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, "benchmarks")
+from bench_forward import layout_cell
+
 out, name = Path(sys.argv[1]), sys.argv[2]
 print(f"\n=== gpu_check summary ({name})")
 for line in (out / "steps.tsv").read_text().splitlines():
@@ -154,8 +157,7 @@ def rows(name: str) -> list[dict]:
 print("\nforward (inference core)")
 print("output  batch  precision  compile  channels_last  images/s  compile_s  warm_s  peak_dev_mb  TFLOP/s  of_peak")
 for r in rows("forward_eager") + rows("forward_compiled"):
-    layout = f"{r['channels_last']} (auto)" if r.get("layout", False) is None else str(r["channels_last"])
-    head = f"{r['output']:6d}  {r['batch']:5d}  {r['precision']:9s}  {str(r['compile']):7s}  {layout:13s}"
+    head = f"{r['output']:6d}  {r['batch']:5d}  {r['precision']:9s}  {str(r['compile']):7s}  {layout_cell(r):13s}"
     if r["error"]:
         print(f"{head}  failed: {r['error']}")
         continue
@@ -180,7 +182,8 @@ if report.is_file():
     rate = f"{history[-1].value:.1f} images/s (last logged window)" if history else "no images_per_s logged"
     print(f"\npsp train on Ray Train, 1 worker, {summary['steps']} steps: {rate}; registered {summary['model_uri']}")
 EOF
-if awk -F'\t' '$2 != 0 && $2 != "skipped" { bad = 1 } END { exit bad }' "$OUT/steps.tsv"; then
+summary=$?
+if [[ $summary -eq 0 ]] && awk -F'\t' '$2 != 0 && $2 != "skipped" { bad = 1 } END { exit bad }' "$OUT/steps.tsv"; then
     echo "gpu_check: all steps passed"
 else
     echo "gpu_check: FAILED: see the table above and the logs in $OUT" >&2

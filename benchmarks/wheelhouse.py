@@ -25,9 +25,21 @@ WHEEL_NAME = re.compile(r"^(?P<dist>[^-]+)-(?P<version>[^-]+)(-\d[^-]*)?-(?P<pyt
 
 
 def pinned() -> dict[str, str]:
-    """gpu_requirements.txt as {distribution: version}."""
-    lines = (line.split("#")[0].strip() for line in REQUIREMENTS.read_text().splitlines())
-    return dict(line.split("==") for line in lines if line)
+    """gpu_requirements.txt as {distribution: version}; every line must pin one version (`name==version`)."""
+    pins = {}
+    for number, line in enumerate(REQUIREMENTS.read_text().splitlines(), 1):
+        line = line.split("#")[0].strip()
+        if line:
+            name, separator, version = line.partition("==")
+            if not separator or not name or not version:
+                raise SystemExit(f"wheelhouse: {REQUIREMENTS.name} line {number}: {line!r} is not name==version")
+            pins[name.strip()] = version.strip()
+    return pins
+
+
+def distribution(wheel: Path) -> str:
+    """A wheel file's distribution name, normalised as pip compares them."""
+    return re.sub(r"[-_.]+", "-", wheel.name.split("-")[0]).lower()
 
 
 def build(folder: Path) -> int:
@@ -39,6 +51,11 @@ def build(folder: Path) -> int:
         print("wheelhouse: pip download failed (see above)", file=sys.stderr)
         return 1
     wheels = sorted(folder.glob("*.whl"))
+    extra = [w.name for w in wheels if w.name.split("-")[1] != pinned_version(w)]   # unpinned, or another version
+    if extra:
+        print(f"wheelhouse: {folder} holds wheels gpu_requirements.txt does not pin (an older build?): "
+              f"{', '.join(extra)}; remove them and build again", file=sys.stderr)
+        return 1
     total = sum(w.stat().st_size for w in wheels)
     for wheel in wheels:
         print(f"{wheel.stat().st_size / 2**20:7.2f} MiB  {wheel.name}")
@@ -48,6 +65,11 @@ def build(folder: Path) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def pinned_version(wheel: Path) -> str | None:
+    """The version gpu_requirements.txt pins for this wheel's distribution."""
+    return {re.sub(r"[-_.]+", "-", n).lower(): v for n, v in pinned().items()}.get(distribution(wheel))
 
 
 def import_names(wheel: zipfile.ZipFile) -> list[str]:
@@ -60,11 +82,16 @@ def import_names(wheel: zipfile.ZipFile) -> list[str]:
     return sorted(name for name in (t.removesuffix(".py") for t in tops) if name.isidentifier())
 
 
-def fits(python_tag: str) -> bool:
-    """Whether a wheel's Python tag (`py3`, `cp312`, `py2.py3`) runs on this interpreter."""
-    here = f"cp{sys.version_info.major}{sys.version_info.minor}"
-    return any(tag in ("py3", f"py{sys.version_info.major}{sys.version_info.minor}", here)
-               for tag in python_tag.split("."))
+def fits(python_tag: str, abi_tag: str = "none") -> bool:
+    """Whether a wheel's Python tag (`py3`, `cp312`, `py2.py3`; with abi3, any CPython from that one on) runs on
+    this interpreter."""
+    major, minor = sys.version_info[:2]
+    for tag in python_tag.split("."):
+        if tag in ("py3", f"py{major}{minor}", f"cp{major}{minor}"):
+            return True
+        if abi_tag == "abi3" and re.fullmatch(r"cp3\d+", tag) and int(tag[3:]) <= minor and major == 3:
+            return True
+    return False
 
 
 def unpack(folder: Path, site: Path) -> int:
@@ -75,18 +102,19 @@ def unpack(folder: Path, site: Path) -> int:
         print(f"wheelhouse: no wheels in {folder} (build it with: python benchmarks/wheelhouse.py build)",
               file=sys.stderr)
         return 1
-    status = 0
+    status, unpacked = 0, set()
     for path in wheels:
         name = WHEEL_NAME.match(path.name)
         with zipfile.ZipFile(path) as wheel:
             packages = import_names(wheel)
-            missing = [p for p in packages if importlib.util.find_spec(p) is None]
+            missing = [p for p in packages if importlib.util.find_spec(p) is None and p not in unpacked]
             if not missing:
                 verdict = "present"
-            elif name is None or not fits(name["python"]):
+            elif name is None or not fits(name["python"], name["abi"]):
                 verdict, status = f"MISSING and the wheel is not for Python {sys.version.split()[0]}", 1
             else:
                 wheel.extractall(site)
+                unpacked.update(packages)
                 verdict = f"unpacked into {site}"
         print(f"wheelhouse: {path.name}: {', '.join(packages)}: {verdict}")
     return status

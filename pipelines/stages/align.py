@@ -313,7 +313,7 @@ def align_faces(photo: Image.Image, name: str, cfg: AlignConfig) -> tuple[list[A
 
 PNG_COMPRESS_LEVEL = 1
 """zlib level of the aligned PNGs: the same pixels as Pillow's default level 6, encoded 3.7x faster (0.18 s against
-0.67 s for the sample's 50 faces, a quarter of the stage's time past the face detector) for files 11 % larger
+0.67 s for the sample's 50 faces, of the 1.5 s the stage spent past the face detector) for files 11 % larger
 (74.9 against 67.2 KiB at 256 px; benchmarks/README.md, "Data")."""
 
 

@@ -116,7 +116,9 @@ class InferenceModel:
         """`preset` None: only the generator is used (`decode`, e.g. for editing codes), no images are encoded.
         On a CPU it sets `keep_freed_memory`, which is fully effective only when set before the process
         allocated its models, as `load` does. `channels_last` None: the layout the device, precision and compile
-        choice measured fastest (`inference_channels_last`); True / False stand."""
+        choice measured fastest (`inference_channels_last`), except for HyperStyle, whose generator runs the grouped
+        form at every layer (its reshape would copy a channels-last input back; not measured): contiguous. True /
+        False stand."""
 
         task = get_preset(preset or "encode")
         if preset is not None and image_channels(net) != task.input_nc:
@@ -129,7 +131,7 @@ class InferenceModel:
         self.precision = resolve_precision(precision, self.device)
         self.compiled, self.compile_cache = compile, compile_cache
         self.channels_last = (inference_channels_last(self.device, self.precision, compile)
-                              if channels_last is None else channels_last)
+                              and not isinstance(self.net, HyperStyle) if channels_last is None else channels_last)
         if self.channels_last:
             to_channels_last(self.net)
         if compile:

@@ -132,11 +132,12 @@ class CompilePayoff:
 
 
 MEASURED_PAYOFF: dict[str, CompilePayoff] = {
-    # 2-core AMD EPYC (AVX-512 BF16), torch 2.14.1, pSp forward at 1024 px, batch 2, bf16 (issue 11's
-    # measurement; benchmarks/bench_forward.py --compile prints these figures): a cold compile of
-    # about 70 s; 0.66 images/s eager, 1.54 compiled, so 1/0.66 - 1/1.54 = 0.87 s saved per image and
-    # the compile repays itself after 81 images (fp32 saves more per image: 1/0.39 - 1/0.83 = 1.36 s).
-    "cpu": CompilePayoff(compile_seconds=70.0, seconds_saved_per_image=1 / 0.66 - 1 / 1.54, output_size=1024),
+    # 2-core AMD EPYC (AVX-512 BF16), torch 2.14.1, the inference core's pSp forward at 1024 px, batch 2,
+    # bf16 (benchmarks/bench_forward.py, 2026-12-07): a cold compile of 85.4 s; 0.61 images/s eager (in the
+    # channels-last layout `inference_channels_last` gives it), 0.85 compiled, so 1/0.61 - 1/0.85 = 0.46 s
+    # saved per image and the compile repays itself after 185 images (fp32 saves more per image:
+    # 1/0.26 - 1/0.41 = 1.38 s).
+    "cpu": CompilePayoff(compile_seconds=85.4, seconds_saved_per_image=1 / 0.61 - 1 / 0.85, output_size=1024),
 }
 """Measured payoff of compiling inference (the pSp forward), per device type; `compile: auto` never
 compiles on a device type without a measurement here."""
