@@ -102,3 +102,5 @@ def test_inference_model_inverts_and_decodes_with_the_offsets(net):
     assert not failures, "; ".join(failures)
     assert torch.equal(model.decode(inversion.latents, inversion.offsets), inversion.images)
     assert not parity_errors([("initial_image", model.decode(inversion.latents), ref["initial_image"][:1])])
+    assert not InferenceModel(net, preset="encode", device=DEVICE, precision="bf16").channels_last, \
+        "HyperStyle keeps the contiguous layout where the eager bf16 rule gives a pSp channels-last weights"
