@@ -25,7 +25,7 @@ WHEEL_NAME = re.compile(r"^(?P<dist>[^-]+)-(?P<version>[^-]+)(-\d[^-]*)?-(?P<pyt
 
 
 def pinned() -> dict[str, str]:
-    """gpu_requirements.txt as {distribution: version}; every line must pin one version (`name==version`)."""
+    """gpu_requirements.txt as {normalised distribution: version}; every line must pin one version (`name==version`)."""
     pins = {}
     for number, line in enumerate(REQUIREMENTS.read_text().splitlines(), 1):
         line = line.split("#")[0].strip()
@@ -33,13 +33,13 @@ def pinned() -> dict[str, str]:
             name, separator, version = line.partition("==")
             if not separator or not name or not version:
                 raise SystemExit(f"wheelhouse: {REQUIREMENTS.name} line {number}: {line!r} is not name==version")
-            pins[name.strip()] = version.strip()
+            pins[normalised(name.strip())] = version.strip()
     return pins
 
 
-def distribution(wheel: Path) -> str:
-    """A wheel file's distribution name, normalised as pip compares them."""
-    return re.sub(r"[-_.]+", "-", wheel.name.split("-")[0]).lower()
+def normalised(name: str) -> str:
+    """A distribution name as pip compares them (`pytorch_msssim` == `pytorch-msssim`)."""
+    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def build(folder: Path) -> int:
@@ -50,8 +50,10 @@ def build(folder: Path) -> int:
     if subprocess.run(command).returncode != 0:
         print("wheelhouse: pip download failed (see above)", file=sys.stderr)
         return 1
-    wheels = sorted(folder.glob("*.whl"))
-    extra = [w.name for w in wheels if w.name.split("-")[1] != pinned_version(w)]   # unpinned, or another version
+    wheels, pins = sorted(folder.glob("*.whl")), pinned()
+    parsed = {w.name: WHEEL_NAME.match(w.name) for w in wheels}
+    extra = [name for name, wheel in parsed.items()   # unpinned, or another version than the pin
+             if wheel is None or pins.get(normalised(wheel["dist"])) != wheel["version"]]
     if extra:
         print(f"wheelhouse: {folder} holds wheels gpu_requirements.txt does not pin (an older build?): "
               f"{', '.join(extra)}; remove them and build again", file=sys.stderr)
@@ -65,11 +67,6 @@ def build(folder: Path) -> int:
               file=sys.stderr)
         return 1
     return 0
-
-
-def pinned_version(wheel: Path) -> str | None:
-    """The version gpu_requirements.txt pins for this wheel's distribution."""
-    return {re.sub(r"[-_.]+", "-", n).lower(): v for n, v in pinned().items()}.get(distribution(wheel))
 
 
 def import_names(wheel: zipfile.ZipFile) -> list[str]:

@@ -22,11 +22,16 @@ durations through that rule gave 25 and 27 s less with this order; two clean-clo
 (README, Quickstart)."""
 
 
+def is_end_to_end(path: Path) -> bool:
+    """Whether a test file is an end-to-end run (under `tests/e2e`, marked `slow` by that folder's conftest)."""
+    return "e2e" in path.parts
+
+
 def file_rank(path: Path) -> tuple[int, int]:
     """Where a test file goes in the order: E2E_ORDER, other end-to-end files, UNIT_FIRST, the rest."""
     if path.name in E2E_ORDER:
         return 0, E2E_ORDER.index(path.name)
-    if "e2e" in path.parts:
+    if is_end_to_end(path):
         return 1, 0
     if path.name in UNIT_FIRST:
         return 2, UNIT_FIRST.index(path.name)

@@ -22,7 +22,7 @@ def requirement_pins() -> dict[str, str]:
         line = line.split("#")[0].strip()
         if "==" in line:
             name, version = line.split("==")
-            pins[name.split("[")[0].lower().replace("_", "-")] = version
+            pins[wheelhouse.normalised(name.split("[")[0])] = version
     return pins
 
 
