@@ -25,9 +25,10 @@ lint: setup
 # One pytest run on two processes, a whole file at a time: the end-to-end runs (`slow`: real Ray instances,
 # servers, dvc repro) wait on processes and servers much of the time, and the unit files fill in beside them.
 # Each worker has its own temporary folder, removed when the run ends, so two local Ray instances never meet and
-# no cache outlives the run (tests/conftest.py).
+# no cache outlives the run (tests/conftest.py). `--no-loadscope-reorder`: xdist would otherwise hand out the files
+# with the most tests first, whatever their length, and the one-test end-to-end files would start last.
 test: lint
-	$(PY) -m pytest -n 2 --dist loadfile
+	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 demo: setup
 	dvc repro

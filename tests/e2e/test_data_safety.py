@@ -564,8 +564,9 @@ def test_a_stopped_invert_leaves_no_ray_process_and_reruns_write_only_the_rest(t
     write_shards(ShardConfig(input_dir=str(faces), output_dir=str(tmp_path / "shards"),
                              report=str(tmp_path / "shard.json"), rows_per_shard=3, test_fraction=0.0))
     torch.manual_seed(0)
-    # a 128 px generator and two style-mixed variants: ~0.1 s an image, so the stop lands mid-way
-    save_psp(build_psp(PSPArchitecture(output_size=128, encoder_input_size=64), mean_latent_samples=64),
+    # a 32 px generator and two style-mixed variants: ~1.3 s a file of 3 images on an idle 2-core VM (4 s at 128 px), so
+    # the stop lands mid-way
+    save_psp(build_psp(PSPArchitecture(output_size=32, encoder_input_size=64), mean_latent_samples=64),
              tmp_path / "model.pt")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"invert": {
         "model": "model.pt", "input": "shards", "output_dir": "latents", "report": "invert.json",

@@ -5,21 +5,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-E2E_ORDER = ("test_quality.py", "test_dvc_data.py", "test_train_ray.py", "test_object_storage.py",
-             "test_data_safety.py", "test_invert_on_ray.py")
-"""The end-to-end files, the long runs first so that they start at once. No order was measured to be faster: runs
-of nearly the same suite on this 2-core VM took 19 min 46 s and 25 min 18 s in this order and 21 min 25 s with the
-two Ray training files first, all within one afternoon."""
+E2E_ORDER = ("test_train_ray.py", "test_object_storage.py", "test_quality.py", "test_dvc_data.py",
+             "test_train_compile.py", "test_data_safety.py", "test_invert_on_ray.py")
+"""The end-to-end files, longest first (504 s down to 83 s in a full run, with `--durations` and each file's start
+and end time): the long runs start at once. Until `make test` passed `--no-loadscope-reorder`, xdist handed out the
+files with the most tests first whatever this order said: `test_invert_on_ray.py` (one test, 83 s) started 22 min
+into that run, and one worker idled for the last 2 min."""
 
 UNIT_FIRST = ("test_hyperstyle_training.py", "test_parity.py", "test_invert.py", "test_fast_path.py", "test_pyfunc.py",
-              "test_families.py", "test_restyle_training.py", "test_hyperstyle_parity.py", "test_engine.py",
-              "test_evaluate.py", "test_edit.py", "test_hyperstyle.py", "test_e4e_training.py", "test_ray_cluster.py")
-"""The unit files that took 20 s or more in a full run (112 s down to 21 s, `--durations=0`), longest first, ahead
-of the other unit files (13 s at most each). In the collection's order the heavy training files
-(`tests/unit/psp_core/training`) came last, and xdist gives a worker its next file once two of its tests are left:
-a long file handed out last keeps one worker busy while the other has nothing left. Replaying two full runs' test
-durations through that rule gave 25 and 27 s less with this order; two clean-clone runs measured no gain
-(README, Quickstart)."""
+              "test_restyle_training.py", "test_families.py", "test_hyperstyle_parity.py", "test_hyperstyle.py",
+              "test_edit.py", "test_evaluate.py", "test_engine.py", "test_e4e_training.py", "test_ray_cluster.py")
+"""The unit files that took 24 s or more in the same run (130 s down to 24 s), longest first, ahead of the other unit
+files (19 s at most each): they fill in beside the long runs, and the run ends on short files. A worker takes its
+next file while it still has one queued (xdist's loadscope), so a long file handed out last would keep one worker
+busy while the other has nothing left."""
 
 
 def is_end_to_end(path: Path) -> bool:

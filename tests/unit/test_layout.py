@@ -3,7 +3,11 @@ service and Ray only by the Ray service and the stage code that runs inside Ray,
 and at most 8 modules directly in each package root; the test files the suite's schedule names exist."""
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
+
+from _pytest.config.argparsing import Parser
+from xdist.plugin import pytest_addoption
 
 from helpers import REPO
 from helpers.code import imported_names
@@ -97,3 +101,14 @@ def test_the_suites_schedule_names_its_files():
     assert set(E2E_ORDER) <= e2e, set(E2E_ORDER) - e2e
     assert set(UNIT_FIRST) <= unit, set(UNIT_FIRST) - unit
     assert len(set(UNIT_FIRST)) == len(UNIT_FIRST)
+
+
+def test_make_test_hands_out_the_files_in_the_schedules_order():
+    """`make test`'s pytest options, read by xdist's own option parser: whole files (`loadfile`) and no reordering.
+    xdist's default puts the files with the most tests first, and the one-test end-to-end runs started last."""
+    line = next(line for line in (ROOT / "Makefile").read_text().splitlines() if "-m pytest" in line)
+    parser = Parser()
+    pytest_addoption(parser)
+    options = parser.parse_known_args(shlex.split(line.split("-m pytest", 1)[1]))
+    assert options.dist == "loadfile" and options.numprocesses == 2
+    assert options.loadscopereorder is False
