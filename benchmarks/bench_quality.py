@@ -1,4 +1,4 @@
-"""Quality on a known generator: pSp, e4e and ReStyle-pSp learn to invert a frozen generator's own
+"""Quality on a known generator: pSp, e4e, ReStyle-pSp and HyperStyle learn to invert a frozen generator's own
 samples, whose true W+ codes are known, through the product's training path.
 
 No pretrained weights reach these machines, so no published metric can be reproduced; inversion has a
@@ -7,13 +7,19 @@ checkpoint) draws training and validation images from W (truncation 0.7 around `
 W+ with per-layer mixing of two codes); they are written as PNG files and packed by `psp shard`'s own
 writer into Parquet shards, read back with the shard reader, and each encoder is trained by the engine
 (`build_psp` loading the generator file, `Trainer`, the `encode` / `restyle_encode` / `e4e_encode` presets, `PSPLoss`)
-for the same optimiser steps and batch size. Reported per encoder: validation image L2 and MS-SSIM
+for the same optimiser steps and batch size. HyperStyle (`--encoders w_encoder hyperstyle --size 256`: its
+hypernetwork reads 256 px) first trains its W encoder (`w_encode`) for those steps, then the hypernetwork
+(`build_hyperstyle` on that W encoder's file, `hyperstyle_encode`) for as many more. Reported per encoder: validation image L2 and MS-SSIM
 before and after training (at the generator's resolution, outputs clamped to [-1, 1]), the error to the
 true W+ codes, the codes' distance from W (their variance across styles, e4e's editability proxy), how well
-an edit transfers (`edit_transfer`: the same SeFa edit on the true and on the inverted code) and training images/s; ReStyle-pSp is evaluated at every refinement iteration (`psp_core.inference.refine`).
+an edit transfers (`edit_transfer`: the same SeFa edit on the true and on the inverted code) and training images/s;
+ReStyle-pSp and HyperStyle are evaluated at every refinement iteration (the inference core's `invert`). HyperStyle's
+codes are its W encoder's: its edit-transfer figure is theirs, decoded without the image's offsets.
 
 Run: python benchmarks/bench_quality.py --steps 400 --size 32 --json quality.json [--plot P.png --grid G.png]
-(about 17 minutes on 2 CPU cores; `--steps 60` for a first look)
+(about 17 minutes on 2 CPU cores; `--steps 60` for a first look). HyperStyle beside ReStyle-pSp at 256 px:
+python benchmarks/bench_quality.py --size 256 --encoder-size 256 --channel-multiplier 1 \
+    --encoders restyle_psp w_encoder hyperstyle --json hyperstyle.json
 """
 from __future__ import annotations
 
@@ -30,7 +36,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch import Tensor
+from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import command_line, hardware  # noqa: E402
@@ -39,7 +45,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipelines.params.schema import ShardConfig  # noqa: E402
 from pipelines.services.storage import atomic_path, write_json_atomic  # noqa: E402
 from pipelines.stages.shard import write_shards  # noqa: E402
-from psp_core import PSPArchitecture, PSPLoss, Trainer, TrainingConfig, build_psp, get_preset  # noqa: E402
+from psp_core import (  # noqa: E402
+    HyperStyleArchitecture,
+    PSPArchitecture,
+    PSPLoss,
+    Trainer,
+    TrainingConfig,
+    build_hyperstyle,
+    build_psp,
+    get_preset,
+    save_psp,
+)
 from psp_core.data.presets import PresetTransform, TaskPreset  # noqa: E402
 from psp_core.data.shards import iter_shard_batches, shard_paths  # noqa: E402
 from psp_core.data.transforms import to_signed, to_unit_float  # noqa: E402
@@ -84,8 +100,21 @@ ENCODERS: dict[str, EncoderSpec] = {
     "e4e": EncoderSpec("e4e_encode", "e4e", "Encoder4Editing",
                        "e4e's objective: progressive deltas, the delta regulariser and the latent discriminator "
                        "(schedule and discriminator learning rate scaled to the run, `e4e_schedule`)"),
+    "w_encoder": EncoderSpec("w_encode", "w_encoder", "WEncoder",
+                             "e4e's objective with one code for every style (HyperStyle's W encoder; the latent "
+                             "discriminator's learning rate scaled to the run, `e4e_schedule`)"),
+    "hyperstyle": EncoderSpec("hyperstyle_encode", "hyperstyle", "SharedWeightsHyperNetResNet",
+                              "HyperStyle's coach: the hypernetwork's offsets on the frozen W encoder's codes, a "
+                              "backward per refinement iteration, one optimiser step per batch"),
 }
-"""The encoders, in report order: pSp; ReStyle-pSp with its released encoder; e4e's encoder."""
+"""The encoders, in report order: pSp; ReStyle-pSp with its released encoder; e4e's encoder; HyperStyle's W encoder;
+HyperStyle on that W encoder (listed after it: it is built on its file)."""
+
+REFINING = ("restyle_psp", "hyperstyle")
+"""The families evaluated at every refinement iteration (`QualityConfig.restyle_iters` of them)."""
+
+HYPERSTYLE_SIZE = HyperStyleArchitecture.encoder_input_size
+"""HyperStyle's hypernetwork reads 256 px images, and its generator is at least that large."""
 
 
 @dataclass(frozen=True)
@@ -98,23 +127,31 @@ class QualityConfig:
     batch_size: int = 8
     train_images: int = 160
     val_images: int = 24
-    restyle_iters: int = 3
+    restyle_iters: int = 3   # refinement iterations of ReStyle and of HyperStyle, in training and at evaluation
     eval_every: int = 50
     learning_rate: float = 1e-3   # hundreds of steps, not the reference's 500k at 1e-4 (benchmarks/README.md)
     precision: str = "auto"
     mixing: bool = False
     generator: Path | None = None
-    encoders: tuple[str, ...] = tuple(ENCODERS)
+    channel_multiplier: int = 2   # the seeded generator's (1: a quarter of the cost at 256 px)
+    encoders: tuple[str, ...] = ("psp", "restyle_psp", "e4e")
     seed: int = 0
 
     def __post_init__(self) -> None:
         """Refuse settings that cannot run, naming the option."""
-        if self.generator is None and self.size not in (16, 32, 64):
-            raise InputError(f"--size must be 16, 32 or 64 for the seeded generator, got {self.size}")
+        if self.generator is None and self.size not in (16, 32, 64, HYPERSTYLE_SIZE):
+            raise InputError(f"--size must be 16, 32, 64 or {HYPERSTYLE_SIZE} for the seeded generator, got {self.size}")
         unknown = [name for name in self.encoders if name not in ENCODERS]
         if unknown or not self.encoders:
             raise InputError(f"--encoders: unknown {unknown}; choose from {', '.join(ENCODERS)}")
-        for name in ("steps", "batch_size", "restyle_iters", "eval_every", "val_images"):
+        if "hyperstyle" in self.encoders:
+            if self.size != HYPERSTYLE_SIZE or self.encoder_size != HYPERSTYLE_SIZE:
+                raise InputError(f"--encoders hyperstyle needs --size {HYPERSTYLE_SIZE} and --encoder-size "
+                                 f"{HYPERSTYLE_SIZE} (its hypernetwork reads {HYPERSTYLE_SIZE} px), got "
+                                 f"{self.size} and {self.encoder_size}")
+            if "w_encoder" not in self.encoders[:self.encoders.index("hyperstyle")]:
+                raise InputError("--encoders: hyperstyle refines a trained W encoder's codes; list w_encoder before it")
+        for name in ("steps", "batch_size", "restyle_iters", "eval_every", "val_images", "channel_multiplier"):
             if getattr(self, name) < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.train_images < self.batch_size:
@@ -165,7 +202,7 @@ def bake_affine(generator: Generator, scale: float, shift: float) -> None:
         to_rgbs[-1].bias.add_(shift)
 
 
-def known_generator(size: int, seed: int, checkpoint: Path | None) -> KnownGenerator:
+def known_generator(size: int, seed: int, checkpoint: Path | None, channel_multiplier: int = 2) -> KnownGenerator:
     """A frozen generator (seeded random weights at `size`, or `checkpoint`'s) with the output affine
     measured on its average image and baked into its weights. It runs its modulated convolutions in the fused form,
     as the encoders' decoders do: the reference's rounding is for parity, and at 16 px the fused form runs 2.3x
@@ -178,7 +215,7 @@ def known_generator(size: int, seed: int, checkpoint: Path | None) -> KnownGener
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            generator = Generator(size)
+            generator = Generator(size, channel_multiplier=channel_multiplier)
         latent_avg = None
     generator = use_exact_modulation(generator.eval().requires_grad_(False), False)
     if latent_avg is None:
@@ -425,17 +462,39 @@ def e4e_schedule(cfg: QualityConfig) -> dict[str, Any]:
             "w_discriminator_lr": 2e-5 * cfg.learning_rate / REFERENCE_LEARNING_RATE}
 
 
+def build_encoder(spec: EncoderSpec, preset: TaskPreset, cfg: QualityConfig, generator_path: Path,
+                  w_encoder_path: Path) -> nn.Module:
+    """The network to train, on the known generator's file: a pSp-family model, or HyperStyle on the trained W
+    encoder's file (ResNet-34 body at random: no torchvision weights reach this machine)."""
+    if spec.family == "hyperstyle":
+        arch = HyperStyleArchitecture(output_size=cfg.size, stylegan_channel_multiplier=cfg.channel_multiplier)
+        return build_hyperstyle(arch, w_encoder_path, generator_path)
+    arch = PSPArchitecture(encoder_type=spec.encoder_type, input_nc=preset.encoder_input_nc, output_size=cfg.size,
+                           encoder_input_size=cfg.encoder_size, family=spec.family,
+                           stylegan_channel_multiplier=cfg.channel_multiplier)
+    return build_psp(arch, generator_path)
+
+
+def schedule(spec: EncoderSpec, cfg: QualityConfig) -> dict[str, Any]:
+    """The family's own training settings scaled to the run: e4e's schedule, the W encoder's discriminator rate."""
+    if spec.family == "e4e":
+        return e4e_schedule(cfg)
+    if spec.family == "w_encoder":
+        return {"w_discriminator_lr": e4e_schedule(cfg)["w_discriminator_lr"]}
+    return {}
+
+
 def train_encoder(name: str, generator_path: Path, data: KnownData, cfg: QualityConfig,
-                  device: torch.device) -> tuple[dict[str, Any], Evaluation]:
+                  device: torch.device, w_encoder_path: Path) -> tuple[dict[str, Any], Evaluation]:
     """Train one encoder with the engine for `cfg.steps` steps in `cfg.precision`; scores before, during
-    and after, always in fp32 (the metrics should not carry bf16 rounding)."""
+    and after, always in fp32 (the metrics should not carry bf16 rounding). A trained W encoder is saved to
+    `w_encoder_path`, where HyperStyle is built from."""
     spec = ENCODERS[name]
     preset = benchmark_preset(spec)
-    n_iters = cfg.restyle_iters if spec.family == "restyle_psp" else 1
-    arch = PSPArchitecture(encoder_type=spec.encoder_type, input_nc=preset.encoder_input_nc, output_size=cfg.size,
-                           encoder_input_size=cfg.encoder_size, family=spec.family)
+    n_iters = cfg.restyle_iters if spec.family in REFINING else 1
     torch.manual_seed(cfg.seed)
-    net = use_exact_modulation(build_psp(arch, generator_path).to(device), False)   # as training runs it
+    net = build_encoder(spec, preset, cfg, generator_path, w_encoder_path)
+    net = use_exact_modulation(net.to(device), False)   # as training runs it
     model = InferenceModel(net, spec.preset, device, "fp32")
     before = evaluate(model, data.val, data.val_codes, n_iters)
     probe = ValidationProbe(name, model, data, n_iters)
@@ -443,8 +502,7 @@ def train_encoder(name: str, generator_path: Path, data: KnownData, cfg: Quality
     config = TrainingConfig(max_steps=cfg.steps, learning_rate=cfg.learning_rate,
                             precision=resolve_precision(cfg.precision, device),
                             log_interval=cfg.eval_every, image_interval=never, val_interval=never,
-                            save_interval=never, seed=cfg.seed, n_iters_per_batch=n_iters,
-                            **(e4e_schedule(cfg) if spec.family == "e4e" else {}))
+                            save_interval=never, seed=cfg.seed, n_iters_per_batch=n_iters, **schedule(spec, cfg))
     trainer = Trainer(net, PSPLoss(preset.loss), config,
                       batch_transform=PresetTransform(preset, cfg.encoder_size, train=True), callback=probe)
     start = time.perf_counter()
@@ -452,6 +510,8 @@ def train_encoder(name: str, generator_path: Path, data: KnownData, cfg: Quality
     train_seconds = time.perf_counter() - start - probe.seconds
     after = probe.last   # the engine reports its last step whatever the interval
     assert after is not None and probe.curve[-1]["step"] == cfg.steps
+    if spec.family == "w_encoder":
+        save_psp(net, w_encoder_path)
     result: dict[str, Any] = {
         "family": spec.family, "encoder_type": spec.encoder_type, "preset": spec.preset,
         "objective": spec.objective, "loss_weights": dataclasses.asdict(preset.loss),
@@ -464,7 +524,7 @@ def train_encoder(name: str, generator_path: Path, data: KnownData, cfg: Quality
         "curve": [{"step": 0, "train_loss": None, "val_l2_per_iter": [s["l2"] for s in before.per_iter]},
                   *probe.curve],
     }
-    if spec.family == "restyle_psp":
+    if spec.family in REFINING:
         result["n_iters"] = n_iters
         for key in ("l2", "ms_ssim"):
             result[f"val_{key}_before_per_iter"] = [s[key] for s in before.per_iter]
@@ -486,7 +546,7 @@ def run_benchmark(cfg: QualityConfig, workdir: Path) -> BenchmarkResult:
     """Build the generator and the shards under `workdir`, train and score every encoder of `cfg`."""
     device = choose_device("auto")
     start = time.perf_counter()
-    known = known_generator(cfg.size, cfg.seed, cfg.generator)
+    known = known_generator(cfg.size, cfg.seed, cfg.generator, cfg.channel_multiplier)
     generator_path = write_generator(known, workdir / "generator.pt")
     data = make_data(known, cfg, workdir)
     targets = to_images(data.val)
@@ -513,7 +573,7 @@ def run_benchmark(cfg: QualityConfig, workdir: Path) -> BenchmarkResult:
     }
     previews = {"targets": [targets[:PREVIEW_IMAGES]]}
     for name in cfg.encoders:
-        result, after = train_encoder(name, generator_path, data, cfg, device)
+        result, after = train_encoder(name, generator_path, data, cfg, device, workdir / "w_encoder.pt")
         summary["encoders"][name] = result
         previews[name] = after.previews
         print(result_line(name, result), flush=True)
@@ -534,12 +594,12 @@ TABLE_HEADER = (f"{'encoder':<12} {'L2 before':>10} {'L2':>8} {'SSIM bef':>8} {'
                 f"{'style var':>10} {'edit xfer':>9} {'img/s':>7}")
 
 
-COLOURS = {"psp": "C0", "restyle_psp": "C1", "e4e": "C2"}
+COLOURS = {"psp": "C0", "restyle_psp": "C1", "e4e": "C2", "w_encoder": "C3", "hyperstyle": "C4"}
 """One colour per encoder in both panels of the plot."""
 
 
 def write_plot(summary: dict[str, Any], path: Path) -> None:
-    """Validation L2 against training step (every encoder) and against refinement iteration (ReStyle)."""
+    """Validation L2 against training step (every encoder) and against refinement iteration (ReStyle, HyperStyle)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -549,10 +609,10 @@ def write_plot(summary: dict[str, Any], path: Path) -> None:
     for name, result in encoders.items():
         steps = [point["step"] for point in result["curve"]]
         by_step.plot(steps, [point["val_l2_per_iter"][-1] for point in result["curve"]], marker="o", color=COLOURS[name],
-                     label=name if name != "restyle_psp" else f"restyle_psp (iteration {result['n_iters']})")
-        if name == "restyle_psp":
+                     label=name if name not in REFINING else f"{name} (iteration {result['n_iters']})")
+        if name in REFINING:
             by_step.plot(steps, [point["val_l2_per_iter"][0] for point in result["curve"]], linestyle="--",
-                         color=COLOURS[name], label="restyle_psp (iteration 1)")
+                         color=COLOURS[name], label=f"{name} (iteration 1)")
     baseline = summary["data"]["val_l2_average_image"]
     for axis in (by_step, by_iter):
         axis.axhline(baseline, color="gray", linestyle=":", label="average image")
@@ -561,18 +621,17 @@ def write_plot(summary: dict[str, Any], path: Path) -> None:
     by_step.set_xlabel("optimiser step")
     by_step.set_title("L2 vs training step")
     by_step.legend(fontsize=8)
-    if "restyle_psp" in encoders:
-        restyle = encoders["restyle_psp"]
-        iterations = range(1, restyle["n_iters"] + 1)
-        by_iter.plot(iterations, restyle["val_l2_per_iter"], marker="o", color=COLOURS["restyle_psp"],
-                     label="restyle_psp, trained")
-        by_iter.plot(iterations, restyle["val_l2_before_per_iter"], marker="x", linestyle="--",
-                     color=COLOURS["restyle_psp"], label="restyle_psp, untrained")
+    for name in (name for name in REFINING if name in encoders):
+        iterations = range(1, encoders[name]["n_iters"] + 1)
+        by_iter.plot(iterations, encoders[name]["val_l2_per_iter"], marker="o", color=COLOURS[name],
+                     label=f"{name}, trained")
+        by_iter.plot(iterations, encoders[name]["val_l2_before_per_iter"], marker="x", linestyle="--",
+                     color=COLOURS[name], label=f"{name}, untrained")
         by_iter.set_xticks(list(iterations))
-    for name in ("psp", "e4e"):
+    for name in ("psp", "e4e", "w_encoder"):
         if name in encoders:
             by_iter.axhline(encoders[name]["val_l2"], linestyle="-.", label=f"{name} (one pass)", color=COLOURS[name])
-    by_iter.set_xlabel("ReStyle refinement iteration")
+    by_iter.set_xlabel("refinement iteration")
     by_iter.set_title(f"L2 vs refinement iteration (after {summary['steps']} steps)")
     by_iter.legend(fontsize=8)
     figure.suptitle(f"Inverting a known {summary['data']['size']} px generator: {summary['steps']} steps, "
@@ -584,20 +643,20 @@ def write_plot(summary: dict[str, Any], path: Path) -> None:
 
 
 def write_grid(previews: dict[str, list[Tensor]], path: Path) -> None:
-    """Rows: the validation targets, pSp, e4e, then each ReStyle iteration (torchvision's make_grid),
-    labelled; images upscaled 4x (nearest) to be seen."""
+    """Rows: the validation targets, pSp, e4e, each ReStyle iteration, the W encoder, each HyperStyle iteration
+    (torchvision's make_grid), labelled; images smaller than 64 px upscaled 4x (nearest) to be seen."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from torchvision.utils import make_grid
 
     rows, labels = [], []
-    for name in ("targets", "psp", "e4e", "restyle_psp"):
+    for name in ("targets", "psp", "e4e", "restyle_psp", "w_encoder", "hyperstyle"):
         for index, images in enumerate(previews.get(name, [])):
             rows.append(images)
             labels.append(name if len(previews[name]) == 1 else f"{name} it {index + 1}")
     tiles = torch.cat(rows)
-    tiles = F.interpolate((tiles + 1) / 2, scale_factor=4, mode="nearest")
+    tiles = F.interpolate((tiles + 1) / 2, scale_factor=4 if tiles.shape[-1] < 64 else 1, mode="nearest")
     grid = make_grid(tiles, nrow=rows[0].shape[0], padding=2, pad_value=1.0)
     figure, axis = plt.subplots(figsize=(grid.shape[2] / 100 + 1.4, grid.shape[1] / 100 + 0.2))
     axis.imshow(grid.permute(1, 2, 0).numpy())
@@ -614,13 +673,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = QualityConfig()
     parser.add_argument("--steps", type=int, default=defaults.steps, help="optimiser steps per encoder")
-    parser.add_argument("--size", type=int, default=defaults.size, help="generator output size (16, 32 or 64; a given generator's own)")
+    parser.add_argument("--size", type=int, default=defaults.size,
+                        help=f"generator output size (16, 32, 64 or {HYPERSTYLE_SIZE}; a given generator's own)")
+    parser.add_argument("--channel-multiplier", type=int, default=defaults.channel_multiplier,
+                        help="the seeded generator's StyleGAN2 channel multiplier (a given generator's own)")
     parser.add_argument("--encoder-size", type=int, default=defaults.encoder_size, help="encoder input size")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--train-images", type=int, default=defaults.train_images)
     parser.add_argument("--val-images", type=int, default=defaults.val_images)
     parser.add_argument("--restyle-iters", type=int, default=defaults.restyle_iters,
-                        help="ReStyle iterations per batch in training, and at evaluation")
+                        help="ReStyle's and HyperStyle's iterations per batch in training, and at evaluation")
     parser.add_argument("--eval-every", type=int, default=defaults.eval_every, help="steps between evaluations")
     parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=defaults.precision,
@@ -628,13 +690,14 @@ def main() -> None:
     parser.add_argument("--mixing", action="store_true", help="W+ codes: per-layer mixing of two w")
     parser.add_argument("--generator", type=Path, help="a generator checkpoint {'g_ema', 'latent_avg'} "
                                                        "instead of seeded random weights")
-    parser.add_argument("--encoders", nargs="+", default=list(defaults.encoders), choices=list(ENCODERS))
+    parser.add_argument("--encoders", nargs="+", default=list(defaults.encoders), choices=list(ENCODERS),
+                        help="in this order; hyperstyle (256 px) after the w_encoder it is built on")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's); on a shared machine "
                                                     "one thread can be many times faster than two that contend")
     parser.add_argument("--json", type=Path, required=True, help="where to write the figures (JSON)")
     parser.add_argument("--plot", type=Path, help="PNG plot: L2 vs step, L2 vs refinement iteration")
-    parser.add_argument("--grid", type=Path, help="PNG grid: targets, pSp, e4e, ReStyle iterations")
+    parser.add_argument("--grid", type=Path, help="PNG grid: targets, then every encoder (each iteration)")
     args = parser.parse_args()
     try:
         cfg = QualityConfig(steps=args.steps, size=args.size, encoder_size=args.encoder_size,
@@ -642,7 +705,7 @@ def main() -> None:
                             val_images=args.val_images, restyle_iters=args.restyle_iters,
                             eval_every=args.eval_every, learning_rate=args.learning_rate,
                             precision=args.precision, mixing=args.mixing, generator=args.generator,
-                            encoders=tuple(args.encoders), seed=args.seed)
+                            channel_multiplier=args.channel_multiplier, encoders=tuple(args.encoders), seed=args.seed)
     except InputError as err:
         parser.exit(2, f"error: {err}\n")
     if args.threads is not None:
@@ -655,9 +718,9 @@ def main() -> None:
     print(f"# load average at the end: {' / '.join(f'{v:.1f}' for v in result.summary['load_average'])}")
     print(f"# baselines: average image L2 {data['val_l2_average_image']:.4f}, true codes L2 "
           f"{data['val_l2_true_codes']:.2e} (PNG rounding), clipped {data['clipped_fraction']:.2e}")
-    restyle = result.summary["encoders"].get("restyle_psp")
-    if restyle is not None:
-        print("# restyle_psp L2 per iteration: " + ", ".join(f"{v:.4f}" for v in restyle["val_l2_per_iter"]))
+    for name in (name for name in REFINING if name in result.summary["encoders"]):
+        per_iter = result.summary["encoders"][name]["val_l2_per_iter"]
+        print(f"# {name} L2 per iteration: " + ", ".join(f"{v:.4f}" for v in per_iter))
     write_json_atomic(args.json, result.summary)
     if args.plot is not None:
         write_plot(result.summary, args.plot)
