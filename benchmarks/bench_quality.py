@@ -7,9 +7,9 @@ checkpoint) draws training and validation images from W (truncation 0.7 around `
 W+ with per-layer mixing of two codes); they are written as PNG files and packed by `psp shard`'s own
 writer into Parquet shards, read back with the shard reader, and each encoder is trained by the engine
 (`build_psp` loading the generator file, `Trainer`, the `encode` / `restyle_encode` / `e4e_encode` presets, `PSPLoss`)
-for the same optimiser steps and batch size. HyperStyle (`--encoders w_encoder hyperstyle --size 256`: its
-hypernetwork reads 256 px) first trains its W encoder (`w_encode`) for those steps, then the hypernetwork
-(`build_hyperstyle` on that W encoder's file, `hyperstyle_encode`) for as many more. Reported per encoder: validation image L2 and MS-SSIM
+for the same optimiser steps and batch size. HyperStyle (`--encoders w_encoder hyperstyle --size 256
+--encoder-size 256`: its hypernetwork reads 256 px) first trains its W encoder (`w_encode`) for those steps, then the
+hypernetwork (`build_hyperstyle` on that W encoder's file, `hyperstyle_encode`) for as many more. Reported per encoder: validation image L2 and MS-SSIM
 before and after training (at the generator's resolution, outputs clamped to [-1, 1]), the error to the
 true W+ codes, the codes' distance from W (their variance across styles, e4e's editability proxy), how well
 an edit transfers (`edit_transfer`: the same SeFa edit on the true and on the inverted code) and training images/s;
@@ -19,7 +19,8 @@ codes are its W encoder's: its edit-transfer figure is theirs, decoded without t
 Run: python benchmarks/bench_quality.py --steps 400 --size 32 --json quality.json [--plot P.png --grid G.png]
 (about 17 minutes on 2 CPU cores; `--steps 60` for a first look). HyperStyle beside ReStyle-pSp at 256 px:
 python benchmarks/bench_quality.py --size 256 --encoder-size 256 --channel-multiplier 1 \
-    --encoders restyle_psp w_encoder hyperstyle --json hyperstyle.json
+    --encoders restyle_psp w_encoder hyperstyle --steps 40 --batch-size 2 --restyle-iters 2 --json hyperstyle.json
+(about 25 minutes on 2 CPU cores; benchmarks/README.md)
 """
 from __future__ import annotations
 
@@ -65,6 +66,7 @@ from psp_core.evaluation.metrics import l2_per_image, ms_ssim_per_image  # noqa:
 from psp_core.inference import InferenceModel, choose_device  # noqa: E402
 from psp_core.nets.checkpoints import atomic_torch_save, read_generator_checkpoint  # noqa: E402
 from psp_core.nets.stylegan2 import Generator, use_exact_modulation  # noqa: E402
+from psp_core.options import MAX_CHANNEL_MULTIPLIER, MAX_REFINE_ITERS, REFINING_FAMILIES  # noqa: E402
 from psp_core.runtime.devices import resolve_precision  # noqa: E402
 from psp_core.training.callbacks import NullCallback  # noqa: E402
 
@@ -110,11 +112,13 @@ ENCODERS: dict[str, EncoderSpec] = {
 """The encoders, in report order: pSp; ReStyle-pSp with its released encoder; e4e's encoder; HyperStyle's W encoder;
 HyperStyle on that W encoder (listed after it: it is built on its file)."""
 
-REFINING = ("restyle_psp", "hyperstyle")
-"""The families evaluated at every refinement iteration (`QualityConfig.restyle_iters` of them)."""
-
 HYPERSTYLE_SIZE = HyperStyleArchitecture.encoder_input_size
-"""HyperStyle's hypernetwork reads 256 px images, and its generator is at least that large."""
+"""HyperStyle's hypernetwork reads 256 px images; the benchmark runs it on a 256 px generator."""
+
+
+def refines(name: str) -> bool:
+    """Whether an encoder runs refinement iterations (ReStyle, HyperStyle): it is scored at each of them."""
+    return ENCODERS[name].family in REFINING_FAMILIES
 
 
 @dataclass(frozen=True)
@@ -154,6 +158,9 @@ class QualityConfig:
         for name in ("steps", "batch_size", "restyle_iters", "eval_every", "val_images", "channel_multiplier"):
             if getattr(self, name) < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.channel_multiplier > MAX_CHANNEL_MULTIPLIER or self.restyle_iters > MAX_REFINE_ITERS:
+            raise InputError(f"--channel-multiplier must be at most {MAX_CHANNEL_MULTIPLIER} and --restyle-iters at "
+                             f"most {MAX_REFINE_ITERS}, got {self.channel_multiplier} and {self.restyle_iters}")
         if self.train_images < self.batch_size:
             raise InputError(f"--train-images {self.train_images} cannot fill one batch of {self.batch_size}")
 
@@ -380,7 +387,8 @@ def image_scores(outputs: Tensor, targets: Tensor) -> dict[str, float]:
 
 @dataclass
 class Evaluation:
-    """Validation scores at every refinement iteration (one entry for pSp and e4e) and the first images."""
+    """Validation scores at every refinement iteration (one entry for the encoders that run one pass) and the first
+    images."""
 
     per_iter: list[dict[str, float]]
     previews: list[Tensor]   # per iteration: [PREVIEW_IMAGES, 3, S, S]
@@ -391,9 +399,11 @@ class Evaluation:
 
 
 def evaluate(model: InferenceModel, val: Tensor, codes: Tensor, n_iters: int) -> Evaluation:
-    """Invert the validation images with the inference core (ReStyle: `refine`, every iteration kept)
-    and score each iteration's images against the targets at the generator's resolution. The network
-    is put in eval mode first: the engine leaves it training (BatchNorm on batch statistics)."""
+    """Invert the validation images with the inference core (`invert`: ReStyle's and HyperStyle's every iteration
+    kept) and score each iteration's images against the targets at the generator's resolution; the codes' figures
+    are computed once for codes an iteration left as they were (HyperStyle's are its W encoder's at every
+    iteration). The network is put in eval mode first: the engine leaves it training (BatchNorm on batch
+    statistics)."""
     model.net.eval()
     decoder = model.net.decoder
     targets = to_images(val)
@@ -406,15 +416,18 @@ def evaluate(model: InferenceModel, val: Tensor, codes: Tensor, n_iters: int) ->
         outputs.append([step.images.float().cpu() for step in steps])
         latents.append([step.latents.float().cpu() for step in steps])
     per_iter, previews = [], []
+    last_found, code_scores = None, {}
     for index in range(len(outputs[0])):
         images = torch.cat([chunk[index] for chunk in outputs])
         found = torch.cat([chunk[index] for chunk in latents])
         assert images.shape == targets.shape, f"outputs {list(images.shape)} != targets {list(targets.shape)}"
-        per_iter.append({**image_scores(images, targets),
-                         "latent_mse": float((found - codes).pow(2).mean()),
-                         "style_variance": float(style_variance(found).mean())})
-        with torch.no_grad():
-            per_iter[-1]["edit_transfer"] = edit_transfer(decoder, found, codes)
+        if last_found is None or not torch.equal(found, last_found):
+            with torch.no_grad():
+                code_scores = {"latent_mse": float((found - codes).pow(2).mean()),
+                               "style_variance": float(style_variance(found).mean()),
+                               "edit_transfer": edit_transfer(decoder, found, codes)}
+        last_found = found
+        per_iter.append({**image_scores(images, targets), **code_scores})
         previews.append(images[:PREVIEW_IMAGES].clamp(-1, 1))
     return Evaluation(per_iter, previews)
 
@@ -491,7 +504,7 @@ def train_encoder(name: str, generator_path: Path, data: KnownData, cfg: Quality
     `w_encoder_path`, where HyperStyle is built from."""
     spec = ENCODERS[name]
     preset = benchmark_preset(spec)
-    n_iters = cfg.restyle_iters if spec.family in REFINING else 1
+    n_iters = cfg.restyle_iters if refines(name) else 1
     torch.manual_seed(cfg.seed)
     net = build_encoder(spec, preset, cfg, generator_path, w_encoder_path)
     net = use_exact_modulation(net.to(device), False)   # as training runs it
@@ -524,7 +537,7 @@ def train_encoder(name: str, generator_path: Path, data: KnownData, cfg: Quality
         "curve": [{"step": 0, "train_loss": None, "val_l2_per_iter": [s["l2"] for s in before.per_iter]},
                   *probe.curve],
     }
-    if spec.family in REFINING:
+    if refines(name):
         result["n_iters"] = n_iters
         for key in ("l2", "ms_ssim"):
             result[f"val_{key}_before_per_iter"] = [s[key] for s in before.per_iter]
@@ -609,8 +622,8 @@ def write_plot(summary: dict[str, Any], path: Path) -> None:
     for name, result in encoders.items():
         steps = [point["step"] for point in result["curve"]]
         by_step.plot(steps, [point["val_l2_per_iter"][-1] for point in result["curve"]], marker="o", color=COLOURS[name],
-                     label=name if name not in REFINING else f"{name} (iteration {result['n_iters']})")
-        if name in REFINING:
+                     label=name if not refines(name) else f"{name} (iteration {result['n_iters']})")
+        if refines(name):
             by_step.plot(steps, [point["val_l2_per_iter"][0] for point in result["curve"]], linestyle="--",
                          color=COLOURS[name], label=f"{name} (iteration 1)")
     baseline = summary["data"]["val_l2_average_image"]
@@ -621,15 +634,15 @@ def write_plot(summary: dict[str, Any], path: Path) -> None:
     by_step.set_xlabel("optimiser step")
     by_step.set_title("L2 vs training step")
     by_step.legend(fontsize=8)
-    for name in (name for name in REFINING if name in encoders):
+    for name in filter(refines, encoders):
         iterations = range(1, encoders[name]["n_iters"] + 1)
         by_iter.plot(iterations, encoders[name]["val_l2_per_iter"], marker="o", color=COLOURS[name],
                      label=f"{name}, trained")
         by_iter.plot(iterations, encoders[name]["val_l2_before_per_iter"], marker="x", linestyle="--",
                      color=COLOURS[name], label=f"{name}, untrained")
         by_iter.set_xticks(list(iterations))
-    for name in ("psp", "e4e", "w_encoder"):
-        if name in encoders:
+    for name in encoders:
+        if not refines(name):
             by_iter.axhline(encoders[name]["val_l2"], linestyle="-.", label=f"{name} (one pass)", color=COLOURS[name])
     by_iter.set_xlabel("refinement iteration")
     by_iter.set_title(f"L2 vs refinement iteration (after {summary['steps']} steps)")
@@ -676,7 +689,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=defaults.size,
                         help=f"generator output size (16, 32, 64 or {HYPERSTYLE_SIZE}; a given generator's own)")
     parser.add_argument("--channel-multiplier", type=int, default=defaults.channel_multiplier,
-                        help="the seeded generator's StyleGAN2 channel multiplier (a given generator's own)")
+                        help="the seeded generator's StyleGAN2 channel multiplier (with --generator: the file's)")
     parser.add_argument("--encoder-size", type=int, default=defaults.encoder_size, help="encoder input size")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--train-images", type=int, default=defaults.train_images)
@@ -713,12 +726,15 @@ def main() -> None:
     print(f"# {hardware()}\n# {command_line()}")
     print(TABLE_HEADER, flush=True)
     with tempfile.TemporaryDirectory(prefix="psp-quality-") as tmp:
-        result = run_benchmark(cfg, Path(tmp))
+        try:
+            result = run_benchmark(cfg, Path(tmp))
+        except InputError as err:   # a --generator that does not fit the settings
+            parser.exit(2, f"error: {err}\n")
     data = result.summary["data"]
     print(f"# load average at the end: {' / '.join(f'{v:.1f}' for v in result.summary['load_average'])}")
     print(f"# baselines: average image L2 {data['val_l2_average_image']:.4f}, true codes L2 "
           f"{data['val_l2_true_codes']:.2e} (PNG rounding), clipped {data['clipped_fraction']:.2e}")
-    for name in (name for name in REFINING if name in result.summary["encoders"]):
+    for name in filter(refines, result.summary["encoders"]):
         per_iter = result.summary["encoders"][name]["val_l2_per_iter"]
         print(f"# {name} L2 per iteration: " + ", ".join(f"{v:.4f}" for v in per_iter))
     write_json_atomic(args.json, result.summary)

@@ -16,9 +16,9 @@ UNIT_FIRST = ("test_hyperstyle_training.py", "test_parity.py", "test_invert.py",
               "test_restyle_training.py", "test_families.py", "test_hyperstyle_parity.py", "test_hyperstyle.py",
               "test_edit.py", "test_evaluate.py", "test_engine.py", "test_e4e_training.py", "test_ray_cluster.py")
 """The unit files that took 24 s or more in the same run (130 s down to 24 s), longest first, ahead of the other unit
-files (19 s at most each): they fill in beside the long runs, and the run ends on short files. A worker takes its
-next file while it still has one queued (xdist's loadscope), so a long file handed out last would keep one worker
-busy while the other has nothing left."""
+files (19 s at most each): they fill in beside the long runs, and the run ends on short files. xdist gives a worker
+its next file once two or fewer of its tests are left (loadscope), so a long file handed out last would keep one
+worker busy while the other has nothing left."""
 
 
 def is_end_to_end(path: Path) -> bool:

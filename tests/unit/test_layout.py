@@ -107,7 +107,7 @@ def test_make_test_hands_out_the_files_in_the_schedules_order():
     """`make test`'s pytest options, read by xdist's own option parser: whole files (`loadfile`) and no reordering.
     xdist's default puts the files with the most tests first, and the one-test end-to-end runs started last."""
     line = next(line for line in (ROOT / "Makefile").read_text().splitlines() if "-m pytest" in line)
-    parser = Parser()
+    parser = Parser(_ispytest=True)   # pytest's own parser class, as xdist's hook receives it
     pytest_addoption(parser)
     options = parser.parse_known_args(shlex.split(line.split("-m pytest", 1)[1]))
     assert options.dist == "loadfile" and options.numprocesses == 2
