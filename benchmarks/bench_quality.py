@@ -9,9 +9,9 @@ writer into Parquet shards, read back with the shard reader, and each encoder is
 (`build_psp` loading the generator file, `Trainer`, the `encode` / `restyle_encode` / `e4e_encode` presets, `PSPLoss`)
 for the same optimiser steps and batch size. HyperStyle (`--encoders w_encoder hyperstyle --size 256
 --encoder-size 256`: its hypernetwork reads 256 px) first trains its W encoder (`w_encode`) for those steps, then the
-hypernetwork (`build_hyperstyle` on that W encoder's file, `hyperstyle_encode`) for as many more. Reported per encoder: validation image L2 and MS-SSIM
-before and after training (at the generator's resolution, outputs clamped to [-1, 1]), the error to the
-true W+ codes, the codes' distance from W (their variance across styles, e4e's editability proxy), how well
+hypernetwork (`build_hyperstyle` on that W encoder's file, `hyperstyle_encode`) for as many more. Reported per
+encoder: validation image L2 and MS-SSIM before and after training (at the generator's resolution, outputs clamped
+to [-1, 1]), the error to the true W+ codes, the codes' distance from W (their variance across styles, e4e's editability proxy), how well
 an edit transfers (`edit_transfer`: the same SeFa edit on the true and on the inverted code) and training images/s;
 ReStyle-pSp and HyperStyle are evaluated at every refinement iteration (the inference core's `invert`). HyperStyle's
 codes are its W encoder's: its edit-transfer figure is theirs, decoded without the image's offsets.

@@ -107,9 +107,7 @@ def read_clocks(folder: Path) -> dict[int, list[tuple[float, float, str]]]:
 def running_during(spans: list[tuple[float, float, str]], begin: float, end: float) -> list[tuple[str, float]]:
     """The tests a worker ran between two samples, each with its share of the interval (shares sum to 1; the time
     between two tests goes to "(between tests)")."""
-    length = end - begin
-    if length <= 0:
-        return [next(((nodeid, 1.0) for start, stop, nodeid in spans if start <= end <= stop), ("(between tests)", 1.0))]
+    length = end - begin   # > 0: samples are taken in time order, and the first one carries no records
     shares = [(nodeid, (min(end, stop) - max(begin, start)) / length)
               for start, stop, nodeid in spans if start < end and stop > begin]
     covered = sum(share for _, share in shares)
