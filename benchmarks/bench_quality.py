@@ -79,10 +79,12 @@ about as much again around it, so they stay inside [-1, 1] (the share clipped is
 
 MEAN_LATENT_SAMPLES = 10_000
 PREVIEW_IMAGES = 8
-EVAL_BATCH = 2
-"""Images per generator pass when rendering and scoring in float32: the reference's grouped modulated
-convolution builds one weight per image (9.4 MB per 512-channel layer), and two at a time stay in
-cache: 64 at a time ran about 4x slower per image on a 2-core EPYC."""
+EVAL_BATCH = 8
+"""Images per generator pass when rendering and scoring in float32. The generators here run the fused modulated
+convolution (`use_exact_modulation(..., False)`), whose cost per image falls with the batch: decoding 32 codes with
+the seeded 16 px generator took 1.22 s two at a time, 0.75 s eight at a time, 0.69 s sixteen (32 px: 3.68, 3.24,
+3.41 s; one thread of a 2-core EPYC). HyperStyle's decode with offsets runs the grouped form, which costs at 256 px
+what the shared weight does (benchmarks/README.md, "A weight per image")."""
 
 
 @dataclass(frozen=True)
