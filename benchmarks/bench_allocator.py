@@ -7,8 +7,13 @@ in. Each mode runs in its own fresh process (the setting cannot be undone in a p
 other, on the same seeded weights and inputs.
 With `--compile` the core compiles (persistent cache, so only the first process compiles cold), as
 `compile: true` inference does; the warm-up batch holds the compile.
+`--huge-pages` adds a third mode: `keep_freed_memory` plus PyTorch's transparent-huge-page allocation
+(`THP_MEM_ALLOC_ENABLE=1` in the child's environment: c10 aligns CPU allocations of 2 MB and more to 2 MB and
+madvises them MADV_HUGEPAGE, which a kernel whose THP mode is `madvise` needs before it backs memory with huge pages).
+`--rounds N` runs every mode N times, in turn, each in a fresh process, and prints each run and each mode's median:
+one process's figure moves with where the kernel placed its memory.
 Run: python benchmarks/bench_allocator.py [--workload invert|train] [--size 1024] [--encoder-size 256] [--batch 2]
-     [--precision bf16] [--iters 4] [--compile]
+     [--precision bf16] [--iters 4] [--compile] [--huge-pages] [--rounds 1]
 """
 from __future__ import annotations
 
@@ -86,7 +91,28 @@ def run_child(args: argparse.Namespace, keep: bool) -> dict[str, float]:
         assert devices.keep_freed_memory(), "glibc's mallopt is not available here"
     else:
         devices.keep_freed_memory = engine.keep_freed_memory = inference_model.keep_freed_memory = lambda: False
-    return measure_train(args) if args.workload == "train" else measure(args)
+    figures = measure_train(args) if args.workload == "train" else measure(args)
+    return {**figures, "huge_mb": huge_page_megabytes()}
+
+
+def huge_page_megabytes() -> float:
+    """This process's anonymous memory backed by transparent huge pages now, in MB (0 where Linux does not say)."""
+    try:
+        lines = Path("/proc/self/smaps_rollup").read_text().splitlines()
+    except OSError:
+        return 0.0
+    return next((int(line.split()[1]) / 1024 for line in lines if line.startswith("AnonHugePages:")), 0.0)
+
+
+MODES = {"default": "glibc default", "keep": "keep_freed_memory", "huge": "keep_freed_memory + THP"}
+
+
+def run_mode(mode: str) -> dict[str, float]:
+    """One mode's figures from a fresh process (the allocator's settings cannot be undone in a process)."""
+    env = {**os.environ, "THP_MEM_ALLOC_ENABLE": "1" if mode == "huge" else "0"}
+    child = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child", mode], env=env,
+                           capture_output=True, text=True, check=True)
+    return json.loads(child.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -98,23 +124,31 @@ def main() -> None:
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="bf16")
     parser.add_argument("--iters", type=int, default=4, help="timed batches after one warm-up batch")
     parser.add_argument("--compile", action="store_true", help="torch.compile the encoder and the generator")
-    parser.add_argument("--child", choices=("default", "keep"), help=argparse.SUPPRESS)
+    parser.add_argument("--huge-pages", action="store_true",
+                        help="add a mode with PyTorch's transparent-huge-page allocation (THP_MEM_ALLOC_ENABLE=1)")
+    parser.add_argument("--rounds", type=int, default=1, help="runs of every mode, in turn")
+    parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(run_child(args, keep=args.child == "keep")))
+        print(json.dumps(run_child(args, keep=args.child != "default")))
         return
     print(f"# {hardware()}; load average {' / '.join(f'{x:.1f}' for x in os.getloadavg())}\n# {command_line()}")
-    rows = {}
-    for mode in ("default", "keep"):
-        child = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child", mode],
-                               capture_output=True, text=True, check=True)
-        rows[mode] = json.loads(child.stdout.strip().splitlines()[-1])
-        label = "glibc default" if mode == "default" else "keep_freed_memory"
-        what = (f"train step 256 px, batch {args.batch}, {args.precision} eager" if args.workload == "train" else
-                f"invert {args.size} px, batch {args.batch}, {args.precision}{' compiled' if args.compile else ' eager'}")
-        print(f"{label:<18} {what}: {rows[mode]['seconds']:.3f} s/batch, "
-              f"{rows[mode]['faults']:,.0f} page faults/batch", flush=True)
-    print(f"keep / default: {rows['default']['seconds'] / rows['keep']['seconds']:.2f}x the images/s")
+    modes = list(MODES) if args.huge_pages else ["default", "keep"]
+    what = (f"train step 256 px, batch {args.batch}, {args.precision} eager" if args.workload == "train" else
+            f"invert {args.size} px, batch {args.batch}, {args.precision}{' compiled' if args.compile else ' eager'}")
+    runs: dict[str, list[dict[str, float]]] = {mode: [] for mode in modes}
+    for _ in range(args.rounds):
+        for mode in modes:
+            runs[mode].append(run_mode(mode))
+            print(f"{MODES[mode]:<24} {what}: {runs[mode][-1]['seconds']:.3f} s/batch, "
+                  f"{runs[mode][-1]['faults']:,.0f} page faults/batch, {runs[mode][-1]['huge_mb']:,.0f} MB in huge pages",
+                  flush=True)
+    median = {mode: statistics.median(run["seconds"] for run in runs[mode]) for mode in modes}
+    if args.rounds > 1:
+        print("medians over the rounds: " + ", ".join(f"{MODES[m]} {median[m]:.3f} s/batch" for m in modes))
+    print(f"keep / default: {median['default'] / median['keep']:.2f}x the images/s")
+    if args.huge_pages:
+        print(f"keep + huge pages / keep: {median['keep'] / median['huge']:.2f}x the images/s")
 
 
 if __name__ == "__main__":

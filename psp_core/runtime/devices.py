@@ -26,10 +26,8 @@ COMPILE_CACHE_ENV = "PSP_COMPILE_CACHE_DIR"
 """Environment variable naming the persistent compile cache folder (when no folder is configured)."""
 
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
+M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
 """glibc's `mallopt` parameters (malloc.h)."""
-LARGEST_MMAP_THRESHOLD = 32 * 2**20
-"""glibc's largest accepted M_MMAP_THRESHOLD on 64-bit: blocks under it come from the heap."""
 NEVER_TRIM = 2**31 - 1
 """The largest M_TRIM_THRESHOLD `mallopt` takes (an int): free heap above it is returned to the OS."""
 
@@ -37,22 +35,22 @@ NEVER_TRIM = 2**31 - 1
 @functools.cache
 def keep_freed_memory() -> bool:
     """Make glibc's malloc keep the memory a batch frees for the next batch, instead of returning it to the OS
-    and page-faulting it back in: by default it trims the heap after large frees, and an inversion batch
-    (1024 px, bf16, compiled, batch 2) took ~306k page faults and 1.21x the time, a 256 px training step
-    1.21x too (benchmarks/bench_allocator.py). Blocks under 32 MB then come from the main heap, which is
-    not trimmed below 2 GB free, and threads started from now on share it (a thread's own arena is
-    trimmed regardless: threads that exist already need MALLOC_ARENA_MAX=1 in their process's
-    environment, as the pipelines give Ray's workers). Call it before the process builds or loads its
-    models: called after, the inversion batches still page-faulted (~288k a batch). The process's
-    resident memory stays near its peak. Process-wide, once; returns whether it applied (False where
-    libc is not glibc)."""
+    and page-faulting it back in. By default glibc maps each block of 32 MB or more on its own and unmaps it when
+    freed, and trims the heap after large frees: an inversion batch (1024 px, bf16, batch 2) took ~1M page faults
+    and 1.49x the time (its activations are such blocks), a 256 px training step ~500k page faults
+    (benchmarks/bench_allocator.py). Here every block comes from the main heap (no mapping of its own), which is
+    not trimmed below 2 GB free, and threads started from now on share it (a thread's own arena is trimmed
+    regardless: threads that exist already need MALLOC_ARENA_MAX=1 in their process's environment, as the
+    pipelines give Ray's workers). Call it before the process builds or loads its models: called after, the
+    inversion batches still page-faulted (~288k a batch). The process's resident memory stays near its peak.
+    Process-wide, once; returns whether it applied (False where libc is not glibc)."""
     name = ctypes.util.find_library("c")
     try:
         mallopt = ctypes.CDLL(name).mallopt
     except (OSError, AttributeError, TypeError):
         return False
     return all(mallopt(param, value) for param, value in
-               ((M_ARENA_MAX, 1), (M_MMAP_THRESHOLD, LARGEST_MMAP_THRESHOLD), (M_TRIM_THRESHOLD, NEVER_TRIM)))
+               ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, NEVER_TRIM)))
 
 
 def to_channels_last(module: nn.Module) -> nn.Module:
@@ -133,11 +131,11 @@ class CompilePayoff:
 
 MEASURED_PAYOFF: dict[str, CompilePayoff] = {
     # 2-core AMD EPYC (AVX-512 BF16), torch 2.14.1, the inference core's pSp forward at 1024 px, batch 2,
-    # bf16 (benchmarks/bench_forward.py, 2026-12-07): a cold compile of 85.4 s; 0.61 images/s eager (in the
-    # channels-last layout `inference_channels_last` gives it), 0.85 compiled, so 1/0.61 - 1/0.85 = 0.46 s
-    # saved per image and the compile repays itself after 185 images (fp32 saves more per image:
-    # 1/0.26 - 1/0.41 = 1.38 s).
-    "cpu": CompilePayoff(compile_seconds=85.4, seconds_saved_per_image=1 / 0.61 - 1 / 0.85, output_size=1024),
+    # bf16 (benchmarks/bench_forward.py --compile, 2026-12-07, with `keep_freed_memory` keeping blocks of any
+    # size): a cold compile of 82.7 s; 1.061 images/s eager (in the channels-last layout
+    # `inference_channels_last` gives it), 1.190 compiled, so 1/1.061 - 1/1.190 = 0.102 s saved per image
+    # and the compile repays itself after 810 images.
+    "cpu": CompilePayoff(compile_seconds=82.7, seconds_saved_per_image=1 / 1.061 - 1 / 1.190, output_size=1024),
 }
 """Measured payoff of compiling inference (the pSp forward), per device type; `compile: auto` never
 compiles on a device type without a measurement here."""

@@ -32,8 +32,8 @@ SPARE_CPUS = 2
 WORKER_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "MALLOC_ARENA_MAX": "1", "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "2"}
 """The job's Ray worker processes' environment. One glibc malloc arena: Ray runs actor methods and the training
 function on threads it starts before our code, and a thread's own arena returns what each batch frees to the
-OS; in the one main arena, `psp_core.runtime.devices.keep_freed_memory` keeps it (an inversion actor at 1024 px: ~300k
-page faults a batch and 1.2x the time without it, benchmarks/README.md). Two Parquet footer readers: Ray Data lists
+OS; in the one main arena, `psp_core.runtime.devices.keep_freed_memory` keeps it (an inversion batch at 1024 px, bf16:
+~1M page faults and 1.49x the time without it, benchmarks/README.md). Two Parquet footer readers: Ray Data lists
 Parquet files through a pool of footer-reading actors, 32 by default, each a Python process that reserves a logical
 CPU while it lives; a shard folder is a few large files (each reader reads 128 footers at a time), and a pool that
 takes every CPU of a small machine holds the read tasks back until the listing ends."""
