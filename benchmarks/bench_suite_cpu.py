@@ -70,9 +70,13 @@ class Sampler(threading.Thread):
             for pid, info in procs.items():
                 key = (pid, info["create_time"])
                 used = info["cpu_times"].user + info["cpu_times"].system
-                delta, self.seen[key] = used - self.seen.get(key, 0.0), used
-                if first or delta < 0.01 or pid == os.getpid():   # the first sample holds each process's whole past
+                if first or pid == os.getpid():   # the first sample holds each process's whole past
+                    self.seen[key] = used
                     continue
+                delta = used - self.seen.get(key, 0.0)
+                if delta < 0.01:   # left for a later sample: a nearly idle process's CPU is counted once it adds up
+                    continue
+                self.seen[key] = used
                 chain, parent = [], pid
                 while parent in procs and len(chain) < 40:
                     chain.append(parent)
