@@ -26,16 +26,8 @@ from pipelines.stages.shard import ShardConfig, write_shards
 from psp_core.data.align import FaceFinder, PhotoRejected, load_photo
 from psp_core.data.shards import iter_shard_batches, shard_paths
 
-
-def cpu_model() -> str:
-    """The CPU model name from /proc/cpuinfo (or the platform's guess)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cpu_model  # noqa: E402
 
 
 def hardware() -> str:

@@ -15,16 +15,19 @@ from typing import Any, Callable
 import torch
 
 
-def hardware() -> str:
-    """One line naming the processor (or GPU), core count, torch version and threads."""
-    cpu = platform.processor() or platform.machine()
+def cpu_model() -> str:
+    """The processor's model name from /proc/cpuinfo (or the platform's guess)."""
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
-        pass
+        return platform.processor() or platform.machine()
+
+
+def hardware() -> str:
+    """One line naming the processor (or GPU), core count, torch version and threads."""
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return (f"{cpu}, {os.cpu_count()} logical CPUs{gpu}; torch {torch.__version__}, "
+    return (f"{cpu_model()}, {os.cpu_count()} logical CPUs{gpu}; torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads; Python {platform.python_version()}")
 
 
