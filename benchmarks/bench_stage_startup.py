@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -20,9 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_suite_cpu import Sampler, attribute  # noqa: E402
 from common import command_line, hardware  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -45,29 +45,25 @@ def child(variant: str) -> int:
 
 
 def measure(variant: str, root: Path) -> dict[str, float]:
-    """One run in `root`: wall seconds, CPU-seconds of every process of its tree (sampled every 0.2 s, each
-    process counted at its last sample) and the number of processes seen."""
+    """One run in `root`: wall seconds, CPU-seconds of every process of its tree (bench_suite_cpu's sampler, every
+    0.2 s; a process stays the run's after its parent is gone) and the number of processes seen in the tree."""
     env = {**os.environ, "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false", "RAY_enable_worker_prestart": "0",
            "RAY_prestart_worker_first_driver": "0"}
+    sampler = Sampler(every=0.2)
+    sampler.start()
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, __file__, "--child", variant], cwd=root, env=env,
-                            stdout=subprocess.DEVNULL, stderr=(root / "run.log").open("w"))
-    cpu: dict[int, float] = {}
-    while proc.poll() is None:
-        try:
-            tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-        except psutil.Error:
-            tree = []
-        for p in tree:
-            try:
-                times = p.cpu_times()
-                cpu[p.pid] = times.user + times.system
-            except psutil.Error:
-                pass
-        time.sleep(0.2)
+    with (root / "run.log").open("w") as log:
+        proc = subprocess.Popen([sys.executable, __file__, "--child", variant], cwd=root, env=env,
+                                stdout=subprocess.DEVNULL, stderr=log)
+        proc.wait()
+    wall = time.perf_counter() - start
+    sampler.stop.set()
+    sampler.join()
     if proc.returncode != 0:
         raise SystemExit(f"{variant}: psp train exited {proc.returncode}; see {root / 'run.log'}")
-    return {"wall_s": time.perf_counter() - start, "cpu_s": sum(cpu.values()), "processes": len(cpu)}
+    per_test, _, _ = attribute(sampler.samples, {proc.pid: [(0.0, math.inf, "run")]})
+    processes = {pid for _, records in sampler.samples for pid, chain, _, _ in records if proc.pid in chain}
+    return {"wall_s": wall, "cpu_s": sum(per_test["run"].values()), "processes": len(processes)}
 
 
 def main() -> None:
