@@ -162,28 +162,27 @@ import resource, sys, torch
 from psp_core.runtime.devices import keep_freed_memory
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
-def batch():
-    torch.empty(64 * 2**20 // 4).fill_(1.0)   # a 64 MB block, written, then freed: above glibc's mapping threshold
-for _ in range(5):   # the heap settles: a block aligned for torch needs a little more than the one freed before it
-    batch()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(3):
-    batch()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+for _ in range(24):   # 64 MB blocks, each written, then freed: above glibc's mapping threshold
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.empty(64 * 2**20 // 4).fill_(1.0)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
 def test_kept_memory_serves_blocks_of_any_size_again_without_page_faults():
-    """Three 64 MB blocks, each written and freed, after five such, in a fresh process: glibc's default maps each on
-    its own and page-faults all of it in again (16k faults a block); after `keep_freed_memory` the heap serves them
-    again (an inversion's activations at 1024 px are such blocks)."""
-    faults = {}
+    """24 blocks of 64 MB, each written and freed, in a fresh process: glibc's default maps every one on its own and
+    page-faults all of it in (16k faults a block); after `keep_freed_memory` the heap serves them again once it has
+    grown to fit (an inversion's activations at 1024 px are such blocks). The heap's growth varies from run to run
+    with the address layout: in 80 runs it took 2-6 blocks, the last by the seventh."""
+    cold = {}
     for mode in ("default", "keep"):
         done = subprocess.run([sys.executable, "-c", REUSE_PROGRAM, mode], capture_output=True, text=True,
                               check=True, timeout=120)
-        faults[mode] = int(done.stdout.split()[-1])
-    assert faults["default"] >= 0.9 * 3 * 16384, faults   # the count sees what it should
-    assert faults["keep"] < 1000, faults
+        faults = [int(line) for line in done.stdout.split()]
+        assert len(faults) == 24, done.stdout
+        cold[mode] = sum(f >= 0.9 * 16384 for f in faults)
+    assert cold["default"] == 24, cold   # the count sees what it should
+    assert cold["keep"] <= 8, cold
 
 
 # ----------------------------------------------------------------------------- accuracy on the parity networks
