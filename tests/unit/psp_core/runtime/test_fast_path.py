@@ -173,16 +173,16 @@ def test_kept_memory_serves_blocks_of_any_size_again_without_page_faults():
     """24 blocks of 64 MB, each written and freed, in a fresh process: glibc's default maps every one on its own and
     page-faults all of it in (16k faults a block); after `keep_freed_memory` the heap serves them again once it has
     grown to fit (an inversion's activations at 1024 px are such blocks). The heap's growth varies from run to run
-    with the address layout: in 80 runs it took 2-6 blocks, the last by the seventh."""
-    cold = {}
+    with the address layout: in 80 runs it took 2-6 blocks, the last by the seventh, and every other block took
+    no fault."""
+    faults = {}
     for mode in ("default", "keep"):
         done = subprocess.run([sys.executable, "-c", REUSE_PROGRAM, mode], capture_output=True, text=True,
                               check=True, timeout=120)
-        faults = [int(line) for line in done.stdout.split()]
-        assert len(faults) == 24, done.stdout
-        cold[mode] = sum(f >= 0.9 * 16384 for f in faults)
-    assert cold["default"] == 24, cold   # the count sees what it should
-    assert cold["keep"] <= 8, cold
+        faults[mode] = [int(line) for line in done.stdout.split()]
+        assert len(faults[mode]) == 24, done.stdout
+    assert all(f >= 0.9 * 16384 for f in faults["default"]), faults   # the count sees what it should
+    assert sum(f < 1000 for f in faults["keep"]) >= 16, faults   # served again: two thirds of the blocks at least
 
 
 # ----------------------------------------------------------------------------- accuracy on the parity networks
