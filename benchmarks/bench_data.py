@@ -27,7 +27,7 @@ from psp_core.data.align import FaceFinder, PhotoRejected, load_photo
 from psp_core.data.shards import iter_shard_batches, shard_paths
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_model  # noqa: E402
+from machine import cpu_model  # noqa: E402
 
 
 def hardware() -> str:

@@ -13,15 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-
-
-def cpu_model() -> str:
-    """The processor's model name from /proc/cpuinfo (or the platform's guess)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
+from machine import cpu_model  # a benchmark puts this folder on sys.path before it imports common
 
 
 def hardware() -> str:
