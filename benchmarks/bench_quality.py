@@ -7,8 +7,8 @@ checkpoint) draws training and validation images from W (truncation 0.7 around `
 W+ with per-layer mixing of two codes); they are written as PNG files and packed by `psp shard`'s own
 writer into Parquet shards, read back with the shard reader, and each encoder is trained by the engine
 (`build_psp` loading the generator file, `Trainer`, the `encode` / `restyle_encode` / `e4e_encode` presets, `PSPLoss`)
-for the same optimiser steps and batch size. HyperStyle (`--encoders w_encoder hyperstyle --size 256
---encoder-size 256`: its hypernetwork reads 256 px) first trains its W encoder (`w_encode`) for those steps, then the
+for the same optimiser steps and batch size. HyperStyle (`--encoders w_encoder hyperstyle`; the released networks read
+256 px: `--size 256 --encoder-size 256`) first trains its W encoder (`w_encode`) for those steps, then the
 hypernetwork (`build_hyperstyle` on that W encoder's file, `hyperstyle_encode`) for as many more. Reported per
 encoder: validation image L2 and MS-SSIM before and after training (at the generator's resolution, outputs clamped
 to [-1, 1]), the error to the true W+ codes, the codes' distance from W (their variance across styles, e4e's editability proxy), how well
@@ -114,9 +114,7 @@ ENCODERS: dict[str, EncoderSpec] = {
 """The encoders, in report order: pSp; ReStyle-pSp with its released encoder; e4e's encoder; HyperStyle's W encoder;
 HyperStyle on that W encoder (listed after it: it is built on its file)."""
 
-HYPERSTYLE_SIZE = HyperStyleArchitecture.encoder_input_size
-"""HyperStyle's hypernetwork reads 256 px images; the benchmark runs it on a 256 px generator."""
-
+SEEDED_SIZES = (16, 32, 64, 256)   # the seeded generator's output sizes
 
 def refines(name: str) -> bool:
     """Whether an encoder runs refinement iterations (ReStyle, HyperStyle): it is scored at each of them."""
@@ -145,18 +143,14 @@ class QualityConfig:
 
     def __post_init__(self) -> None:
         """Refuse settings that cannot run, naming the option."""
-        if self.generator is None and self.size not in (16, 32, 64, HYPERSTYLE_SIZE):
-            raise InputError(f"--size must be 16, 32, 64 or {HYPERSTYLE_SIZE} for the seeded generator, got {self.size}")
+        if self.generator is None and self.size not in SEEDED_SIZES:
+            raise InputError(f"--size must be one of {', '.join(map(str, SEEDED_SIZES))} for the seeded generator, "
+                             f"got {self.size}")
         unknown = [name for name in self.encoders if name not in ENCODERS]
         if unknown or not self.encoders:
             raise InputError(f"--encoders: unknown {unknown}; choose from {', '.join(ENCODERS)}")
-        if "hyperstyle" in self.encoders:
-            if self.size != HYPERSTYLE_SIZE or self.encoder_size != HYPERSTYLE_SIZE:
-                raise InputError(f"--encoders hyperstyle needs --size {HYPERSTYLE_SIZE} and --encoder-size "
-                                 f"{HYPERSTYLE_SIZE} (its hypernetwork reads {HYPERSTYLE_SIZE} px), got "
-                                 f"{self.size} and {self.encoder_size}")
-            if "w_encoder" not in self.encoders[:self.encoders.index("hyperstyle")]:
-                raise InputError("--encoders: hyperstyle refines a trained W encoder's codes; list w_encoder before it")
+        if "hyperstyle" in self.encoders and "w_encoder" not in self.encoders[:self.encoders.index("hyperstyle")]:
+            raise InputError("--encoders: hyperstyle refines a trained W encoder's codes; list w_encoder before it")
         for name in ("steps", "batch_size", "restyle_iters", "eval_every", "val_images", "channel_multiplier"):
             if getattr(self, name) < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -482,7 +476,8 @@ def build_encoder(spec: EncoderSpec, preset: TaskPreset, cfg: QualityConfig, gen
     """The network to train, on the known generator's file: a pSp-family model, or HyperStyle on the trained W
     encoder's file (ResNet-34 body at random: no torchvision weights reach this machine)."""
     if spec.family == "hyperstyle":
-        arch = HyperStyleArchitecture(output_size=cfg.size, stylegan_channel_multiplier=cfg.channel_multiplier)
+        arch = HyperStyleArchitecture(output_size=cfg.size, encoder_input_size=cfg.encoder_size,
+                                      stylegan_channel_multiplier=cfg.channel_multiplier)
         return build_hyperstyle(arch, w_encoder_path, generator_path)
     arch = PSPArchitecture(encoder_type=spec.encoder_type, input_nc=preset.encoder_input_nc, output_size=cfg.size,
                            encoder_input_size=cfg.encoder_size, family=spec.family,
@@ -689,7 +684,7 @@ def main() -> None:
     defaults = QualityConfig()
     parser.add_argument("--steps", type=int, default=defaults.steps, help="optimiser steps per encoder")
     parser.add_argument("--size", type=int, default=defaults.size,
-                        help=f"generator output size (16, 32, 64 or {HYPERSTYLE_SIZE}; a given generator's own)")
+                        help=f"generator output size ({', '.join(map(str, SEEDED_SIZES))}; a given generator's own)")
     parser.add_argument("--channel-multiplier", type=int, default=defaults.channel_multiplier,
                         help="the seeded generator's StyleGAN2 channel multiplier (with --generator: the file's)")
     parser.add_argument("--encoder-size", type=int, default=defaults.encoder_size, help="encoder input size")

@@ -85,6 +85,14 @@ def n_styles_for(output_size: int) -> int:
     return 2 * int(math.log2(output_size)) - 2
 
 
+def check_sizes(output_size: Any, encoder_input_size: Any) -> None:
+    """Refuse a generator output size or an encoder input size no network here is built at, naming the option."""
+    for name, value, low, high in (("output_size", output_size, 16, 1024),
+                                   ("encoder_input_size", encoder_input_size, 32, MAX_ENCODER_INPUT)):
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high or value & (value - 1):
+            raise InputError(f"{name} must be a power of two in {low}..{high}, got {value!r}")
+
+
 def _doc(default: Any, doc: str) -> Any:
     return field(default=default, metadata={"doc": doc})
 
@@ -153,11 +161,7 @@ class PSPArchitecture:
                              f"{self.start_from_latent_avg}, input_nc={self.input_nc}")
         if self.learn_in_w != (self.encoder_type == W_ENCODER):
             raise InputError(f"learn_in_w goes with encoder_type {W_ENCODER} and only with it")
-        if not 16 <= self.output_size <= 1024 or self.output_size & (self.output_size - 1):
-            raise InputError(f"output_size must be a power of two in 16..1024, got {self.output_size}")
-        size = self.encoder_input_size
-        if not 32 <= size <= MAX_ENCODER_INPUT or size & (size - 1):
-            raise InputError(f"encoder_input_size must be a power of two in 32..{MAX_ENCODER_INPUT}, got {size}")
+        check_sizes(self.output_size, self.encoder_input_size)
 
     @classmethod
     def from_opts(cls, opts: Mapping[str, Any], has_latent_avg: bool = True) -> "PSPArchitecture":
@@ -195,8 +199,6 @@ def family_of(opts: Mapping[str, Any]) -> str:
                 "psp")   # an unknown encoder type: PSPArchitecture names it
 
 
-HYPERSTYLE_OUTPUTS = {256: 20, 512: 23, 1024: 26}
-"""HyperStyle's generator sizes and the hypernetwork outputs of each: one per modulated convolution, toRGBs included."""
 HYPERSTYLE_W_ENCODER = "faces_w_encoder.pt"   # the reference's W encoder file when the opts name none
 HYPERSTYLE_DEFAULT_LAYERS = (0, 2, 3, 5, 6, 8, 9, 11, 12, 14, 15, 17, 18, 20, 21, 23, 24)
 """The reference's default `layers_to_tune`: every layer but the toRGBs (of a 1024 px generator)."""
@@ -222,20 +224,23 @@ def parse_layers_to_tune(value: Any, n_outputs: int) -> tuple[int, ...]:
 class HyperStyleArchitecture:
     """Everything that fixes the tensors of a HyperStyle checkpoint, under the reference opts' names. The generator
     is StyleGAN2 with 8 mapping layers (config-f, channel multiplier 2, unless the opts say otherwise: an extra key
-    the reference ignores) and the hypernetwork sees 256x256 images."""
+    the reference ignores) and the hypernetwork and the W encoder see 256x256 images (`encoder_input_size`, ours too:
+    a smaller network for experiments and tests; the released files are 256)."""
 
     encoder_type: str = _doc("SharedWeightsHyperNetResNet",
                              f"hypernetwork: one of {', '.join(FAMILY_ENCODERS[HYPERSTYLE])}")
     input_nc: int = _doc(6, "hypernetwork input channels: the target and the last output, RGB each")
-    output_size: int = _doc(1024, f"generator output size: {', '.join(map(str, HYPERSTYLE_OUTPUTS))}")
+    output_size: int = _doc(1024, "generator output size in pixels (a power of two, 16..1024; released: 256, 512, "
+                                  "1024)")
     layers_to_tune: tuple[int, ...] = _doc(HYPERSTYLE_DEFAULT_LAYERS, "generator layers (modulated convolutions in "
                                            "order, toRGBs included) whose weights get offsets; a comma list is read, "
                                            "empty is every layer, indices past the last layer are ignored")
     family: Family = _doc(HYPERSTYLE, "encoder family (always hyperstyle)")
     stylegan_channel_multiplier: int = _doc(2, "StyleGAN2 channel multiplier (2 for config-f, as every released "
                                                "HyperStyle; 1 for a StyleGAN2-ADA generator of channel_base 16384)")
+    encoder_input_size: int = _doc(256, "side of the hypernetwork's and the W encoder's input image (a power of two "
+                                        "in 32..1024; every released HyperStyle: 256)")
 
-    encoder_input_size: ClassVar[int] = 256   # the hypernetwork's ResNet-34 body ends on a 16x16 map
     style_dim: ClassVar[int] = STYLE_WIDTH
     n_mlp: ClassVar[int] = MAX_MAPPING_LAYERS
     start_from_latent_avg: ClassVar[bool] = True   # the W encoder's code is relative to latent_avg
@@ -251,9 +256,7 @@ class HyperStyleArchitecture:
         if isinstance(self.input_nc, bool) or self.input_nc != 2 * REFINED_CHANNELS:
             raise InputError(f"input_nc must be {2 * REFINED_CHANNELS} (the target and the last output), "
                              f"got {self.input_nc!r}")
-        if isinstance(self.output_size, bool) or self.output_size not in HYPERSTYLE_OUTPUTS:
-            raise InputError(f"HyperStyle's output_size must be one of {', '.join(map(str, HYPERSTYLE_OUTPUTS))}, "
-                             f"got {self.output_size!r}")
+        check_sizes(self.output_size, self.encoder_input_size)
         multiplier = self.stylegan_channel_multiplier
         if (isinstance(multiplier, bool) or not isinstance(multiplier, int)
                 or not 1 <= multiplier <= MAX_CHANNEL_MULTIPLIER):
@@ -276,8 +279,8 @@ class HyperStyleArchitecture:
             raise InputError(f"w_encoder_type {opts['w_encoder_type']!r}: HyperStyle's W encoder is a WEncoder")
         if "layers_to_tune" not in opts:
             raise InputError("the opts name no layers_to_tune (the generator layers the hypernetwork tunes)")
-        values = {k: opts[k] for k in ("encoder_type", "input_nc", "output_size", "stylegan_channel_multiplier")
-                  if opts.get(k) is not None}
+        values = {k: opts[k] for k in ("encoder_type", "input_nc", "output_size", "stylegan_channel_multiplier",
+                                       "encoder_input_size") if opts.get(k) is not None}
         arch = cls(**values, layers_to_tune=opts["layers_to_tune"])
         declared = opts.get("n_hypernet_outputs")
         if declared is not None and declared != arch.n_hypernet_outputs:
@@ -292,7 +295,7 @@ class HyperStyleArchitecture:
     @property
     def n_hypernet_outputs(self) -> int:
         """The generator's modulated convolutions (toRGBs included): the layers an offset can go to."""
-        return HYPERSTYLE_OUTPUTS[self.output_size]
+        return 3 * int(math.log2(self.output_size)) - 4   # a conv and a toRGB at 4 px, two convs and a toRGB above
 
 
 @dataclass(frozen=True)

@@ -186,12 +186,9 @@ class TrainSection(StageConfig):
         image channels (and, for ReStyle and HyperStyle, its last output)."""
         family = preset_family(self.preset)
         if family == HYPERSTYLE:
-            if self.encoder_input_size != HyperStyleArchitecture.encoder_input_size:
-                raise ValueError(f"HyperStyle's hypernetwork sees {HyperStyleArchitecture.encoder_input_size} px "
-                                 f"images: set encoder_input_size={HyperStyleArchitecture.encoder_input_size}")
             layers = {} if self.layers_to_tune is None else {"layers_to_tune": tuple(self.layers_to_tune)}
             return HyperStyleArchitecture(encoder_type=self.encoder_type, input_nc=encoder_input_nc(family, image_nc),
-                                          output_size=self.output_size,
+                                          output_size=self.output_size, encoder_input_size=self.encoder_input_size,
                                           stylegan_channel_multiplier=self.stylegan_channel_multiplier, **layers)
         return PSPArchitecture(input_nc=encoder_input_nc(family, image_nc), family=family,
                                **self._architecture_values())

@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from psp_core.errors import InputError
-from psp_core.nets.hypernet import INPUT_SIDE
 from psp_core.nets.hyperstyle import HyperStyle, WeightOffsets
 from psp_core.nets.psp import POOLED_SIZE
 
@@ -54,12 +53,14 @@ def hyperstyle_steps(net: HyperStyle, images: Tensor, n_iters: int, resize: bool
                      randomize_noise: bool = False) -> list[HyperStyleStep]:
     """HyperStyle inference: codes = W encoder + latent_avg and the initial image (`initial_inversion`), then
     `n_iters` iterations, each adding the hypernetwork's offsets for (target, last output pooled to 256x256) to the
-    last ones and decoding the codes with them. `images` [N, 3, 256, 256] in [-1, 1] -> one `HyperStyleStep` per
+    last ones and decoding the codes with them. `images` [N, 3, S, S] in [-1, 1] (S the network's input size, 256
+    for the released ones) -> one `HyperStyleStep` per
     iteration. Stored noise unless `randomize_noise` (the initial image always has it, as in the reference)."""
     if not isinstance(net, HyperStyle):
         raise InputError(f"HyperStyle inference needs a HyperStyle model, this one is {net.arch.family}")
-    if images.ndim != 4 or tuple(images.shape[1:]) != (3, INPUT_SIDE, INPUT_SIDE):
-        raise InputError(f"HyperStyle takes target images [N, 3, {INPUT_SIDE}, {INPUT_SIDE}], got {list(images.shape)}")
+    side = net.arch.encoder_input_size
+    if images.ndim != 4 or tuple(images.shape[1:]) != (3, side, side):
+        raise InputError(f"this HyperStyle takes target images [N, 3, {side}, {side}], got {list(images.shape)}")
     if n_iters < 1:
         raise InputError(f"n_iters must be >= 1, got {n_iters}")
     last_output, codes = initial_inversion(net, images)

@@ -17,8 +17,7 @@ from psp_core.nets.encoders import ResNet34Features
 from psp_core.nets.stylegan2 import EqualLinear
 
 FEATURES = 512                  # channels of the body's last map
-FEATURE_SIDE = 16               # its side for the 256x256 input (the reference's `spatial`)
-INPUT_SIDE = 256
+BODY_STRIDE = 16                # its side is the input's over 16: 16 for the reference's 256 px (its `spatial`)
 SHARED_LAYERS = (0, 2, 3, 5, 6, 8, 9, 11, 12)
 """The generator layers (the 512->512 3x3 convolutions of config-f) whose offsets come from the shared hypernetwork.
 In a generator of channel multiplier 1, layers 11 and 12 (64 px) are narrower: they get heads of their own."""
@@ -69,12 +68,12 @@ class SharedHypernet(nn.Module):
 
 class SharedCodeHead(nn.Module):
     """A shared layer's own head (the reference's HyperRefinementBlock, whose `hypernet.*` keys are aliases of the
-    shared hypernetwork's): features [N, 512, 16, 16] -> a 3x3 conv to `inner` channels, stride-2 convs down to
+    shared hypernetwork's): features [N, 512, side, side] -> a 3x3 conv to `inner` channels, stride-2 convs down to
     [N, 512, 1, 1], an equalised linear layer -> the shared hypernetwork's code [N, 512]."""
 
-    def __init__(self, features: int = FEATURES, inner: int = 128):
+    def __init__(self, feature_side: int, features: int = FEATURES, inner: int = 128):
         super().__init__()
-        self.convs = conv_stack(features, inner, FEATURES, [1] + [2] * int(math.log2(FEATURE_SIDE)))
+        self.convs = conv_stack(features, inner, FEATURES, [1] + [2] * int(math.log2(feature_side)))
         self.linear = EqualLinear(FEATURES, FEATURES, lr_mul=1)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -103,18 +102,18 @@ class SeparableKernel(nn.Module):
 
 
 class LayerHead(nn.Module):
-    """A non-shared layer's own head (the reference's RefinementBlock): stride-2 3x3 convs over the features, then a
-    1x1 conv to out * in values. A 3x3 layer's map (2x2) is averaged first and each value repeated over the kernel
-    taps; a toRGB (1x1) layer's convs go down to 1x1."""
+    """A non-shared layer's own head (the reference's RefinementBlock): stride-2 3x3 convs over the features [N, 512,
+    side, side], then a 1x1 conv to out * in values. A 3x3 layer's map (2x2) is averaged first and each value repeated
+    over the kernel taps; a toRGB (1x1) layer's convs go down to 1x1."""
 
-    def __init__(self, shape: LayerShape, features: int = FEATURES, inner: int = 256):
+    def __init__(self, shape: LayerShape, feature_side: int, features: int = FEATURES, inner: int = 256):
         super().__init__()
         self.shape = LayerShape(*shape)
-        self.convs = conv_stack(features, inner, FEATURES, [2] * self.n_convs())
+        self.convs = conv_stack(features, inner, FEATURES, [2] * self.n_convs(feature_side))
         self.output = self.make_output()
 
-    def n_convs(self) -> int:
-        halvings = int(math.log2(FEATURE_SIDE))
+    def n_convs(self, feature_side: int) -> int:
+        halvings = int(math.log2(feature_side))
         return halvings if self.shape.kernel_size == 1 else halvings - 1
 
     def make_output(self) -> nn.Sequential:
@@ -133,8 +132,8 @@ class SeparableLayerHead(LayerHead):
     """A non-shared layer's head in the separable hypernetwork (the reference's RefinementBlockSeparable): stride-2
     3x3 convs down to 1x1, then a `SeparableKernel` for a 3x3 layer, or LayerHead's 1x1 conv for a toRGB."""
 
-    def n_convs(self) -> int:
-        return int(math.log2(FEATURE_SIDE))
+    def n_convs(self, feature_side: int) -> int:
+        return int(math.log2(feature_side))
 
     def make_output(self) -> nn.Sequential:
         if self.shape.kernel_size == 1:
@@ -149,15 +148,18 @@ class SeparableLayerHead(LayerHead):
 
 
 class HyperNetwork(ResNet34Features):
-    """HyperStyle's hypernetwork (`SharedWeightsHyperNetResNet`): target and last output [N, 6, 256, 256] -> ResNet-34
-    body [N, 512, 16, 16] -> one offset [N, out, in, k, k] per generator layer in `layers_to_tune`, None for the rest.
-    `layer_shapes` are the generator's modulated convolutions in order (`Generator.modulated_convs`)."""
+    """HyperStyle's hypernetwork (`SharedWeightsHyperNetResNet`): target and last output [N, 6, S, S] -> ResNet-34
+    body [N, 512, S/16, S/16] -> one offset [N, out, in, k, k] per generator layer in `layers_to_tune`, None for the
+    rest. `layer_shapes` are the generator's modulated convolutions in order (`Generator.modulated_convs`); S is
+    `input_side` (256 in the reference)."""
 
     head_type: type[LayerHead] = LayerHead
 
-    def __init__(self, input_nc: int, layer_shapes: Sequence[LayerShape], layers_to_tune: Sequence[int]):
+    def __init__(self, input_nc: int, layer_shapes: Sequence[LayerShape], layers_to_tune: Sequence[int],
+                 input_side: int = 256):
         super().__init__(input_nc=input_nc)
-        self.input_nc = input_nc
+        self.input_nc, self.input_side = input_nc, input_side
+        feature_side = input_side // BODY_STRIDE
         self.layer_shapes = [LayerShape(*shape) for shape in layer_shapes]
         self.shared_layers = tuple(layer for layer in SHARED_LAYERS if layer < len(self.layer_shapes)
                                    and self.layer_shapes[layer] == (FEATURES, FEATURES, 3))
@@ -165,14 +167,15 @@ class HyperNetwork(ResNet34Features):
         self.refinement_blocks = nn.ModuleDict()
         for layer in layers_to_tune:
             if layer in self.shared_layers:
-                self.refinement_blocks[str(layer)] = SharedCodeHead()
+                self.refinement_blocks[str(layer)] = SharedCodeHead(feature_side)
             else:
-                self.refinement_blocks[str(layer)] = self.head_type(self.layer_shapes[layer])
+                self.refinement_blocks[str(layer)] = self.head_type(self.layer_shapes[layer], feature_side)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor | None]:
-        assert x.shape[1:] == (self.input_nc, INPUT_SIDE, INPUT_SIDE), \
-            f"hypernetwork input {list(x.shape)}, expected [N, {self.input_nc}, {INPUT_SIDE}, {INPUT_SIDE}]"
-        features = self.body(self.stem(x))                                      # [N, 512, 16, 16]
+        side = self.input_side
+        assert x.shape[1:] == (self.input_nc, side, side), \
+            f"hypernetwork input {list(x.shape)}, expected [N, {self.input_nc}, {side}, {side}]"
+        features = self.body(self.stem(x))                                      # [N, 512, side / 16, side / 16]
         offsets: list[torch.Tensor | None] = [None] * len(self.layer_shapes)
         for name, head in self.refinement_blocks.items():
             layer = int(name)

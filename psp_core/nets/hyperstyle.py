@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from psp_core.nets.encoders import WEncoder
-from psp_core.nets.hypernet import HYPERNETS, INPUT_SIDE, LayerShape
+from psp_core.nets.hypernet import HYPERNETS, LayerShape
 from psp_core.nets.stylegan2 import Generator
 from psp_core.options import HYPERSTYLE_W_ENCODER, HyperStyleArchitecture
 
@@ -38,7 +38,7 @@ class HyperStyle(nn.Module):
         self.decoder = Generator(arch.output_size, arch.style_dim, arch.n_mlp, arch.stylegan_channel_multiplier)
         shapes = [LayerShape(conv.out_channel, conv.in_channel, conv.kernel_size)
                   for conv in self.decoder.modulated_convs()]
-        self.hypernet = HYPERNETS[arch.encoder_type](arch.input_nc, shapes, arch.layers_to_tune)
+        self.hypernet = HYPERNETS[arch.encoder_type](arch.input_nc, shapes, arch.layers_to_tune, arch.encoder_input_size)
         self.w_encoder = WEncoder(input_nc=3, n_styles=self.n_styles)   # sees the target alone (RGB)
         self.w_encoder_file = HYPERSTYLE_W_ENCODER   # the file the W encoder comes from: a saved model's opts name it
         # Not in state_dict: the reference keeps it beside the weights as the checkpoint's `latent_avg`.
@@ -54,20 +54,22 @@ class HyperStyle(nn.Module):
         self.latent_avg = latent_avg.to(self.decoder.input.input.device)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Target images [N, 3, 256, 256] -> the W encoder's codes plus latent_avg [N, n_styles, 512]."""
+        """Target images [N, 3, S, S] (S the input size) -> the W encoder's codes plus latent_avg [N, n_styles, 512]."""
         if self.latent_avg is None:
             raise RuntimeError("the HyperStyle model has no latent_avg")
         codes = self.w_encoder(x)
         return codes + self.latent_avg.to(codes.dtype)
 
     def weight_offsets(self, x: torch.Tensor, last_output: torch.Tensor) -> WeightOffsets:
-        """The hypernetwork's offsets for targets [N, 3, 256, 256] beside the last output (pooled here to 256x256)."""
-        last_output = F.adaptive_avg_pool2d(last_output, (INPUT_SIDE, INPUT_SIDE)).to(x.dtype)
+        """The hypernetwork's offsets for targets [N, 3, S, S] beside the last output (pooled here to S x S), S the
+        input size (256 in the reference)."""
+        side = self.arch.encoder_input_size
+        last_output = F.adaptive_avg_pool2d(last_output, (side, side)).to(x.dtype)
         return self.hypernet(torch.cat([x, last_output.expand(x.shape[0], -1, -1, -1)], dim=1))
 
     def forward(self, x: torch.Tensor, last_output: torch.Tensor, codes: torch.Tensor,
                 offsets: WeightOffsets | None = None, randomize_noise: bool = False) -> tuple[torch.Tensor, WeightOffsets]:
-        """One refinement iteration: the hypernetwork's offsets for targets x [N, 3, 256, 256] beside the last
+        """One refinement iteration: the hypernetwork's offsets for targets x [N, 3, S, S] beside the last
         output, added to `offsets` (the earlier iterations' sum), and the codes [N, n_styles, 512] decoded with
         them -> (images [N, 3, S, S], the summed offsets)."""
         offsets = add_offsets(offsets, self.weight_offsets(x, last_output))

@@ -134,12 +134,14 @@ def read_w_encoder(path: Path) -> dict[str, torch.Tensor]:
 
 def hyperstyle_opts(net: HyperStyle) -> dict[str, Any]:
     """The reference opts that fix a HyperStyle network, its W encoder named by its file (`w_encoder_file`), and a
-    converted StyleGAN2-ADA generator's clamp (`conv_clamp`, not a tensor; an opt the reference ignores)."""
+    converted StyleGAN2-ADA generator's clamp (`conv_clamp`, not a tensor; an opt the reference ignores, as it ignores
+    `encoder_input_size`: 256 in every released file)."""
     arch, w_encoder = net.arch, net.w_encoder_file
     return {"encoder_type": arch.encoder_type, "input_nc": arch.input_nc, "output_size": arch.output_size,
             "layers_to_tune": ",".join(map(str, arch.layers_to_tune)), "n_hypernet_outputs": arch.n_hypernet_outputs,
             "w_encoder_checkpoint_path": w_encoder, "w_encoder_type": "WEncoder", "load_w_encoder": True,
             "stylegan_channel_multiplier": arch.stylegan_channel_multiplier,
+            "encoder_input_size": arch.encoder_input_size,
             **({} if net.decoder.conv_clamp is None else {"conv_clamp": net.decoder.conv_clamp})}
 
 

@@ -214,23 +214,23 @@ HYPERSTYLE_TERMS = ("loss", "loss_l2", "loss_iter0", "loss_iter1")
 
 
 def test_hyperstyle_learns_resumes_after_a_killed_worker_and_registers_with_its_w_encoder(tmp_path):
-    """`psp train train.preset=hyperstyle_encode` (256 px generator of channel multiplier 1, one tuned layer, 2 passes
-    per batch, one worker, 4 steps on near copies of one image):
+    """`psp train train.preset=hyperstyle_encode` (64 px generator of channel multiplier 1, 64 px input, one tuned
+    layer, 2 passes per batch, one worker, 4 steps on near copies of one image):
     the worker is SIGKILLed once step 3 is logged after step 2's checkpoint and Ray restarts it from that checkpoint;
     a step run twice logs the same value of every term; the validation L2 falls; the version registered carries the
     W encoder the run refined, its checkpoint is the released layout and loads back with it."""
     make_shards(tmp_path, images=10, test_fraction=0.4, png=near_copy_png)   # learnable in 4 steps
     torch.manual_seed(0)
-    save_generator(Generator(256, 512, 8, 1), None, tmp_path / "g256.pt")   # StyleGAN2-ADA's channel_base 16384
-    w_encoder = WEncoder(n_styles=14)   # a 256 px HyperStyle's W encoder (random)
+    save_generator(Generator(64, 512, 8, 1), None, tmp_path / "g64.pt")   # StyleGAN2-ADA's channel_base 16384
+    w_encoder = WEncoder(n_styles=10)   # a 64 px HyperStyle's W encoder (random)
     torch.save({"state_dict": {f"encoder.{k}": v for k, v in w_encoder.state_dict().items()},
-                "opts": {"encoder_type": "WEncoder", "output_size": 256}}, tmp_path / "w_enc.pt")
+                "opts": {"encoder_type": "WEncoder", "output_size": 64}}, tmp_path / "w_enc.pt")
     max_steps, save_interval = 4, 2
-    write_params(tmp_path, preset="hyperstyle_encode", encoder_type="SharedWeightsHyperNetResNet", output_size=256,
-                 encoder_input_size=256, layers_to_tune=[19], n_iters_per_batch=2, train_decoder=False,
+    write_params(tmp_path, preset="hyperstyle_encode", encoder_type="SharedWeightsHyperNetResNet", output_size=64,
+                 encoder_input_size=64, layers_to_tune=[13], n_iters_per_batch=2, train_decoder=False,
                  loss={"id_lambda": 0.0, "lpips_lambda": 0.0}, learning_rate=2e-3, batch_size=1, num_workers=1,
                  max_steps=max_steps, save_interval=save_interval, val_interval=2, max_val_batches=2,
-                 image_interval=4, generator="g256.pt", stylegan_channel_multiplier=1, w_encoder="w_enc.pt")
+                 image_interval=4, generator="g64.pt", stylegan_channel_multiplier=1, w_encoder="w_enc.pt")
     log = tmp_path / "hyperstyle.log"
     with log.open("w") as out:
         proc = subprocess.Popen([PSP, "train"], cwd=tmp_path, env=clean_env(), stdout=out, stderr=subprocess.STDOUT,
@@ -272,7 +272,7 @@ def test_hyperstyle_learns_resumes_after_a_killed_worker_and_registers_with_its_
     version = client.get_model_version_by_alias("psp-encoder", "candidate")
     assert version.run_id == run.info.run_id
     assert version.description.startswith("HyperStyle encoder (SharedWeightsHyperNetResNet), preset hyperstyle_encode")
-    assert "the hypernetwork alone, offsetting layers [19], over 2 passes per batch" in version.description
+    assert "the hypernetwork alone, offsetting layers [13], over 2 passes per batch" in version.description
     chosen = run.data.tags["psp.registered_checkpoint"]
     path = sorted((tmp_path / "ray_results").glob(f"*/checkpoint_*/{chosen}"))[-1]
     ckpt = torch.load(path, map_location="cpu", weights_only=True)

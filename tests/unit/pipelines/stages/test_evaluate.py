@@ -211,7 +211,7 @@ def test_hyperstyle_curve_in_the_comparison_table(workspace, hyperstyle_file):
     steps = report["per_iteration"]
     assert [s["iteration"] for s in steps] == [1, 2] and report["l2"] == steps[-1]["l2"]
     net = load_psp(hyperstyle_file)
-    transform = PresetTransform(get_preset("encode"), 256, train=False)
+    transform = PresetTransform(get_preset("encode"), net.arch.encoder_input_size, train=False)
     batch = next(iter_shard_batches(shard_paths(workspace / "shards"), 2, split="test"))
     images = torch.from_numpy(batch.images).permute(0, 3, 1, 2)
     source, target = transform(images, images, torch.Generator())

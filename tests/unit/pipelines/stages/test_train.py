@@ -50,10 +50,10 @@ def test_the_channel_multiplier_is_a_train_setting_the_check_accepts(half_width_
         TrainConfig(stylegan_channel_multiplier=5).architecture(3)
 
 
-def test_hyperstyle_without_its_w_encoder_or_at_another_input_size_is_one_line_before_mlflow(tmp_path, monkeypatch,
+def test_hyperstyle_without_its_w_encoder_or_at_a_size_it_has_not_is_one_line_before_mlflow(tmp_path, monkeypatch,
                                                                                            capsys):
     """hyperstyle_encode refines a trained W encoder's codes: no W encoder file is one line naming the setting, and
-    the hypernetwork's 256 px input and HyperStyle's encoder types are asked for by name; nothing starts."""
+    an input size no hypernetwork has and HyperStyle's encoder types are asked for by name; nothing starts."""
     make_shards(tmp_path, images=8)
     hyperstyle = {"preset": "hyperstyle_encode", "encoder_type": "SharedWeightsHyperNetResNet", "output_size": 256,
                   "encoder_input_size": 256, "train_decoder": False, "w_encoder": "missing_w_encoder.pt"}
@@ -61,8 +61,7 @@ def test_hyperstyle_without_its_w_encoder_or_at_another_input_size_is_one_line_b
     monkeypatch.chdir(tmp_path)
     cases = [([], "preset hyperstyle_encode refines the codes of a trained W encoder, and there is none at "
                   f"{tmp_path / 'missing_w_encoder.pt'}: set train.w_encoder"),
-             (["train.encoder_input_size=64"], "HyperStyle's hypernetwork sees 256 px images: set "
-                                               "encoder_input_size=256"),
+             (["train.encoder_input_size=48"], "encoder_input_size must be a power of two in 32..1024, got 48"),
              (["train.encoder_type=GradualStyleEncoder"], "unknown HyperStyle encoder_type 'GradualStyleEncoder'")]
     for overrides, message in cases:
         assert main(["train", *overrides]) == 2

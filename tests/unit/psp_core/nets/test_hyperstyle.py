@@ -133,7 +133,8 @@ def test_every_output_size_has_its_layers_and_offsets(size, outputs):
 
 
 @pytest.mark.parametrize("opts,message", [
-    ({"output_size": 128}, r"output_size must be one of 256, 512, 1024, got 128"),
+    ({"output_size": 96}, r"output_size must be a power of two in 16\.\.1024, got 96"),
+    ({"encoder_input_size": 16}, r"encoder_input_size must be a power of two in 32\.\.1024, got 16"),
     ({"output_size": 256, "n_hypernet_outputs": 23}, r"n_hypernet_outputs 23: a 256 px generator has 20"),
     ({"layers_to_tune": "0,x"}, r"layers_to_tune must be a comma-separated list of layer indices, got '0,x'"),
     ({"input_nc": 3}, r"input_nc must be 6"),

@@ -1,5 +1,5 @@
-"""HyperStyle training with the engine (256 px generator of channel multiplier 1, CPU; one tuned layer, the last toRGB,
-so the hypernetwork is its ResNet-34 body and one head): the start the reference coach builds (W encoder and
+"""HyperStyle training with the engine (a 64 px generator of channel multiplier 1 and a 64 px hypernetwork input, CPU;
+one tuned layer, the last toRGB, so the hypernetwork is its ResNet-34 body and one head): the start the reference coach builds (W encoder and
 generator from their files, the body from ResNet-34), its per-batch passes (a backward per pass, one optimiser step,
 only the hypernetwork trained), the loss falling, exact resume and the released layout of its checkpoints."""
 from __future__ import annotations
@@ -29,7 +29,8 @@ from psp_core.nets.stylegan2 import Generator, use_exact_modulation
 from psp_core.training.engine import LAST_CHECKPOINT, Trainer, TrainingConfig, prepare_for_training
 from psp_core.training.losses import LossWeights, PSPLoss
 
-ARCH = HyperStyleArchitecture(output_size=256, layers_to_tune=(19,), stylegan_channel_multiplier=1)   # ADA's 16384
+ARCH = HyperStyleArchitecture(output_size=64, encoder_input_size=64, layers_to_tune=(13,),
+                              stylegan_channel_multiplier=1)   # ADA's 16384
 L2 = LossWeights(l2_lambda=1.0, lpips_lambda=0.0)
 
 
@@ -38,11 +39,11 @@ def files(tmp_path_factory) -> dict[str, object]:
     """A generator file, a W encoder file (pSp layout, `encoder.*`) and a torchvision ResNet-34 state dict, random."""
     folder = tmp_path_factory.mktemp("weights")
     torch.manual_seed(0)
-    generator = Generator(256, 512, 8, ARCH.stylegan_channel_multiplier)
+    generator = Generator(ARCH.output_size, 512, 8, ARCH.stylegan_channel_multiplier)
     save_generator(generator, generator.mean_latent(1000)[0], folder / "g.pt")
     w_encoder = WEncoder(n_styles=ARCH.n_styles)   # HyperStyle's, without building the whole network here
     torch.save({"state_dict": {f"encoder.{k}": v for k, v in w_encoder.state_dict().items()},
-                "opts": {"encoder_type": "WEncoder", "output_size": 256}}, folder / "my_w_encoder.pt")
+                "opts": {"encoder_type": "WEncoder", "output_size": ARCH.output_size}}, folder / "my_w_encoder.pt")
     torch.save(resnet34(weights=None).state_dict(), folder / "resnet34.pth")
     return {"generator": folder / "g.pt", "w_encoder": folder / "my_w_encoder.pt", "resnet34": folder / "resnet34.pth"}
 
@@ -53,8 +54,10 @@ def model(files) -> HyperStyle:
     return build_hyperstyle(ARCH, files["w_encoder"], files["generator"], files["resnet34"], mean_latent_samples=1000)
 
 
-def targets(seed: int, n: int = 2) -> torch.Tensor:
-    return smooth_images(n, seed) * 2 - 1
+def batch(seed: int, n: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the network's input [n, 3, 64, 64], the loss's target [n, 3, 256, 256]): one image at both sizes."""
+    target = smooth_images(n, seed) * 2 - 1
+    return F.adaptive_avg_pool2d(target, ARCH.encoder_input_size), target
 
 
 def test_the_start_is_the_reference_coachs(files, model):
@@ -78,13 +81,15 @@ def test_the_start_is_the_reference_coachs(files, model):
     names = {name for name, p in net.named_parameters() if id(p) in trained}
     assert names and all(n.startswith("hypernet.") for n in names)
     assert not any(n.startswith("hypernet.shared_weight_hypernet.") for n in names)
-    assert "hypernet.refinement_blocks.19.output.0.weight" in names and "hypernet.conv1.weight" in names
+    assert "hypernet.refinement_blocks.13.output.0.weight" in names and "hypernet.conv1.weight" in names
 
 
-def coach_gradients(model: HyperStyle, x: torch.Tensor, loss: PSPLoss, n_iters: int) -> dict[str, torch.Tensor]:
+def coach_gradients(model: HyperStyle, x: torch.Tensor, y: torch.Tensor, loss: PSPLoss,
+                    n_iters: int) -> dict[str, torch.Tensor]:
     """The reference coach's gradients for one batch, written out on the bare network: the W encoder's codes and
-    their image pooled to 256 (no gradient), then per pass offsets = last + hypernet(cat(x, last image)), the codes
-    decoded with them (stored noise), the loss on the pooled image back-propagated; offsets and image detached."""
+    their image pooled to 256 (no gradient), then per pass offsets = last + hypernet(cat(x, last image at x's size)),
+    the codes decoded with them (stored noise), the loss against y on the image pooled to 256 back-propagated;
+    offsets and image detached. (The reference's x is y: both 256 px.)"""
     net = use_exact_modulation(copy.deepcopy(model), False)
     prepare_for_training(net, train_decoder=False)
     net.train()
@@ -95,11 +100,11 @@ def coach_gradients(model: HyperStyle, x: torch.Tensor, loss: PSPLoss, n_iters: 
         last = F.adaptive_avg_pool2d(image, (256, 256))
     offsets = None
     for _ in range(n_iters):
-        new = net.hypernet(torch.cat([x, last], dim=1))
+        new = net.hypernet(torch.cat([x, F.adaptive_avg_pool2d(last, x.shape[-2:])], dim=1))
         offsets = new if offsets is None else [None if o is None else o + d for o, d in zip(offsets, new)]
         image, _ = net.decoder([codes], input_is_latent=True, randomize_noise=False, weight_offsets=offsets)
         output = F.adaptive_avg_pool2d(image, (256, 256))
-        total, _ = loss(output, x, x, codes, net.latent_avg)
+        total, _ = loss(output, y, y, codes, net.latent_avg)
         total.backward()
         last, offsets = output.detach(), [None if o is None else o.detach() for o in offsets]
     return {name: p.grad.clone() for name, p in net.named_parameters() if p.grad is not None}
@@ -108,15 +113,15 @@ def coach_gradients(model: HyperStyle, x: torch.Tensor, loss: PSPLoss, n_iters: 
 def test_one_optimiser_step_per_batch_after_a_backward_per_pass(model):
     """n_iters_per_batch=2: the step uses the coach's gradients (both passes' losses, each on detached inputs),
     reaches only the hypernetwork, and logs each pass's loss."""
-    x = targets(seed=1)
+    x, y = batch(seed=1)
     loss = PSPLoss(L2)
-    expected = coach_gradients(model, x, loss, n_iters=2)   # first: one ~1 GB copy of the network at a time
+    expected = coach_gradients(model, x, y, loss, n_iters=2)   # first: one ~1 GB copy of the network at a time
     trainer = Trainer(copy.deepcopy(model), loss, TrainingConfig(optimizer="adam", n_iters_per_batch=2))
     used = {}
     trainer.optimizer.register_step_pre_hook(lambda *_: used.update(
         {name: p.grad.clone() for name, p in trainer.module.named_parameters() if p.grad is not None}))
     before = model.state_dict()   # the trainer's copy starts from it; the fixture itself does not change
-    metrics, output = trainer.train_step(x, x)
+    metrics, output = trainer.train_step(x, y)
 
     assert {"loss", "loss_l2", "loss_iter0", "loss_iter1"} <= set(metrics) and metrics["loss"] == metrics["loss_iter1"]
     assert metrics["loss_iter0"] != metrics["loss_iter1"]
@@ -130,17 +135,17 @@ def test_one_optimiser_step_per_batch_after_a_backward_per_pass(model):
 
 
 def test_loss_falls_on_a_fixed_batch(model):
-    """6 Ranger steps of 2 passes on one image: each pass's loss falls at every step (seen: by 2.7 % and 5 % in all;
-    the offsets of one toRGB move the image slowly, and Ranger warms up)."""
-    x = targets(seed=2, n=1)
+    """6 Ranger steps of 2 passes on one image: each pass's loss falls at every step, and by a tenth at least (seen:
+    by 19 % and 24 % in all)."""
+    x, y = batch(seed=2, n=1)
     recorder = Recorder()
     config = TrainingConfig(max_steps=6, learning_rate=1e-3, log_interval=1, image_interval=100, n_iters_per_batch=2)
     trainer = Trainer(copy.deepcopy(model), PSPLoss(L2), config, callback=recorder)
-    trainer.fit(lambda epoch: [(x, x)])
+    trainer.fit(lambda epoch: [(x, y)])
     for key in ("loss_iter0", "loss_iter1"):
         values = [m[key] for _, m in recorder.steps]
         assert len(values) == 6 and all(b < a for a, b in zip(values, values[1:])), (key, values)
-        assert values[-1] <= 0.99 * values[0], (key, values)
+        assert values[-1] <= 0.9 * values[0], (key, values)
 
 
 def run(net: HyperStyle, max_steps: int, data, val, checkpoint_dir=None, resume_from=None,
@@ -168,7 +173,7 @@ def test_resume_equals_uninterrupted_run_and_the_checkpoint_is_the_released_layo
     """2 steps, save, resume (from other weights and RNG states) to 3 == 3 straight steps; the checkpoint is the
     released layout (shared hypernetwork repeated under no head: none uses it here; opts naming the W encoder file)
     and `load_psp` reads it with its W encoder."""
-    batches = [(targets(seed=s, n=1),) * 2 for s in range(2)]
+    batches = [batch(seed=s, n=1) for s in range(2)]
     data, val = shuffled_epochs(batches), [batches[0]]
     straight, straight_log = run(model, 3, data, val)
     straight_weights, straight_best = trained(straight), straight.best_val_loss
@@ -195,7 +200,7 @@ def test_resume_equals_uninterrupted_run_and_the_checkpoint_is_the_released_layo
 
     ckpt = torch.load(tmp_path / LAST_CHECKPOINT, weights_only=True)
     assert {k.split(".")[0] for k in ckpt["state_dict"]} == {"hypernet", "decoder"}
-    assert ckpt["opts"]["w_encoder_checkpoint_path"] == "my_w_encoder.pt" and ckpt["opts"]["layers_to_tune"] == "19"
+    assert ckpt["opts"]["w_encoder_checkpoint_path"] == "my_w_encoder.pt" and ckpt["opts"]["layers_to_tune"] == "13"
     assert "training_state" in ckpt and ckpt["step"] == 2
     del ckpt
     reloaded = load_psp(tmp_path / LAST_CHECKPOINT, w_encoder=files["w_encoder"])
