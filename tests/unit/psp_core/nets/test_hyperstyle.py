@@ -1,6 +1,7 @@
 """HyperStyle's networks and files: the generator's per-sample weight offsets, the hypernetwork's layers and heads at
-every output size, strict loading (the shared hypernetwork's repeated copies, the W encoder found or refused in one
-line), the separable variant, and the W encoder as a model of its own (numbers: inference/test_hyperstyle_parity.py)."""
+every output and input size, strict loading (the shared hypernetwork's repeated copies, the W encoder found or refused
+in one line), the separable variant, and the W encoder as a model of its own (numbers:
+inference/test_hyperstyle_parity.py)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -113,15 +114,17 @@ def test_offsets_take_the_grouped_form_even_when_the_fused_one_is_chosen(generat
 
 # ----------------------------------------------------------------------------- architecture and hypernetwork
 
-@pytest.mark.parametrize("size,outputs", [(256, 20), (512, 23), (1024, 26)])
+@pytest.mark.parametrize("size,outputs", [(16, 8), (64, 14), (256, 20), (512, 23), (1024, 26)])
 def test_every_output_size_has_its_layers_and_offsets(size, outputs):
-    """256/512/1024 px: 20/23/26 hypernetwork outputs with the reference's layer shapes; `layers_to_tune` empty tunes
+    """The released 256/512/1024 px and smaller generators: 20/23/26 (8/14 at 16/64 px) hypernetwork outputs with the
+    reference's layer shapes; `layers_to_tune` empty tunes
     every layer (the 512->512 3x3 ones through the shared hypernetwork), and each offset has its layer's weight
     shape (shapes only, on the meta device)."""
     arch = HyperStyleArchitecture.from_opts({"encoder_type": "SharedWeightsHyperNetResNet", "output_size": size,
                                              "layers_to_tune": "", "input_nc": 6})
     assert (arch.n_hypernet_outputs, arch.n_styles, arch.layers_to_tune) == (outputs, 2 * size.bit_length() - 4,
                                                                              tuple(range(outputs)))
+    assert arch.encoder_input_size == 256, "released opts do not name the input size: the reference's 256"
     with torch.device("meta"):
         net = HyperStyle(arch)
         offsets = net.hypernet(torch.empty(2, 6, 256, 256))
@@ -129,7 +132,28 @@ def test_every_output_size_has_its_layers_and_offsets(size, outputs):
     assert [(c.kernel_size, c.in_channel, c.out_channel) for c in convs] == REFERENCE_LAYERS[:outputs]
     assert [tuple(o.shape) for o in offsets] == [(2, *c.weight.shape[1:]) for c in convs]
     shared = [int(n) for n, head in net.hypernet.refinement_blocks.items() if isinstance(head, SharedCodeHead)]
-    assert shared == list(SHARED_LAYERS)
+    assert shared == [layer for layer in SHARED_LAYERS if layer < outputs]
+
+
+@pytest.mark.parametrize("input_size", [32, 64, 128, 512])
+def test_the_heads_follow_the_bodys_map_at_every_input_size(input_size):
+    """A hypernetwork at input S (not the reference's 256) sees [N, 6, S, S]; its body ends on an S/16 map and each
+    head has one stride-2 conv per halving of it (a 3x3 layer's own head one fewer: it averages a 2x2 map), so every
+    layer of a 64 px generator gets its weight's offset shape (shapes only, on the meta device)."""
+    arch = HyperStyleArchitecture(output_size=64, encoder_input_size=input_size, layers_to_tune="",
+                                  stylegan_channel_multiplier=1)
+    with torch.device("meta"):
+        net = HyperStyle(arch)
+        offsets = net.hypernet(torch.empty(2, 6, input_size, input_size))
+        with pytest.raises(AssertionError, match=rf"expected \[N, 6, {input_size}, {input_size}\]"):
+            net.hypernet(torch.empty(2, 6, 2 * input_size, 2 * input_size))
+    assert [tuple(o.shape) for o in offsets] == [(2, *c.weight.shape[1:]) for c in net.decoder.modulated_convs()]
+    halvings = (input_size // 16).bit_length() - 1
+    strides = {name: [m.stride[0] for m in head.convs if isinstance(m, torch.nn.Conv2d)]
+               for name, head in net.hypernet.refinement_blocks.items()}
+    assert strides["0"] == [1] + [2] * halvings                       # a shared layer's head
+    assert strides["1"] == [2] * halvings                             # a toRGB's own head: down to 1x1
+    assert strides["11"] == [2] * (halvings - 1)                      # a narrower 3x3 layer's own head: to 2x2
 
 
 @pytest.mark.parametrize("opts,message", [
@@ -334,6 +358,7 @@ def test_a_saved_hyperstyle_is_the_released_layout_and_loads_back(tmp_path):
     assert not any(k.startswith("hypernet.refinement_blocks.1.hypernet.") for k in ckpt["state_dict"])
     assert ckpt["opts"]["layers_to_tune"] == "0,1" and ckpt["opts"]["w_encoder_checkpoint_path"] == "domain_w_encoder.pt"
     assert ckpt["step"] == 7 and ckpt["latent_avg"].shape == (14, 512) and ckpt["opts"]["conv_clamp"] == 256.0
+    assert ckpt["opts"]["encoder_input_size"] == 256   # an opt the reference ignores (its input is always 256)
     loaded = load_psp(path)
     assert loaded.arch == net.arch and loaded.w_encoder_file == "domain_w_encoder.pt"
     assert loaded.decoder.conv_clamp == 256.0
