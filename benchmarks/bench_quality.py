@@ -11,8 +11,9 @@ for the same optimiser steps and batch size. HyperStyle (`--encoders w_encoder h
 256 px: `--size 256 --encoder-size 256`) first trains its W encoder (`w_encode`) for those steps, then the
 hypernetwork (`build_hyperstyle` on that W encoder's file, `hyperstyle_encode`) for as many more. Reported per
 encoder: validation image L2 and MS-SSIM before and after training (at the generator's resolution, outputs clamped
-to [-1, 1]), the error to the true W+ codes, the codes' distance from W (their variance across styles, e4e's editability proxy), how well
-an edit transfers (`edit_transfer`: the same SeFa edit on the true and on the inverted code) and training images/s;
+to [-1, 1]), the error to the true W+ codes, the codes' distance from W (their variance across styles, e4e's
+editability proxy), how well an edit transfers (`edit_transfer`: the same SeFa edit on the true and on the inverted
+code) and training images/s;
 ReStyle-pSp and HyperStyle are evaluated at every refinement iteration (the inference core's `invert`). HyperStyle's
 codes are its W encoder's: its edit-transfer figure is theirs, decoded without the image's offsets.
 

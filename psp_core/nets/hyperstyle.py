@@ -38,7 +38,8 @@ class HyperStyle(nn.Module):
         self.decoder = Generator(arch.output_size, arch.style_dim, arch.n_mlp, arch.stylegan_channel_multiplier)
         shapes = [LayerShape(conv.out_channel, conv.in_channel, conv.kernel_size)
                   for conv in self.decoder.modulated_convs()]
-        self.hypernet = HYPERNETS[arch.encoder_type](arch.input_nc, shapes, arch.layers_to_tune, arch.encoder_input_size)
+        self.hypernet = HYPERNETS[arch.encoder_type](arch.input_nc, shapes, arch.layers_to_tune,
+                                                     arch.encoder_input_size)
         self.w_encoder = WEncoder(input_nc=3, n_styles=self.n_styles)   # sees the target alone (RGB)
         self.w_encoder_file = HYPERSTYLE_W_ENCODER   # the file the W encoder comes from: a saved model's opts name it
         # Not in state_dict: the reference keeps it beside the weights as the checkpoint's `latent_avg`.

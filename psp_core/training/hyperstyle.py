@@ -30,11 +30,11 @@ def prepare_hyperstyle(net: HyperStyle, train_decoder: bool) -> list[nn.Paramete
 
 def hyperstyle_passes(model: nn.Module, net: HyperStyle, target: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
     """HyperStyle's passes on one batch of targets [N, 3, S, S] (S its input size), as the reference coach runs them:
-    the W encoder's codes and their image (no gradient), then per pass the hypernetwork's offsets for (target, last output)
-    added to the last ones and the codes decoded with them (stored noise); offsets and image are detached between
-    passes, so a pass's loss reaches the hypernetwork through its own call only. `model` is `net` or its wrapper
-    (DDP, compiled). Yields (output pooled to 256 [N, 3, 256, 256], codes [N, n_styles, 512]) for as many passes as
-    the caller takes, computing and back-propagating each pass's loss before it asks for the next."""
+    the W encoder's codes and their image (no gradient), then per pass the hypernetwork's offsets for (target, last
+    output) added to the last ones and the codes decoded with them (stored noise); offsets and image are detached
+    between passes, so a pass's loss reaches the hypernetwork through its own call only. `model` is `net` or its
+    wrapper (DDP, compiled). Yields (output pooled to 256 [N, 3, 256, 256], codes [N, n_styles, 512]) for as many
+    passes as the caller takes, computing and back-propagating each pass's loss before it asks for the next."""
     with torch.no_grad():
         last_output, codes = initial_inversion(net, target)
     offsets = None

@@ -25,7 +25,8 @@ from psp_core.runtime.devices import MEASURED_TRAINING_PAYOFF, CompilePayoff
 from psp_core.training.engine import LAST_CHECKPOINT, Trainer, TrainingConfig, training_compiles
 from psp_core.training.losses import LossWeights, PSPLoss
 
-TINY = PSPArchitecture(output_size=16, encoder_input_size=64, encoder_type=W_ENCODER, learn_in_w=True, encoder_mode="ir")
+TINY = PSPArchitecture(output_size=16, encoder_input_size=64, encoder_type=W_ENCODER, learn_in_w=True,
+                       encoder_mode="ir")
 
 
 @pytest.fixture(scope="module")

@@ -30,8 +30,8 @@ def write_hyperstyle(folder: Path, seed: int = 0) -> tuple[Path, Path]:
     hyper = {k: v for k, v in state.items() if k.startswith(("hypernet.", "decoder."))}
     for name in ("w1", "b1", "w2", "b2"):   # the reference registers the shared module under each shared head too
         hyper[f"hypernet.refinement_blocks.0.hypernet.{name}"] = hyper[f"hypernet.shared_weight_hypernet.{name}"]
-    opts = {"encoder_type": "SharedWeightsHyperNetResNet", "input_nc": 6, "output_size": SIZE, "encoder_input_size": SIZE,
-            "layers_to_tune": LAYERS_TO_TUNE, "w_encoder_checkpoint_path": f"/train/pretrained_models/{W_ENCODER_NAME}",
+    opts = {"encoder_type": "SharedWeightsHyperNetResNet", "input_nc": 6, "output_size": SIZE,
+            "encoder_input_size": SIZE, "layers_to_tune": LAYERS_TO_TUNE, "w_encoder_checkpoint_path": f"/train/pretrained_models/{W_ENCODER_NAME}",
             "stylegan_channel_multiplier": 1}
     checkpoint, w_encoder = folder / "hyperstyle.pt", folder / W_ENCODER_NAME
     torch.save({"state_dict": hyper, "opts": opts, "latent_avg": latent_avg}, checkpoint)

@@ -39,8 +39,8 @@ def test_hyperstyle_runs_after_its_w_encoder():
 
 def test_hyperstyle_is_built_on_the_w_encoders_file_and_scored_on_its_codes(tmp_path):
     """A 64 px generator of channel multiplier 1, a W encoder saved as the benchmark saves it, HyperStyle built on
-    both (at the run's 64 px input): at each of its 2 iterations it decodes the W encoder's own codes, so the codes' figures are the W
-    encoder's and the images differ by the offsets."""
+    both (at the run's 64 px input): at each of its 2 iterations it decodes the W encoder's own codes, so the codes'
+    figures are the W encoder's and the images differ by the offsets."""
     cfg = bench_quality.QualityConfig(**HYPERSTYLE, channel_multiplier=1, val_images=2)
     known = bench_quality.known_generator(cfg.size, seed=0, checkpoint=None, channel_multiplier=1)
     generator = bench_quality.write_generator(known, tmp_path / "generator.pt")

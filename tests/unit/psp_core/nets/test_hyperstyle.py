@@ -117,9 +117,8 @@ def test_offsets_take_the_grouped_form_even_when_the_fused_one_is_chosen(generat
 @pytest.mark.parametrize("size,outputs", [(16, 8), (64, 14), (256, 20), (512, 23), (1024, 26)])
 def test_every_output_size_has_its_layers_and_offsets(size, outputs):
     """The released 256/512/1024 px and smaller generators: 20/23/26 (8/14 at 16/64 px) hypernetwork outputs with the
-    reference's layer shapes; `layers_to_tune` empty tunes
-    every layer (the 512->512 3x3 ones through the shared hypernetwork), and each offset has its layer's weight
-    shape (shapes only, on the meta device)."""
+    reference's layer shapes; `layers_to_tune` empty tunes every layer (the 512->512 3x3 ones through the shared
+    hypernetwork), and each offset has its layer's weight shape (shapes only, on the meta device)."""
     arch = HyperStyleArchitecture.from_opts({"encoder_type": "SharedWeightsHyperNetResNet", "output_size": size,
                                              "layers_to_tune": "", "input_nc": 6})
     assert (arch.n_hypernet_outputs, arch.n_styles, arch.layers_to_tune) == (outputs, 2 * size.bit_length() - 4,

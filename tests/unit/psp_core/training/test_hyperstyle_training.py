@@ -1,7 +1,8 @@
 """HyperStyle training with the engine (a 64 px generator of channel multiplier 1 and a 64 px hypernetwork input, CPU;
-one tuned layer, the last toRGB, so the hypernetwork is its ResNet-34 body and one head): the start the reference coach builds (W encoder and
-generator from their files, the body from ResNet-34), its per-batch passes (a backward per pass, one optimiser step,
-only the hypernetwork trained), the loss falling, exact resume and the released layout of its checkpoints."""
+one tuned layer, the last toRGB, so the hypernetwork is its ResNet-34 body and one head): the start the reference
+coach builds (W encoder and generator from their files, the body from ResNet-34), its per-batch passes (a backward per
+pass, one optimiser step, only the hypernetwork trained), the loss falling, exact resume and the released layout of its
+checkpoints."""
 from __future__ import annotations
 
 import copy
