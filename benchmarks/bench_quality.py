@@ -117,6 +117,7 @@ HyperStyle on that W encoder (listed after it: it is built on its file)."""
 
 SEEDED_SIZES = (16, 32, 64, 256)   # the seeded generator's output sizes
 
+
 def refines(name: str) -> bool:
     """Whether an encoder runs refinement iterations (ReStyle, HyperStyle): it is scored at each of them."""
     return ENCODERS[name].family in REFINING_FAMILIES

@@ -53,9 +53,9 @@ def hyperstyle_steps(net: HyperStyle, images: Tensor, n_iters: int, resize: bool
                      randomize_noise: bool = False) -> list[HyperStyleStep]:
     """HyperStyle inference: codes = W encoder + latent_avg and the initial image (`initial_inversion`), then
     `n_iters` iterations, each adding the hypernetwork's offsets for (target, last output pooled to 256x256) to the
-    last ones and decoding the codes with them. `images` [N, 3, S, S] in [-1, 1] (S the network's input size, 256
-    for the released ones) -> one `HyperStyleStep` per
-    iteration. Stored noise unless `randomize_noise` (the initial image always has it, as in the reference)."""
+    last ones and decoding the codes with them. `images` [N, 3, E, E] in [-1, 1] (E the network's input size, 256
+    for the released ones) -> one `HyperStyleStep` per iteration. Stored noise unless `randomize_noise` (the initial
+    image always has it, as in the reference)."""
     if not isinstance(net, HyperStyle):
         raise InputError(f"HyperStyle inference needs a HyperStyle model, this one is {net.arch.family}")
     side = net.arch.encoder_input_size

@@ -148,15 +148,15 @@ class SeparableLayerHead(LayerHead):
 
 
 class HyperNetwork(ResNet34Features):
-    """HyperStyle's hypernetwork (`SharedWeightsHyperNetResNet`): target and last output [N, 6, S, S] -> ResNet-34
-    body [N, 512, S/16, S/16] -> one offset [N, out, in, k, k] per generator layer in `layers_to_tune`, None for the
-    rest. `layer_shapes` are the generator's modulated convolutions in order (`Generator.modulated_convs`); S is
+    """HyperStyle's hypernetwork (`SharedWeightsHyperNetResNet`): target and last output [N, 6, E, E] -> ResNet-34
+    body [N, 512, E/16, E/16] -> one offset [N, out, in, k, k] per generator layer in `layers_to_tune`, None for the
+    rest. `layer_shapes` are the generator's modulated convolutions in order (`Generator.modulated_convs`); E is
     `input_side` (256 in the reference)."""
 
     head_type: type[LayerHead] = LayerHead
 
     def __init__(self, input_nc: int, layer_shapes: Sequence[LayerShape], layers_to_tune: Sequence[int],
-                 input_side: int = 256):
+                 input_side: int):
         super().__init__(input_nc=input_nc)
         self.input_nc, self.input_side = input_nc, input_side
         feature_side = input_side // BODY_STRIDE

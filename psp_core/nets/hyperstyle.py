@@ -55,14 +55,14 @@ class HyperStyle(nn.Module):
         self.latent_avg = latent_avg.to(self.decoder.input.input.device)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Target images [N, 3, S, S] (S the input size) -> the W encoder's codes plus latent_avg [N, n_styles, 512]."""
+        """Target images [N, 3, E, E] (E the input size) -> the W encoder's codes plus latent_avg [N, n_styles, 512]."""
         if self.latent_avg is None:
             raise RuntimeError("the HyperStyle model has no latent_avg")
         codes = self.w_encoder(x)
         return codes + self.latent_avg.to(codes.dtype)
 
     def weight_offsets(self, x: torch.Tensor, last_output: torch.Tensor) -> WeightOffsets:
-        """The hypernetwork's offsets for targets [N, 3, S, S] beside the last output (pooled here to S x S), S the
+        """The hypernetwork's offsets for targets [N, 3, E, E] beside the last output (pooled here to E x E), E the
         input size (256 in the reference)."""
         side = self.arch.encoder_input_size
         last_output = F.adaptive_avg_pool2d(last_output, (side, side)).to(x.dtype)
@@ -70,7 +70,7 @@ class HyperStyle(nn.Module):
 
     def forward(self, x: torch.Tensor, last_output: torch.Tensor, codes: torch.Tensor,
                 offsets: WeightOffsets | None = None, randomize_noise: bool = False) -> tuple[torch.Tensor, WeightOffsets]:
-        """One refinement iteration: the hypernetwork's offsets for targets x [N, 3, S, S] beside the last
+        """One refinement iteration: the hypernetwork's offsets for targets x [N, 3, E, E] beside the last
         output, added to `offsets` (the earlier iterations' sum), and the codes [N, n_styles, 512] decoded with
         them -> (images [N, 3, S, S], the summed offsets)."""
         offsets = add_offsets(offsets, self.weight_offsets(x, last_output))

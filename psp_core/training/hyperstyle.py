@@ -29,7 +29,7 @@ def prepare_hyperstyle(net: HyperStyle, train_decoder: bool) -> list[nn.Paramete
 
 
 def hyperstyle_passes(model: nn.Module, net: HyperStyle, target: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
-    """HyperStyle's passes on one batch of targets [N, 3, S, S] (S its input size), as the reference coach runs them:
+    """HyperStyle's passes on one batch of targets [N, 3, E, E] (E its input size), as the reference coach runs them:
     the W encoder's codes and their image (no gradient), then per pass the hypernetwork's offsets for (target, last
     output) added to the last ones and the codes decoded with them (stored noise); offsets and image are detached
     between passes, so a pass's loss reaches the hypernetwork through its own call only. `model` is `net` or its
